@@ -1,0 +1,45 @@
+"""Image bytes for records: encode pixel arrays, check and normalize encoded files."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+class DecodeError(ValueError):
+    """An image that cannot be decoded or has the wrong shape."""
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 HxWxC array (C = 1 or 3)."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] not in (1, 3):
+        raise DecodeError(f"expected uint8 HxWx1 or HxWx3 pixels, got {pixels.dtype} "
+                          f"{pixels.shape}")
+    img = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def normalize_encoded(data: bytes, channels: int,
+                      shape: tuple[int | None, ...] | None = None) -> bytes:
+    """Checks that `data` decodes fully; returns bytes TensorFlow decodes as `channels`.
+
+    JPEG and PNG already in the wanted mode pass through untouched (no
+    re-encoding loss); anything else (CMYK JPEG, palette PNG, GIF, ...) is
+    converted and stored as PNG. Raises DecodeError if the bytes do not decode
+    or the decoded size differs from a fixed `shape`.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        img.load()
+    except Exception as e:  # PIL raises many types for corrupt files.
+        raise DecodeError(f"undecodable image: {e}") from e
+    if shape is not None and None not in shape[:2] and (img.height, img.width) != tuple(shape[:2]):
+        raise DecodeError(f"image is {img.height}x{img.width}, expected "
+                          f"{shape[0]}x{shape[1]}")
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode == mode and fmt in ("JPEG", "PNG"):
+        return data
+    return encode_png(np.asarray(img.convert(mode)).reshape(img.height, img.width, channels))

@@ -1,0 +1,200 @@
+"""tf.data input: a dataset directory -> shuffled, augmented, batched, distributed.
+
+The reader checks dataset_info.json, then yields dictionaries
+  image (float32 HxWxC in [0, 1]), label, true_label, is_corrupt (int32),
+  example_id (string)
+for training (global batches, a reproducible order per epoch that depends only
+on (seed, epoch), so a resumed run sees the same batches) and for the fixed
+evaluation subsets of the memorization metrics.
+
+Small splits (up to `cache_max_examples`) are decoded once, cached in memory
+and fully shuffled each epoch; large ones are shuffled by file and by a
+buffer of serialized records, and decoded after the shuffle.
+"""
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from cg_tf import records
+
+AUGMENTATIONS = ("none", "flip", "flip_crop", "randaugment")
+EVAL_SUBSETS = ("pristine", "corrupt", "mixed", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    data_dir: str
+    batch_size: int
+    seed: int = 0
+    image_size: tuple[int, int] | None = None
+    augment: str = "none"
+    shuffle_buffer: int = 10_000
+    cache_max_examples: int = 200_000
+    eval_sample_size: int = 1000
+    eval_batch_size: int = 500
+
+    def __post_init__(self):
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, "
+                             f"got {self.augment!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be positive, got {self.batch_size}")
+
+
+def _augmenter(name: str, image_shape: tuple[int, int, int], seed: int) -> keras.Sequential | None:
+    """Keras preprocessing layers for one augmentation recipe (None for 'none')."""
+    h, w, _ = image_shape
+    layers = {
+        "none": [],
+        "flip": [keras.layers.RandomFlip("horizontal", seed=seed)],
+        # The standard CIFAR recipe: pad 4 pixels, random crop back, flip.
+        "flip_crop": [keras.layers.ZeroPadding2D(4), keras.layers.RandomCrop(h, w, seed=seed),
+                      keras.layers.RandomFlip("horizontal", seed=seed + 1)],
+        "randaugment": [keras.layers.RandAugment(value_range=(0, 1), seed=seed)],
+    }[name]
+    return keras.Sequential(layers) if layers else None
+
+
+class Reader:
+    """Reads one dataset directory made by pipelines/noisy_labels.py."""
+
+    def __init__(self, config: InputConfig, num_classes: int | None = None):
+        self.config = config
+        self.info = records.load_info(config.data_dir, num_classes=num_classes,
+                                      splits=(records.TRAIN_SPLIT,))
+        self.num_classes = self.info.num_classes
+        self.image_shape = self._output_shape()
+        train = self.info.splits[records.TRAIN_SPLIT]
+        if train.num_examples < config.batch_size:
+            raise ValueError(f"--batch_size={config.batch_size} is larger than the "
+                             f"{train.num_examples} training examples of {config.data_dir}")
+        self.steps_per_epoch = train.num_examples // config.batch_size
+        self._augment = _augmenter(config.augment, self.image_shape, config.seed)
+        self._cached = {}
+
+    def _output_shape(self) -> tuple[int, int, int]:
+        h, w, c = self.info.image_shape
+        size = self.config.image_size
+        if size is None:
+            if h is None or w is None:
+                raise ValueError(f"{self.config.data_dir} has images of varying size: "
+                                 "set --image_size")
+            return (h, w, c)
+        return (size[0], size[1], c)
+
+    # -- decoding -------------------------------------------------------------
+
+    def _decode(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        ex = records.parse_example(serialized)
+        h, w, c = self.image_shape
+        image = tf.io.decode_image(ex["image"], channels=c, expand_animations=False)
+        if self.info.image_shape[0] is None:
+            # Resize the shorter side to 8/7 of the target, then center-crop.
+            shape = tf.cast(tf.shape(image)[:2], tf.float32)
+            scale = (8.0 / 7.0) * max(h, w) / tf.reduce_min(shape)
+            image = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32))
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+            image = tf.image.resize_with_crop_or_pad(image, h, w)
+        elif (h, w) != tuple(self.info.image_shape[:2]):
+            image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, (h, w))), 0, 255),
+                            tf.uint8)
+        image = tf.ensure_shape(image, (h, w, c))
+        return {"image": image,
+                "label": tf.cast(ex["label"], tf.int32),
+                "true_label": tf.cast(ex["true_label"], tf.int32),
+                "is_corrupt": tf.cast(ex["is_corrupt"], tf.int32),
+                "example_id": ex["example_id"]}
+
+    @staticmethod
+    def _to_float(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return dict(ex, image=tf.cast(ex["image"], tf.float32) / 255.0)
+
+    def _records(self, split: str, file_seed: int | None = None) -> tf.data.Dataset:
+        files = self.info.shard_paths(self.config.data_dir, split)
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        if file_seed is not None:
+            ds = ds.shuffle(len(files), seed=file_seed)
+        return ds.interleave(
+            lambda f: tf.data.TFRecordDataset(f, compression_type=self.info.compression or ""),
+            cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True)
+
+    def _decoded(self, split: str) -> tf.data.Dataset:
+        """The split decoded, in file order (cached in memory for small splits)."""
+        if split not in self._cached:
+            ds = self._records(split).map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
+            if self.info.splits[split].num_examples <= self.config.cache_max_examples:
+                ds = ds.cache()
+            self._cached[split] = ds
+        return self._cached[split]
+
+    # -- training -------------------------------------------------------------
+
+    def epoch_seed(self, epoch: tf.Tensor | int) -> tf.Tensor:
+        """The shuffle seed of an epoch: a function of (seed, epoch) only."""
+        return tf.cast(epoch, tf.int64) + tf.constant(self.config.seed * 1_000_003, tf.int64)
+
+    def train_epoch(self, epoch: tf.Tensor | int) -> tf.data.Dataset:
+        """One epoch of global batches, in an order that depends only on (seed, epoch)."""
+        split = records.TRAIN_SPLIT
+        n = self.info.splits[split].num_examples
+        seed = self.epoch_seed(epoch)
+        if n <= self.config.cache_max_examples:
+            ds = self._decoded(split).shuffle(n, seed=seed, reshuffle_each_iteration=False)
+        else:
+            ds = (self._records(split, file_seed=seed)
+                  .shuffle(self.config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+                  .map(self._decode, num_parallel_calls=tf.data.AUTOTUNE))
+        ds = ds.map(self._to_float, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(self.config.batch_size, drop_remainder=True)
+
+    def train_dataset(self, start_step: int = 0, num_steps: int | None = None) -> tf.data.Dataset:
+        """Global batches from global step `start_step` on, across epochs (endless
+        unless `num_steps` is given).
+
+        A run resumed at step s sees exactly the batches an uninterrupted run
+        sees from step s (augmentation aside, which draws fresh randomness).
+        """
+        first_epoch, skip = divmod(start_step, self.steps_per_epoch)
+        if self.info.splits[records.TRAIN_SPLIT].num_examples <= self.config.cache_max_examples:
+            self._decoded(records.TRAIN_SPLIT)  # Build the cache outside the epoch function.
+        ds = (tf.data.Dataset.range(first_epoch, tf.int64.max)
+              .flat_map(self.train_epoch)
+              .skip(skip))
+        if num_steps is not None:
+            ds = ds.take(num_steps)
+        if self._augment is not None:
+            augment = self._augment
+            ds = ds.map(lambda b: dict(b, image=augment(b["image"], training=True)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    # -- evaluation -----------------------------------------------------------
+
+    def eval_subsets(self, sample_size: int | None = None) -> dict[str, tf.data.Dataset]:
+        """The fixed evaluation subsets, batched, unshuffled and unaugmented.
+
+        pristine / corrupt / mixed: the first `sample_size` training examples
+        (in file order, which the pipeline made a stable hash order) that are
+        clean / corrupt / either; test: the clean evaluation split, whole unless
+        it exceeds `sample_size` times ten.
+        """
+        n = sample_size or self.config.eval_sample_size
+        train = self._decoded(records.TRAIN_SPLIT)
+        subsets = {
+            "pristine": train.filter(lambda ex: ex["is_corrupt"] == 0).take(n),
+            "corrupt": train.filter(lambda ex: ex["is_corrupt"] == 1).take(n),
+            "mixed": train.take(n),
+        }
+        if self.info.eval_split in self.info.splits:
+            records.load_info(self.config.data_dir, splits=(self.info.eval_split,))
+            subsets["test"] = self._decoded(self.info.eval_split).take(10 * n)
+        return {name: ds.map(self._to_float).batch(self.config.eval_batch_size).cache()
+                for name, ds in subsets.items()}
+
+
+def distribute(ds: tf.data.Dataset, strategy: tf.distribute.Strategy):
+    """Splits each global batch across the strategy's replicas."""
+    return strategy.experimental_distribute_dataset(ds)

@@ -1,0 +1,161 @@
+"""The record schema and the dataset_info.json contract (DESIGN.md section 3).
+
+One `tf.train.Example` per training example with the features
+  image       encoded image bytes (PNG for fixed-size sources, the source's own
+              JPEG/PNG bytes for image folders)
+  label       int64, the training label (possibly noisy)
+  true_label  int64, the source's label
+  is_corrupt  int64 0/1, label != true_label
+  example_id  bytes, a stable key from the source, unique within its split
+
+A directory is complete only when its dataset_info.json exists: the pipeline
+writes it last, and readers refuse a directory without it.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import tensorflow as tf
+
+INFO_FILE = "dataset_info.json"
+FORMAT_VERSION = 1
+TRAIN_SPLIT = "train"
+
+
+def shard_name(split: str, index: int, num_shards: int, compression: str | None = None) -> str:
+    """TFDS-style shard file name, e.g. train.tfrecord-00000-of-00004[.gz]."""
+    suffix = ".gz" if compression == "GZIP" else ""
+    return f"{split}.tfrecord-{index:05d}-of-{num_shards:05d}{suffix}"
+
+
+def _int_feature(value: int) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def _bytes_feature(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def encode_example(image: bytes, label: int, true_label: int, example_id: str) -> bytes:
+    """A serialized tf.train.Example in the cg_tf schema."""
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": _bytes_feature(image),
+        "label": _int_feature(label),
+        "true_label": _int_feature(true_label),
+        "is_corrupt": _int_feature(int(label != true_label)),
+        "example_id": _bytes_feature(example_id.encode("utf-8")),
+    })).SerializeToString()
+
+
+FEATURE_SPEC = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "true_label": tf.io.FixedLenFeature([], tf.int64),
+    "is_corrupt": tf.io.FixedLenFeature([], tf.int64),
+    "example_id": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Parses one serialized record (inside tf.data) into its raw features."""
+    return tf.io.parse_single_example(serialized, FEATURE_SPEC)
+
+
+class DatasetError(ValueError):
+    """A dataset directory is missing, incomplete or not what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    num_examples: int
+    num_corrupt: int
+    num_shards: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """The parsed dataset_info.json of a dataset directory."""
+
+    num_classes: int
+    image_shape: tuple[int | None, ...]
+    splits: dict[str, SplitInfo]
+    noise: dict[str, Any]
+    noise_matrix: list[list[int]]
+    rejected: dict[str, Any]
+    source: str = ""
+    source_fingerprint: str = ""
+    class_names: tuple[str, ...] = ()
+    compression: str | None = None
+    eval_split: str = "test"
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_shape"] = list(self.image_shape)
+        d["class_names"] = list(self.class_names)
+        train = self.splits.get(TRAIN_SPLIT)
+        d["realized_noise_rate"] = (train.num_corrupt / train.num_examples
+                                    if train and train.num_examples else 0.0)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "DatasetInfo":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in fields}
+        kwargs["image_shape"] = tuple(d["image_shape"])
+        kwargs["class_names"] = tuple(d.get("class_names", ()))
+        kwargs["splits"] = {k: SplitInfo(**v) for k, v in d["splits"].items()}
+        return cls(**kwargs)
+
+    def shard_paths(self, data_dir: str, split: str) -> list[str]:
+        n = self.splits[split].num_shards
+        return [os.path.join(data_dir, shard_name(split, i, n, self.compression))
+                for i in range(n)]
+
+
+def write_info(data_dir: str, info: DatasetInfo) -> None:
+    """Writes dataset_info.json atomically (temp file, then rename): the last step."""
+    path = os.path.join(data_dir, INFO_FILE)
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        json.dump(info.to_json(), f, indent=1)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def load_info(data_dir: str, num_classes: int | None = None,
+              image_shape: tuple[int | None, ...] | None = None,
+              splits: tuple[str, ...] = ()) -> DatasetInfo:
+    """Reads and checks dataset_info.json and that every shard it names exists.
+
+    Raises DatasetError with a message naming the problem: a missing directory,
+    an incomplete one (no dataset_info.json: an interrupted or failed run), a
+    newer format, missing shards, or a mismatch with what the caller expects.
+    """
+    if not tf.io.gfile.isdir(data_dir):
+        raise DatasetError(f"dataset directory {data_dir!r} does not exist")
+    path = os.path.join(data_dir, INFO_FILE)
+    if not tf.io.gfile.exists(path):
+        raise DatasetError(
+            f"{data_dir!r} has no {INFO_FILE}: it is not a dataset, or the pipeline that "
+            "wrote it was interrupted or failed (rerun it with --overwrite)")
+    with tf.io.gfile.GFile(path) as f:
+        info = DatasetInfo.from_json(json.load(f))
+    if info.version > FORMAT_VERSION:
+        raise DatasetError(f"{path} has format version {info.version}; this cg_tf reads "
+                           f"up to {FORMAT_VERSION}")
+    if num_classes is not None and info.num_classes != num_classes:
+        raise DatasetError(f"{data_dir!r} has {info.num_classes} classes, expected {num_classes}")
+    if image_shape is not None and tuple(info.image_shape) != tuple(image_shape):
+        raise DatasetError(f"{data_dir!r} has image shape {list(info.image_shape)}, "
+                           f"expected {list(image_shape)}")
+    for split in splits or tuple(info.splits):
+        if split not in info.splits:
+            raise DatasetError(f"{data_dir!r} has no split {split!r} "
+                               f"(it has {', '.join(info.splits)})")
+        missing = [p for p in info.shard_paths(data_dir, split) if not tf.io.gfile.exists(p)]
+        if missing:
+            raise DatasetError(f"{data_dir!r} is incomplete: {len(missing)} shard(s) of split "
+                               f"{split!r} are missing, e.g. {os.path.basename(missing[0])}")
+    return info

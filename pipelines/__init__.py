@@ -1,0 +1,1 @@
+"""Pipeline mains, run from a checkout: python -m pipelines.NAME."""

@@ -1,0 +1,31 @@
+"""Installs the cg_tf package (Dataflow workers get it through --setup_file)."""
+
+import setuptools
+
+# The stack that is tested together. On a GPU machine replace tensorflow-cpu
+# with tensorflow[and-cuda]; on a Cloud TPU VM with tensorflow-tpu (README).
+INSTALL_REQUIRES = [
+    "tensorflow-cpu==2.21.*",
+    "keras==3.15.*",
+    "tensorboard==2.21.*",
+    "apache-beam[tfrecord]==2.77.*",
+    "tensorflow-datasets==4.9.10",
+    "absl-py>=2.1",
+    "scikit-learn>=1.5",
+    "pillow>=10",
+    "matplotlib>=3.8",
+]
+
+setuptools.setup(
+    name="cg_tf",
+    version="0.1.0",
+    description="Coherent Gradients: memorization and generalization with robust "
+    "gradient aggregation, in Keras 3 / TensorFlow.",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["cg_tf", "cg_tf.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8"],
+        "gcp": ["apache-beam[gcp,tfrecord]==2.77.*"],
+    },
+)
