@@ -46,7 +46,7 @@ def encode_example(image: bytes, label: int, true_label: int, example_id: str) -
         "true_label": _int_feature(true_label),
         "is_corrupt": _int_feature(int(label != true_label)),
         "example_id": _bytes_feature(example_id.encode("utf-8")),
-    })).SerializeToString()
+    })).SerializeToString(deterministic=True)  # Sorted map keys: stable bytes.
 
 
 FEATURE_SPEC = {

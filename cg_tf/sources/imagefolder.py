@@ -85,7 +85,7 @@ class ImageFolderSource(Source):
         label = self.class_names.index(class_name) if class_name in self.class_names else -1
         path = os.path.join(self.directory, relpath)
         if label < 0:
-            return RawExample(split, relpath, -1, path, error=f"unknown class {class_name!r}")
+            return RawExample(split, relpath, -1, path, error=f"unknown class: {class_name!r}")
         try:
             with tf.io.gfile.GFile(path, "rb") as f:
                 data = f.read()

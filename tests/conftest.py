@@ -1,0 +1,64 @@
+"""Shared fixtures. Splits the CPU into two logical devices before TensorFlow
+initializes, so MirroredStrategy tests run with two real replicas."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+from cg_tf import build  # noqa: E402
+from cg_tf.noise import NoiseSpec  # noqa: E402
+from cg_tf.sources import make_source  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def run_build(output_dir, source="digits", mode="uniform", rate=0.5, seed=0, num_shards=3,
+              beam_args=(), **kwargs):
+    """Builds a dataset in-process with the named FnApiRunner."""
+    config = build.BuildConfig(output_dir=str(output_dir), noise=NoiseSpec(mode, rate, seed),
+                               num_shards=num_shards, **kwargs)
+    options = build.beam_options(["--runner=FnApiRunner", *beam_args])
+    return build.build_dataset(make_source(source), config, options)
+
+
+def run_main(module, *args, timeout=600):
+    """Runs `python -m module args` from the repository; returns the CompletedProcess."""
+    import subprocess
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """Noisy digits (uniform noise, rate 0.5, seed 0), built once per test session."""
+    out = tmp_path_factory.mktemp("digits")
+    run_build(out)
+    return str(out)
+
+
+def read_split(data_dir, split):
+    """{example_id: record features as numpy} for every record of a split."""
+    from cg_tf import records
+    info = records.load_info(str(data_dir))
+    ds = tf.data.TFRecordDataset(info.shard_paths(str(data_dir), split),
+                                 compression_type=info.compression or "")
+    out = {}
+    for raw in ds:
+        ex = {k: v.numpy() for k, v in records.parse_example(raw).items()}
+        eid = ex.pop("example_id").decode()
+        assert eid not in out, f"duplicate id {eid} in the output"
+        out[eid] = ex
+    return out
+
+
+def decode_png(data):
+    return tf.io.decode_image(data, expand_animations=False).numpy()

@@ -1,0 +1,110 @@
+"""The tf.data reader: checks, batches, reproducible epochs, resume, evaluation
+subsets, and distribution over two replicas."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import read_split
+
+from cg_tf import records
+from cg_tf.input import InputConfig, Reader, distribute
+
+B = 32
+
+
+def ids_of(ds):
+    return [[e.decode() for e in b["example_id"].numpy()] for b in ds]
+
+
+def test_batches(digits_dir):
+    reader = Reader(InputConfig(digits_dir, batch_size=B))
+    n = records.load_info(digits_dir).splits["train"].num_examples
+    assert reader.steps_per_epoch == n // B
+    batch = next(iter(reader.train_dataset(0, 1)))
+    assert batch["image"].shape == (B, 8, 8, 1) and batch["image"].dtype == tf.float32
+    assert 0.0 <= float(tf.reduce_min(batch["image"])) and float(tf.reduce_max(batch["image"])) <= 1.0
+    assert float(tf.reduce_max(batch["image"])) == 1.0
+    assert batch["label"].dtype == tf.int32
+    np.testing.assert_array_equal(batch["is_corrupt"].numpy(),
+                                  (batch["label"] != batch["true_label"]).numpy())
+    # The features agree with the records on disk.
+    train = read_split(digits_dir, "train")
+    for eid, label in zip(batch["example_id"].numpy(), batch["label"].numpy()):
+        assert train[eid.decode()]["label"] == label
+
+
+def test_epochs_are_reproducible_permutations(digits_dir):
+    spe = Reader(InputConfig(digits_dir, batch_size=B)).steps_per_epoch
+    a = ids_of(Reader(InputConfig(digits_dir, batch_size=B)).train_dataset(0, 2 * spe))
+    b = ids_of(Reader(InputConfig(digits_dir, batch_size=B)).train_dataset(0, 2 * spe))
+    c = ids_of(Reader(InputConfig(digits_dir, batch_size=B, seed=1)).train_dataset(0, spe))
+    assert a == b  # Same seed, fresh reader: same order.
+    assert a[:spe] != c  # Another seed: another order.
+    epoch0, epoch1 = sum(a[:spe], []), sum(a[spe:], [])
+    assert epoch0 != epoch1  # Each epoch is reshuffled...
+    assert len(set(epoch0)) == len(epoch0) == spe * B  # ...and holds each example once.
+    assert len(set(epoch0) & set(epoch1)) > 0.9 * len(epoch0)
+
+
+def test_resume_sees_the_same_batches(digits_dir):
+    reader = Reader(InputConfig(digits_dir, batch_size=B))
+    spe = reader.steps_per_epoch
+    full = ids_of(reader.train_dataset(0, 3 * spe))
+    for start in (5, spe, spe + 7):
+        assert ids_of(Reader(InputConfig(digits_dir, batch_size=B)).train_dataset(start, 10)) == \
+            full[start:start + 10]
+
+
+def test_augmentation_keeps_shape_and_changes_pixels(digits_dir):
+    plain = next(iter(Reader(InputConfig(digits_dir, batch_size=B)).train_dataset(0, 1)))
+    aug = next(iter(Reader(InputConfig(digits_dir, batch_size=B, augment="flip_crop"))
+                    .train_dataset(0, 1)))
+    assert aug["image"].shape == plain["image"].shape
+    np.testing.assert_array_equal(aug["label"], plain["label"])
+    assert not np.allclose(aug["image"], plain["image"])
+
+
+def test_eval_subsets(digits_dir):
+    info = records.load_info(digits_dir)
+    subsets = Reader(InputConfig(digits_dir, batch_size=B, eval_sample_size=200)).eval_subsets()
+    got = {k: [ex for b in ds for ex in zip(b["example_id"].numpy(), b["is_corrupt"].numpy())]
+           for k, ds in subsets.items()}
+    assert {k: len(v) for k, v in got.items()} == {
+        "pristine": 200, "corrupt": 200, "mixed": 200,
+        "test": info.splits["test"].num_examples}
+    assert all(c == 0 for _, c in got["pristine"]) and all(c == 1 for _, c in got["corrupt"])
+    assert 0 < sum(c for _, c in got["mixed"]) < 200
+    again = Reader(InputConfig(digits_dir, batch_size=B, eval_sample_size=200)).eval_subsets()
+    assert [e for b in again["corrupt"] for e in b["example_id"].numpy()] == \
+        [e for e, _ in got["corrupt"]]
+
+
+def test_two_replicas_split_the_global_batch(digits_dir):
+    assert len(tf.config.list_logical_devices("CPU")) == 2
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    reader = Reader(InputConfig(digits_dir, batch_size=B))
+    global_batches = ids_of(reader.train_dataset(0, 3))
+    dist = distribute(reader.train_dataset(0, 3), strategy)
+    for step, batch in enumerate(dist):
+        parts = strategy.experimental_local_results(batch["example_id"])
+        assert [len(p) for p in parts] == [B // 2, B // 2]
+        assert [e.decode() for p in parts for e in p.numpy()] == global_batches[step]
+
+
+def test_reader_errors(digits_dir, tmp_path):
+    with pytest.raises(records.DatasetError, match="does not exist"):
+        Reader(InputConfig(str(tmp_path / "nope"), batch_size=B))
+    with pytest.raises(records.DatasetError, match="has 10 classes, expected 100"):
+        Reader(InputConfig(digits_dir, batch_size=B), num_classes=100)
+    with pytest.raises(ValueError, match="--batch_size=5000 is larger"):
+        Reader(InputConfig(digits_dir, batch_size=5000))
+    with pytest.raises(ValueError, match="--augment must be one of"):
+        InputConfig(digits_dir, batch_size=B, augment="mixup9000")
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_dir, copy)
+    os.remove(copy / records.shard_name("train", 1, 3))
+    with pytest.raises(records.DatasetError, match="1 shard.*'train' are missing.*00001-of-00003"):
+        Reader(InputConfig(str(copy), batch_size=B))

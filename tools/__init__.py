@@ -1,0 +1,1 @@
+"""Benchmarks and plotting tools, run from a checkout: python -m tools.NAME."""
