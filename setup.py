@@ -25,7 +25,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["cg_tf", "cg_tf.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8"],
+        # The tests build a Dataflow job (dry run), which needs Beam's GCP clients.
+        "test": ["pytest>=8", "apache-beam[gcp,tfrecord]==2.77.*"],
         "gcp": ["apache-beam[gcp,tfrecord]==2.77.*"],
     },
 )
