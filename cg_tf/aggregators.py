@@ -116,11 +116,9 @@ def order_stats(x: tf.Tensor, k: int) -> OrderStats:
     return _summarize(x, k, tf.zeros(x.shape[1:], x.dtype), x.shape[0])
 
 
-def merge(parts: list[OrderStats]) -> OrderStats:
-    """The summary of the union of the summarized multisets."""
-    if len(parts) == 1:
-        return parts[0]
-    k = parts[0].top.shape[0]
+def merge(parts: list[OrderStats], k: int) -> OrderStats:
+    """The summary (with k = c + 1) of the union of the summarized multisets;
+    a part's lists may be longer than k (e.g. gathered from several replicas)."""
     candidates = tf.concat([t for p in parts for t in (p.top, p.bottom)], axis=0)
     return _summarize(candidates, k, tf.add_n([p.rest for p in parts]),
                       sum(p.count for p in parts))

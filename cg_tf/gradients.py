@@ -1,0 +1,132 @@
+"""Gradient sources for the robust train step: per example, per group, per step.
+
+Per-example gradients run the model statelessly inside `tf.vectorized_map`,
+one example at a time. BatchNormalization cannot normalize one example alone,
+so two semantics are offered:
+
+  batch_stats (default)  each example is normalized with the statistics of the
+                         whole global batch (synchronized across replicas), held
+                         constant: every example sees the same normalization the
+                         batch forward uses, but gradients do not flow through
+                         the statistics. The moving averages are updated once.
+  exact                  per-example gradients are rows of the jacobian of the
+                         per-example losses of the ordinary batched forward, so
+                         they include the coupling through the batch statistics
+                         and sum exactly to the batch gradient (B backward passes
+                         over the replica's batch: slow; statistics per replica).
+
+Models without BatchNormalization get the same gradients either way.
+"""
+
+import keras
+import tensorflow as tf
+
+BN_MODES = ("batch_stats", "exact")
+
+
+def example_losses(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Per-example softmax cross-entropy of integer labels and logits (float32)."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+
+
+def _bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    return [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+
+
+class GradientSource:
+    """Computes gradients of one model for the robust train step."""
+
+    def __init__(self, model: keras.Model, bn_mode: str = "batch_stats"):
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"--bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
+        self.model = model
+        self.bn_mode = bn_mode
+        self.bn = _bn_layers(model)
+        self._bn_probe = None
+        if self.bn and bn_mode == "batch_stats":
+            try:  # A functional model exposes the BN layers' inputs.
+                self._bn_probe = keras.Model(model.inputs, [l.input for l in self.bn])
+            except (AttributeError, ValueError, TypeError) as e:
+                raise ValueError("--bn_mode=batch_stats needs a functional Keras model; "
+                                 "use --bn_mode=exact") from e
+
+    @property
+    def variables(self) -> list:
+        return self.model.trainable_variables
+
+    # -- ordinary backward passes ---------------------------------------------
+
+    def summed(self, x: tf.Tensor, y: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+        """Gradient of the summed loss over x, per-example losses, and logits."""
+        with tf.GradientTape() as tape:
+            logits = self.model(x, training=True)
+            losses = example_losses(y, logits)
+            total = tf.reduce_sum(losses)
+        return tape.gradient(total, self.variables), losses, logits
+
+    # -- per-example gradients --------------------------------------------------
+
+    def _batch_bn_stats(self, x: tf.Tensor, ctx) -> list[tuple[tf.Tensor, tf.Tensor]]:
+        """Mean and variance of each BN layer's input over the global batch; also
+        advances the layers' moving averages, as one training forward would."""
+        inputs = self._bn_probe(x, training=True)
+        if len(self.bn) == 1:
+            inputs = [inputs]
+        stats = []
+        for layer, inp in zip(self.bn, inputs):
+            inp = tf.cast(inp, tf.float32)
+            axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+            axes = [i for i in range(inp.shape.rank) if i != axis % inp.shape.rank]
+            n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(inp), axes)), tf.float32)
+            sums = ctx.all_reduce("sum", [n, tf.reduce_sum(inp, axes),
+                                          tf.reduce_sum(tf.square(inp), axes)])
+            mean = sums[1] / sums[0]
+            var = tf.maximum(sums[2] / sums[0] - tf.square(mean), 0.0)
+            m = layer.momentum
+            layer.moving_mean.assign(layer.moving_mean * m + mean * (1 - m))
+            layer.moving_variance.assign(layer.moving_variance * m + var * (1 - m))
+            stats.append((mean, var))
+        return stats
+
+    def per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, ctx):
+        """Yields, per chunk of m examples: per-example gradients [m, *shape] per
+        variable, losses [m] and logits [m, C]."""
+        b = x.shape[0]
+        chunk = min(chunk or b, b)
+        if self.bn and self.bn_mode == "exact":
+            yield from self._jacobian_chunks(x, y, chunk)
+            return
+        overrides = {}
+        if self.bn:
+            for layer, (mean, var) in zip(self.bn, self._batch_bn_stats(x, ctx)):
+                overrides[id(layer.moving_mean)] = mean
+                overrides[id(layer.moving_variance)] = var
+        trainable = [tf.convert_to_tensor(v) for v in self.model.trainable_variables]
+        non_trainable = [overrides.get(id(v), tf.convert_to_tensor(v))
+                         for v in self.model.non_trainable_variables]
+
+        def one(example):
+            xi, yi = example
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                # Inference mode: BN uses the (overridden) statistics, no updates.
+                logits, _ = self.model.stateless_call(trainable, non_trainable, xi[None],
+                                                      training=False)
+                loss = example_losses(yi[None], logits)[0]
+            return tape.gradient(loss, trainable), loss, logits[0]
+
+        for start in range(0, b, chunk):
+            yield tf.vectorized_map(one, (x[start:start + chunk], y[start:start + chunk]))
+
+    def _jacobian_chunks(self, x, y, chunk):
+        with tf.GradientTape(persistent=True) as tape:
+            logits = self.model(x, training=True)
+            losses = example_losses(y, logits)
+            parts = [(losses[s:s + chunk], logits[s:s + chunk])
+                     for s in range(0, x.shape[0], chunk)]
+        for part, part_logits in parts:
+            grads = tape.jacobian(part, self.variables, experimental_use_pfor=True)
+            yield ([tf.zeros((part.shape[0], *v.shape), v.dtype) if g is None else g
+                    for g, v in zip(grads, self.variables)], part, part_logits)
+        del tape
