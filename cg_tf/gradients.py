@@ -67,7 +67,7 @@ class GradientSource:
 
     # -- per-example gradients --------------------------------------------------
 
-    def _batch_bn_stats(self, x: tf.Tensor, ctx) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    def _batch_bn_stats(self, x: tf.Tensor, sync) -> list[tuple[tf.Tensor, tf.Tensor]]:
         """Mean and variance of each BN layer's input over the global batch; also
         advances the layers' moving averages, as one training forward would."""
         inputs = self._bn_probe(x, training=True)
@@ -79,8 +79,7 @@ class GradientSource:
             axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
             axes = [i for i in range(inp.shape.rank) if i != axis % inp.shape.rank]
             n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(inp), axes)), tf.float32)
-            sums = ctx.all_reduce("sum", [n, tf.reduce_sum(inp, axes),
-                                          tf.reduce_sum(tf.square(inp), axes)])
+            sums = sync.sum([n, tf.reduce_sum(inp, axes), tf.reduce_sum(tf.square(inp), axes)])
             mean = sums[1] / sums[0]
             var = tf.maximum(sums[2] / sums[0] - tf.square(mean), 0.0)
             m = layer.momentum
@@ -89,9 +88,10 @@ class GradientSource:
             stats.append((mean, var))
         return stats
 
-    def per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, ctx):
+    def per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync):
         """Yields, per chunk of m examples: per-example gradients [m, *shape] per
-        variable, losses [m] and logits [m, C]."""
+        variable, losses [m] and logits [m, C]. `sync` (robust_model.Collectives)
+        sums the BatchNorm statistics over replicas."""
         b = x.shape[0]
         chunk = min(chunk or b, b)
         if self.bn and self.bn_mode == "exact":
@@ -99,7 +99,7 @@ class GradientSource:
             return
         overrides = {}
         if self.bn:
-            for layer, (mean, var) in zip(self.bn, self._batch_bn_stats(x, ctx)):
+            for layer, (mean, var) in zip(self.bn, self._batch_bn_stats(x, sync)):
                 overrides[id(layer.moving_mean)] = mean
                 overrides[id(layer.moving_variance)] = var
         trainable = [tf.convert_to_tensor(v) for v in self.model.trainable_variables]

@@ -7,8 +7,8 @@ for training (global batches, a reproducible order per epoch that depends only
 on (seed, epoch), so a resumed run sees the same batches) and for the fixed
 evaluation subsets of the memorization metrics.
 
-Small splits (up to `cache_max_examples`) are decoded once, cached in memory
-and fully shuffled each epoch; large ones are shuffled by file and by a
+Small splits (up to `cache_max_examples`) are decoded once, held in memory
+and permuted anew each epoch; large ones are shuffled by file and by a
 buffer of serialized records, and decoded after the shuffle.
 """
 
@@ -111,12 +111,9 @@ class Reader:
     def _to_float(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return dict(ex, image=tf.cast(ex["image"], tf.float32) / 255.0)
 
-    def _records(self, split: str, file_seed: int | None = None) -> tf.data.Dataset:
+    def _records(self, split: str) -> tf.data.Dataset:
         files = self.info.shard_paths(self.config.data_dir, split)
-        ds = tf.data.Dataset.from_tensor_slices(files)
-        if file_seed is not None:
-            ds = ds.shuffle(len(files), seed=file_seed)
-        return ds.interleave(
+        return tf.data.Dataset.from_tensor_slices(files).interleave(
             lambda f: tf.data.TFRecordDataset(f, compression_type=self.info.compression or ""),
             cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True)
@@ -130,25 +127,47 @@ class Reader:
             self._cached[split] = ds
         return self._cached[split]
 
+    def _in_memory(self, split: str) -> dict[str, tf.Tensor]:
+        """A small split as tensors, for exact per-epoch permutations."""
+        key = ("tensors", split)
+        if key not in self._cached:
+            batches = list(self._decoded(split).batch(4096))
+            self._cached[key] = {k: tf.concat([b[k] for b in batches], 0) for k in batches[0]}
+        return self._cached[key]
+
     # -- training -------------------------------------------------------------
 
-    def epoch_seed(self, epoch: tf.Tensor | int) -> tf.Tensor:
-        """The shuffle seed of an epoch: a function of (seed, epoch) only."""
-        return tf.cast(epoch, tf.int64) + tf.constant(self.config.seed * 1_000_003, tf.int64)
+    def _epoch_seed(self, epoch: tf.Tensor) -> tf.Tensor:
+        """The stateless seed of an epoch's order: a function of (seed, epoch) only."""
+        return tf.stack([tf.constant(self.config.seed, tf.int64), tf.cast(epoch, tf.int64)])
 
     def train_epoch(self, epoch: tf.Tensor | int) -> tf.data.Dataset:
-        """One epoch of global batches, in an order that depends only on (seed, epoch)."""
+        """One epoch of global batches, in an order that depends only on (seed, epoch).
+
+        Small splits: a uniformly random permutation of the whole split. Large
+        ones: a random file order, interleaved, through a shuffle buffer.
+        """
         split = records.TRAIN_SPLIT
-        n = self.info.splits[split].num_examples
-        seed = self.epoch_seed(epoch)
-        if n <= self.config.cache_max_examples:
-            ds = self._decoded(split).shuffle(n, seed=seed, reshuffle_each_iteration=False)
-        else:
-            ds = (self._records(split, file_seed=seed)
-                  .shuffle(self.config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-                  .map(self._decode, num_parallel_calls=tf.data.AUTOTUNE))
-        ds = ds.map(self._to_float, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.batch(self.config.batch_size, drop_remainder=True)
+        seed = self._epoch_seed(epoch)
+        bs = self.config.batch_size
+        if self.info.splits[split].num_examples <= self.config.cache_max_examples:
+            data = self._in_memory(split)
+            n = self.info.splits[split].num_examples
+            order = tf.argsort(tf.random.stateless_uniform([n], seed=seed))
+            ds = tf.data.Dataset.from_tensor_slices(order).batch(bs, drop_remainder=True)
+            return ds.map(lambda idx: self._to_float({k: tf.gather(v, idx) for k, v in data.items()}))
+        files = self.info.shard_paths(self.config.data_dir, split)
+        order = tf.argsort(tf.random.stateless_uniform([len(files)], seed=seed))
+        ds = (tf.data.Dataset.from_tensor_slices(tf.gather(tf.constant(files), order))
+              .interleave(lambda f: tf.data.TFRecordDataset(
+                  f, compression_type=self.info.compression or ""),
+                  cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
+              .shuffle(self.config.shuffle_buffer, seed=self.config.seed,
+                       reshuffle_each_iteration=False)
+              .map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
+              .map(self._to_float, num_parallel_calls=tf.data.AUTOTUNE))
+        return ds.batch(bs, drop_remainder=True)
 
     def train_dataset(self, start_step: int = 0, num_steps: int | None = None) -> tf.data.Dataset:
         """Global batches from global step `start_step` on, across epochs (endless
@@ -159,7 +178,7 @@ class Reader:
         """
         first_epoch, skip = divmod(start_step, self.steps_per_epoch)
         if self.info.splits[records.TRAIN_SPLIT].num_examples <= self.config.cache_max_examples:
-            self._decoded(records.TRAIN_SPLIT)  # Build the cache outside the epoch function.
+            self._in_memory(records.TRAIN_SPLIT)  # Load outside the epoch function.
         ds = (tf.data.Dataset.range(first_epoch, tf.int64.max)
               .flat_map(self.train_epoch)
               .skip(skip))

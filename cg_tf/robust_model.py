@@ -60,6 +60,44 @@ class AggregatorConfig:
                              "papers found momentum unstable with it; use --momentum=0")
 
 
+class Collectives:
+    """The step's cross-replica sums, chained by control dependencies.
+
+    Collectives that do not depend on each other may start in different orders
+    on different replicas, and then pair up wrongly; chaining them makes every
+    replica issue them in one order.
+    """
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.replicas = ctx.num_replicas_in_sync
+        self._last = []
+
+    def after(self, values: list[tf.Tensor]) -> list[tf.Tensor]:
+        """`values`, made to wait for the previous collective."""
+        with tf.control_dependencies(self._last):
+            return [tf.identity(v) for v in values]
+
+    def sum(self, values: list[tf.Tensor]) -> list[tf.Tensor]:
+        if self.replicas == 1:
+            return list(values)
+        out = self.ctx.all_reduce("sum", self.after(values))
+        self._last = out
+        return out
+
+    def gather(self, xs: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Each x of all replicas, concatenated along axis 0 in replica order (an
+        all-reduce of buffers in which each replica fills its own slot)."""
+        n = self.replicas
+        if n == 1:
+            return list(xs)
+        mine = tf.equal(tf.range(n), self.ctx.replica_id_in_sync_group)
+        placed = [tf.where(tf.reshape(mine, [n] + [1] * x.shape.rank), x[None],
+                           tf.zeros_like(x[None])) for x in xs]
+        return [tf.reshape(g, [n * x.shape[0], *x.shape[1:]])
+                for g, x in zip(self.sum(placed), xs)]
+
+
 class RobustModel(keras.Model):
     """Wraps a network; `fit`/`make_train_function` run the robust update."""
 
@@ -71,58 +109,63 @@ class RobustModel(keras.Model):
         self.global_batch_size = global_batch_size
         self.source = GradientSource(net, config.bn_mode)
         if config.name in ("rm3", "ra3"):
-            # Gradients of the two previous steps, and how many steps were seen.
-            self.history = [[self.add_weight(shape=v.shape, initializer="zeros", trainable=False,
-                                             aggregation="only_first_replica",
-                                             name=f"history{i}_{j}")
-                             for j, v in enumerate(net.trainable_variables)] for i in range(2)]
+            # Gradients of the previous step and the one before, and the step count.
+            # (Keras' own lists are invisible to tf.train.Checkpoint; tf.Module's are not.)
+            self.history = tf.Module(name="history")
+            self.history.previous = self._zeros_like_variables(net, "history_1")
+            self.history.before = self._zeros_like_variables(net, "history_2")
             self.history_count = self.add_weight(shape=(), dtype="int64", initializer="zeros",
                                                  trainable=False,
                                                  aggregation="only_first_replica",
                                                  name="history_count")
+
+    def _zeros_like_variables(self, net: keras.Model, name: str) -> list:
+        return [self.add_weight(shape=v.shape, initializer="zeros", trainable=False,
+                                aggregation="only_first_replica", name=f"{name}_{j}")
+                for j, v in enumerate(net.trainable_variables)]
 
     def call(self, x, training=False):
         return self.net(x, training=training)
 
     # -- aggregation --------------------------------------------------------
 
-    def _global_mean_gradient(self, x, y, ctx):
+    def _global_mean_gradient(self, x, y, sync):
         g, losses, logits = self.source.summed(x, y)
-        return [s / self.global_batch_size for s in ctx.all_reduce("sum", g)], losses, logits
+        return [s / self.global_batch_size for s in sync.sum(g)], losses, logits
 
-    def _order_stats_gradient(self, x, y, ctx):
+    def _order_stats_gradient(self, x, y, sync):
         c, k = self.config.c, self.config.c + 1
         stats, losses, logits = None, [], []
-        for grads, loss, logit in self.source.per_example(x, y, self.config.chunk, ctx):
+        for grads, loss, logit in self.source.per_example(x, y, self.config.chunk, sync):
             part = [agg.order_stats(g, k) for g in grads]
             stats = part if stats is None else [agg.merge([s, p], k) for s, p in zip(stats, part)]
             losses.append(loss)
             logits.append(logit)
-        if ctx.num_replicas_in_sync > 1:
-            stats = [agg.merge([agg.OrderStats(ctx.all_gather(s.top, 0),
-                                               ctx.all_gather(s.bottom, 0),
-                                               ctx.all_reduce("sum", s.rest),
-                                               s.count * ctx.num_replicas_in_sync)], k)
-                     for s in stats]
+        if sync.replicas > 1:
+            n = len(stats)
+            gathered = sync.gather([s.top for s in stats] + [s.bottom for s in stats])
+            rests = sync.sum([s.rest for s in stats])
+            stats = [agg.merge([agg.OrderStats(gathered[i], gathered[n + i], rests[i],
+                                               s.count * sync.replicas)], k)
+                     for i, s in enumerate(stats)]
         final = agg.winsorized_from_stats if self.config.name == "winsorized" else \
             agg.trimmed_from_stats
         return [final(s, c) for s in stats], tf.concat(losses, 0), tf.concat(logits, 0)
 
-    def _median_gradient(self, x, y, ctx):
-        chunks = list(self.source.per_example(x, y, self.config.chunk, ctx))
+    def _median_gradient(self, x, y, sync):
+        chunks = list(self.source.per_example(x, y, self.config.chunk, sync))
         stacked = [tf.concat(parts, 0) for parts in zip(*(g for g, _, _ in chunks))]
-        if ctx.num_replicas_in_sync > 1:
-            stacked = [ctx.all_gather(s, 0) for s in stacked]
+        stacked = sync.gather(stacked)
         return ([agg.median(s) for s in stacked], tf.concat([l for _, l, _ in chunks], 0),
                 tf.concat([z for _, _, z in chunks], 0))
 
-    def _median_of_means_gradient(self, x, y, ctx):
+    def _median_of_means_gradient(self, x, y, sync):
         """Each replica sums the gradients of its part of each global group (an
         ordinary backward pass per part); the sums are all-reduced."""
         k, b = self.config.groups, x.shape[0]
         size = self.global_batch_size // k
-        r = tf.get_static_value(ctx.replica_id_in_sync_group)
-        if r is None and ctx.num_replicas_in_sync > 1:
+        r = tf.get_static_value(sync.ctx.replica_id_in_sync_group)
+        if r is None and sync.replicas > 1:
             raise ValueError("median_of_means needs a static replica id (one device or "
                              "MirroredStrategy)")
         r = r or 0
@@ -136,13 +179,13 @@ class RobustModel(keras.Model):
             else:
                 g = [tf.zeros_like(v) for v in self.source.variables]
             sums.append(g)
-        group_sums = ctx.all_reduce("sum", [tf.stack(parts) for parts in zip(*sums)])
+        group_sums = sync.sum([tf.stack(parts) for parts in zip(*sums)])
         return ([agg.median(s / size) for s in group_sums], tf.concat(losses, 0),
                 tf.concat(logits, 0))
 
     def _temporal(self, grads):
         """RM3 / RA3 over this step's gradient and the two stored ones."""
-        older, oldest = self.history
+        older, oldest = self.history.previous, self.history.before
         ready = self.history_count >= 2
         combine = (agg.median3 if self.config.name == "rm3"
                    else lambda a, b, c: (a + b + c) / 3)
@@ -155,18 +198,18 @@ class RobustModel(keras.Model):
         self.history_count.assign_add(1)
         return out
 
-    def aggregated_gradient(self, x, y):
+    def aggregated_gradient(self, x, y, sync: Collectives | None = None):
         """The global aggregated gradient (same on every replica), losses, logits."""
-        ctx = tf.distribute.get_replica_context()
+        sync = sync or Collectives(tf.distribute.get_replica_context())
         name = self.config.name
         if name in ("mean", "rm3", "ra3"):
-            grads, losses, logits = self._global_mean_gradient(x, y, ctx)
+            grads, losses, logits = self._global_mean_gradient(x, y, sync)
         elif name in ("winsorized", "trimmed"):
-            grads, losses, logits = self._order_stats_gradient(x, y, ctx)
+            grads, losses, logits = self._order_stats_gradient(x, y, sync)
         elif name == "median":
-            grads, losses, logits = self._median_gradient(x, y, ctx)
+            grads, losses, logits = self._median_gradient(x, y, sync)
         else:
-            grads, losses, logits = self._median_of_means_gradient(x, y, ctx)
+            grads, losses, logits = self._median_of_means_gradient(x, y, sync)
         if self.config.weight_decay:
             grads = [g + self.config.weight_decay * tf.convert_to_tensor(v)
                      for g, v in zip(grads, self.source.variables)]
@@ -176,14 +219,14 @@ class RobustModel(keras.Model):
 
     def train_step(self, data):
         x, y = data["image"], data["label"]
-        ctx = tf.distribute.get_replica_context()
-        grads, losses, logits = self.aggregated_gradient(x, y)
-        replicas = ctx.num_replicas_in_sync
-        self.optimizer.apply([g / replicas for g in grads], self.net.trainable_variables)
+        sync = Collectives(tf.distribute.get_replica_context())
+        grads, losses, logits = self.aggregated_gradient(x, y, sync)
         correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
                                    tf.cast(y, tf.int32)), tf.float32)
-        total_loss, total_correct = ctx.all_reduce(
-            "sum", [tf.reduce_sum(losses), tf.reduce_sum(correct)])
+        total_loss, total_correct = sync.sum([tf.reduce_sum(losses), tf.reduce_sum(correct)])
+        # optimizer.apply sums over replicas: last in the chain of collectives.
+        grads = sync.after([g / sync.replicas for g in grads])
+        self.optimizer.apply(grads, self.net.trainable_variables)
         return {"loss": total_loss / self.global_batch_size,
                 "accuracy": total_correct / self.global_batch_size}
 

@@ -62,3 +62,15 @@ def read_split(data_dir, split):
 
 def decode_png(data):
     return tf.io.decode_image(data, expand_animations=False).numpy()
+
+
+_MIRRORED = []
+
+
+def two_replicas():
+    """One MirroredStrategy over the two logical CPUs for the whole session:
+    strategies created later in one process reuse collective instance keys and
+    collide with the earlier ones' state."""
+    if not _MIRRORED:
+        _MIRRORED.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    return _MIRRORED[0]

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import read_split
+from conftest import read_split, two_replicas
 
 from cg_tf import records
 from cg_tf.input import InputConfig, Reader, distribute
@@ -84,7 +84,7 @@ def test_eval_subsets(digits_dir):
 
 def test_two_replicas_split_the_global_batch(digits_dir):
     assert len(tf.config.list_logical_devices("CPU")) == 2
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replicas()
     reader = Reader(InputConfig(digits_dir, batch_size=B))
     global_batches = ids_of(reader.train_dataset(0, 3))
     dist = distribute(reader.train_dataset(0, 3), strategy)

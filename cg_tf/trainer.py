@@ -1,0 +1,229 @@
+"""The training loop: strategy, data, model, checkpoints, summaries, summary.json.
+
+`train(config)` resumes from the last checkpoint in `config.model_dir` if there
+is one (model, optimizer, aggregator state and step), so a killed run rerun
+with the same command continues; with `deterministic` it ends with the same
+weights as an uninterrupted run.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cg_tf import metrics, records
+from cg_tf.input import InputConfig, Reader, distribute
+from cg_tf.models import build_model
+from cg_tf.robust_model import AggregatorConfig, RobustModel
+from cg_tf.strategies import get_strategy
+
+LR_SCHEDULES = ("constant", "step", "cosine")
+OPTIMIZERS = ("sgd",)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str
+    model_dir: str
+    model: str = "fc"
+    fc_widths: tuple[int, ...] = (2048,)
+    aggregator: AggregatorConfig = AggregatorConfig()
+    batch_size: int = 100
+    epochs: int = 10
+    steps: int | None = None
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.0
+    lr_schedule: str = "constant"
+    lr_decay_epochs: tuple[int, ...] = ()
+    lr_decay_factor: float = 0.1
+    seed: int = 0
+    strategy: str = "default"
+    tpu: str | None = None
+    jit_compile: bool = False
+    mixed_precision: bool = False
+    deterministic: bool = False
+    image_size: tuple[int, int] | None = None
+    augment: str = "none"
+    checkpoint_every: int = 200
+    log_every: int = 50
+    eval_sample_size: int = 1000
+
+    def check(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
+        if self.lr_schedule == "step" and not self.lr_decay_epochs:
+            raise ValueError("--lr_schedule=step needs --lr_decay_epochs")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if (self.steps or self.epochs) <= 0:
+            raise ValueError("--epochs (or --steps) must be positive")
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int, total_steps: int):
+    lr = config.learning_rate
+    if config.lr_schedule == "constant":
+        return lr
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, total_steps)
+    boundaries = [e * steps_per_epoch for e in config.lr_decay_epochs]
+    values = [lr * config.lr_decay_factor ** i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def _reader(config: TrainConfig, batch_size: int) -> Reader:
+    try:
+        return Reader(InputConfig(config.data_dir, batch_size, seed=config.seed,
+                                  image_size=config.image_size, augment=config.augment,
+                                  eval_sample_size=config.eval_sample_size))
+    except records.DatasetError as e:
+        raise ValueError(f"--data_dir: {e}") from e
+
+
+class Trainer:
+    """Builds everything a run needs; `run()` trains to the end."""
+
+    def __init__(self, config: TrainConfig):
+        config.check()
+        self.config = config
+        keras.utils.set_random_seed(config.seed)
+        if config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        if config.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        self.strategy = get_strategy(config.strategy, config.tpu)
+        replicas = self.strategy.num_replicas_in_sync
+        config.aggregator.check(config.batch_size, replicas, config.momentum)
+        self.reader = _reader(config, config.batch_size)
+        spe = self.reader.steps_per_epoch
+        self.total_steps = config.steps or config.epochs * spe
+        with self.strategy.scope():
+            net = build_model(config.model, self.reader.image_shape, self.reader.num_classes,
+                              config.fc_widths)
+            self.model = RobustModel(net, config.aggregator, config.batch_size)
+            self.optimizer = keras.optimizers.SGD(
+                learning_rate(config, spe, self.total_steps), momentum=config.momentum)
+            self.model.compile(optimizer=self.optimizer, jit_compile=config.jit_compile)
+            self.optimizer.build(net.trainable_variables)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            self.wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_seconds")
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                              step=self.step, wall_seconds=self.wall)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(config.model_dir, "checkpoints"), max_to_keep=2)
+        self.writer = tf.summary.create_file_writer(config.model_dir)
+
+        model, strategy = self.model, self.strategy
+
+        @tf.function(jit_compile=config.jit_compile or None, reduce_retracing=True)
+        def train_step(batch):
+            out = strategy.run(model.train_step, args=(batch,))
+            # Every replica returns the same global values.
+            return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
+
+        self._train_step = train_step
+
+    @property
+    def net(self) -> keras.Model:
+        return self.model.net
+
+    def restore(self) -> int:
+        if self.manager.latest_checkpoint:
+            self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+            logging.info("resumed from %s at step %d", self.manager.latest_checkpoint,
+                         int(self.step))
+        return int(self.step)
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        return {name: metrics.evaluate(self.net, ds)
+                for name, ds in self.reader.eval_subsets().items()}
+
+    def _write_eval(self, step: int, results: dict[str, dict[str, float]]) -> None:
+        with self.writer.as_default(step=step):
+            for name, r in results.items():
+                tf.summary.scalar(f"eval/{name}/accuracy", r["accuracy"])
+                tf.summary.scalar(f"eval/{name}/true_label_accuracy", r["true_label_accuracy"])
+                tf.summary.scalar(f"eval/{name}/loss", r["loss"])
+
+    def run(self) -> dict:
+        cfg = self.config
+        start = self.restore()
+        schedule = set(metrics.eval_schedule(self.total_steps, self.reader.steps_per_epoch))
+        data = distribute(self.reader.train_dataset(start, self.total_steps - start),
+                          self.strategy)
+        begin, last_log, loss = time.monotonic(), time.monotonic(), float("nan")
+        wall0 = float(self.wall)
+        logging.info("training %s with %s for %d steps (%d per epoch) on %d replica(s)",
+                     cfg.model, cfg.aggregator.name, self.total_steps,
+                     self.reader.steps_per_epoch, self.strategy.num_replicas_in_sync)
+        step = start
+        for batch in data:
+            logs = self._train_step(batch)
+            step += 1
+            loss = float(logs["loss"])
+            if not math.isfinite(loss):
+                last = self.manager.latest_checkpoint or "none yet"
+                raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped. The last good "
+                                    f"checkpoint ({last}) is intact.")
+            self.step.assign(step)
+            self.wall.assign(wall0 + time.monotonic() - begin)
+            if step % cfg.log_every == 0 or step == self.total_steps:
+                rate = cfg.log_every / max(time.monotonic() - last_log, 1e-9)
+                last_log = time.monotonic()
+                logging.info("step %d/%d  loss %.4f  accuracy %.3f  (%.1f steps/s)", step,
+                             self.total_steps, loss, float(logs["accuracy"]), rate)
+                with self.writer.as_default(step=step):
+                    tf.summary.scalar("train/loss", loss)
+                    tf.summary.scalar("train/accuracy", float(logs["accuracy"]))
+                    tf.summary.scalar("train/learning_rate",
+                                      float(self.optimizer.learning_rate))
+            if step in schedule:
+                self._write_eval(step, self.evaluate())
+            if step % cfg.checkpoint_every == 0 or step == self.total_steps:
+                self.manager.save(checkpoint_number=step)
+        self.writer.flush()
+        return self.finish(loss)
+
+    def finish(self, final_loss: float) -> dict:
+        results = self.evaluate()
+        summary = {
+            "pristine_accuracy": results["pristine"]["accuracy"],
+            "corrupt_accuracy": results.get("corrupt", {}).get("accuracy", float("nan")),
+            "corrupt_true_label_accuracy":
+                results.get("corrupt", {}).get("true_label_accuracy", float("nan")),
+            "mixed_accuracy": results["mixed"]["accuracy"],
+            "test_accuracy": results.get("test", {}).get("accuracy", float("nan")),
+            "final_loss": final_loss,
+            "steps": int(self.step),
+            "wall_seconds": float(self.wall),
+            "aggregator": dataclasses.asdict(self.config.aggregator),
+            "model": self.config.model,
+            "data_dir": self.config.data_dir,
+            "subset_sizes": {k: v["count"] for k, v in results.items()},
+        }
+        summary = {k: (None if isinstance(v, float) and np.isnan(v) else v)
+                   for k, v in summary.items()}
+        path = os.path.join(self.config.model_dir, "summary.json")
+        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=1)
+        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        return summary
+
+
+def train(config: TrainConfig) -> dict:
+    return Trainer(config).run()

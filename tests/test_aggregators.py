@@ -1,0 +1,94 @@
+"""Each aggregator against a NumPy reference on random tensors, ties included;
+the mergeable summary against the direct formula for every chunking."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cg_tf import aggregators as agg
+
+
+def np_winsorized(x, c):
+    s = np.sort(x, axis=0)
+    return np.clip(x, s[c], s[len(x) - 1 - c]).mean(axis=0)
+
+
+def np_trimmed(x, c):
+    return np.sort(x, axis=0)[c:len(x) - c].mean(axis=0)
+
+
+def np_median_of_means(x, k):
+    return np.median(x.reshape(k, len(x) // k, *x.shape[1:]).mean(axis=1), axis=0)
+
+
+def random_gradients(kind, b, rng, shape=(7, 3)):
+    """Normal values, or small integers and zeros: ties everywhere, as ReLU nets give."""
+    if kind == "ties":
+        return rng.integers(-2, 3, (b, *shape)).astype(np.float32)
+    if kind == "zeros":
+        x = rng.normal(size=(b, *shape)).astype(np.float32)
+        x[rng.random(x.shape) < 0.7] = 0.0
+        return x
+    return rng.normal(size=(b, *shape)).astype(np.float32)
+
+
+KINDS = ("normal", "ties", "zeros")
+CASES = [(b, c) for b in (3, 5, 6, 10) for c in range(0, (b - 1) // 2 + 1)] + [
+    (33, c) for c in (0, 1, 4, 16)]
+
+
+def close(a, b):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("b,c", CASES)
+def test_reference_functions(kind, b, c):
+    x = random_gradients(kind, b, np.random.default_rng(b * 10 + c))
+    close(agg.winsorized_mean(tf.constant(x), c), np_winsorized(x, c))
+    close(agg.trimmed_mean(tf.constant(x), c), np_trimmed(x, c))
+    close(agg.median(tf.constant(x)), np.median(x, axis=0))
+    close(agg.mean(tf.constant(x)), x.mean(axis=0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("b,c", CASES)
+def test_order_stats_merge_is_exact_for_any_chunking(kind, b, c):
+    x = random_gradients(kind, b, np.random.default_rng(b * 100 + c))
+    for chunks in sorted({1, 2, 3, b}):
+        parts = [agg.order_stats(tf.constant(p), c + 1) for p in np.array_split(x, chunks)]
+        stats = agg.merge(parts, c + 1)
+        assert stats.count == b
+        close(agg.winsorized_from_stats(stats, c), np_winsorized(x, c))
+        close(agg.trimmed_from_stats(stats, c), np_trimmed(x, c))
+    # Merging is associative: chunk summaries merged pairwise, in another order.
+    parts = [agg.order_stats(tf.constant(p), c + 1) for p in np.array_split(x, 3)]
+    stats = agg.merge([parts[2], agg.merge([parts[1], parts[0]], c + 1)], c + 1)
+    close(agg.winsorized_from_stats(stats, c), np_winsorized(x, c))
+
+
+def test_winsorized_c0_is_mean_and_outliers_do_not_cost_precision():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 50)).astype(np.float32) * 1e-3
+    close(agg.winsorized_from_stats(agg.order_stats(tf.constant(x), 1), 0), x.mean(axis=0))
+    x[3] = 1e9  # One example with an enormous gradient.
+    got = agg.winsorized_from_stats(agg.order_stats(tf.constant(x), 2), 1).numpy()
+    np.testing.assert_allclose(got, np_winsorized(x.astype(np.float64), 1), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("b,k", [(3, 3), (6, 3), (12, 4), (10, 5), (8, 1)])
+def test_median_of_means(kind, b, k):
+    x = random_gradients(kind, b, np.random.default_rng(b + k))
+    close(agg.median_of_means(tf.constant(x), k), np_median_of_means(x, k))
+
+
+def test_median_of_means_needs_dividing_groups():
+    with pytest.raises(ValueError, match="3 groups do not divide the batch of 10"):
+        agg.median_of_means(tf.zeros([10, 2]), 3)
+
+
+def test_median3():
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.integers(-2, 3, (40,)).astype(np.float32) for _ in range(3))
+    close(agg.median3(*map(tf.constant, (a, b, c))), np.median(np.stack([a, b, c]), axis=0))

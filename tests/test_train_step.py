@@ -1,0 +1,229 @@
+"""The robust train step: per-example gradients against closed form, the mean
+aggregator against the batch gradient, invariance to replicas and chunking,
+and the RM3/RA3 ring buffer."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import two_replicas
+
+from cg_tf import aggregators as agg
+from cg_tf import models
+from cg_tf.gradients import GradientSource
+from cg_tf.robust_model import AGGREGATORS, AggregatorConfig, Collectives, RobustModel
+
+B, C, SHAPE = 12, 3, (4, 4, 1)
+
+
+def batch(seed=0, b=B, shape=SHAPE):
+    rng = np.random.default_rng(seed)
+    return {"image": tf.constant(rng.normal(size=(b, *shape)).astype(np.float32)),
+            "label": tf.constant(rng.integers(0, C, b).astype(np.int32))}
+
+
+def bn_net(shape=(6, 6, 2)):
+    """Conv -> BatchNorm -> ReLU -> pooling -> logits: a minimal net with BatchNorm."""
+    x = inputs = keras.Input(shape)
+    x = keras.layers.Conv2D(4, 3, name="conv")(x)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(x))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(C, name="logits")(x))
+
+
+def make_net(kind, seed=0):
+    keras.utils.set_random_seed(seed)
+    if kind == "softmax":
+        return models.fc(SHAPE, C, widths=())
+    if kind == "fc":
+        return models.fc(SHAPE, C, widths=(6,))
+    if kind == "cnn":
+        return models.small_cnn(SHAPE, C)
+    return bn_net()
+
+
+def softmax_regression_per_example(net, x, y):
+    """Closed form: dL_i/dW = x_i (p_i - e_{y_i})^T, dL_i/db = p_i - e_{y_i}."""
+    w, b0 = (v.numpy() for v in net.trainable_variables)
+    flat = x.numpy().reshape(len(x), -1)
+    logits = flat @ w + b0
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d = p - np.eye(C)[y.numpy()]
+    return np.einsum("bi,bj->bij", flat, d), d
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_per_example_gradients_match_closed_form(chunk):
+    net = make_net("softmax")
+    data = batch()
+    src = GradientSource(net)
+    parts = list(src.per_example(data["image"], data["label"], chunk,
+                                 Collectives(tf.distribute.get_replica_context())))
+    assert len(parts) == (1 if chunk is None else 3)
+    gw, gb = (tf.concat(p, 0).numpy() for p in zip(*(g for g, _, _ in parts)))
+    want_w, want_b = softmax_regression_per_example(net, data["image"], data["label"])
+    np.testing.assert_allclose(gw, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gb, want_b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,bn_mode", [("fc", "batch_stats"), ("cnn", "batch_stats"),
+                                          ("bn", "exact")])
+def test_per_example_gradients_sum_to_the_batch_gradient(kind, bn_mode):
+    net = make_net(kind)
+    data = batch(shape=net.input_shape[1:])
+    src = GradientSource(net, bn_mode)
+    ctx = Collectives(tf.distribute.get_replica_context())
+    per = [tf.concat(p, 0) for p in zip(*(g for g, _, _ in src.per_example(
+        data["image"], data["label"], 5, ctx)))]
+    summed, _, _ = src.summed(data["image"], data["label"])
+    for p, s in zip(per, summed):
+        np.testing.assert_allclose(tf.reduce_sum(p, 0), s, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_stats_mode_normalizes_with_the_batch_statistics():
+    """Held-constant batch statistics: each example's loss equals its loss in
+    the batched training forward, and the moving averages advance once."""
+    net = make_net("bn")
+    data = batch(shape=(6, 6, 2))
+    bn = net.get_layer("bn")
+    before = bn.moving_mean.numpy().copy()
+    src = GradientSource(net, "batch_stats")
+    (_, losses, _), = src.per_example(data["image"], data["label"], None,
+                                      Collectives(tf.distribute.get_replica_context()))
+    conv = net.get_layer("conv")(data["image"])
+    mean = tf.reduce_mean(conv, [0, 1, 2]).numpy()
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.99 * before + 0.01 * mean, atol=1e-6)
+    from cg_tf.gradients import example_losses
+    bn.moving_mean.assign(before)  # The batched forward uses batch statistics anyway.
+    batched = example_losses(data["label"], net(data["image"], training=True))
+    np.testing.assert_allclose(losses, batched, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_aggregator_is_the_batch_gradient():
+    net = make_net("cnn")
+    data = batch()
+    model = RobustModel(net, AggregatorConfig("mean"), B)
+    grads, _, _ = model.aggregated_gradient(data["image"], data["label"])
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+            data["label"], net(data["image"], training=True))
+    for g, want in zip(grads, tape.gradient(loss, net.trainable_variables)):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_aggregators_against_reference():
+    net = make_net("fc")
+    data = batch()
+    ctx = Collectives(tf.distribute.get_replica_context())
+    (per, _, _), = GradientSource(net).per_example(data["image"], data["label"], None, ctx)
+    expect = {"winsorized": lambda x: agg.winsorized_mean(x, 2),
+              "trimmed": lambda x: agg.trimmed_mean(x, 2),
+              "median": agg.median}
+    for name, ref in expect.items():
+        model = RobustModel(net, AggregatorConfig(name, c=2, chunk=5), B)
+        grads, _, _ = model.aggregated_gradient(data["image"], data["label"])
+        for g, p in zip(grads, per):
+            np.testing.assert_allclose(g, ref(p), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_median_of_means_is_the_median_of_group_gradients():
+    net = make_net("fc")
+    data = batch()
+    model = RobustModel(net, AggregatorConfig("median_of_means", groups=3), B)
+    grads, _, _ = model.aggregated_gradient(data["image"], data["label"])
+    src = GradientSource(net)
+    groups = [src.summed(data["image"][i:i + 4], data["label"][i:i + 4])[0] for i in (0, 4, 8)]
+    for g, parts in zip(grads, zip(*groups)):
+        np.testing.assert_allclose(g, agg.median(tf.stack(parts) / 4), rtol=1e-5, atol=1e-6)
+
+
+def run_steps(strategy, config, kind, batches, lr=0.1):
+    """Weights after one train step per batch, starting from seed-0 weights."""
+    with strategy.scope():
+        net = make_net(kind)
+        model = RobustModel(net, config, B)
+        model.compile(optimizer=keras.optimizers.SGD(lr))
+    step = tf.function(lambda b: strategy.run(model.train_step, args=(b,)))
+    for data in batches:
+        for b in strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(data)):
+            step(b)
+    return [v.numpy() for v in net.trainable_variables]
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_one_and_two_replicas_give_the_same_update(name):
+    config = AggregatorConfig(name, c=2, groups=3)
+    batches = [batch(s) for s in range(4 if name in ("rm3", "ra3") else 1)]
+    one = run_steps(tf.distribute.get_strategy(), config, "fc", batches)
+    two = run_steps(two_replicas(), config, "fc", batches)
+    start = [v.numpy() for v in make_net("fc").trainable_variables]
+    assert any(not np.allclose(a, s) for a, s in zip(one, start))  # It did update.
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["winsorized", "median"])
+def test_batchnorm_statistics_are_global_for_per_example_aggregators(name):
+    config = AggregatorConfig(name, c=1)
+    data = [batch(0, shape=(6, 6, 2))]
+    for a, b in zip(run_steps(tf.distribute.get_strategy(), config, "bn", data),
+                    run_steps(two_replicas(), config, "bn", data)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["winsorized", "trimmed", "median"])
+def test_chunk_size_does_not_change_the_update(name):
+    data = [batch(1)]
+    whole = run_steps(tf.distribute.get_strategy(), AggregatorConfig(name, c=3), "cnn", data)
+    for chunk in (1, 5):
+        chunked = run_steps(tf.distribute.get_strategy(),
+                            AggregatorConfig(name, c=3, chunk=chunk), "cnn", data)
+        for a, b in zip(whole, chunked):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,combine", [("rm3", lambda g: np.median(g, axis=0)),
+                                          ("ra3", lambda g: np.mean(g, axis=0))])
+def test_temporal_ring_buffer(name, combine, tmp_path):
+    lr = 0.5
+    net = make_net("softmax")
+    model = RobustModel(net, AggregatorConfig(name), B)
+    model.compile(optimizer=keras.optimizers.SGD(lr))
+    w0 = [v.numpy() for v in net.trainable_variables]
+    src = GradientSource(net)
+    grads = []
+    for s in range(2):  # The first two steps only fill the buffer.
+        data = batch(s)
+        grads.append([g.numpy() / B for g in src.summed(data["image"], data["label"])[0]])
+        model.train_step(data)
+        for v, w in zip(net.trainable_variables, w0):
+            np.testing.assert_array_equal(v.numpy(), w)
+    ckpt = tf.train.Checkpoint(model=model)
+    path = ckpt.save(str(tmp_path / "ckpt"))
+    # A fresh model restored from the checkpoint continues exactly.
+    net2 = make_net("softmax", seed=1)
+    model2 = RobustModel(net2, AggregatorConfig(name), B)
+    model2.compile(optimizer=keras.optimizers.SGD(lr))
+    tf.train.Checkpoint(model=model2).restore(path).assert_existing_objects_matched()
+    assert int(model2.history_count) == 2
+    data = batch(2)
+    g3 = [g.numpy() / B for g in src.summed(data["image"], data["label"])[0]]
+    model2.train_step(data)
+    for v, w, a, b, c in zip(net2.trainable_variables, w0, *grads, g3):
+        np.testing.assert_allclose(v.numpy(), w - lr * combine(np.stack([c, b, a])),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config,batch_size,replicas,momentum,message", [
+    (AggregatorConfig("sgd"), 100, 1, 0, "--aggregator must be one of"),
+    (AggregatorConfig("winsorized", c=50), 100, 1, 0, "--winsorize_c=50: need 0 <= 2c <"),
+    (AggregatorConfig("trimmed", c=-1), 100, 1, 0, "--trim_c=-1"),
+    (AggregatorConfig("median_of_means", groups=3), 100, 1, 0, "--mom_groups=3 does not divide"),
+    (AggregatorConfig("rm3"), 100, 1, 0.9, "--aggregator=rm3 refuses --momentum=0.9"),
+    (AggregatorConfig("mean"), 101, 2, 0, "--batch_size=101 is not divisible by the 2"),
+    (AggregatorConfig("mean", bn_mode="magic"), 100, 1, 0, "--bn_mode must be one of"),
+])
+def test_bad_configurations(config, batch_size, replicas, momentum, message):
+    with pytest.raises(ValueError, match=message):
+        config.check(batch_size, replicas, momentum)
