@@ -13,7 +13,7 @@ Two forms of each per-example aggregator:
   enter a sum, so removing them loses no precision.
 """
 
-import dataclasses
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -64,20 +64,25 @@ def median3(a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
 # -- the mergeable summary for winsorized and trimmed means ---------------------
 
 
-@dataclasses.dataclass
-class OrderStats:
-    """Exact summary of a multiset of values per coordinate.
+class OrderStats(NamedTuple):
+    """Exact summary of a multiset of values per coordinate (a nest of tensors,
+    so it can be the state of a tf.while_loop; the count is kept by the caller).
 
     top:    [k, ...] the k largest values, descending (-inf pads if fewer)
     bottom: [k, ...] the k smallest of the others, ascending (+inf pads)
     rest:   [...]    the sum of all the remaining values
-    count:  how many values were summarized
     """
 
     top: tf.Tensor
     bottom: tf.Tensor
     rest: tf.Tensor
-    count: int
+
+
+def empty_stats(shape, k: int, dtype=tf.float32) -> OrderStats:
+    """The summary of no values."""
+    inf = float("inf")
+    return OrderStats(tf.fill([k, *shape], tf.constant(-inf, dtype)),
+                      tf.fill([k, *shape], tf.constant(inf, dtype)), tf.zeros(shape, dtype))
 
 
 def _take_largest(values: tf.Tensor, k: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -100,7 +105,7 @@ def _pad_to(values: tf.Tensor, n: int, pad: float) -> tf.Tensor:
     return tf.concat([values, tf.fill([missing, *values.shape[1:]], tf.cast(pad, values.dtype))], 0)
 
 
-def _summarize(candidates: tf.Tensor, k: int, rest: tf.Tensor, count: int) -> OrderStats:
+def _summarize(candidates: tf.Tensor, k: int, rest: tf.Tensor) -> OrderStats:
     """Selects top and bottom from candidate values (±inf entries are empty)."""
     inf = tf.constant(float("inf"), candidates.dtype)
     candidates = tf.where(tf.math.is_inf(candidates), -inf, candidates)
@@ -108,20 +113,19 @@ def _summarize(candidates: tf.Tensor, k: int, rest: tf.Tensor, count: int) -> Or
     others = tf.where(tf.math.is_inf(others), inf, others)  # Empty slots stay empty.
     neg_bottom, remaining = _take_largest(-_pad_to(others, k, float("inf")), k)
     remaining = tf.where(tf.math.is_inf(remaining), tf.zeros_like(remaining), -remaining)
-    return OrderStats(top, -neg_bottom, rest + tf.reduce_sum(remaining, axis=0), count)
+    return OrderStats(top, -neg_bottom, rest + tf.reduce_sum(remaining, axis=0))
 
 
 def order_stats(x: tf.Tensor, k: int) -> OrderStats:
     """The summary of stacked values x [n, ...] with k = c + 1."""
-    return _summarize(x, k, tf.zeros(x.shape[1:], x.dtype), x.shape[0])
+    return _summarize(x, k, tf.zeros(x.shape[1:], x.dtype))
 
 
 def merge(parts: list[OrderStats], k: int) -> OrderStats:
     """The summary (with k = c + 1) of the union of the summarized multisets;
     a part's lists may be longer than k (e.g. gathered from several replicas)."""
     candidates = tf.concat([t for p in parts for t in (p.top, p.bottom)], axis=0)
-    return _summarize(candidates, k, tf.add_n([p.rest for p in parts]),
-                      sum(p.count for p in parts))
+    return _summarize(candidates, k, tf.add_n([p.rest for p in parts]))
 
 
 def _middle(s: OrderStats, c: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -134,12 +138,14 @@ def _middle(s: OrderStats, c: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     return hi, lo, inner
 
 
-def winsorized_from_stats(s: OrderStats, c: int) -> tf.Tensor:
+def winsorized_from_stats(s: OrderStats, c: int, count: int) -> tf.Tensor:
+    """The winsorized mean of the `count` values `s` summarizes."""
     hi, lo, inner = _middle(s, c)
     # c values clipped to hi plus hi itself; c values clipped to lo; inner holds lo.
-    return ((c + 1) * hi + c * lo + inner) / s.count
+    return ((c + 1) * hi + c * lo + inner) / count
 
 
-def trimmed_from_stats(s: OrderStats, c: int) -> tf.Tensor:
+def trimmed_from_stats(s: OrderStats, c: int, count: int) -> tf.Tensor:
+    """The trimmed mean of the `count` values `s` summarizes."""
     hi, _, inner = _middle(s, c)
-    return (hi + inner) / (s.count - 2 * c)
+    return (hi + inner) / (count - 2 * c)

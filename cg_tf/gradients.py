@@ -88,15 +88,10 @@ class GradientSource:
             stats.append((mean, var))
         return stats
 
-    def per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync):
-        """Yields, per chunk of m examples: per-example gradients [m, *shape] per
-        variable, losses [m] and logits [m, C]. `sync` (robust_model.Collectives)
-        sums the BatchNorm statistics over replicas."""
-        b = x.shape[0]
-        chunk = min(chunk or b, b)
-        if self.bn and self.bn_mode == "exact":
-            yield from self._jacobian_chunks(x, y, chunk)
-            return
+    def _per_example_fn(self, x: tf.Tensor, sync):
+        """A function of a chunk (x, y) -> per-example gradients [m, *shape] per
+        variable, losses [m], logits [m, C]; BN statistics are those of x (all
+        replicas) and the moving averages advance once, here."""
         overrides = {}
         if self.bn:
             for layer, (mean, var) in zip(self.bn, self._batch_bn_stats(x, sync)):
@@ -116,8 +111,37 @@ class GradientSource:
                 loss = example_losses(yi[None], logits)[0]
             return tape.gradient(loss, trainable), loss, logits[0]
 
-        for start in range(0, b, chunk):
-            yield tf.vectorized_map(one, (x[start:start + chunk], y[start:start + chunk]))
+        return lambda xc, yc: tf.vectorized_map(one, (xc, yc))
+
+    def fold_per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync, init, step):
+        """Folds `step(state, i, labels, grads, losses, logits)` over the chunks
+        of m examples of the replica's batch (i = chunk index; grads are
+        per-example [m, *shape] per variable), starting from `init`.
+
+        Chunks run in a tf.while_loop, so memory holds one chunk's per-example
+        gradients and the graph holds one copy of the computation. `sync`
+        (robust_model.Collectives) sums BatchNorm statistics over replicas.
+        """
+        b = x.shape[0]
+        m = min(chunk or b, b)
+        if b % m:
+            raise ValueError(f"--per_example_chunk={m} does not divide the per-replica batch of {b}")
+        n = b // m
+        if self.bn and self.bn_mode == "exact":
+            state = init
+            for i, (grads, losses, logits) in enumerate(self._jacobian_chunks(x, y, m)):
+                state = step(state, i, y[i * m:(i + 1) * m], grads, losses, logits)
+            return state
+        per_example = self._per_example_fn(x, sync)
+        if n == 1:
+            return step(init, 0, y, *per_example(x, y))
+        xs = tf.reshape(x, [n, m, *x.shape[1:]])
+        ys = tf.reshape(y, [n, m])
+
+        def body(i, state):
+            return i + 1, step(state, i, ys[i], *per_example(xs[i], ys[i]))
+
+        return tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), init))[1]
 
     def _jacobian_chunks(self, x, y, chunk):
         with tf.GradientTape(persistent=True) as tape:

@@ -55,9 +55,18 @@ class AggregatorConfig:
                              f"--batch_size={global_batch}")
         if self.chunk is not None and self.chunk < 1:
             raise ValueError(f"--per_example_chunk must be positive, got {self.chunk}")
+        if self.chunk and (global_batch // num_replicas) % self.chunk:
+            raise ValueError(f"--per_example_chunk={self.chunk} does not divide the "
+                             f"per-replica batch of {global_batch // num_replicas}")
         if self.name in NO_MOMENTUM and momentum:
             raise ValueError(f"--aggregator={self.name} refuses --momentum={momentum}: the "
                              "papers found momentum unstable with it; use --momentum=0")
+
+
+def tally(labels: tf.Tensor, losses: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """[sum of losses, number of correct predictions] of some examples."""
+    correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32))
+    return tf.stack([tf.reduce_sum(losses), tf.reduce_sum(tf.cast(correct, tf.float32))])
 
 
 class Collectives:
@@ -128,36 +137,52 @@ class RobustModel(keras.Model):
         return self.net(x, training=training)
 
     # -- aggregation --------------------------------------------------------
+    # Each path returns the global aggregated gradient and this replica's tally
+    # [sum of losses, number correct].
 
     def _global_mean_gradient(self, x, y, sync):
         g, losses, logits = self.source.summed(x, y)
-        return [s / self.global_batch_size for s in sync.sum(g)], losses, logits
+        return [s / self.global_batch_size for s in sync.sum(g)], tally(y, losses, logits)
+
+    def _chunk(self, x) -> int:
+        return min(self.config.chunk or x.shape[0], x.shape[0])
 
     def _order_stats_gradient(self, x, y, sync):
         c, k = self.config.c, self.config.c + 1
-        stats, losses, logits = None, [], []
-        for grads, loss, logit in self.source.per_example(x, y, self.config.chunk, sync):
-            part = [agg.order_stats(g, k) for g in grads]
-            stats = part if stats is None else [agg.merge([s, p], k) for s, p in zip(stats, part)]
-            losses.append(loss)
-            logits.append(logit)
+        variables = self.source.variables
+
+        def step(state, i, yc, grads, losses, logits):
+            stats, counts = state
+            return ([agg.merge([s, agg.order_stats(g, k)], k) for s, g in zip(stats, grads)],
+                    counts + tally(yc, losses, logits))
+
+        init = ([agg.empty_stats(v.shape, k) for v in variables], tf.zeros([2]))
+        stats, counts = self.source.fold_per_example(x, y, self.config.chunk, sync, init, step)
         if sync.replicas > 1:
             n = len(stats)
             gathered = sync.gather([s.top for s in stats] + [s.bottom for s in stats])
             rests = sync.sum([s.rest for s in stats])
-            stats = [agg.merge([agg.OrderStats(gathered[i], gathered[n + i], rests[i],
-                                               s.count * sync.replicas)], k)
-                     for i, s in enumerate(stats)]
-        final = agg.winsorized_from_stats if self.config.name == "winsorized" else \
-            agg.trimmed_from_stats
-        return [final(s, c) for s in stats], tf.concat(losses, 0), tf.concat(logits, 0)
+            stats = [agg.merge([agg.OrderStats(gathered[i], gathered[n + i], rests[i])], k)
+                     for i in range(n)]
+        final = (agg.winsorized_from_stats if self.config.name == "winsorized"
+                 else agg.trimmed_from_stats)
+        return [final(s, c, self.global_batch_size) for s in stats], counts
 
     def _median_gradient(self, x, y, sync):
-        chunks = list(self.source.per_example(x, y, self.config.chunk, sync))
-        stacked = [tf.concat(parts, 0) for parts in zip(*(g for g, _, _ in chunks))]
-        stacked = sync.gather(stacked)
-        return ([agg.median(s) for s in stacked], tf.concat([l for _, l, _ in chunks], 0),
-                tf.concat([z for _, _, z in chunks], 0))
+        m = self._chunk(x)
+        variables = self.source.variables
+
+        def step(state, i, yc, grads, losses, logits):
+            arrays, counts = state
+            return ([a.write(i, g) for a, g in zip(arrays, grads)],
+                    counts + tally(yc, losses, logits))
+
+        init = ([tf.TensorArray(v.dtype, size=x.shape[0] // m, element_shape=[m, *v.shape])
+                 for v in variables], tf.zeros([2]))
+        arrays, counts = self.source.fold_per_example(x, y, self.config.chunk, sync, init, step)
+        stacked = sync.gather([tf.reshape(a.concat(), [x.shape[0], *v.shape])
+                               for a, v in zip(arrays, variables)])
+        return [agg.median(s) for s in stacked], counts
 
     def _median_of_means_gradient(self, x, y, sync):
         """Each replica sums the gradients of its part of each global group (an
@@ -169,19 +194,17 @@ class RobustModel(keras.Model):
             raise ValueError("median_of_means needs a static replica id (one device or "
                              "MirroredStrategy)")
         r = r or 0
-        sums, losses, logits = [], [], []
+        sums, counts = [], tf.zeros([2])
         for j in range(k):
             lo, hi = max(j * size - r * b, 0), min((j + 1) * size - r * b, b)
             if hi > lo:
-                g, loss, logit = self.source.summed(x[lo:hi], y[lo:hi])
-                losses.append(loss)
-                logits.append(logit)
+                g, losses, logits = self.source.summed(x[lo:hi], y[lo:hi])
+                counts += tally(y[lo:hi], losses, logits)
             else:
                 g = [tf.zeros_like(v) for v in self.source.variables]
             sums.append(g)
         group_sums = sync.sum([tf.stack(parts) for parts in zip(*sums)])
-        return ([agg.median(s / size) for s in group_sums], tf.concat(losses, 0),
-                tf.concat(logits, 0))
+        return [agg.median(s / size) for s in group_sums], counts
 
     def _temporal(self, grads):
         """RM3 / RA3 over this step's gradient and the two stored ones."""
@@ -199,31 +222,30 @@ class RobustModel(keras.Model):
         return out
 
     def aggregated_gradient(self, x, y, sync: Collectives | None = None):
-        """The global aggregated gradient (same on every replica), losses, logits."""
+        """The global aggregated gradient (the same on every replica), and this
+        replica's tally [sum of losses, number correct]."""
         sync = sync or Collectives(tf.distribute.get_replica_context())
         name = self.config.name
         if name in ("mean", "rm3", "ra3"):
-            grads, losses, logits = self._global_mean_gradient(x, y, sync)
+            grads, counts = self._global_mean_gradient(x, y, sync)
         elif name in ("winsorized", "trimmed"):
-            grads, losses, logits = self._order_stats_gradient(x, y, sync)
+            grads, counts = self._order_stats_gradient(x, y, sync)
         elif name == "median":
-            grads, losses, logits = self._median_gradient(x, y, sync)
+            grads, counts = self._median_gradient(x, y, sync)
         else:
-            grads, losses, logits = self._median_of_means_gradient(x, y, sync)
+            grads, counts = self._median_of_means_gradient(x, y, sync)
         if self.config.weight_decay:
             grads = [g + self.config.weight_decay * tf.convert_to_tensor(v)
                      for g, v in zip(grads, self.source.variables)]
         if name in ("rm3", "ra3"):
             grads = self._temporal(grads)
-        return grads, losses, logits
+        return grads, counts
 
     def train_step(self, data):
         x, y = data["image"], data["label"]
         sync = Collectives(tf.distribute.get_replica_context())
-        grads, losses, logits = self.aggregated_gradient(x, y, sync)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
-                                   tf.cast(y, tf.int32)), tf.float32)
-        total_loss, total_correct = sync.sum([tf.reduce_sum(losses), tf.reduce_sum(correct)])
+        grads, counts = self.aggregated_gradient(x, y, sync)
+        total_loss, total_correct = tf.unstack(sync.sum([counts])[0])
         # optimizer.apply sums over replicas: last in the chain of collectives.
         grads = sync.after([g / sync.replicas for g in grads])
         self.optimizer.apply(grads, self.net.trainable_variables)

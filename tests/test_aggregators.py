@@ -58,21 +58,24 @@ def test_order_stats_merge_is_exact_for_any_chunking(kind, b, c):
     for chunks in sorted({1, 2, 3, b}):
         parts = [agg.order_stats(tf.constant(p), c + 1) for p in np.array_split(x, chunks)]
         stats = agg.merge(parts, c + 1)
-        assert stats.count == b
-        close(agg.winsorized_from_stats(stats, c), np_winsorized(x, c))
-        close(agg.trimmed_from_stats(stats, c), np_trimmed(x, c))
+        close(agg.winsorized_from_stats(stats, c, b), np_winsorized(x, c))
+        close(agg.trimmed_from_stats(stats, c, b), np_trimmed(x, c))
+    # Starting from the empty summary changes nothing.
+    stats = agg.merge([agg.empty_stats(x.shape[1:], c + 1), agg.order_stats(tf.constant(x), c + 1)],
+                      c + 1)
+    close(agg.winsorized_from_stats(stats, c, b), np_winsorized(x, c))
     # Merging is associative: chunk summaries merged pairwise, in another order.
     parts = [agg.order_stats(tf.constant(p), c + 1) for p in np.array_split(x, 3)]
     stats = agg.merge([parts[2], agg.merge([parts[1], parts[0]], c + 1)], c + 1)
-    close(agg.winsorized_from_stats(stats, c), np_winsorized(x, c))
+    close(agg.winsorized_from_stats(stats, c, b), np_winsorized(x, c))
 
 
 def test_winsorized_c0_is_mean_and_outliers_do_not_cost_precision():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 50)).astype(np.float32) * 1e-3
-    close(agg.winsorized_from_stats(agg.order_stats(tf.constant(x), 1), 0), x.mean(axis=0))
+    close(agg.winsorized_from_stats(agg.order_stats(tf.constant(x), 1), 0, 20), x.mean(axis=0))
     x[3] = 1e9  # One example with an enormous gradient.
-    got = agg.winsorized_from_stats(agg.order_stats(tf.constant(x), 2), 1).numpy()
+    got = agg.winsorized_from_stats(agg.order_stats(tf.constant(x), 2), 1, 20).numpy()
     np.testing.assert_allclose(got, np_winsorized(x.astype(np.float64), 1), rtol=1e-5, atol=1e-9)
 
 

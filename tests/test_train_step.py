@@ -42,6 +42,22 @@ def make_net(kind, seed=0):
     return bn_net()
 
 
+def per_example(src, data, chunk=None):
+    """Per-example gradients [B, ...] per variable and losses [B], via the fold."""
+    x, y = data["image"], data["label"]
+    n = len(x) // (chunk or len(x))
+    init = ([tf.TensorArray(tf.float32, size=n) for _ in src.variables],
+            tf.TensorArray(tf.float32, size=n))
+
+    def step(state, i, labels, grads, losses, logits):
+        arrays, losses_array = state
+        return [a.write(i, g) for a, g in zip(arrays, grads)], losses_array.write(i, losses)
+
+    arrays, losses = src.fold_per_example(
+        x, y, chunk, Collectives(tf.distribute.get_replica_context()), init, step)
+    return [a.concat() for a in arrays], losses.concat()
+
+
 def softmax_regression_per_example(net, x, y):
     """Closed form: dL_i/dW = x_i (p_i - e_{y_i})^T, dL_i/db = p_i - e_{y_i}."""
     w, b0 = (v.numpy() for v in net.trainable_variables)
@@ -53,15 +69,11 @@ def softmax_regression_per_example(net, x, y):
     return np.einsum("bi,bj->bij", flat, d), d
 
 
-@pytest.mark.parametrize("chunk", [None, 5])
+@pytest.mark.parametrize("chunk", [None, 4])
 def test_per_example_gradients_match_closed_form(chunk):
     net = make_net("softmax")
     data = batch()
-    src = GradientSource(net)
-    parts = list(src.per_example(data["image"], data["label"], chunk,
-                                 Collectives(tf.distribute.get_replica_context())))
-    assert len(parts) == (1 if chunk is None else 3)
-    gw, gb = (tf.concat(p, 0).numpy() for p in zip(*(g for g, _, _ in parts)))
+    (gw, gb), _ = per_example(GradientSource(net), data, chunk)
     want_w, want_b = softmax_regression_per_example(net, data["image"], data["label"])
     np.testing.assert_allclose(gw, want_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gb, want_b, rtol=1e-5, atol=1e-6)
@@ -73,9 +85,7 @@ def test_per_example_gradients_sum_to_the_batch_gradient(kind, bn_mode):
     net = make_net(kind)
     data = batch(shape=net.input_shape[1:])
     src = GradientSource(net, bn_mode)
-    ctx = Collectives(tf.distribute.get_replica_context())
-    per = [tf.concat(p, 0) for p in zip(*(g for g, _, _ in src.per_example(
-        data["image"], data["label"], 5, ctx)))]
+    per, _ = per_example(src, data, 4)
     summed, _, _ = src.summed(data["image"], data["label"])
     for p, s in zip(per, summed):
         np.testing.assert_allclose(tf.reduce_sum(p, 0), s, rtol=1e-4, atol=1e-5)
@@ -88,9 +98,7 @@ def test_batch_stats_mode_normalizes_with_the_batch_statistics():
     data = batch(shape=(6, 6, 2))
     bn = net.get_layer("bn")
     before = bn.moving_mean.numpy().copy()
-    src = GradientSource(net, "batch_stats")
-    (_, losses, _), = src.per_example(data["image"], data["label"], None,
-                                      Collectives(tf.distribute.get_replica_context()))
+    _, losses = per_example(GradientSource(net, "batch_stats"), data)
     conv = net.get_layer("conv")(data["image"])
     mean = tf.reduce_mean(conv, [0, 1, 2]).numpy()
     np.testing.assert_allclose(bn.moving_mean.numpy(), 0.99 * before + 0.01 * mean, atol=1e-6)
@@ -104,7 +112,7 @@ def test_mean_aggregator_is_the_batch_gradient():
     net = make_net("cnn")
     data = batch()
     model = RobustModel(net, AggregatorConfig("mean"), B)
-    grads, _, _ = model.aggregated_gradient(data["image"], data["label"])
+    grads, _ = model.aggregated_gradient(data["image"], data["label"])
     with tf.GradientTape() as tape:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
             data["label"], net(data["image"], training=True))
@@ -115,14 +123,13 @@ def test_mean_aggregator_is_the_batch_gradient():
 def test_per_example_aggregators_against_reference():
     net = make_net("fc")
     data = batch()
-    ctx = Collectives(tf.distribute.get_replica_context())
-    (per, _, _), = GradientSource(net).per_example(data["image"], data["label"], None, ctx)
+    per, _ = per_example(GradientSource(net), data)
     expect = {"winsorized": lambda x: agg.winsorized_mean(x, 2),
               "trimmed": lambda x: agg.trimmed_mean(x, 2),
               "median": agg.median}
     for name, ref in expect.items():
-        model = RobustModel(net, AggregatorConfig(name, c=2, chunk=5), B)
-        grads, _, _ = model.aggregated_gradient(data["image"], data["label"])
+        model = RobustModel(net, AggregatorConfig(name, c=2, chunk=4), B)
+        grads, _ = model.aggregated_gradient(data["image"], data["label"])
         for g, p in zip(grads, per):
             np.testing.assert_allclose(g, ref(p), rtol=1e-5, atol=1e-6, err_msg=name)
 
@@ -131,7 +138,7 @@ def test_median_of_means_is_the_median_of_group_gradients():
     net = make_net("fc")
     data = batch()
     model = RobustModel(net, AggregatorConfig("median_of_means", groups=3), B)
-    grads, _, _ = model.aggregated_gradient(data["image"], data["label"])
+    grads, _ = model.aggregated_gradient(data["image"], data["label"])
     src = GradientSource(net)
     groups = [src.summed(data["image"][i:i + 4], data["label"][i:i + 4])[0] for i in (0, 4, 8)]
     for g, parts in zip(grads, zip(*groups)):
@@ -176,7 +183,7 @@ def test_batchnorm_statistics_are_global_for_per_example_aggregators(name):
 def test_chunk_size_does_not_change_the_update(name):
     data = [batch(1)]
     whole = run_steps(tf.distribute.get_strategy(), AggregatorConfig(name, c=3), "cnn", data)
-    for chunk in (1, 5):
+    for chunk in (1, 4):
         chunked = run_steps(tf.distribute.get_strategy(),
                             AggregatorConfig(name, c=3, chunk=chunk), "cnn", data)
         for a, b in zip(whole, chunked):
@@ -223,6 +230,8 @@ def test_temporal_ring_buffer(name, combine, tmp_path):
     (AggregatorConfig("rm3"), 100, 1, 0.9, "--aggregator=rm3 refuses --momentum=0.9"),
     (AggregatorConfig("mean"), 101, 2, 0, "--batch_size=101 is not divisible by the 2"),
     (AggregatorConfig("mean", bn_mode="magic"), 100, 1, 0, "--bn_mode must be one of"),
+    (AggregatorConfig("median", chunk=7), 100, 2, 0,
+     "--per_example_chunk=7 does not divide the per-replica batch of 50"),
 ])
 def test_bad_configurations(config, batch_size, replicas, momentum, message):
     with pytest.raises(ValueError, match=message):
