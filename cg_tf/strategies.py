@@ -1,5 +1,7 @@
 """A tf.distribute strategy factory (after Model Garden's get_distribution_strategy)."""
 
+import functools
+
 import tensorflow as tf
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -15,8 +17,13 @@ def split_cpu(num_devices: int) -> None:
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)])
 
 
+@functools.cache
 def get_strategy(name: str, tpu: str | None = None) -> tf.distribute.Strategy:
-    """The named strategy. `mirrored` uses all GPUs, or all logical CPUs without GPUs."""
+    """The named strategy. `mirrored` uses all GPUs, or all logical CPUs without GPUs.
+
+    One instance per process and name: strategies created later in a process
+    reuse collective instance keys and collide with the earlier ones.
+    """
     if name not in STRATEGIES:
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
     gpus = tf.config.list_logical_devices("GPU")

@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 
 from cg_tf import gradients, robust_model, trainer
+from cg_tf.common_flags import SEED
 from cg_tf.models import MODELS
 from cg_tf.strategies import STRATEGIES
 
@@ -40,7 +41,6 @@ flags.DEFINE_float("weight_decay", 0.0, "L2 weight decay added to the gradient."
 flags.DEFINE_string("lr_schedule", "constant", f"One of {', '.join(trainer.LR_SCHEDULES)}.")
 flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which the step schedule decays.")
 flags.DEFINE_float("lr_decay_factor", 0.1, "Decay factor of the step schedule.")
-flags.DEFINE_integer("seed", 0, "Seed of weights and data order.")
 flags.DEFINE_string("strategy", "default", f"One of {', '.join(STRATEGIES)}.")
 flags.DEFINE_string("tpu", None, "TPU name or address for --strategy=tpu.")
 flags.DEFINE_integer("num_cpu_devices", None, "Split the CPU into N logical devices.")
@@ -66,7 +66,7 @@ def config_from_flags() -> trainer.TrainConfig:
         optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum,
         lr_schedule=FLAGS.lr_schedule,
         lr_decay_epochs=tuple(int(e) for e in FLAGS.lr_decay_epochs),
-        lr_decay_factor=FLAGS.lr_decay_factor, seed=FLAGS.seed, strategy=FLAGS.strategy,
+        lr_decay_factor=FLAGS.lr_decay_factor, seed=SEED.value, strategy=FLAGS.strategy,
         tpu=FLAGS.tpu, jit_compile=FLAGS.jit_compile, mixed_precision=FLAGS.mixed_precision,
         deterministic=FLAGS.deterministic,
         image_size=tuple(int(s) for s in FLAGS.image_size) or None, augment=FLAGS.augment,

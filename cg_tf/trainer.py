@@ -104,8 +104,8 @@ class Trainer:
         keras.utils.set_random_seed(config.seed)
         if config.deterministic:
             tf.config.experimental.enable_op_determinism()
-        if config.mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        keras.mixed_precision.set_global_policy(
+            "mixed_bfloat16" if config.mixed_precision else "float32")
         self.strategy = get_strategy(config.strategy, config.tpu)
         replicas = self.strategy.num_replicas_in_sync
         config.aggregator.check(config.batch_size, replicas, config.momentum)
@@ -120,8 +120,9 @@ class Trainer:
                 learning_rate(config, spe, self.total_steps), momentum=config.momentum)
             self.model.compile(optimizer=self.optimizer, jit_compile=config.jit_compile)
             self.optimizer.build(net.trainable_variables)
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            self.wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_seconds")
+        # Host-side counters, outside the strategy (no replicas to mirror them on).
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_seconds")
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step, wall_seconds=self.wall)
         self.manager = tf.train.CheckpointManager(

@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from cg_tf import build, noise
+from cg_tf.common_flags import SEED
 from cg_tf.sources import SOURCE_KINDS, SourceError, make_source
 
 _SOURCE = flags.DEFINE_string("source", "digits", f"One of {', '.join(SOURCE_KINDS)}.")
@@ -21,7 +22,6 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the datase
 _NOISE_MODE = flags.DEFINE_enum("noise_mode", "uniform", list(noise.NOISE_MODES),
                                 "How corrupt labels are drawn.")
 _NOISE_RATE = flags.DEFINE_float("noise_rate", 0.0, "Fraction of training examples relabelled, in [0, 1].")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 4, "Shard files per split.")
 _MAX_REJECT = flags.DEFINE_float("max_reject_fraction", 0.0,
                                  "Fail if more than this fraction of records is rejected.")
@@ -60,7 +60,7 @@ def main(beam_args: list[str]) -> None:
     if not _OUTPUT_DIR.value:
         raise app.UsageError("--output_dir is required")
     try:
-        spec = noise.NoiseSpec(_NOISE_MODE.value, _NOISE_RATE.value, _SEED.value)
+        spec = noise.NoiseSpec(_NOISE_MODE.value, _NOISE_RATE.value, SEED.value)
         config = build.BuildConfig(
             output_dir=_OUTPUT_DIR.value, noise=spec, num_shards=_NUM_SHARDS.value,
             max_reject_fraction=_MAX_REJECT.value,

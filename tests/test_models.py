@@ -1,0 +1,36 @@
+"""Every model builds for its input shape and class count and trains one step."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cg_tf import models
+from cg_tf.robust_model import AggregatorConfig, RobustModel
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("fc", (28, 28, 1)), ("small_cnn", (28, 28, 1)), ("cifar_resnet18", (32, 32, 3)),
+    ("vgg16", (32, 32, 3)), ("resnet50", (32, 32, 3)), ("inception_v3", (75, 75, 3))])
+def test_model_trains_one_step(name, shape):
+    keras.utils.set_random_seed(0)
+    net = models.build_model(name, shape, 7, widths=(32, 16))
+    assert net.output_shape == (None, 7)
+    model = RobustModel(net, AggregatorConfig("mean"), 4)
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    before = [v.numpy() for v in net.trainable_variables]
+    data = {"image": tf.random.uniform([4, *shape]), "label": tf.constant([0, 1, 2, 6])}
+    out = tf.function(model.train_step)(data)
+    assert np.isfinite(float(out["loss"]))
+    assert any(not np.allclose(a, v.numpy()) for a, v in zip(before, net.trainable_variables))
+
+
+def test_fc_widths_set_depth_and_width():
+    net = models.fc((28, 28, 1), 10, (256, 256, 256))
+    assert [l.units for l in net.layers if isinstance(l, keras.layers.Dense)] == [256, 256, 256, 10]
+    assert models.fc((28, 28, 1), 10, (2048,)).count_params() == 784 * 2048 + 2048 + 2048 * 10 + 10
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="--model must be one of"):
+        models.build_model("alexnet", (32, 32, 3), 10)

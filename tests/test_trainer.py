@@ -1,0 +1,215 @@
+"""The trainer end to end: flag errors, NaN stop, resume after SIGKILL, every
+config for one step, and the memorization effect on noisy digits."""
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from conftest import REPO, run_build, run_main
+from test_pipeline import write_idx
+from test_sources import jpeg
+
+from cg_tf import records, train
+from cg_tf.robust_model import AggregatorConfig
+from cg_tf.trainer import NonFiniteLoss, TrainConfig, Trainer
+
+
+def config(data_dir, model_dir, **kw):
+    kw.setdefault("fc_widths", (16,))
+    kw.setdefault("steps", 5)
+    kw.setdefault("eval_sample_size", 50)
+    return TrainConfig(data_dir=str(data_dir), model_dir=str(model_dir), **kw)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model": "transformer"}, "--model must be one of"),
+    ({"aggregator": AggregatorConfig("krum")}, "--aggregator must be one of"),
+    ({"aggregator": AggregatorConfig("winsorized", c=50)}, "--winsorize_c=50"),
+    ({"aggregator": AggregatorConfig("median_of_means", groups=7)}, "--mom_groups=7"),
+    ({"aggregator": AggregatorConfig("rm3"), "momentum": 0.9}, "refuses --momentum"),
+    ({"lr_schedule": "step"}, "--lr_schedule=step needs --lr_decay_epochs"),
+    ({"batch_size": 100_000}, "--batch_size=100000 is larger"),
+])
+def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(config(digits_dir, tmp_path / "run", **overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_or_incomplete_dataset(digits_dir, tmp_path):
+    with pytest.raises(ValueError, match="--data_dir: dataset directory .* does not exist"):
+        Trainer(config(tmp_path / "nothing", tmp_path / "run"))
+    partial = tmp_path / "partial"
+    shutil.copytree(digits_dir, partial)
+    os.remove(partial / records.INFO_FILE)
+    with pytest.raises(ValueError, match="--data_dir: .*interrupted or failed"):
+        Trainer(config(partial, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_command_line_error_names_the_flag(tmp_path):
+    proc = run_main("cg_tf.train", f"--data_dir={tmp_path}/none", f"--model_dir={tmp_path}/run",
+                    "--steps=1")
+    assert proc.returncode != 0
+    assert "--data_dir" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_dir, tmp_path):
+    trainer = Trainer(config(digits_dir, tmp_path, learning_rate=1e25, steps=50,
+                             checkpoint_every=1))
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step .*last good checkpoint"):
+        trainer.run()
+    latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    assert latest is not None
+    reader = tf.train.load_checkpoint(latest)
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            assert np.all(np.isfinite(value)), name
+
+
+def final_weights(model_dir):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(f"{model_dir}/checkpoints"))
+    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
+            if "/net/" in n or "/history" in n}
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(digits_dir, tmp_path):
+    args = ["-m", "cg_tf.train", f"--data_dir={digits_dir}", "--fc_widths=64",
+            "--aggregator=rm3", "--steps=400", "--checkpoint_every=25", "--log_every=25",
+            "--deterministic", "--eval_sample_size=50", "--batch_size=50"]
+    whole = subprocess.run([sys.executable, *args, f"--model_dir={tmp_path}/whole"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *args, f"--model_dir={killed}"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not glob.glob(f"{killed}/checkpoints/ckpt-75.index"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = tf.train.latest_checkpoint(str(killed / "checkpoints"))
+    assert latest and not latest.endswith("-400"), "the run was not interrupted"
+    resumed = subprocess.run([sys.executable, *args, f"--model_dir={killed}"], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    a, b = final_weights(tmp_path / "whole"), final_weights(killed)
+    assert a.keys() == b.keys() and any("history" in n for n in a)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def mock_datasets(tmp_path_factory):
+    """Tiny datasets in each config family's image format."""
+    root = tmp_path_factory.mktemp("mock")
+    rng = np.random.default_rng(0)
+    idx = root / "idx"
+    idx.mkdir()
+    write_idx(idx, "train", rng.integers(0, 256, (40, 28, 28)), rng.integers(0, 10, 40))
+    write_idx(idx, "t10k", rng.integers(0, 256, (10, 28, 28)), rng.integers(0, 10, 10))
+    cifar = root / "cifar"
+    cifar.mkdir()
+    for name, n in [(f"data_batch_{i}.bin", 8) for i in range(1, 6)] + [("test_batch.bin", 6)]:
+        (cifar / name).write_bytes(b"".join(
+            bytes([i % 10]) + rng.integers(0, 256, 3072, dtype=np.uint8).tobytes()
+            for i in range(n)))
+    folder = root / "folder"
+    for split, n in (("train", 12), ("val", 2)):
+        for cls in ("a", "b", "c"):
+            (folder / split / cls).mkdir(parents=True)
+            for i in range(n):
+                (folder / split / cls / f"{i}.jpg").write_bytes(jpeg(rng, 40 + i, 50))
+    out = {}
+    for name, src in (("idx", f"idx:{idx}"), ("cifar", f"cifar10:{cifar}"),
+                      ("folder", f"imagefolder:{folder}")):
+        out[name] = str(root / f"{name}_data")
+        run_build(out[name], source=src, rate=0.5, num_shards=2)
+    return out
+
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.flags")))
+
+
+def test_configs_exist():
+    names = {os.path.basename(c) for c in CONFIGS}
+    assert {"demo.flags", "resnet_imagenet.flags", "inception_imagenet.flags",
+            "vgg_imagenet.flags", "cifar10_resnet_m3.flags", "cifar10_resnet_rm3.flags"} <= names
+    for ds in ("fashion_mnist", "mnist"):
+        assert {f"{ds}_fc_winsorize_c{c}.flags" for c in (0, 1, 2, 4, 8)} <= names
+
+
+def test_demo_config_is_the_default():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["train"])
+    default = train.config_from_flags()
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["train", f"--flagfile={REPO}/configs/demo.flags"])
+    demo = train.config_from_flags()
+    flags.FLAGS.unparse_flags()
+    assert demo == default
+
+
+def parse_config(path, *overrides):
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["train", f"--flagfile={path}", *overrides])
+        return train.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_holds_the_papers_settings(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # Configs name their base flagfiles relative to the checkout.
+    name = os.path.basename(path)
+    paper = parse_config(path)
+    paper.check()
+    if "imagenet" in name:
+        assert (paper.batch_size, paper.epochs, paper.learning_rate, paper.momentum,
+                paper.aggregator.weight_decay, paper.augment, paper.lr_decay_epochs) == (
+                    256, 90, 0.1, 0, 0, "none", (30, 60, 80))
+        assert paper.model == {"resnet": "resnet50", "inception": "inception_v3",
+                               "vgg": "vgg16"}[name.split("_")[0]]
+    if "fc_winsorize" in name:
+        assert paper.aggregator == AggregatorConfig("winsorized", c=int(name.split("_c")[1][0]))
+        assert (paper.batch_size, paper.learning_rate, paper.momentum, paper.fc_widths) == (
+            100, 0.1, 0, (2048,))
+    if name == "cifar10_resnet_m3.flags":
+        assert paper.aggregator.name == "median_of_means" and paper.aggregator.groups == 3
+        assert paper.batch_size == 3 * 128 and paper.momentum == 0
+
+
+# ImageNet and CIFAR models on two replicas take a minute each to trace on a CPU;
+# test_models.py runs every model for one step in the default run.
+SLOW = ("imagenet", "cifar")
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.slow) if any(s in p for s in SLOW) else p
+    for p in CONFIGS], ids=os.path.basename)
+def test_every_config_runs_one_step(path, mock_datasets, digits_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    name = os.path.basename(path)
+    data = (digits_dir if name == "demo.flags" else mock_datasets["cifar"] if "cifar" in name
+            else mock_datasets["folder"] if "imagenet" in name else mock_datasets["idx"])
+    # Tiny batches and images so that ImageNet models run a step on a CPU.
+    overrides = [f"--data_dir={data}", f"--model_dir={tmp_path}", "--steps=1",
+                 "--batch_size=18", "--eval_sample_size=8"]
+    if "imagenet" in name:
+        overrides.append("--image_size=75,75")
+    paper, cfg = parse_config(path), parse_config(path, *overrides)
+    assert cfg.aggregator == paper.aggregator and cfg.model == paper.model
+    summary = Trainer(cfg).run()
+    assert summary["steps"] == 1 and np.isfinite(summary["final_loss"])
+    assert os.path.exists(tmp_path / "summary.json")
