@@ -6,11 +6,12 @@ Two forms of each per-example aggregator:
   along the batch axis), used for median and median of means, and by the tests;
 * for winsorized and trimmed means, an exact *mergeable* summary of the batch,
   `OrderStats`: per coordinate the k = c+1 largest values, the k smallest of the
-  rest, and the sum of everything else. Summaries of chunks or replicas merge
-  into the summary of their union, exactly and with ties, using only
-  elementwise max/min, so the global result needs no gather of per-example
-  gradients and does not depend on chunk size or replica count. Outliers never
-  enter a sum, so removing them loses no precision.
+  rest, and the sum of everything else. Values stream in (`add`) through a
+  bubble pass of elementwise max/min, exact with ties, with no sort or
+  transpose; summaries of chunks or replicas merge into the summary of their
+  union, so the global result needs no gather of per-example gradients and
+  does not depend on chunk size or replica count. Outliers never enter a sum,
+  so removing them loses no precision.
 """
 
 from typing import NamedTuple
@@ -85,55 +86,64 @@ def empty_stats(shape, k: int, dtype=tf.float32) -> OrderStats:
                       tf.fill([k, *shape], tf.constant(inf, dtype)), tf.zeros(shape, dtype))
 
 
-def _take_largest(values: tf.Tensor, k: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """The k largest values along axis 0 (descending), and `values` with exactly
-    those entries (one occurrence each, so ties are kept) replaced by -inf."""
+def _insert(top: list, bottom: list, rest: tf.Tensor, v: tf.Tensor):
+    """Inserts one value per coordinate into the summary kept as lists of k
+    tensors; an infinite v is an empty slot and inserts nothing.
+
+    A bubble pass of elementwise max/min: exact with ties, no sort, no transpose.
+    The value pushed out of the top list goes on into the bottom list, and the
+    one pushed out of that into the rest.
+    """
+    inf = tf.constant(float("inf"), v.dtype)
+    v = tf.where(tf.equal(v, inf), -inf, v)
+    new_top = []
+    for t in top:
+        new_top.append(tf.maximum(t, v))
+        v = tf.minimum(t, v)
+    v = tf.where(tf.math.is_inf(v), inf, v)
+    new_bottom = []
+    for b in bottom:
+        new_bottom.append(tf.minimum(b, v))
+        v = tf.maximum(b, v)
+    return new_top, new_bottom, rest + tf.where(tf.math.is_inf(v), tf.zeros_like(v), v)
+
+
+def add(s: OrderStats, values: tf.Tensor) -> OrderStats:
+    """The summary `s` with every row of values [n, ...] inserted (infinite
+    entries are empty slots); a tf.while_loop over rows keeps the graph small."""
     n = values.shape[0]
-    rank = tf.reshape(tf.range(n, dtype=tf.int64), [n] + [1] * (values.shape.rank - 1))
-    taken = []
-    for _ in range(k):
-        taken.append(tf.reduce_max(values, axis=0))
-        first = tf.math.argmax(values, axis=0)
-        values = tf.where(tf.equal(rank, first), tf.constant(-float("inf"), values.dtype), values)
-    return tf.stack(taken), values
+    state = (tf.unstack(s.top), tf.unstack(s.bottom), s.rest)
+    if n <= 8:
+        for i in range(n):
+            state = _insert(*state, values[i])
+    else:
+        def body(i, top, bottom, rest):
+            return (i + 1, *_insert(top, bottom, rest, values[i]))
 
-
-def _pad_to(values: tf.Tensor, n: int, pad: float) -> tf.Tensor:
-    missing = n - values.shape[0]
-    if missing <= 0:
-        return values
-    return tf.concat([values, tf.fill([missing, *values.shape[1:]], tf.cast(pad, values.dtype))], 0)
-
-
-def _summarize(candidates: tf.Tensor, k: int, rest: tf.Tensor) -> OrderStats:
-    """Selects top and bottom from candidate values (±inf entries are empty)."""
-    inf = tf.constant(float("inf"), candidates.dtype)
-    candidates = tf.where(tf.math.is_inf(candidates), -inf, candidates)
-    top, others = _take_largest(_pad_to(candidates, k, -float("inf")), k)
-    others = tf.where(tf.math.is_inf(others), inf, others)  # Empty slots stay empty.
-    neg_bottom, remaining = _take_largest(-_pad_to(others, k, float("inf")), k)
-    remaining = tf.where(tf.math.is_inf(remaining), tf.zeros_like(remaining), -remaining)
-    return OrderStats(top, -neg_bottom, rest + tf.reduce_sum(remaining, axis=0))
+        state = tf.while_loop(lambda i, *_: i < n, body, (tf.constant(0), *state))[1:]
+    top, bottom, rest = state
+    return OrderStats(tf.stack(top), tf.stack(bottom), rest)
 
 
 def order_stats(x: tf.Tensor, k: int) -> OrderStats:
     """The summary of stacked finite values x [n, ...] with k = c + 1.
 
-    One sort along the batch axis when there are at least 2k values (cheaper
-    than k selection passes unless k is tiny); selection otherwise.
+    Streams the n values through the running top and bottom lists (O(n k)
+    elementwise operations); for large k one sort along the batch is cheaper.
     """
     n = x.shape[0]
-    if n < 2 * k or k <= 3:
-        return _summarize(x, k, tf.zeros(x.shape[1:], x.dtype))
-    s = tf.sort(x, axis=0, direction="DESCENDING")
-    return OrderStats(s[:k], tf.reverse(s[n - k:], [0]), tf.reduce_sum(s[k:n - k], axis=0))
+    if k > 16 and n >= 2 * k:
+        s = tf.sort(x, axis=0, direction="DESCENDING")
+        return OrderStats(s[:k], tf.reverse(s[n - k:], [0]), tf.reduce_sum(s[k:n - k], axis=0))
+    return add(empty_stats(x.shape[1:], k, x.dtype), x)
 
 
 def merge(parts: list[OrderStats], k: int) -> OrderStats:
     """The summary (with k = c + 1) of the union of the summarized multisets;
     a part's lists may be longer than k (e.g. gathered from several replicas)."""
-    candidates = tf.concat([t for p in parts for t in (p.top, p.bottom)], axis=0)
-    return _summarize(candidates, k, tf.add_n([p.rest for p in parts]))
+    empty = empty_stats(parts[0].rest.shape, k, parts[0].rest.dtype)
+    start = OrderStats(empty.top, empty.bottom, tf.add_n([p.rest for p in parts]))
+    return add(start, tf.concat([t for p in parts for t in (p.top, p.bottom)], axis=0))
 
 
 def _middle(s: OrderStats, c: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:

@@ -153,7 +153,7 @@ class RobustModel(keras.Model):
 
         def step(state, i, yc, grads, losses, logits):
             stats, counts = state
-            return ([agg.merge([s, agg.order_stats(g, k)], k) for s, g in zip(stats, grads)],
+            return ([agg.add(s, g) for s, g in zip(stats, grads)],
                     counts + tally(yc, losses, logits))
 
         init = ([agg.empty_stats(v.shape, k) for v in variables], tf.zeros([2]))
