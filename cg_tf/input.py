@@ -214,6 +214,19 @@ class Reader:
                 for name, ds in subsets.items()}
 
 
-def distribute(ds: tf.data.Dataset, strategy: tf.distribute.Strategy):
-    """Splits each global batch across the strategy's replicas."""
-    return strategy.experimental_distribute_dataset(ds)
+def distribute(ds: tf.data.Dataset, strategy: tf.distribute.Strategy, global_batch_size: int):
+    """Splits each global batch over the strategy's replicas, in replica order.
+
+    Every input pipeline (one per worker) reads the same global batches and
+    keeps its consecutive slice, which its local replicas split in turn; so the
+    examples a replica sees, and hence the update, are the same for one or many
+    workers (tf.data's auto-sharding would give workers different batches).
+    """
+    def per_pipeline(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        size = global_batch_size // ctx.num_input_pipelines
+        start = ctx.input_pipeline_id * size
+        mine = ds.map(lambda b: {k: v[start:start + size] for k, v in b.items()})
+        return mine.rebatch(ctx.get_per_replica_batch_size(global_batch_size))
+
+    options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+    return strategy.distribute_datasets_from_function(per_pipeline, options)

@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from cg_tf import aggregators as agg
-from cg_tf.gradients import BN_MODES, GradientSource, example_losses
+from cg_tf.gradients import BN_MODES, GradientSource
 
 AGGREGATORS = ("mean", "winsorized", "trimmed", "median", "median_of_means", "rm3", "ra3")
 NO_MOMENTUM = ("median_of_means", "rm3", "ra3")
@@ -251,10 +251,3 @@ class RobustModel(keras.Model):
         self.optimizer.apply(grads, self.net.trainable_variables)
         return {"loss": total_loss / self.global_batch_size,
                 "accuracy": total_correct / self.global_batch_size}
-
-    def test_step(self, data):
-        logits = self.net(data["image"], training=False)
-        losses = example_losses(data["label"], logits)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
-                                   tf.cast(data["label"], tf.int32)), tf.float32)
-        return {"loss": tf.reduce_mean(losses), "accuracy": tf.reduce_mean(correct)}

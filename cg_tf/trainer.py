@@ -101,12 +101,13 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         config.check()
         self.config = config
+        # First: multi-worker collectives must be configured before any TF op runs.
+        self.strategy = get_strategy(config.strategy, config.tpu)
         keras.utils.set_random_seed(config.seed)
         if config.deterministic:
             tf.config.experimental.enable_op_determinism()
         keras.mixed_precision.set_global_policy(
             "mixed_bfloat16" if config.mixed_precision else "float32")
-        self.strategy = get_strategy(config.strategy, config.tpu)
         replicas = self.strategy.num_replicas_in_sync
         config.aggregator.check(config.batch_size, replicas, config.momentum)
         self.reader = _reader(config, config.batch_size)
@@ -166,7 +167,7 @@ class Trainer:
         start = self.restore()
         schedule = set(metrics.eval_schedule(self.total_steps, self.reader.steps_per_epoch))
         data = distribute(self.reader.train_dataset(start, self.total_steps - start),
-                          self.strategy)
+                          self.strategy, cfg.batch_size)
         begin, last_log, loss = time.monotonic(), time.monotonic(), float("nan")
         wall0 = float(self.wall)
         logging.info("training %s with %s for %d steps (%d per epoch) on %d replica(s)",
@@ -192,7 +193,7 @@ class Trainer:
                     tf.summary.scalar("train/loss", loss)
                     tf.summary.scalar("train/accuracy", float(logs["accuracy"]))
                     tf.summary.scalar("train/learning_rate",
-                                      float(self.optimizer.learning_rate))
+                                      float(tf.convert_to_tensor(self.optimizer.learning_rate)))
             if step in schedule:
                 self._write_eval(step, self.evaluate())
             if step % cfg.checkpoint_every == 0 or step == self.total_steps:

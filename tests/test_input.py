@@ -87,7 +87,7 @@ def test_two_replicas_split_the_global_batch(digits_dir):
     strategy = two_replicas()
     reader = Reader(InputConfig(digits_dir, batch_size=B))
     global_batches = ids_of(reader.train_dataset(0, 3))
-    dist = distribute(reader.train_dataset(0, 3), strategy)
+    dist = distribute(reader.train_dataset(0, 3), strategy, B)
     for step, batch in enumerate(dist):
         parts = strategy.experimental_local_results(batch["example_id"])
         assert [len(p) for p in parts] == [B // 2, B // 2]

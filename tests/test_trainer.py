@@ -76,10 +76,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_dir, tmp_path)
             assert np.all(np.isfinite(value)), name
 
 
-def final_weights(model_dir):
+def final_state(model_dir):
+    """Every variable of the last checkpoint but the wall clock."""
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(f"{model_dir}/checkpoints"))
     return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
-            if "/net/" in n or "/history" in n}
+            if not n.startswith(("wall_seconds", "_CHECKPOINTABLE"))}
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(digits_dir, tmp_path):
@@ -103,8 +104,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(digits_dir, tmp_path)
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
-    a, b = final_weights(tmp_path / "whole"), final_weights(killed)
-    assert a.keys() == b.keys() and any("history" in n for n in a)
+    a, b = final_state(tmp_path / "whole"), final_state(killed)
+    # Weights (named by the optimizer's path to them), RM3 buffers, step, iterations.
+    assert a.keys() == b.keys()
+    assert any("history" in n for n in a) and any("trainable_variables" in n for n in a)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
@@ -231,3 +234,46 @@ def test_winsorization_suppresses_memorization_on_noisy_digits(digits_dir, tmp_p
     assert wins["corrupt_accuracy"] < 0.4 * mean["corrupt_accuracy"], (mean, wins)
     assert wins["pristine_accuracy"] > 0.85 and wins["test_accuracy"] > 0.8, wins
     assert wins["corrupt_true_label_accuracy"] > mean["corrupt_true_label_accuracy"]
+
+
+def free_ports(n):
+    import socket
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_match_two_replicas_on_one_worker(digits_dir, tmp_path):
+    """MultiWorkerMirroredStrategy with two local worker processes (TF_CONFIG)
+    ends with exactly the weights of MirroredStrategy on two logical CPUs."""
+    import json
+    args = ["-m", "cg_tf.train", f"--data_dir={digits_dir}", "--steps=10", "--fc_widths=32",
+            "--aggregator=winsorized", "--winsorize_c=2", "--deterministic",
+            "--eval_sample_size=50", "--checkpoint_every=10"]
+    ports = free_ports(2)
+    workers = []
+    for i in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({
+            "cluster": {"worker": [f"localhost:{p}" for p in ports]},
+            "task": {"type": "worker", "index": i}}))
+        workers.append(subprocess.Popen(
+            [sys.executable, *args, "--strategy=multi_worker", f"--model_dir={tmp_path}/w{i}"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-2000:]
+    one = subprocess.run([sys.executable, *args, "--strategy=mirrored", "--num_cpu_devices=2",
+                          f"--model_dir={tmp_path}/mirrored"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "on 2 replica(s)" in one.stderr
+    states = [final_state(tmp_path / d) for d in ("w0", "w1", "mirrored")]
+    weights = [n for n in states[0] if "trainable_variables" in n]
+    assert len(weights) == 4
+    for n in weights:
+        np.testing.assert_allclose(states[0][n], states[1][n], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(states[0][n], states[2][n], rtol=1e-5, atol=1e-6)
