@@ -62,8 +62,9 @@ class Reader:
 
     def __init__(self, config: InputConfig, num_classes: int | None = None):
         self.config = config
-        self.info = records.load_info(config.data_dir, num_classes=num_classes,
-                                      splits=(records.TRAIN_SPLIT,))
+        self.info = records.load_info(config.data_dir, num_classes=num_classes)
+        if records.TRAIN_SPLIT not in self.info.splits:
+            raise records.DatasetError(f"{config.data_dir!r} has no {records.TRAIN_SPLIT!r} split")
         self.num_classes = self.info.num_classes
         self.image_shape = self._output_shape()
         train = self.info.splits[records.TRAIN_SPLIT]
@@ -72,7 +73,7 @@ class Reader:
                              f"{train.num_examples} training examples of {config.data_dir}")
         self.steps_per_epoch = train.num_examples // config.batch_size
         self._augment = _augmenter(config.augment, self.image_shape, config.seed)
-        self._cached = {}
+        self._cached = {}  # Decoded splits, in-memory tensors, evaluation subsets.
 
     def _output_shape(self) -> tuple[int, int, int]:
         h, w, c = self.info.image_shape
@@ -201,6 +202,8 @@ class Reader:
         it exceeds `sample_size` times ten.
         """
         n = sample_size or self.config.eval_sample_size
+        if ("eval", n) in self._cached:
+            return self._cached[("eval", n)]
         train = self._decoded(records.TRAIN_SPLIT)
         subsets = {
             "pristine": train.filter(lambda ex: ex["is_corrupt"] == 0).take(n),
@@ -208,10 +211,11 @@ class Reader:
             "mixed": train.take(n),
         }
         if self.info.eval_split in self.info.splits:
-            records.load_info(self.config.data_dir, splits=(self.info.eval_split,))
             subsets["test"] = self._decoded(self.info.eval_split).take(10 * n)
-        return {name: ds.map(self._to_float).batch(self.config.eval_batch_size).cache()
-                for name, ds in subsets.items()}
+        self._cached[("eval", n)] = {
+            name: ds.map(self._to_float).batch(self.config.eval_batch_size).cache()
+            for name, ds in subsets.items()}
+        return self._cached[("eval", n)]
 
 
 def distribute(ds: tf.data.Dataset, strategy: tf.distribute.Strategy, global_batch_size: int):
