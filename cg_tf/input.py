@@ -112,9 +112,17 @@ class Reader:
     def _to_float(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return dict(ex, image=tf.cast(ex["image"], tf.float32) / 255.0)
 
-    def _records(self, split: str) -> tf.data.Dataset:
+    def _fits_in_memory(self, split: str) -> bool:
+        return self.info.splits[split].num_examples <= self.config.cache_max_examples
+
+    def _records(self, split: str, seed: tf.Tensor | None = None) -> tf.data.Dataset:
+        """The split's serialized records, its files in order or, given a
+        stateless seed, in a random order."""
         files = self.info.shard_paths(self.config.data_dir, split)
-        return tf.data.Dataset.from_tensor_slices(files).interleave(
+        names = tf.constant(files)
+        if seed is not None:
+            names = tf.gather(names, tf.argsort(tf.random.stateless_uniform([len(files)], seed=seed)))
+        return tf.data.Dataset.from_tensor_slices(names).interleave(
             lambda f: tf.data.TFRecordDataset(f, compression_type=self.info.compression or ""),
             cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True)
@@ -123,7 +131,7 @@ class Reader:
         """The split decoded, in file order (cached in memory for small splits)."""
         if split not in self._cached:
             ds = self._records(split).map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
-            if self.info.splits[split].num_examples <= self.config.cache_max_examples:
+            if self._fits_in_memory(split):
                 ds = ds.cache()
             self._cached[split] = ds
         return self._cached[split]
@@ -151,19 +159,13 @@ class Reader:
         split = records.TRAIN_SPLIT
         seed = self._epoch_seed(epoch)
         bs = self.config.batch_size
-        if self.info.splits[split].num_examples <= self.config.cache_max_examples:
+        if self._fits_in_memory(split):
             data = self._in_memory(split)
             n = self.info.splits[split].num_examples
             order = tf.argsort(tf.random.stateless_uniform([n], seed=seed))
             ds = tf.data.Dataset.from_tensor_slices(order).batch(bs, drop_remainder=True)
             return ds.map(lambda idx: self._to_float({k: tf.gather(v, idx) for k, v in data.items()}))
-        files = self.info.shard_paths(self.config.data_dir, split)
-        order = tf.argsort(tf.random.stateless_uniform([len(files)], seed=seed))
-        ds = (tf.data.Dataset.from_tensor_slices(tf.gather(tf.constant(files), order))
-              .interleave(lambda f: tf.data.TFRecordDataset(
-                  f, compression_type=self.info.compression or ""),
-                  cycle_length=min(len(files), 16), num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True)
+        ds = (self._records(split, seed)
               .shuffle(self.config.shuffle_buffer, seed=self.config.seed,
                        reshuffle_each_iteration=False)
               .map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
@@ -178,7 +180,7 @@ class Reader:
         sees from step s (augmentation aside, which draws fresh randomness).
         """
         first_epoch, skip = divmod(start_step, self.steps_per_epoch)
-        if self.info.splits[records.TRAIN_SPLIT].num_examples <= self.config.cache_max_examples:
+        if self._fits_in_memory(records.TRAIN_SPLIT):
             self._in_memory(records.TRAIN_SPLIT)  # Load outside the epoch function.
         ds = (tf.data.Dataset.range(first_epoch, tf.int64.max)
               .flat_map(self.train_epoch)

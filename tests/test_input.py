@@ -49,13 +49,16 @@ def test_epochs_are_reproducible_permutations(digits_dir):
     assert len(set(epoch0) & set(epoch1)) > 0.9 * len(epoch0)
 
 
-def test_resume_sees_the_same_batches(digits_dir):
-    reader = Reader(InputConfig(digits_dir, batch_size=B))
+@pytest.mark.parametrize("cache_max_examples", [200_000, 0])  # In memory; streamed from files.
+def test_resume_sees_the_same_batches(digits_dir, cache_max_examples):
+    def cfg():
+        return InputConfig(digits_dir, batch_size=B, cache_max_examples=cache_max_examples)
+    reader = Reader(cfg())
     spe = reader.steps_per_epoch
     full = ids_of(reader.train_dataset(0, 3 * spe))
+    assert full[:spe] != full[spe:2 * spe]
     for start in (5, spe, spe + 7):
-        assert ids_of(Reader(InputConfig(digits_dir, batch_size=B)).train_dataset(start, 10)) == \
-            full[start:start + 10]
+        assert ids_of(Reader(cfg()).train_dataset(start, 10)) == full[start:start + 10]
 
 
 def test_augmentation_keeps_shape_and_changes_pixels(digits_dir):
