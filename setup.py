@@ -23,10 +23,15 @@ setuptools.setup(
     "gradient aggregation, in Keras 3 / TensorFlow.",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["cg_tf", "cg_tf.*"]),
+    package_data={"cg_tf.tensorboard_plugin": ["static/*"]},
+    # `tensorboard --logdir DIR` finds the Memorization tab through this entry point.
+    entry_points={"tensorboard_plugins": [
+        "memorization = cg_tf.tensorboard_plugin.plugin:MemorizationPlugin"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # The tests build a Dataflow job (dry run), which needs Beam's GCP clients.
-        "test": ["pytest>=8", "apache-beam[gcp,tfrecord]==2.77.*"],
+        # The tests build a Dataflow job (dry run), which needs Beam's GCP clients, and
+        # drive Debian's chromium through selenium (the browser test of the plugin).
+        "test": ["pytest>=8", "apache-beam[gcp,tfrecord]==2.77.*", "selenium>=4.20"],
         "gcp": ["apache-beam[gcp,tfrecord]==2.77.*"],
     },
 )

@@ -88,12 +88,13 @@ class GradientSource:
             stats.append((mean, var))
         return stats
 
-    def _per_example_fn(self, x: tf.Tensor, sync):
+    def _per_example_fn(self, x: tf.Tensor, sync, frozen_bn: bool = False):
         """A function of a chunk (x, y) -> per-example gradients [m, *shape] per
         variable, losses [m], logits [m, C]; BN statistics are those of x (all
-        replicas) and the moving averages advance once, here."""
+        replicas) and the moving averages advance once, here; with `frozen_bn`
+        BN uses its moving averages and nothing changes (for measurements)."""
         overrides = {}
-        if self.bn:
+        if self.bn and not frozen_bn:
             for layer, (mean, var) in zip(self.bn, self._batch_bn_stats(x, sync)):
                 overrides[id(layer.moving_mean)] = mean
                 overrides[id(layer.moving_variance)] = var
@@ -113,7 +114,8 @@ class GradientSource:
 
         return lambda xc, yc: tf.vectorized_map(one, (xc, yc))
 
-    def fold_per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync, init, step):
+    def fold_per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync, init, step,
+                         frozen_bn: bool = False):
         """Folds `step(state, i, labels, grads, losses, logits)` over the chunks
         of m examples of the replica's batch (i = chunk index; grads are
         per-example [m, *shape] per variable), starting from `init`.
@@ -121,18 +123,20 @@ class GradientSource:
         Chunks run in a tf.while_loop, so memory holds one chunk's per-example
         gradients and the graph holds one copy of the computation. `sync`
         (robust_model.Collectives) sums BatchNorm statistics over replicas.
+        With `frozen_bn`, BatchNorm uses its moving averages (inference
+        statistics) and no state changes: gradients for measurements.
         """
         b = x.shape[0]
         m = min(chunk or b, b)
         if b % m:
             raise ValueError(f"--per_example_chunk={m} does not divide the per-replica batch of {b}")
         n = b // m
-        if self.bn and self.bn_mode == "exact":
+        if self.bn and self.bn_mode == "exact" and not frozen_bn:
             state = init
             for i, (grads, losses, logits) in enumerate(self._jacobian_chunks(x, y, m)):
                 state = step(state, i, y[i * m:(i + 1) * m], grads, losses, logits)
             return state
-        per_example = self._per_example_fn(x, sync)
+        per_example = self._per_example_fn(x, sync, frozen_bn)
         if n == 1:
             return step(init, 0, y, *per_example(x, y))
         xs = tf.reshape(x, [n, m, *x.shape[1:]])

@@ -195,6 +195,10 @@ class Reader:
 
     # -- evaluation -----------------------------------------------------------
 
+    def examples(self, split: str = records.TRAIN_SPLIT) -> tf.data.Dataset:
+        """A whole split, batched, in file order, unaugmented (for exports)."""
+        return self._decoded(split).map(self._to_float).batch(self.config.eval_batch_size)
+
     def eval_subsets(self, sample_size: int | None = None) -> dict[str, tf.data.Dataset]:
         """The fixed evaluation subsets, batched, unshuffled and unaugmented.
 

@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from cg_tf import gradients, robust_model, trainer
 from cg_tf.common_flags import SEED
 from cg_tf.models import MODELS
+from cg_tf.monitor import MonitorConfig
 from cg_tf.strategies import STRATEGIES
 
 DEMO_DATA_DIR = "data/digits_noisy50"
@@ -52,6 +53,14 @@ flags.DEFINE_string("augment", "none", "none, flip, flip_crop or randaugment.")
 flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
 flags.DEFINE_integer("log_every", 50, "Steps between training logs and summaries.")
 flags.DEFINE_integer("eval_sample_size", 1000, "Examples per evaluation subset.")
+flags.DEFINE_integer("eval_every", None, "Steps between evaluations (default: every epoch).")
+flags.DEFINE_bool("eval_log_spaced", True, "Also evaluate at steps 1, 2, 4, ... before that.")
+flags.DEFINE_integer("probe_size", None, "Examples of the gradient probe (coherence, f_p, "
+                     "aggregator diagnostics); default: the batch size; 0: no probe.")
+flags.DEFINE_float("probe_max_share", 0.1, "Skip a probe while probing has taken more than "
+                   "this share of the run's time.")
+flags.DEFINE_bool("export_learned", True, "At the end, write the ids of the training examples "
+                  "the model classifies as their training label, and of the others.")
 
 
 def config_from_flags() -> trainer.TrainConfig:
@@ -71,7 +80,11 @@ def config_from_flags() -> trainer.TrainConfig:
         deterministic=FLAGS.deterministic,
         image_size=tuple(int(s) for s in FLAGS.image_size) or None, augment=FLAGS.augment,
         checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
-        eval_sample_size=FLAGS.eval_sample_size)
+        eval_sample_size=FLAGS.eval_sample_size,
+        monitor=MonitorConfig(eval_every=FLAGS.eval_every, eval_log_spaced=FLAGS.eval_log_spaced,
+                              probe_size=FLAGS.probe_size,
+                              probe_max_share=FLAGS.probe_max_share,
+                              export_learned=FLAGS.export_learned))
 
 
 def ensure_demo_data(data_dir: str) -> None:

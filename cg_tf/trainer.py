@@ -17,9 +17,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cg_tf import metrics, records
+from cg_tf import records, tags
 from cg_tf.input import InputConfig, Reader, distribute
 from cg_tf.models import build_model
+from cg_tf.monitor import Monitor, MonitorConfig
 from cg_tf.robust_model import AggregatorConfig, RobustModel
 from cg_tf.strategies import get_strategy
 
@@ -58,6 +59,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     log_every: int = 50
     eval_sample_size: int = 1000
+    monitor: MonitorConfig = MonitorConfig()
 
     def check(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -73,6 +75,7 @@ class TrainConfig:
             raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
         if (self.steps or self.epochs) <= 0:
             raise ValueError("--epochs (or --steps) must be positive")
+        self.monitor.check()
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int, total_steps: int):
@@ -124,11 +127,15 @@ class Trainer:
         # Host-side counters, outside the strategy (no replicas to mirror them on).
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_seconds")
+        self.train_seconds = 0.0  # in train steps, since this process started
+        self.writer = tf.summary.create_file_writer(config.model_dir)
+        self.monitor = Monitor(net, self.reader, config.aggregator, config.batch_size,
+                               config.monitor, self.writer)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
-                                              step=self.step, wall_seconds=self.wall)
+                                              step=self.step, wall_seconds=self.wall,
+                                              learning_events=self.monitor.events)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(config.model_dir, "checkpoints"), max_to_keep=2)
-        self.writer = tf.summary.create_file_writer(config.model_dir)
 
         model, strategy = self.model, self.strategy
 
@@ -151,23 +158,15 @@ class Trainer:
                          int(self.step))
         return int(self.step)
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        return {name: metrics.evaluate(self.net, ds)
-                for name, ds in self.reader.eval_subsets().items()}
-
-    def _write_eval(self, step: int, results: dict[str, dict[str, float]]) -> None:
-        with self.writer.as_default(step=step):
-            for name, r in results.items():
-                tf.summary.scalar(f"eval/{name}/accuracy", r["accuracy"])
-                tf.summary.scalar(f"eval/{name}/true_label_accuracy", r["true_label_accuracy"])
-                tf.summary.scalar(f"eval/{name}/loss", r["loss"])
-
     def run(self) -> dict:
         cfg = self.config
         start = self.restore()
-        schedule = set(metrics.eval_schedule(self.total_steps, self.reader.steps_per_epoch))
+        schedule = set(self.monitor.schedule(self.total_steps))
         data = distribute(self.reader.train_dataset(start, self.total_steps - start),
                           self.strategy, cfg.batch_size)
+        if start == 0:
+            self.monitor.write_run_config({"model": cfg.model, "learning_rate": cfg.learning_rate,
+                                           "data_dir": cfg.data_dir})
         begin, last_log, loss = time.monotonic(), time.monotonic(), float("nan")
         wall0 = float(self.wall)
         logging.info("training %s with %s for %d steps (%d per epoch) on %d replica(s)",
@@ -175,9 +174,11 @@ class Trainer:
                      self.reader.steps_per_epoch, self.strategy.num_replicas_in_sync)
         step = start
         for batch in data:
+            step_start = time.monotonic()
             logs = self._train_step(batch)
             step += 1
             loss = float(logs["loss"])
+            self.train_seconds += time.monotonic() - step_start
             if not math.isfinite(loss):
                 last = self.manager.latest_checkpoint or "none yet"
                 raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped. The last good "
@@ -190,19 +191,19 @@ class Trainer:
                 logging.info("step %d/%d  loss %.4f  accuracy %.3f  (%.1f steps/s)", step,
                              self.total_steps, loss, float(logs["accuracy"]), rate)
                 with self.writer.as_default(step=step):
-                    tf.summary.scalar("train/loss", loss)
-                    tf.summary.scalar("train/accuracy", float(logs["accuracy"]))
-                    tf.summary.scalar("train/learning_rate",
+                    tf.summary.scalar(tags.TRAIN_LOSS, loss)
+                    tf.summary.scalar(tags.TRAIN_ACCURACY, float(logs["accuracy"]))
+                    tf.summary.scalar(tags.LEARNING_RATE,
                                       float(tf.convert_to_tensor(self.optimizer.learning_rate)))
             if step in schedule:
-                self._write_eval(step, self.evaluate())
+                self.monitor.observe(step, self.train_seconds)
             if step % cfg.checkpoint_every == 0 or step == self.total_steps:
                 self.manager.save(checkpoint_number=step)
         self.writer.flush()
         return self.finish(loss)
 
     def finish(self, final_loss: float) -> dict:
-        results = self.evaluate()
+        results = self.monitor.evaluate()
         summary = {
             "pristine_accuracy": results["pristine"]["accuracy"],
             "corrupt_accuracy": results.get("corrupt", {}).get("accuracy", float("nan")),
@@ -210,6 +211,8 @@ class Trainer:
                 results.get("corrupt", {}).get("true_label_accuracy", float("nan")),
             "mixed_accuracy": results["mixed"]["accuracy"],
             "test_accuracy": results.get("test", {}).get("accuracy", float("nan")),
+            "test_top5_accuracy": results.get("test", {}).get("top5", float("nan")),
+            "adjusted_overfit": self.monitor.adjusted_overfit(results),
             "final_loss": final_loss,
             "steps": int(self.step),
             "wall_seconds": float(self.wall),
@@ -217,6 +220,8 @@ class Trainer:
             "model": self.config.model,
             "data_dir": self.config.data_dir,
             "subset_sizes": {k: v["count"] for k, v in results.items()},
+            "learned_examples": self.monitor.export(self.config.model_dir),
+            "time_shares": self.monitor.cost_shares(self.train_seconds),
         }
         summary = {k: (None if isinstance(v, float) and np.isnan(v) else v)
                    for k, v in summary.items()}

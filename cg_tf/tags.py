@@ -1,0 +1,71 @@
+"""Names of the summaries a run writes, shared by the trainer, the TensorBoard
+plugin and the plot tool (this module imports nothing heavy, so TensorBoard
+can load the plugin without TensorFlow).
+
+Every value is a plain scalar (the Scalars dashboard shows it too) except the
+learning-time histograms and the run's configuration.
+"""
+
+PLUGIN_NAME = "memorization"
+RUN_CONFIG = "memorization/run_config"  # JSON text at step 0, marks a cg_tf run
+
+SUBSETS = ("pristine", "corrupt", "mixed", "test")
+GROUPS = ("pristine", "corrupt")  # tracked training examples, by label status
+
+
+def eval_tag(subset: str, metric: str) -> str:
+    """metric: accuracy (against the training label), true_label_accuracy, loss, top5."""
+    return f"eval/{subset}/{metric}"
+
+
+ADJUSTED_OVERFIT = "eval/adjusted_overfit"
+TRAIN_LOSS = "train/loss"
+TRAIN_ACCURACY = "train/accuracy"
+LEARNING_RATE = "train/learning_rate"
+
+
+def first_learned_tag(group: str) -> str:
+    """Histogram of the step each learned tracked example was first classified
+    as its training label."""
+    return f"learning/first_learned_step/{group}"
+
+
+def learned_fraction_tag(group: str) -> str:
+    return f"learning/learned_fraction/{group}"
+
+
+def stayed_fraction_tag(group: str) -> str:
+    """Fraction of the tracked examples learned and never forgotten since."""
+    return f"learning/stayed_learned_fraction/{group}"
+
+
+COHERENCE = "coherence/model"
+
+
+def layer_coherence_tag(layer: str) -> str:
+    return f"coherence/layer/{layer}"
+
+
+def update_share_tag(update: str, group: str) -> str:
+    """update: `mean` (the plain SGD update) or `aggregate` (the run's robust
+    update, where it decomposes per example); group: pristine or corrupt."""
+    return f"update/{update}/f_{group}"
+
+
+def clipped_fraction_tag(group: str) -> str:
+    return f"aggregator/clipped_fraction/{group}"
+
+
+def removed_mass_tag(group: str) -> str:
+    return f"aggregator/removed_mass/{group}"
+
+
+PROBE_SHARE = "cost/probe_share"
+EVAL_SHARE = "cost/eval_share"
+
+# The papers' figure and the runs table.
+ACCURACY_CURVES = {"pristine": eval_tag("pristine", "accuracy"),
+                   "corrupt": eval_tag("corrupt", "accuracy"),
+                   "test": eval_tag("test", "accuracy")}
+TABLE_COLUMNS = {**{f"{k} accuracy": v for k, v in ACCURACY_CURVES.items()},
+                 "adjusted overfit": ADJUSTED_OVERFIT}

@@ -1,0 +1,1 @@
+"""The TensorBoard "memorization" plugin (registered in setup.py)."""

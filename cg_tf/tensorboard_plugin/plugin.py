@@ -1,0 +1,196 @@
+"""TensorBoard's Memorization tab: the papers' curves for several runs side by side.
+
+Reads only through TensorBoard's data provider: the scalars and histograms a
+run writes (names in cg_tf.tags) and its configuration (a tensor summary under
+this plugin's name, whose presence makes the tab active). Every query parameter
+is checked against the data (400 with a message otherwise); static files are
+served from this package's `static/` only.
+"""
+
+import json
+import math
+import os
+
+from tensorboard import plugin_util
+from tensorboard.backend import http_util
+from tensorboard.data import provider
+from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
+
+from cg_tf import tags
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+MAX_POINTS = 1000  # per curve; the last point is always kept
+
+
+class BadRequest(ValueError):
+    """A query parameter that does not name existing data."""
+
+
+def final_row(run: str, config: dict, last: dict[str, float]) -> dict:
+    """The runs table's row: the run's setting and the last value of each column."""
+    aggregator = config.get("aggregator", {})
+    return {"run": run, "aggregator": aggregator.get("name"),
+            "c": aggregator.get("c") if aggregator.get("name") in ("winsorized", "trimmed")
+            else None,
+            "noise_rate": config.get("noise", {}).get("rate"),
+            "step": last.get("step"),
+            **{column: last.get(tag) for column, tag in tags.TABLE_COLUMNS.items()}}
+
+
+class MemorizationPlugin(base_plugin.TBPlugin):
+    plugin_name = tags.PLUGIN_NAME
+
+    def __init__(self, context: base_plugin.TBContext):
+        self._provider = context.data_provider
+
+    def frontend_metadata(self):
+        return base_plugin.FrontendMetadata(es_module_path="/static/index.js",
+                                            tab_name="Memorization")
+
+    def get_plugin_apps(self):
+        return {"/static/*": self._serve_static, "/runs": self._serve_runs,
+                "/scalars": self._serve_scalars, "/histograms": self._serve_histograms,
+                "/table": self._serve_table}
+
+    def is_active(self):
+        return False  # Active through data: the run config tensors (data_plugin_names).
+
+    # -- reading --------------------------------------------------------------
+
+    @staticmethod
+    def _where(request):
+        return {"ctx": plugin_util.context(request.environ),
+                "experiment_id": plugin_util.experiment_id(request.environ)}
+
+    def _configs(self, where) -> dict[str, dict]:
+        """{run: its configuration} for every run of this project."""
+        data = self._provider.read_tensors(
+            where["ctx"], experiment_id=where["experiment_id"], plugin_name=tags.PLUGIN_NAME,
+            downsample=1, run_tag_filter=provider.RunTagFilter(tags=[tags.RUN_CONFIG]))
+        out = {}
+        for run, by_tag in data.items():
+            datum = by_tag[tags.RUN_CONFIG][-1]
+            try:
+                out[run] = json.loads(datum.numpy.item())
+            except (ValueError, AttributeError):
+                out[run] = {}
+        return out
+
+    def _runs(self, request, where) -> list[str]:
+        """The `runs` parameter (comma-separated; default: all), checked."""
+        known = self._configs(where)
+        asked = request.args.get("runs")
+        if asked is None:
+            return sorted(known)
+        runs = [r for r in asked.split(",") if r]
+        unknown = [r for r in runs if r not in known]
+        if unknown or not runs:
+            raise BadRequest(f"unknown run(s): {', '.join(unknown) or '(none given)'}")
+        return runs
+
+    def _scalars(self, where, runs: list[str], tag_list: list[str]):
+        return self._provider.read_scalars(
+            where["ctx"], experiment_id=where["experiment_id"], plugin_name="scalars",
+            downsample=MAX_POINTS, run_tag_filter=provider.RunTagFilter(runs=runs, tags=tag_list))
+
+    def _scalar_tags(self, where, runs: list[str]) -> set[str]:
+        listing = self._provider.list_scalars(
+            where["ctx"], experiment_id=where["experiment_id"], plugin_name="scalars",
+            run_tag_filter=provider.RunTagFilter(runs=runs))
+        return {tag for by_tag in listing.values() for tag in by_tag}
+
+    # -- routes ---------------------------------------------------------------
+
+    def _json(self, request, handler):
+        try:
+            body, code = handler(self._where(request)), 200
+        except BadRequest as e:
+            body, code = {"error": str(e)}, 400
+        return http_util.Respond(request, json.dumps(_clean(body), allow_nan=False),
+                                 "application/json", code=code)
+
+    @wrappers.Request.application
+    def _serve_runs(self, request):
+        def handler(where):
+            configs = self._configs(where)
+            return {"runs": [{"name": run, "config": configs[run],
+                              "tags": sorted(self._scalar_tags(where, [run]))}
+                             for run in sorted(configs)]}
+        return self._json(request, handler)
+
+    @wrappers.Request.application
+    def _serve_scalars(self, request):
+        """?tag=T[&runs=a,b]: {run: [[step, value], ...]} for the runs that have T."""
+        def handler(where):
+            runs = self._runs(request, where)
+            tag = request.args.get("tag", "")
+            if tag not in self._scalar_tags(where, runs):
+                raise BadRequest(f"unknown tag: {tag!r}")
+            data = self._scalars(where, runs, [tag])
+            return {run: [[d.step, _finite(d.value)] for d in by_tag[tag]]
+                    for run, by_tag in data.items() if tag in by_tag}
+        return self._json(request, handler)
+
+    @wrappers.Request.application
+    def _serve_histograms(self, request):
+        """?run=R: the latest learning-time histogram of pristine and corrupt
+        examples: {group: {"step": s, "buckets": [[left, right, count], ...]}}."""
+        def handler(where):
+            run = request.args.get("run", "")
+            if run not in self._configs(where):
+                raise BadRequest(f"unknown run: {run!r}")
+            wanted = [tags.first_learned_tag(g) for g in tags.GROUPS]
+            data = self._provider.read_tensors(
+                where["ctx"], experiment_id=where["experiment_id"], plugin_name="histograms",
+                downsample=1, run_tag_filter=provider.RunTagFilter(runs=[run], tags=wanted))
+            by_tag = data.get(run, {})
+            return {g: {"step": by_tag[t][-1].step, "buckets": by_tag[t][-1].numpy.tolist()}
+                    for g, t in zip(tags.GROUPS, wanted) if by_tag.get(t)}
+        return self._json(request, handler)
+
+    @wrappers.Request.application
+    def _serve_table(self, request):
+        """[row per run]: the final accuracies and adjusted overfit."""
+        def handler(where):
+            runs = self._runs(request, where)
+            configs = self._configs(where)
+            data = self._scalars(where, runs, list(tags.TABLE_COLUMNS.values()))
+            rows = []
+            for run in runs:
+                series = data.get(run, {})
+                last = {tag: _finite(s[-1].value) for tag, s in series.items() if s}
+                last["step"] = max((s[-1].step for s in series.values() if s), default=None)
+                rows.append(final_row(run, configs[run], last))
+            return {"rows": rows}
+        return self._json(request, handler)
+
+    @wrappers.Request.application
+    def _serve_static(self, request):
+        name = request.path.rsplit("/static/", 1)[-1]
+        path = os.path.realpath(os.path.join(STATIC_DIR, name))
+        ext = os.path.splitext(path)[1]
+        if os.path.dirname(path) != STATIC_DIR:
+            return http_util.Respond(request, f"not a static file: {name!r}", "text/plain",
+                                     code=400)
+        if ext not in STATIC_TYPES or not os.path.isfile(path):
+            return http_util.Respond(request, f"no such file: {name!r}", "text/plain", code=404)
+        with open(path, "rb") as f:
+            return http_util.Respond(request, f.read(), STATIC_TYPES[ext])
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _clean(value):
+    """JSON-safe: non-finite floats become null."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
