@@ -48,6 +48,17 @@ class MonitorConfig:
             raise ValueError(f"--probe_max_share must be in (0, 1], got {self.probe_max_share}")
 
 
+def write_run_config(writer, config: dict) -> None:
+    """A run's configuration as JSON text under the plugin's name at step 0; it
+    is also what makes TensorBoard show the Memorization tab."""
+    meta = tf.compat.v1.SummaryMetadata()
+    meta.plugin_data.plugin_name = tags.PLUGIN_NAME
+    meta.data_class = summary_pb2.DATA_CLASS_TENSOR  # readable by the data provider
+    with writer.as_default():
+        tf.summary.write(tags.RUN_CONFIG, tf.constant(json.dumps(config)), step=0,
+                         metadata=meta)
+
+
 class LearningEvents(tf.Module):
     """Per tracked example (the pristine and corrupt subsets): the first step it
     was classified as its training label, and whether it stayed so since.
@@ -108,15 +119,7 @@ class Monitor:
                                      self.config.eval_every, self.config.eval_log_spaced)
 
     def write_run_config(self, extra: dict) -> None:
-        """The run's configuration as JSON text under the plugin's name at step 0,
-        which is also what makes TensorBoard show the Memorization tab."""
-        meta = tf.compat.v1.SummaryMetadata()
-        meta.plugin_data.plugin_name = tags.PLUGIN_NAME
-        meta.data_class = summary_pb2.DATA_CLASS_TENSOR  # readable by the data provider
-        with self.writer.as_default():
-            tf.summary.write(tags.RUN_CONFIG, tf.constant(json.dumps({**self._run_config,
-                                                                      **extra})),
-                             step=0, metadata=meta)
+        write_run_config(self.writer, {**self._run_config, **extra})
 
     # -- evaluations ------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
 from cg_tf import tags
+from cg_tf.report import final_row
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
@@ -26,17 +27,6 @@ MAX_POINTS = 1000  # per curve; the last point is always kept
 
 class BadRequest(ValueError):
     """A query parameter that does not name existing data."""
-
-
-def final_row(run: str, config: dict, last: dict[str, float]) -> dict:
-    """The runs table's row: the run's setting and the last value of each column."""
-    aggregator = config.get("aggregator", {})
-    return {"run": run, "aggregator": aggregator.get("name"),
-            "c": aggregator.get("c") if aggregator.get("name") in ("winsorized", "trimmed")
-            else None,
-            "noise_rate": config.get("noise", {}).get("rate"),
-            "step": last.get("step"),
-            **{column: last.get(tag) for column, tag in tags.TABLE_COLUMNS.items()}}
 
 
 class MemorizationPlugin(base_plugin.TBPlugin):

@@ -1,0 +1,127 @@
+"""Runs of a logdir as data: scalar series, configurations, the final-values
+table, the papers' accuracy figure and a CSV of every metric.
+
+Reads event files through TensorBoard's own data provider (as the plugin does),
+so the tables and figures show exactly what the Memorization tab shows.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+
+from cg_tf import tags
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    config: dict
+    scalars: dict[str, list[tuple[int, float]]]
+
+    def last(self, tag: str) -> float | None:
+        series = self.scalars.get(tag)
+        return series[-1][1] if series else None
+
+
+def final_row(run: str, config: dict, last: dict[str, float | None]) -> dict:
+    """A runs-table row: the run's setting and the last value of each column."""
+    aggregator = config.get("aggregator", {})
+    return {"run": run, "aggregator": aggregator.get("name"),
+            "c": aggregator.get("c") if aggregator.get("name") in ("winsorized", "trimmed")
+            else None,
+            "noise_rate": config.get("noise", {}).get("rate"),
+            "step": last.get("step"),
+            **{column: last.get(tag) for column, tag in tags.TABLE_COLUMNS.items()}}
+
+
+def load_runs(logdir: str) -> list[Run]:
+    """Every cg_tf run under `logdir` (those with a run configuration), by name."""
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard import context
+    multiplexer = plugin_event_multiplexer.EventMultiplexer(
+        tensor_size_guidance={"scalars": 0, "histograms": 1, tags.PLUGIN_NAME: 1})
+    multiplexer.AddRunsFromDirectory(logdir)
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, logdir)
+    ctx = context.RequestContext()
+    configs = provider.read_tensors(ctx, experiment_id="", plugin_name=tags.PLUGIN_NAME,
+                                    downsample=1)
+    scalars = provider.read_scalars(ctx, experiment_id="", plugin_name="scalars",
+                                    downsample=2 ** 31 - 1)
+    runs = []
+    for name in sorted(configs):
+        datum = configs[name][tags.RUN_CONFIG][-1]
+        runs.append(Run(name, json.loads(datum.numpy.item()),
+                        {tag: [(d.step, float(d.value)) for d in series]
+                         for tag, series in scalars.get(name, {}).items()}))
+    return runs
+
+
+def table(runs: list[Run]) -> list[dict]:
+    rows = []
+    for run in runs:
+        last = {tag: run.last(tag) for tag in tags.TABLE_COLUMNS.values()}
+        last["step"] = max((s[-1][0] for s in run.scalars.values() if s), default=None)
+        rows.append(final_row(run.name, run.config, last))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table (numbers to 3 decimals, missing as -)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    cell = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else (  # noqa: E731
+        f"{v:.3f}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(runs: list[Run], path: str) -> None:
+    """Every scalar of every run, one row per (run, tag, step)."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["run", "tag", "step", "value"])
+        for run in runs:
+            for tag in sorted(run.scalars):
+                out.writerows((run.name, tag, step, value) for step, value in run.scalars[tag])
+
+
+CURVE_STYLES = {"pristine": ("pristine (train)", "-", "#1f77b4"),
+                "corrupt": ("corrupt (train, noisy label)", "--", "#d62728"),
+                "test": ("test", ":", "#2ca02c")}
+
+
+def accuracy_figure(runs: list[Run], path: str, columns: int = 3) -> None:
+    """The papers' figure: per run, accuracy on pristine and corrupt training
+    examples and on the test set against step, panels sharing their axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not runs:
+        raise ValueError("no cg_tf runs to plot")
+    columns = min(columns, len(runs))
+    rows = math.ceil(len(runs) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows),
+                             sharex=True, sharey=True, squeeze=False)
+    for ax, run in zip(axes.flat, runs):
+        for key, tag in tags.ACCURACY_CURVES.items():
+            label, style, color = CURVE_STYLES[key]
+            if run.scalars.get(tag):
+                steps, values = zip(*run.scalars[tag])
+                ax.plot(steps, values, style, color=color, label=label, linewidth=1.8)
+        ax.set_title(run.name, fontsize=10)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(runs):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy")
+    axes.flat[0].legend(fontsize=8, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

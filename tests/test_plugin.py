@@ -1,0 +1,132 @@
+"""The Memorization plugin's routes, through TensorBoard's own WSGI app and
+data provider, on event files written here."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend import application
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+from tensorboard.plugins import base_plugin
+from werkzeug import test as werkzeug_test
+
+from cg_tf import tags
+from cg_tf.monitor import write_run_config
+from cg_tf.tensorboard_plugin.plugin import MemorizationPlugin
+
+BASE = "/data/plugin/memorization"
+RUNS = {"mean": ("mean", 0, [0.2, 0.6, 0.9]), "winsorized_c4": ("winsorized", 4, [0.1, 0.1, 0.05])}
+
+
+def write_runs(logdir):
+    for run, (name, c, corrupt) in RUNS.items():
+        writer = tf.summary.create_file_writer(str(logdir / run))
+        write_run_config(writer, {"aggregator": {"name": name, "c": c},
+                                  "noise": {"rate": 0.5}, "num_classes": 10})
+        with writer.as_default():
+            for i, step in enumerate((1, 10, 20)):
+                tf.summary.scalar(tags.eval_tag("pristine", "accuracy"), 0.5 + 0.2 * i, step)
+                tf.summary.scalar(tags.eval_tag("corrupt", "accuracy"), corrupt[i], step)
+                tf.summary.scalar(tags.eval_tag("test", "accuracy"), 0.4 + 0.2 * i, step)
+                tf.summary.scalar(tags.ADJUSTED_OVERFIT, corrupt[i] / 2, step)
+                tf.summary.scalar(tags.COHERENCE, float("nan") if i == 0 else 1.5, step)
+                for group in tags.GROUPS:
+                    tf.summary.histogram(tags.first_learned_tag(group),
+                                         np.arange(1, 5 + step, dtype=np.float64), step,
+                                         buckets=4)
+        writer.close()
+    (logdir / "not_a_cg_tf_run").mkdir()
+    with tf.summary.create_file_writer(str(logdir / "not_a_cg_tf_run")).as_default():
+        tf.summary.scalar("loss", 1.0, step=1)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("logdir")
+    write_runs(logdir)
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    plugin = MemorizationPlugin(base_plugin.TBContext(data_provider=provider,
+                                                      logdir=str(logdir)))
+    app = application.TensorBoardWSGI([plugin], data_provider=provider)
+    return werkzeug_test.Client(app)
+
+
+def get(client, path, status=200):
+    response = client.get(BASE + path)
+    assert response.status_code == status, response.get_data(as_text=True)
+    return response
+
+
+def test_the_tab_is_active_only_with_cg_tf_runs(client):
+    listing = json.loads(client.get("/data/plugins_listing").get_data())
+    assert listing["memorization"]["enabled"]
+    assert listing["memorization"]["tab_name"] == "Memorization"
+    module = listing["memorization"]["loading_mechanism"]["module_path"]
+    assert get(client, module.removeprefix(BASE)).mimetype == "text/javascript"
+
+
+def test_runs_lists_configs_and_tags(client):
+    runs = json.loads(get(client, "/runs").get_data())["runs"]
+    assert [r["name"] for r in runs] == ["mean", "winsorized_c4"]
+    assert runs[1]["config"]["aggregator"] == {"name": "winsorized", "c": 4}
+    assert tags.eval_tag("corrupt", "accuracy") in runs[0]["tags"]
+
+
+def test_scalars_of_several_runs(client):
+    tag = tags.eval_tag("corrupt", "accuracy")
+    data = json.loads(get(client, f"/scalars?tag={tag}&runs=mean,winsorized_c4").get_data())
+    assert data["winsorized_c4"] == [[1, pytest.approx(0.1)], [10, pytest.approx(0.1)],
+                                     [20, pytest.approx(0.05)]]
+    assert [p[0] for p in data["mean"]] == [1, 10, 20]
+    # NaN becomes null: the answer stays valid JSON.
+    coherence = json.loads(get(client, f"/scalars?tag={tags.COHERENCE}").get_data())
+    assert coherence["mean"][0] == [1, None] and coherence["mean"][1] == [10, 1.5]
+
+
+def test_histograms_are_the_latest(client):
+    data = json.loads(get(client, "/histograms?run=mean").get_data())
+    assert set(data) == set(tags.GROUPS)
+    assert data["pristine"]["step"] == 20
+    buckets = np.array(data["pristine"]["buckets"])
+    assert buckets.shape == (4, 3) and buckets[:, 2].sum() == 24  # values 1..24
+
+
+def test_table_has_final_values(client):
+    rows = json.loads(get(client, "/table").get_data())["rows"]
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["winsorized_c4"]["aggregator"] == "winsorized"
+    assert by_run["winsorized_c4"]["c"] == 4 and by_run["mean"]["c"] is None
+    assert by_run["winsorized_c4"]["corrupt accuracy"] == pytest.approx(0.05)
+    assert by_run["mean"]["test accuracy"] == pytest.approx(0.8)
+    assert by_run["mean"]["adjusted overfit"] == pytest.approx(0.45)
+    assert by_run["mean"]["step"] == 20 and by_run["mean"]["noise_rate"] == 0.5
+
+
+@pytest.mark.parametrize("path,message", [
+    ("/scalars?tag=eval/corrupt/accuracy&runs=nope", "unknown run(s): nope"),
+    ("/scalars?tag=eval/corrupt/accuracy&runs=not_a_cg_tf_run", "not_a_cg_tf_run"),
+    ("/scalars?tag=no/such/tag", "unknown tag"),
+    ("/scalars?tag=eval/corrupt/accuracy&runs=,", "(none given)"),
+    ("/histograms?run=", "unknown run"),
+    ("/histograms", "unknown run"),
+    ("/table?runs=mean,../../etc", "unknown run(s): ../../etc"),
+])
+def test_bad_parameters_get_400_with_a_message(client, path, message):
+    response = get(client, path, status=400)
+    assert message in json.loads(response.get_data())["error"]
+
+
+@pytest.mark.parametrize("path,status", [
+    ("/static/../plugin.py", 400),
+    ("/static/%2e%2e/plugin.py", 400),
+    ("/static/..%2f..%2f__init__.py", 400),
+    ("/static//etc/passwd", 400),
+    ("/static/missing.js", 404),
+    ("/static/", 404),
+])
+def test_static_files_refuse_traversal(client, path, status):
+    get(client, path, status=status)

@@ -1,0 +1,104 @@
+"""The gradient probe against closed-form per-example gradients (softmax
+regression: dL/dW = x (p - onehot(y))^T, dL/db = p - onehot(y))."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cg_tf import tags
+from cg_tf.models import fc
+from cg_tf.probes import Probe, probe_cut
+from cg_tf.robust_model import AggregatorConfig
+
+M, D, C = 10, 6, 4
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(3)
+    net = fc((D,), C, widths=())
+    net.set_weights([rng.normal(size=(D, C)).astype(np.float32),
+                     rng.normal(size=C).astype(np.float32)])
+    x = rng.normal(size=(M, D)).astype(np.float32)
+    y = rng.integers(0, C, M).astype(np.int32)
+    corrupt = np.array([0, 1, 0, 0, 1, 1, 0, 0, 0, 1], np.int32)
+    logits = x @ net.get_weights()[0] + net.get_weights()[1]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    err = p - np.eye(C)[y]
+    grads = np.concatenate([np.einsum("md,mc->mdc", x, err).reshape(M, -1), err], 1)
+    return net, {"image": x, "label": y, "is_corrupt": corrupt}, grads.astype(np.float64)
+
+
+def reference(grads, corrupt, name, c):
+    """Every probe metric from the stacked per-example gradients, in NumPy."""
+    pristine = corrupt == 0
+    total, part = grads.sum(0), grads[pristine].sum(0)
+    out = {tags.COHERENCE: np.sum(total ** 2) / np.sum(grads ** 2),
+           tags.update_share_tag("mean", "pristine"): total @ part / (total @ total)}
+    if name == "mean":
+        return out
+    s = np.sort(grads, 0)
+    lo, hi = s[c], s[M - 1 - c]
+    beyond = (grads < lo) | (grads > hi)
+    kept = np.clip(grads, lo, hi) if name == "winsorized" else np.where(beyond, 0, grads)
+    n = M if name == "winsorized" else M - 2 * c
+    update = kept.sum(0) / n
+    expected_update = (np.clip(grads, lo, hi).mean(0) if name == "winsorized"
+                       else s[c:M - c].mean(0))
+    np.testing.assert_allclose(update, expected_update, atol=1e-12)  # the decomposition
+    u_p = kept[pristine].sum(0) / n
+    out[tags.update_share_tag("aggregate", "pristine")] = update @ u_p / (update @ update)
+    for group, rows in (("pristine", pristine), ("corrupt", ~pristine)):
+        out[tags.clipped_fraction_tag(group)] = beyond[rows].mean()
+        out[tags.removed_mass_tag(group)] = (np.abs(grads - kept)[rows].sum()
+                                             / np.abs(grads[rows]).sum())
+    return out
+
+
+@pytest.mark.parametrize("name,c", [("mean", 0), ("winsorized", 2), ("trimmed", 2),
+                                    ("median", 0), ("rm3", 0)])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_probe_matches_closed_form(problem, name, c, chunk):
+    net, sample, grads = problem
+    config = AggregatorConfig(name, c=c)
+    got = Probe(net, config, sample, batch_size=M, chunk=chunk).measure()
+    cut = probe_cut(config, M, M)
+    want = reference(grads, sample["is_corrupt"], "mean" if name == "rm3" else name, cut)
+    for tag, value in want.items():
+        assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
+    # The one layer's coherence is the model's; shares add up to one.
+    assert got[tags.layer_coherence_tag("logits")] == pytest.approx(got[tags.COHERENCE])
+    for update in ("mean", "aggregate"):
+        if tags.update_share_tag(update, "pristine") in got:
+            assert (got[tags.update_share_tag(update, "pristine")]
+                    + got[tags.update_share_tag(update, "corrupt")]) == pytest.approx(1)
+    has_diagnostics = tags.clipped_fraction_tag("corrupt") in got
+    assert has_diagnostics == (name in ("winsorized", "trimmed", "median"))
+
+
+def test_probe_cut_scales_c_to_the_probe():
+    assert probe_cut(AggregatorConfig("winsorized", c=4), 100, 100) == 4
+    assert probe_cut(AggregatorConfig("winsorized", c=4), 50, 100) == 2
+    assert probe_cut(AggregatorConfig("trimmed", c=1), 10, 100) == 1
+    assert probe_cut(AggregatorConfig("median"), 10, 100) == 4
+    assert probe_cut(AggregatorConfig("median"), 9, 100) == 4
+    assert probe_cut(AggregatorConfig("mean"), 9, 100) is None
+
+
+def test_probe_changes_no_state():
+    """BatchNorm's moving statistics stay put (the probe uses them frozen)."""
+    import keras
+    inputs = keras.Input((D,))
+    h = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(8, name="d")(inputs))
+    net = keras.Model(inputs, keras.layers.Dense(C, name="logits")(h))
+    rng = np.random.default_rng(0)
+    sample = {"image": rng.normal(size=(M, D)).astype(np.float32) + 3,
+              "label": rng.integers(0, C, M).astype(np.int32),
+              "is_corrupt": np.zeros(M, np.int32)}
+    before = [v.numpy().copy() for v in net.variables]
+    out = Probe(net, AggregatorConfig("winsorized", c=1), sample, batch_size=M).measure()
+    for a, v in zip(before, net.variables):
+        np.testing.assert_array_equal(a, v.numpy())
+    assert {tags.layer_coherence_tag(n) for n in ("d", "bn", "logits")} <= out.keys()
+    assert np.isfinite(out[tags.COHERENCE])

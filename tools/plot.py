@@ -1,0 +1,43 @@
+"""The papers' figure and the runs table from a logdir of cg_tf runs.
+
+  python -m tools.plot --logdir runs --out figure.png [--csv metrics.csv]
+
+Draws pristine / corrupt / test accuracy against step, one panel per run,
+prints the table of final values (Markdown), and with --csv exports every
+scalar of every run.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from cg_tf import report
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("logdir", None, "Directory holding the runs (e.g. runs/).")
+flags.DEFINE_string("out", None, "PNG file of the figure.")
+flags.DEFINE_string("csv", None, "Also write every scalar of every run to this CSV file.")
+flags.DEFINE_integer("columns", 3, "Panels per row.")
+flags.mark_flags_as_required(["logdir", "out"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # TensorBoard's event loading is chatty
+    if not os.path.isdir(FLAGS.logdir):
+        sys.exit(f"error: --logdir={FLAGS.logdir} is not a directory")
+    runs = report.load_runs(FLAGS.logdir)
+    if not runs:
+        sys.exit(f"error: no cg_tf runs under --logdir={FLAGS.logdir}")
+    report.accuracy_figure(runs, FLAGS.out, FLAGS.columns)
+    print(report.markdown(report.table(runs)))
+    print(f"figure: {FLAGS.out}")
+    if FLAGS.csv:
+        report.write_csv(runs, FLAGS.csv)
+        print(f"metrics: {FLAGS.csv}")
+
+
+if __name__ == "__main__":
+    app.run(main)
