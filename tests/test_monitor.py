@@ -1,0 +1,111 @@
+"""The run's memorization outputs: summaries, learning events, the probe's
+time budget, and the learned-example export."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from cg_tf import metrics, report, tags
+from cg_tf.monitor import LEARNED_IDS, LEARNING_EVENTS, NOT_LEARNED_IDS, MonitorConfig
+from cg_tf.robust_model import AggregatorConfig
+from cg_tf.trainer import TrainConfig, Trainer
+
+
+def train(data_dir, model_dir, **monitor):
+    cfg = TrainConfig(data_dir=str(data_dir), model_dir=str(model_dir), fc_widths=(32,),
+                      aggregator=AggregatorConfig("winsorized", c=2), batch_size=50, epochs=2,
+                      learning_rate=0.5, eval_sample_size=200,
+                      monitor=MonitorConfig(**monitor))
+    trainer = Trainer(cfg)
+    return trainer, trainer.run()
+
+
+@pytest.fixture(scope="module")
+def run(digits_dir, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("runs") / "wins"
+    trainer, summary = train(digits_dir, model_dir, probe_max_share=1.0)
+    return trainer, summary, str(model_dir)
+
+
+def test_every_metric_is_written_at_every_evaluation(run):
+    trainer, summary, model_dir = run
+    (r,) = report.load_runs(os.path.dirname(model_dir))
+    schedule = trainer.monitor.schedule(trainer.total_steps)
+    assert schedule[:3] == [1, 2, 4] and schedule[-1] == summary["steps"]
+    wanted = [tags.eval_tag(s, m) for s in tags.SUBSETS
+              for m in ("accuracy", "true_label_accuracy", "loss")]
+    wanted += [tags.ADJUSTED_OVERFIT, tags.COHERENCE, tags.layer_coherence_tag("dense_0"),
+               tags.update_share_tag("mean", "pristine"),
+               tags.update_share_tag("aggregate", "corrupt"),
+               tags.clipped_fraction_tag("corrupt"), tags.removed_mass_tag("pristine"),
+               tags.learned_fraction_tag("corrupt"), tags.stayed_fraction_tag("pristine"),
+               tags.PROBE_SHARE, tags.EVAL_SHARE]
+    for tag in wanted:  # probe_max_share=1: the probe runs at every evaluation too
+        assert [s for s, _ in r.scalars[tag]] == schedule, tag
+    assert tags.eval_tag("test", "top5") not in r.scalars  # 10 classes: no top-5
+    assert r.config["aggregator"]["name"] == "winsorized" and r.config["noise"]["rate"] == 0.5
+    # The last evaluation is the final model's: the summary agrees.
+    assert r.last(tags.eval_tag("corrupt", "accuracy")) == pytest.approx(
+        summary["corrupt_accuracy"], abs=1e-6)
+    assert r.last(tags.ADJUSTED_OVERFIT) == pytest.approx(metrics.adjusted_overfit(
+        summary["mixed_accuracy"], summary["test_accuracy"], 0.5, 10), abs=1e-6)
+
+
+def test_learning_events_follow_the_evaluations(run):
+    trainer, _, model_dir = run
+    with open(os.path.join(model_dir, LEARNING_EVENTS)) as f:
+        rows = list(csv.DictReader(f))
+    schedule = set(trainer.monitor.schedule(trainer.total_steps))
+    by_group = {g: [r for r in rows if r["group"] == g] for g in tags.GROUPS}
+    assert len(by_group["pristine"]) == 200 and len(by_group["corrupt"]) == 200
+    for r in rows:
+        first, stayed = int(r["first_learned_step"]), r["stayed_learned"] == "1"
+        assert first == metrics.NOT_LEARNED or first in schedule
+        assert not stayed or first != metrics.NOT_LEARNED
+    # Stayed-learned examples are classified as their training label at the end.
+    final = trainer.monitor.evaluate()
+    for group, ids in trainer.monitor.ids.items():
+        stayed = trainer.monitor.events.stayed[group].numpy()
+        assert final[group]["correct"][stayed].all()
+        learned = np.mean(trainer.monitor.events.first[group].numpy() != metrics.NOT_LEARNED)
+        assert learned >= final[group]["accuracy"] - 1e-9
+    pristine_learned = np.mean([int(r["first_learned_step"]) >= 0 for r in by_group["pristine"]])
+    corrupt_learned = np.mean([int(r["first_learned_step"]) >= 0 for r in by_group["corrupt"]])
+    assert pristine_learned > 0.9 > corrupt_learned
+
+
+def test_learned_export_partitions_the_training_set(run):
+    trainer, summary, model_dir = run
+    read = lambda name: open(os.path.join(model_dir, name)).read().split()  # noqa: E731
+    learned, not_learned = read(LEARNED_IDS), read(NOT_LEARNED_IDS)
+    ids, correct = [], []
+    for batch in trainer.reader.examples():
+        ids += [i.decode() for i in batch["example_id"].numpy()]
+        correct += list(metrics.evaluate(trainer.net, [batch])["correct"])
+    assert sorted(learned + not_learned) == sorted(ids)
+    assert set(learned) == {i for i, ok in zip(ids, correct) if ok}
+    assert summary["learned_examples"] == {"learned": len(learned),
+                                           "not_learned": len(not_learned)}
+
+
+def test_the_probe_keeps_to_its_time_budget(digits_dir, tmp_path):
+    trainer, summary = train(digits_dir, tmp_path / "r", probe_max_share=0.01,
+                             export_learned=False)
+    (r,) = report.load_runs(str(tmp_path))
+    probed = [s for s, _ in r.scalars[tags.COHERENCE]]
+    evaluated = [s for s, _ in r.scalars[tags.eval_tag("test", "accuracy")]]
+    assert probed[0] == 1 and len(probed) < len(evaluated)
+    # Past the first (tracing) probe, a probe starts only within the budget, so
+    # the share exceeds it by at most one probe.
+    assert summary["time_shares"]["probe"] < 0.05
+    assert not os.path.exists(tmp_path / "r" / LEARNED_IDS)
+
+
+def test_bad_monitor_flags_fail_before_training(digits_dir, tmp_path):
+    for kw, message in (({"probe_max_share": 0}, "--probe_max_share"),
+                        ({"eval_every": 0}, "--eval_every"), ({"probe_size": -1}, "--probe_size")):
+        with pytest.raises(ValueError, match=message):
+            train(digits_dir, tmp_path / "bad", **kw)
+        assert not os.path.exists(tmp_path / "bad")

@@ -1,0 +1,125 @@
+"""End to end: short real trainings, `python -m tools.plot` on them, and
+`tensorboard` (finding the plugin through its setup.py entry point) opened in
+headless Chromium on the Memorization tab; saves a screenshot to
+test-artifacts/memorization_tab.png."""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+from conftest import REPO, run_main
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SCREENSHOT = os.path.join(REPO, "test-artifacts", "memorization_tab.png")
+RUNS = {"mean": ["--aggregator=mean"], "winsorized_c4": ["--aggregator=winsorized",
+                                                         "--winsorize_c=4"]}
+
+
+@pytest.fixture(scope="module")
+def logdir(digits_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("logdir")
+    for name, flags in RUNS.items():
+        done = run_main("cg_tf.train", f"--data_dir={digits_dir}", f"--model_dir={root / name}",
+                        "--fc_widths=64", "--batch_size=50", "--epochs=4",
+                        "--learning_rate=0.5", "--eval_sample_size=200", *flags)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return root
+
+
+def test_plot_draws_the_figure_and_exports_every_metric(logdir, tmp_path):
+    out, table = tmp_path / "figure.png", tmp_path / "metrics.csv"
+    done = run_main("tools.plot", f"--logdir={logdir}", f"--out={out}", f"--csv={table}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    assert "| mean | mean |" in done.stdout and "| winsorized_c4 | winsorized | 4 |" in done.stdout
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    for run in RUNS:
+        summary = json.loads((logdir / run / "summary.json").read_text())
+        last = [r for r in rows if r["run"] == run and r["tag"] == "eval/test/accuracy"][-1]
+        assert int(last["step"]) == summary["steps"]
+        assert float(last["value"]) == pytest.approx(summary["test_accuracy"], abs=1e-6)
+        assert any(r["run"] == run and r["tag"] == "coherence/model" for r in rows)
+    bad = run_main("tools.plot", f"--logdir={tmp_path}", f"--out={tmp_path / 'x.png'}")
+    assert bad.returncode != 0 and "no cg_tf runs" in bad.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tensorboard(logdir):
+    port = free_port()
+    tb = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    proc = subprocess.Popen([tb, f"--logdir={logdir}", "--host=127.0.0.1", f"--port={port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            listing = json.load(urllib.request.urlopen(url + "/data/plugins_listing"))
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"tensorboard did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    yield url, listing
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_memorization_tab_in_headless_chromium(tensorboard):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    url, listing = tensorboard
+    assert listing["memorization"]["enabled"], listing  # found through the entry point
+    profile = tempfile.mkdtemp()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1400,1700",
+                f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(url + "/#memorization")
+        wait = WebDriverWait(driver, 90)
+        frame = wait.until(lambda d: d.find_elements(By.TAG_NAME, "iframe"))[0]
+        driver.switch_to.frame(frame)
+        # Three accuracy charts with a curve per run, plus the probe panels.
+        curves = wait.until(lambda d: (lambda c: c if len(c) >= 3 * len(RUNS) + 2 else None)(
+            d.find_elements(By.CSS_SELECTOR, "path.curve")))
+        assert {c.get_attribute("data-run") for c in curves} == set(RUNS)
+        for c in curves:
+            assert c.get_attribute("d").count("L") >= 3, "a curve with fewer than 4 points"
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.runs tbody tr"))
+        text = driver.find_element(By.ID, "memorization").text
+        for run in RUNS:
+            assert run in text
+        rows = driver.find_elements(By.CSS_SELECTOR, "table.runs tbody tr")
+        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == sorted(RUNS)
+        assert len(driver.find_elements(By.CSS_SELECTOR, "path.histogram")) == 2 * len(RUNS)
+        driver.switch_to.default_content()
+        assert "MEMORIZATION" in driver.find_element(By.TAG_NAME, "body").text.upper()
+        os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+        assert driver.save_screenshot(SCREENSHOT)
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
