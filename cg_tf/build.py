@@ -41,6 +41,7 @@ class BuildConfig:
     max_reject_fraction: float = 0.0
     compression: str | None = None
     overwrite: bool = False
+    train_examples: int | None = None  # keep this many training examples (stable choice)
 
     def __post_init__(self):
         if self.num_shards < 1:
@@ -50,6 +51,8 @@ class BuildConfig:
                              f"{self.max_reject_fraction}")
         if self.compression not in (None, "GZIP"):
             raise BuildError(f"compression must be None or 'GZIP', got {self.compression!r}")
+        if self.train_examples is not None and self.train_examples < 1:
+            raise BuildError(f"--train_examples must be positive, got {self.train_examples}")
 
 
 def prepare_output_dir(path: str, overwrite: bool) -> None:
@@ -107,7 +110,8 @@ def build_dataset(source: Source, config: BuildConfig,
     start = time.monotonic()
     pipeline = beam.Pipeline(options=options)
     _ = pipeline | noisy_labels.BuildNoisyDataset(
-        source, out, config.noise, config.num_shards, config.compression)
+        source, out, config.noise, config.num_shards, config.compression,
+        config.train_examples)
     result = pipeline.run()
     result.wait_until_finish()
     stats_path = os.path.join(out, noisy_labels.STATS_FILE)

@@ -26,6 +26,9 @@ _NUM_SHARDS = flags.DEFINE_integer("num_shards", 4, "Shard files per split.")
 _MAX_REJECT = flags.DEFINE_float("max_reject_fraction", 0.0,
                                  "Fail if more than this fraction of records is rejected.")
 _COMPRESS = flags.DEFINE_bool("gzip", False, "Write gzipped TFRecord shards (.gz).")
+_TRAIN_EXAMPLES = flags.DEFINE_integer(
+    "train_examples", None, "Keep only this many training examples (those whose ids hash "
+    "lowest for --seed: the same choice on any runner); default: all.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir for tfds: sources.")
 _TFDS_MANUAL_DIR = flags.DEFINE_string("tfds_manual_dir", None,
@@ -64,7 +67,8 @@ def main(beam_args: list[str]) -> None:
         config = build.BuildConfig(
             output_dir=_OUTPUT_DIR.value, noise=spec, num_shards=_NUM_SHARDS.value,
             max_reject_fraction=_MAX_REJECT.value,
-            compression="GZIP" if _COMPRESS.value else None, overwrite=_OVERWRITE.value)
+            compression="GZIP" if _COMPRESS.value else None, overwrite=_OVERWRITE.value,
+            train_examples=_TRAIN_EXAMPLES.value)
         source = make_source(_SOURCE.value, _TFDS_DATA_DIR.value, _TFDS_MANUAL_DIR.value)
         info = build.build_dataset(source, config, build.beam_options(beam_args))
     except (ValueError, SourceError) as e:

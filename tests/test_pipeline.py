@@ -194,3 +194,17 @@ def test_command_line_prints_summary(tmp_path):
     assert "realized" in proc.stdout and "noise matrix" in proc.stdout
     info = records.load_info(str(out))
     assert info.noise["mode"] == "uniform_other" and info.splits["train"].num_shards == 2
+
+
+def test_train_examples_keeps_the_lowest_hashing_ids(tmp_path):
+    from cg_tf import hashing
+    info = run_build(tmp_path / "sub", train_examples=300, seed=3)
+    train = read_split(tmp_path / "sub", "train")
+    assert info.splits["train"].num_examples == len(train) == 300
+    run_build(tmp_path / "full", seed=3)
+    full = read_split(tmp_path / "full", "train")
+    ranked = sorted(full, key=lambda i: hashing.stable_hash64(3, i, "subsample"))
+    assert set(train) == set(ranked[:300])
+    # The test split is whole, and the kept examples carry the full build's labels.
+    assert info.splits["test"].num_examples == len(read_split(tmp_path / "full", "test"))
+    assert all(train[i]["label"] == full[i]["label"] for i in train)

@@ -211,13 +211,31 @@ class BuildNoisyDataset(beam.PTransform):
     """Source -> shards of the cg_tf record schema, plus statistics and rejects."""
 
     def __init__(self, source: Source, output_dir: str, spec: noise.NoiseSpec,
-                 num_shards: int, compression: str | None = None):
+                 num_shards: int, compression: str | None = None,
+                 train_examples: int | None = None):
         super().__init__()
+        self.train_examples = train_examples
         self.source = source
         self.output_dir = output_dir
         self.spec = spec
         self.num_shards = num_shards
         self.compression = compression
+
+    def _subsample(self, valid):
+        """Keeps the `train_examples` training examples whose ids hash lowest
+        (exactly that many distinct ids; a stable choice for any runner)."""
+        seed, n = self.spec.seed, self.train_examples
+        chosen = (valid
+                  | "TrainIds" >> beam.FlatMap(
+                      lambda e: [e.example_id] if e.split == records.TRAIN_SPLIT else [])
+                  | "DistinctIds" >> beam.Distinct()
+                  | "RankIds" >> beam.Map(
+                      lambda i: (hashing.stable_hash64(seed, i, "subsample"), i))
+                  | "LowestHashes" >> beam.combiners.Top.Smallest(n)
+                  | "IdSet" >> beam.Map(lambda pairs: frozenset(i for _, i in pairs)))
+        return valid | "Subsample" >> beam.Filter(
+            lambda e, ids: e.split != records.TRAIN_SPLIT or e.example_id in ids,
+            ids=beam.pvalue.AsSingleton(chosen))
 
     def expand(self, pipeline):
         src = self.source
@@ -228,10 +246,13 @@ class BuildNoisyDataset(beam.PTransform):
                  | "Read" >> beam.ParDo(ReadFn(src))
                  | "Validate" >> beam.ParDo(ValidateFn(src.num_classes, src.image_shape))
                  .with_outputs(REJECTED, main="valid"))
+        good, bad = valid.valid, valid[REJECTED]
+        if self.train_examples is not None:
+            good = self._subsample(good)
 
         spec = self.spec
         if spec.mode == "permute" and spec.rate > 0:
-            permuted = (valid.valid
+            permuted = (good
                         | "Selected" >> beam.Filter(
                             lambda e: e.split == records.TRAIN_SPLIT
                             and noise.is_selected(spec, e.example_id))
@@ -245,7 +266,7 @@ class BuildNoisyDataset(beam.PTransform):
 
         every_shard = pipeline | "EveryShard" >> beam.Create(
             [((s, i), None) for s in src.splits for i in range(num_shards)])
-        keyed = valid.valid | "KeyByShard" >> beam.Map(
+        keyed = good | "KeyByShard" >> beam.Map(
             lambda e: ((e.split, hashing.stable_randint(0, e.example_id, "shard", num_shards)), e))
         written = ((keyed, every_shard)
                    | "AllShards" >> beam.Flatten()
@@ -256,7 +277,7 @@ class BuildNoisyDataset(beam.PTransform):
                        permuted=beam.pvalue.AsSingleton(permuted))
                    .with_outputs(REJECTED, main="stats"))
 
-        rejected = (valid[REJECTED], written[REJECTED]) | "AllRejected" >> beam.Flatten()
+        rejected = (bad, written[REJECTED]) | "AllRejected" >> beam.Flatten()
         _ = (rejected
              | "RejectedJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
              | "WriteRejected" >> beam.io.WriteToText(
