@@ -1,0 +1,63 @@
+"""The dataset flags shared by the pipeline mains (noisy_labels, sweep,
+easy_hard), and the split of a command line between this program and Beam."""
+
+import argparse
+
+from absl import app, flags
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from cg_tf import build
+from cg_tf.noise import NOISE_MODES, NoiseSpec
+from cg_tf.sources import SOURCE_KINDS, Source, make_source
+
+SOURCE = flags.DEFINE_string("source", "digits", f"One of {', '.join(SOURCE_KINDS)}.")
+NOISE_MODE = flags.DEFINE_enum("noise_mode", "uniform", list(NOISE_MODES),
+                               "How corrupt labels are drawn.")
+NUM_SHARDS = flags.DEFINE_integer("num_shards", 4, "Shard files per split.")
+TRAIN_EXAMPLES = flags.DEFINE_integer(
+    "train_examples", None, "Keep only this many training examples (those whose ids hash "
+    "lowest for --seed: the same choice on any runner); default: all.")
+MAX_REJECT = flags.DEFINE_float("max_reject_fraction", 0.0,
+                                "Fail if more than this fraction of records is rejected.")
+COMPRESS = flags.DEFINE_bool("gzip", False, "Write gzipped TFRecord shards (.gz).")
+TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir for tfds: sources.")
+TFDS_MANUAL_DIR = flags.DEFINE_string("tfds_manual_dir", None,
+                                      "TFDS manual dir (e.g. the ImageNet tar files).")
+
+
+def source() -> Source:
+    return make_source(SOURCE.value, TFDS_DATA_DIR.value, TFDS_MANUAL_DIR.value)
+
+
+def build_config(output_dir: str, rate: float, seed: int, overwrite: bool = False
+                 ) -> build.BuildConfig:
+    """The build these flags ask for, at noise `rate` (raises naming the flag)."""
+    return build.BuildConfig(
+        output_dir=output_dir, noise=NoiseSpec(NOISE_MODE.value, rate, seed),
+        num_shards=NUM_SHARDS.value, max_reject_fraction=MAX_REJECT.value,
+        compression="GZIP" if COMPRESS.value else None, overwrite=overwrite,
+        train_examples=TRAIN_EXAMPLES.value)
+
+
+def unknown_beam_args(args: list[str]) -> list[str]:
+    """The arguments that are neither this program's flags nor Beam options."""
+    parser = argparse.ArgumentParser(add_help=False)
+    seen = set()
+    stack = list(PipelineOptions.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        if cls not in seen:
+            seen.add(cls)
+            stack.extend(cls.__subclasses__())
+            cls._add_argparse_args(parser)  # How Beam itself builds its parser.
+    _, unknown = parser.parse_known_args(args)
+    return unknown
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parses this program's flags; returns the rest, which go to Beam."""
+    rest = flags.FLAGS(argv, known_only=True)[1:]
+    unknown = unknown_beam_args(rest)
+    if unknown:
+        raise app.UsageError(f"unknown flag(s): {' '.join(unknown)}")
+    return rest
