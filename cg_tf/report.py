@@ -94,28 +94,31 @@ CURVE_STYLES = {"pristine": ("pristine (train)", "-", "#1f77b4"),
                 "test": ("test", ":", "#2ca02c")}
 
 
-def accuracy_figure(runs: list[Run], path: str, columns: int = 3) -> None:
-    """The papers' figure: per run, accuracy on pristine and corrupt training
-    examples and on the test set against step, panels sharing their axes."""
+def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -> None:
+    """The papers' figure: one panel per setting (title: its runs, e.g. the
+    seeds of one setting), with accuracy on pristine and corrupt training
+    examples and on the test set against step; panels share their axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    if not runs:
+    if not panels:
         raise ValueError("no cg_tf runs to plot")
-    columns = min(columns, len(runs))
-    rows = math.ceil(len(runs) / columns)
+    columns = min(columns, len(panels))
+    rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows),
                              sharex=True, sharey=True, squeeze=False)
-    for ax, run in zip(axes.flat, runs):
-        for key, tag in tags.ACCURACY_CURVES.items():
-            label, style, color = CURVE_STYLES[key]
-            if run.scalars.get(tag):
-                steps, values = zip(*run.scalars[tag])
-                ax.plot(steps, values, style, color=color, label=label, linewidth=1.8)
-        ax.set_title(run.name, fontsize=10)
+    for ax, (title, runs) in zip(axes.flat, panels.items()):
+        for i, run in enumerate(runs):
+            for key, tag in tags.ACCURACY_CURVES.items():
+                label, style, color = CURVE_STYLES[key]
+                if run.scalars.get(tag):
+                    steps, values = zip(*run.scalars[tag])
+                    ax.plot(steps, values, style, color=color, label=None if i else label,
+                            linewidth=1.8 if len(runs) == 1 else 1.0)
+        ax.set_title(title, fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(runs):]:
+    for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("step")

@@ -99,12 +99,17 @@ def ensure_demo_data(data_dir: str) -> None:
         data_dir, NoiseSpec("uniform", 0.5, 0), num_shards=4, overwrite=True))
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def setup_devices() -> None:
+    """--num_cpu_devices: split the CPU before TensorFlow initializes."""
     if FLAGS.num_cpu_devices:
         from cg_tf.strategies import split_cpu
         split_cpu(FLAGS.num_cpu_devices)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    setup_devices()
     try:
         config = config_from_flags()
         if config.data_dir == DEMO_DATA_DIR:

@@ -31,7 +31,7 @@ def main(argv):
     runs = report.load_runs(FLAGS.logdir)
     if not runs:
         sys.exit(f"error: no cg_tf runs under --logdir={FLAGS.logdir}")
-    report.accuracy_figure(runs, FLAGS.out, FLAGS.columns)
+    report.accuracy_figure({r.name: [r] for r in runs}, FLAGS.out, FLAGS.columns)
     print(report.markdown(report.table(runs)))
     print(f"figure: {FLAGS.out}")
     if FLAGS.csv:

@@ -1,0 +1,88 @@
+"""The components the reproduction pipelines are made of: build a dataset
+(Beam), train a model (the trainer, resumable), evaluate trained models.
+
+Parameters that change a stage's output are its manifest parameters; those
+that only say where or how fast it runs (Beam runner options, the trainer's
+strategy, checkpoint and log intervals) are not, so a stage can be resumed or
+re-run elsewhere.
+"""
+
+import dataclasses
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from cg_tf import build, metrics, records
+from cg_tf.components import Stage
+from cg_tf.sources import Source
+from cg_tf.trainer import TrainConfig, Trainer
+
+DATA = "data"  # a dataset stage's dataset, inside its artifact directory
+EXECUTION_FIELDS = ("data_dir", "model_dir", "strategy", "tpu", "checkpoint_every", "log_every",
+                    "jit_compile")
+
+
+def dataset_stage(name: str, source: Source, config: build.BuildConfig, beam_args: list[str],
+                  inputs: tuple[str, ...] = ()) -> Stage:
+    """Builds `source` with `config` (its output_dir is replaced by the stage's)."""
+    params = {"source": source.spec, "source_fingerprint": source.fingerprint(),
+              **{k: v for k, v in dataclasses.asdict(config).items()
+                 if k not in ("output_dir", "overwrite")}}
+
+    def run(directory: str, _inputs: dict) -> dict:
+        out = os.path.join(directory, DATA)
+        info = build.build_dataset(source, dataclasses.replace(config, output_dir=out),
+                                   build.beam_options(beam_args))
+        return {"data_dir": out, "splits": {k: v.num_examples for k, v in info.splits.items()},
+                "realized_noise_rate": info.to_json()["realized_noise_rate"]}
+
+    return Stage(name, "dataset", params, run, inputs)
+
+
+def train_params(config: TrainConfig) -> dict:
+    """The parts of a training config that change its result."""
+    d = json.loads(json.dumps(dataclasses.asdict(config)))
+    return {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
+
+
+def train_stage(name: str, data_stage: str, config: TrainConfig) -> Stage:
+    """Trains `config` on the dataset of `data_stage`; the artifact directory is
+    the model directory, so an interrupted stage resumes from its checkpoints."""
+
+    def run(directory: str, inputs: dict) -> dict:
+        data_dir = inputs[data_stage]["outputs"]["data_dir"]
+        keras.backend.clear_session()
+        summary = Trainer(dataclasses.replace(config, data_dir=data_dir,
+                                              model_dir=directory)).run()
+        return {k: v for k, v in summary.items() if not isinstance(v, dict)}
+
+    return Stage(name, "train", train_params(config), run, (data_stage,), resumable=True)
+
+
+def restore_net(config: TrainConfig) -> keras.Model:
+    """The final network of a finished training run (its last checkpoint)."""
+    trainer = Trainer(config)
+    if not trainer.restore():
+        raise ValueError(f"no checkpoint in {config.model_dir}")
+    return trainer.net
+
+
+def accuracy_on(net: keras.Model, data_dir: str, split: str, batch_size: int = 500) -> dict:
+    """Accuracy and loss of `net` on a whole split of a dataset directory."""
+    from cg_tf.input import InputConfig, Reader
+    reader = Reader(InputConfig(data_dir, batch_size, eval_batch_size=batch_size))
+    if split not in reader.info.splits:
+        raise ValueError(f"{data_dir} has no split {split!r}")
+    r = metrics.evaluate(net, reader.examples(split))
+    return {"accuracy": r["accuracy"], "loss": r["loss"], "count": r["count"]}
+
+
+def read_info(data_dir: str) -> records.DatasetInfo:
+    return records.load_info(data_dir)
+
+
+def write_json(path: str, value) -> None:
+    with tf.io.gfile.GFile(path, "w") as f:
+        json.dump(value, f, indent=1)
