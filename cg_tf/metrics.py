@@ -1,6 +1,8 @@
 """Memorization metrics (DESIGN.md section 5): the math as small pure
 functions, the evaluation of a fixed subset, and the evaluation schedule."""
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
@@ -60,8 +62,9 @@ def evaluate(net, subset: tf.data.Dataset, top5: bool = False) -> dict:
     label (and top-5 accuracy) of `net` on a batched evaluation subset, and
     the per-example correctness against the training label (`correct`)."""
     totals, correct = np.zeros(5), []
+    evaluate_batch = _eval_fn(net)
     for batch in subset:
-        sums, ok = _eval_batch(net, batch["image"], batch["label"], batch["true_label"])
+        sums, ok = evaluate_batch(batch["image"], batch["label"], batch["true_label"])
         totals += sums.numpy()
         correct.append(ok.numpy())
     n = max(totals[4], 1.0)
@@ -73,7 +76,19 @@ def evaluate(net, subset: tf.data.Dataset, top5: bool = False) -> dict:
     return out
 
 
-@tf.function(reduce_retracing=True)
+_EVAL_FNS: dict[int, object] = {}  # by id(net); each function holds its net, so ids stay unique
+
+
+def _eval_fn(net):
+    """One traced evaluation function per network (the last few networks)."""
+    if id(net) not in _EVAL_FNS:
+        while len(_EVAL_FNS) >= 8:
+            _EVAL_FNS.pop(next(iter(_EVAL_FNS)))
+        _EVAL_FNS[id(net)] = tf.function(functools.partial(_eval_batch, net),
+                                         reduce_retracing=True)
+    return _EVAL_FNS[id(net)]
+
+
 def _eval_batch(net, images, labels, true_labels):
     logits = tf.cast(net(images, training=False), tf.float32)
     pred = tf.argmax(logits, -1, output_type=tf.int32)

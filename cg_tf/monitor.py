@@ -96,10 +96,11 @@ class Monitor:
                  config: MonitorConfig, writer):
         config.check()
         self.net, self.reader, self.config, self.writer = net, reader, config, writer
-        self.subsets = reader.eval_subsets()
+        subsets = reader.eval_subsets()
         self.top5 = reader.num_classes > 10
-        self.ids = {g: _collect(self.subsets[g], "example_id")
-                    for g in tags.GROUPS if g in self.subsets}
+        ids = {g: _collect(subsets[g], "example_id") for g in tags.GROUPS if g in subsets}
+        self.ids = {g: i for g, i in ids.items() if len(i)}  # a clean dataset has no corrupt
+        self.subsets = {k: v for k, v in subsets.items() if k not in ids or k in self.ids}
         self.events = LearningEvents({g: len(ids) for g, ids in self.ids.items()})
         self.probe = None
         size = batch_size if config.probe_size is None else config.probe_size

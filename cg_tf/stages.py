@@ -12,9 +12,8 @@ import json
 import os
 
 import keras
-import tensorflow as tf
 
-from cg_tf import build, metrics, records
+from cg_tf import build, metrics
 from cg_tf.components import Stage
 from cg_tf.sources import Source
 from cg_tf.trainer import TrainConfig, Trainer
@@ -47,18 +46,22 @@ def train_params(config: TrainConfig) -> dict:
     return {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
 
 
-def train_stage(name: str, data_stage: str, config: TrainConfig) -> Stage:
-    """Trains `config` on the dataset of `data_stage`; the artifact directory is
-    the model directory, so an interrupted stage resumes from its checkpoints."""
+def train_stage(name: str, data_stage: str, config: TrainConfig,
+                data_output: str = "data_dir") -> Stage:
+    """Trains `config` on the dataset that `data_stage` names in its output
+    `data_output`; the artifact directory is the model directory, so an
+    interrupted stage resumes from its checkpoints."""
 
     def run(directory: str, inputs: dict) -> dict:
-        data_dir = inputs[data_stage]["outputs"]["data_dir"]
+        data_dir = inputs[data_stage]["outputs"][data_output]
         keras.backend.clear_session()
         summary = Trainer(dataclasses.replace(config, data_dir=data_dir,
                                               model_dir=directory)).run()
-        return {k: v for k, v in summary.items() if not isinstance(v, dict)}
+        return {"model_dir": directory,
+                **{k: v for k, v in summary.items() if not isinstance(v, dict)}}
 
-    return Stage(name, "train", train_params(config), run, (data_stage,), resumable=True)
+    params = {**train_params(config), "data": data_output}
+    return Stage(name, "train", params, run, (data_stage,), resumable=True)
 
 
 def restore_net(config: TrainConfig) -> keras.Model:
@@ -72,17 +75,9 @@ def restore_net(config: TrainConfig) -> keras.Model:
 def accuracy_on(net: keras.Model, data_dir: str, split: str, batch_size: int = 500) -> dict:
     """Accuracy and loss of `net` on a whole split of a dataset directory."""
     from cg_tf.input import InputConfig, Reader
-    reader = Reader(InputConfig(data_dir, batch_size, eval_batch_size=batch_size))
+    reader = Reader(InputConfig(data_dir, batch_size=1, eval_batch_size=batch_size))
     if split not in reader.info.splits:
         raise ValueError(f"{data_dir} has no split {split!r}")
     r = metrics.evaluate(net, reader.examples(split))
     return {"accuracy": r["accuracy"], "loss": r["loss"], "count": r["count"]}
 
-
-def read_info(data_dir: str) -> records.DatasetInfo:
-    return records.load_info(data_dir)
-
-
-def write_json(path: str, value) -> None:
-    with tf.io.gfile.GFile(path, "w") as f:
-        json.dump(value, f, indent=1)
