@@ -1,0 +1,91 @@
+"""The component runner: caching, resuming, refusing other parameters."""
+
+import json
+import os
+
+import pytest
+
+from cg_tf import components
+from cg_tf.components import Stage, StageError
+
+
+def toy(calls, name, params, inputs=(), resumable=False, fail=False):
+    def run(directory, upstream):
+        calls.append(name)
+        assert set(upstream) == set(inputs)
+        with open(os.path.join(directory, "out.txt"), "a") as f:
+            f.write(json.dumps(params))
+        if fail:
+            raise RuntimeError(f"{name} failed")
+        return {"value": params.get("x", 0) + sum(u["outputs"]["value"] for u in upstream.values())}
+    return Stage(name, "toy", params, run, tuple(inputs), resumable)
+
+
+def pipeline(calls, x=1, y=2, fail_b=False):
+    return [toy(calls, "a", {"x": x}), toy(calls, "b", {"x": y}, ["a"], fail=fail_b),
+            toy(calls, "c", {}, ["a", "b"])]
+
+
+def test_runs_in_order_then_skips_what_is_complete(tmp_path):
+    calls = []
+    out = components.run_stages(str(tmp_path), pipeline(calls))
+    assert calls == ["a", "b", "c"] and out["c"]["outputs"]["value"] == 4
+    assert out["b"]["inputs"] == {"a": out["a"]["fingerprint"]}
+    again = components.run_stages(str(tmp_path), pipeline(calls))
+    assert calls == ["a", "b", "c"]  # nothing ran twice
+    assert again == out
+
+
+def test_other_parameters_are_refused_before_anything_runs(tmp_path):
+    calls = []
+    components.run_stages(str(tmp_path), pipeline(calls))
+    with pytest.raises(StageError, match=r"b was made with other parameters \(params.x: 2 -> 5\)"):
+        components.run_stages(str(tmp_path), pipeline(calls, y=5))
+    assert calls == ["a", "b", "c"]
+    # --overwrite rebuilds the changed stage and what reads it, not what it reads.
+    out = components.run_stages(str(tmp_path), pipeline(calls, y=5), overwrite=True)
+    assert calls == ["a", "b", "c", "b", "c"] and out["c"]["outputs"]["value"] == 7
+    assert (tmp_path / "b" / "out.txt").read_text() == '{"x": 5}'  # emptied first
+
+
+def test_an_upstream_change_reaches_downstream_fingerprints(tmp_path):
+    components.run_stages(str(tmp_path), pipeline([]))
+    with pytest.raises(StageError, match="a was made with other parameters"):
+        components.run_stages(str(tmp_path), pipeline([], x=7))
+
+
+def test_interrupted_stages_restart_cleanly(tmp_path):
+    calls = []
+    with pytest.raises(RuntimeError, match="b failed"):
+        components.run_stages(str(tmp_path), pipeline(calls, fail_b=True))
+    assert components.read_manifest(str(tmp_path / "b"))["status"] == "running"
+    assert components.read_manifest(str(tmp_path / "a"))["status"] == "complete"
+    components.run_stages(str(tmp_path), pipeline(calls))
+    assert calls == ["a", "b", "b", "c"]
+    # Not resumable: restarted from an empty directory.
+    assert (tmp_path / "b" / "out.txt").read_text() == '{"x": 2}'
+
+
+def test_a_resumable_stage_continues_in_place(tmp_path):
+    calls = []
+    stages = [toy(calls, "train", {"x": 1}, resumable=True, fail=True)]
+    with pytest.raises(RuntimeError):
+        components.run_stages(str(tmp_path), stages)
+    components.run_stages(str(tmp_path), [toy(calls, "train", {"x": 1}, resumable=True)])
+    assert (tmp_path / "train" / "out.txt").read_text() == '{"x": 1}{"x": 1}'
+
+
+def test_only_runs_matching_stages_whose_inputs_are_complete(tmp_path):
+    calls = []
+    with pytest.raises(StageError, match=r"stage 'b' needs \['a'\] complete first"):
+        components.run_stages(str(tmp_path), pipeline(calls), only="b")
+    components.run_stages(str(tmp_path), pipeline(calls), only="a")
+    components.run_stages(str(tmp_path), pipeline(calls), only="b")
+    assert calls == ["a", "b"]
+
+
+def test_bad_pipelines():
+    with pytest.raises(StageError, match="two stages are named 'a'"):
+        components.plan("/nonexistent", [toy([], "a", {}), toy([], "a", {})])
+    with pytest.raises(StageError, match=r"reads \['z'\], which no earlier stage makes"):
+        components.plan("/nonexistent", [toy([], "a", {}, ["z"])])
