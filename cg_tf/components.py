@@ -107,8 +107,14 @@ def plan(root: str, stages: list[Stage], overwrite: bool = False) -> dict[str, d
     return expected
 
 
+def progress(message: str) -> None:
+    """Stage progress, to the log and the terminal."""
+    logging.info("%s", message)
+    print(message, flush=True)
+
+
 def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: str | None = None,
-               log: Callable[[str], None] = logging.info) -> dict[str, dict]:
+               log: Callable[[str], None] = progress) -> dict[str, dict]:
     """Runs what is not done yet; returns every stage's manifest.
 
     `only` (a glob on stage names) runs just the matching stages, whose inputs

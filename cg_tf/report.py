@@ -128,3 +128,11 @@ def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def print_outputs(paths: dict[str, str], logdir: str) -> None:
+    """A pipeline's closing words: its Markdown summary and where things are."""
+    with open(paths["md"]) as f:
+        print(f.read())
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    print(f"TensorBoard: tensorboard --logdir {logdir}")

@@ -16,56 +16,51 @@ import sys
 
 from absl import app, flags, logging
 
-from cg_tf import components, easy_hard
+from cg_tf import components, easy_hard, report
 from cg_tf import train as trainer_flags
 from cg_tf.common_flags import SEED
 from cg_tf.sources import SourceError
-from pipelines import dataset_flags
+from pipelines import shared_flags
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the stages and report go.")
 _FIRST_EPOCHS = flags.DEFINE_integer("first_epochs", 2, "Epochs of the SGD run that sorts "
                                      "training examples into easy and hard.")
 _TRAIN_SIZE = flags.DEFINE_integer("train_size", None, "Training examples per set "
                                    "(default: equal sets, half the smaller one).")
 _HELDOUT_SIZE = flags.DEFINE_integer("heldout_size", None, "Held-out examples per set "
                                      "(default: the rest of the smaller set's half).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild stages made with other parameters.")
-_ONLY = flags.DEFINE_string("only", None, "Run only the stages whose names match this glob.")
+
+
+def make_stages(beam_args: list[str]) -> list:
+    """The experiment these flags ask for; raises ValueError naming a bad flag."""
+    train = trainer_flags.config_from_flags()
+    train.check()
+    for flag in (_FIRST_EPOCHS, _TRAIN_SIZE, _HELDOUT_SIZE):
+        if flag.value is not None and flag.value < 1:
+            raise ValueError(f"--{flag.name} must be positive, got {flag.value}")
+    return easy_hard.pipeline(
+        shared_flags.source(),
+        shared_flags.build_config(shared_flags.OUTPUT_DIR.value, 0.0, SEED.value), beam_args,
+        train, _FIRST_EPOCHS.value, easy_hard.Sizes(_TRAIN_SIZE.value, _HELDOUT_SIZE.value))
 
 
 def main(beam_args: list[str]) -> None:
-    if not _OUTPUT_DIR.value:
+    out = shared_flags.OUTPUT_DIR.value
+    if not out:
         raise app.UsageError("--output_dir is required")
     trainer_flags.setup_devices()
     try:
-        train = trainer_flags.config_from_flags()
-        train.check()
-        for flag in (_FIRST_EPOCHS, _TRAIN_SIZE, _HELDOUT_SIZE):
-            if flag.value is not None and flag.value < 1:
-                raise ValueError(f"--{flag.name} must be positive, got {flag.value}")
-        stages = easy_hard.pipeline(
-            dataset_flags.source(), dataset_flags.build_config(_OUTPUT_DIR.value, 0.0, SEED.value),
-            beam_args, train, _FIRST_EPOCHS.value,
-            easy_hard.Sizes(_TRAIN_SIZE.value, _HELDOUT_SIZE.value))
-        manifests = components.run_stages(_OUTPUT_DIR.value, stages, _OVERWRITE.value,
-                                          _ONLY.value, log=_progress)
+        manifests = components.run_stages(out, make_stages(beam_args),
+                                          shared_flags.OVERWRITE.value,
+                                          shared_flags.ONLY.value)
     except (ValueError, SourceError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
     if (manifests.get("cross_eval") or {}).get("status") != "complete":
         print("cross_eval has not run yet (see --only); no report")
         return
-    paths = easy_hard.write_report(_OUTPUT_DIR.value, manifests)
-    with open(paths["md"]) as f:
-        print(f.read())
-    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
-    print(f"TensorBoard: tensorboard --logdir {_OUTPUT_DIR.value}/runs")
-
-
-def _progress(message: str) -> None:
-    logging.info("%s", message)
-    print(message, flush=True)
+    paths = easy_hard.write_report(out, manifests)
+    report.print_outputs(paths, f"{out}/runs")
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: main(argv), flags_parser=dataset_flags.parse_flags)
+    app.run(lambda argv: main(argv), flags_parser=shared_flags.parse_flags)

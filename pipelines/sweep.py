@@ -20,56 +20,49 @@ import sys
 
 from absl import app, flags, logging
 
-from cg_tf import components, sweep
+from cg_tf import components, report, sweep
 from cg_tf import train as trainer_flags
 from cg_tf.common_flags import SEED
 from cg_tf.sources import SourceError
-from pipelines import dataset_flags
+from pipelines import shared_flags
 
-FLAGS = flags.FLAGS
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the sweep's stages and report go.")
 _NOISE_RATES = flags.DEFINE_list("noise_rates", ["0.5"], "Noise rates of the grid.")
 _AGGREGATORS = flags.DEFINE_list(
     "aggregators", ["mean", "winsorized:1", "winsorized:2", "winsorized:4", "winsorized:8"],
     "Aggregator settings of the grid: name or name:parameter (winsorized:4, trimmed:2, "
     "median_of_means:3).")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds of the grid.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild stages made with other parameters.")
-_ONLY = flags.DEFINE_string("only", None, "Run only the stages whose names match this glob.")
+
+
+def make_stages(beam_args: list[str]) -> tuple[list, list[sweep.Point]]:
+    """The sweep these flags ask for; raises ValueError naming a bad flag."""
+    base = trainer_flags.config_from_flags()
+    base.check()
+    settings = [sweep.parse_setting(s, base.aggregator) for s in _AGGREGATORS.value]
+    rates = [float(r) for r in _NOISE_RATES.value]
+    points = sweep.grid(settings, rates, [int(s) for s in _SEEDS.value])
+    # Every noise rate is checked before anything runs.
+    builds = [shared_flags.build_config(shared_flags.OUTPUT_DIR.value, r, SEED.value)
+              for r in rates]
+    return sweep.stages(shared_flags.source(), builds[0], beam_args, base, points,
+                        base.batch_size), points
 
 
 def main(beam_args: list[str]) -> None:
-    if not _OUTPUT_DIR.value:
+    out = shared_flags.OUTPUT_DIR.value
+    if not out:
         raise app.UsageError("--output_dir is required")
     trainer_flags.setup_devices()
     try:
-        base = trainer_flags.config_from_flags()
-        base.check()
-        settings = [sweep.parse_setting(s, base.aggregator) for s in _AGGREGATORS.value]
-        rates = [float(r) for r in _NOISE_RATES.value]
-        seeds = [int(s) for s in _SEEDS.value]
-        points = sweep.grid(settings, rates, seeds)
-        build_config = dataset_flags.build_config(_OUTPUT_DIR.value, rates[0], SEED.value)
-        for rate in rates:  # every noise rate is valid before anything runs
-            dataset_flags.build_config(_OUTPUT_DIR.value, rate, SEED.value)
-        stages = sweep.stages(dataset_flags.source(), build_config, beam_args, base, points,
-                              base.batch_size)
-        manifests = components.run_stages(_OUTPUT_DIR.value, stages, _OVERWRITE.value,
-                                          _ONLY.value, log=_progress)
+        stages, points = make_stages(beam_args)
+        manifests = components.run_stages(out, stages, shared_flags.OVERWRITE.value,
+                                          shared_flags.ONLY.value)
     except (ValueError, SourceError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
-    paths = sweep.write_report(_OUTPUT_DIR.value, points, manifests)
-    with open(paths["md"]) as f:
-        print(f.read())
-    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
-    print(f"TensorBoard: tensorboard --logdir {_OUTPUT_DIR.value}/runs")
-
-
-def _progress(message: str) -> None:
-    logging.info("%s", message)
-    print(message, flush=True)
+    paths = sweep.write_report(out, points, manifests)
+    report.print_outputs(paths, f"{out}/runs")
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: main(argv), flags_parser=dataset_flags.parse_flags)
+    app.run(lambda argv: main(argv), flags_parser=shared_flags.parse_flags)

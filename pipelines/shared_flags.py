@@ -1,5 +1,6 @@
-"""The dataset flags shared by the pipeline mains (noisy_labels, sweep,
-easy_hard), and the split of a command line between this program and Beam."""
+"""The flags shared by the pipeline mains (noisy_labels, sweep, easy_hard):
+the output directory and the dataset flags; and the split of a command line
+between a main and Beam. (Defined once, so the mains can share a process.)"""
 
 import argparse
 
@@ -10,6 +11,11 @@ from cg_tf import build
 from cg_tf.noise import NOISE_MODES, NoiseSpec
 from cg_tf.sources import SOURCE_KINDS, Source, make_source
 
+OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory (local or gs://).")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace what an earlier run with other "
+                              "parameters wrote to --output_dir.")
+ONLY = flags.DEFINE_string("only", None, "Run only the stages whose names match this glob "
+                           "(sweep, easy_hard).")
 SOURCE = flags.DEFINE_string("source", "digits", f"One of {', '.join(SOURCE_KINDS)}.")
 NOISE_MODE = flags.DEFINE_enum("noise_mode", "uniform", list(NOISE_MODES),
                                "How corrupt labels are drawn.")

@@ -1,0 +1,204 @@
+"""The reproduction pipelines end to end on digits with tiny settings: the
+noise sweep and the easy/hard experiment, killed between and inside stages
+and re-run, with manifests and the refusal of other parameters."""
+
+import csv
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, read_split, run_main
+
+from cg_tf import components, records
+
+TINY = ["--source=digits", "--fc_widths=32", "--batch_size=25", "--learning_rate=0.5",
+        "--eval_sample_size=100", "--probe_size=10", "--checkpoint_every=10", "--num_shards=2"]
+SWEEP = [*TINY, "--aggregators=mean,winsorized:2", "--noise_rates=0.5", "--seeds=0,1",
+         "--steps=60"]
+RUNS = [f"{s}_noise0.5_seed{seed}" for s in ("mean", "winsorized_c2") for seed in (0, 1)]
+
+
+def manifest(root, stage):
+    return components.read_manifest(os.path.join(root, stage))
+
+
+def stage_lines(stdout):
+    return [line for line in stdout.splitlines() if line.startswith("[")]
+
+
+def kill_when(args, ready, timeout=300):
+    """Starts `python -m args`, SIGKILLs it once `ready()` holds."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "finished before it could be killed"
+        assert time.time() < deadline, "timed out waiting to kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
+    out = str(tmp_path / "sweep")
+    args = ["pipelines.sweep", f"--output_dir={out}", *SWEEP]
+    # Inside the second run: it has checkpointed, but is not complete.
+    second = os.path.join(out, "runs", RUNS[1])
+    kill_when(args, lambda: glob.glob(os.path.join(second, "checkpoints", "ckpt-20.index")))
+    assert manifest(out, "runs/" + RUNS[0])["status"] == "complete"
+    assert manifest(out, "runs/" + RUNS[1])["status"] == "running"
+    first_done = manifest(out, "runs/" + RUNS[0])
+    # Between stages: right after the third run completes.
+    kill_when(args, lambda: (manifest(out, "runs/" + RUNS[2]) or {}).get("status") == "complete")
+    done = run_main(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = stage_lines(done.stdout)
+    assert "[1/5] data/noise_0.5: complete, skipped" in lines
+    for run in RUNS[:3]:  # no completed stage runs twice
+        assert any(line.endswith(f"runs/{run}: complete, skipped") for line in lines), lines
+    assert manifest(out, "runs/" + RUNS[0]) == first_done
+    # The report: a row per run, mean and spread per setting, the figure.
+    with open(os.path.join(out, "summary.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == RUNS
+    assert {r["aggregator"] for r in rows} == {"mean", "winsorized"}
+    for r in rows:
+        assert r["steps"] == "60" and 0 <= float(r["test_accuracy"]) <= 1
+        assert r["parameter"] == ("2" if r["aggregator"] == "winsorized" else "")
+    md = open(os.path.join(out, "summary.md")).read()
+    assert "| winsorized_c2_noise0.5 | 2 |" in md and "±" in md
+    assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
+    m = manifest(out, "runs/" + RUNS[3])
+    assert m["params"]["aggregator"] == {"name": "winsorized", "c": 2, "groups": 3,
+                                         "chunk": None, "bn_mode": "batch_stats",
+                                         "weight_decay": 0.0}
+    assert m["params"]["seed"] == 1 and m["inputs"] == {
+        "data/noise_0.5": manifest(out, "data/noise_0.5")["fingerprint"]}
+    # Other parameters are refused, naming the difference; nothing changes.
+    before = {p: os.path.getmtime(p) for p in glob.glob(f"{out}/**/manifest.json", recursive=True)}
+    refused = run_main(*args[:-1], "--steps=61")
+    assert refused.returncode != 0
+    assert "was made with other parameters (params.steps: 60 -> 61)" in refused.stderr
+    assert before == {p: os.path.getmtime(p) for p in before}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--aggregators=winsorized"], "winsorized needs its parameter"),
+    (["--aggregators=mean:3"], "mean takes no parameter"),
+    (["--aggregators=winsorized:x"], "needs an integer after ':'"),
+    (["--aggregators=winsorized:60"], "--winsorize_c=60"),
+    (["--noise_rates=1.5"], "noise_rate must be in"),
+    (["--learning_rate=-1"], "--learning_rate must be positive"),
+])
+def test_sweep_bad_flags_are_named(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan(os.path.join(REPO, "configs", "sweep_demo.flags"), tmp_path / "x", *args)
+
+
+def test_bad_flags_fail_before_any_work(tmp_path):
+    for main, args in (("pipelines.sweep", ["--aggregators=winsorized:60"]),
+                       ("pipelines.easy_hard", ["--heldout_size=0"])):
+        done = run_main(main, f"--output_dir={tmp_path / 'x'}", *TINY, "--steps=5", *args)
+        assert done.returncode != 0 and "error: " in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "x").exists()
+
+
+def test_easy_hard_end_to_end(tmp_path):
+    out = str(tmp_path / "eh")
+    args = ["pipelines.easy_hard", f"--output_dir={out}", *TINY, "--first_epochs=1",
+            "--learning_rate=0.02", "--epochs=3", "--heldout_size=50"]
+    # Killed inside the split (Beam) stage: it restarts from an emptied directory.
+    kill_when(args, lambda: (manifest(out, "split") or {}).get("status") == "running")
+    done = run_main(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = stage_lines(done.stdout)
+    assert "[1/6] data/clean: complete, skipped" in lines
+    assert "[2/6] first_training: complete, skipped" in lines
+    assert "[3/6] split: restarting" in lines
+    split = manifest(out, "split")["outputs"]
+    first = manifest(out, "first_training")["outputs"]["model_dir"]
+    learned = set(open(os.path.join(first, "learned_ids.txt")).read().split())
+    not_learned = set(open(os.path.join(first, "not_learned_ids.txt")).read().split())
+    assert split["available"] == {"easy": len(learned), "hard": len(not_learned)}
+    assert split["heldout_size"] == 50
+    assert split["train_size"] == min(len(learned), len(not_learned)) // 2
+    clean = read_split(manifest(out, "data/clean")["outputs"]["data_dir"], "train")
+    for name, ids in (("easy", learned), ("hard", not_learned)):
+        data = split[f"{name}_data_dir"]
+        info = records.load_info(data)
+        assert info.eval_split == "heldout" and info.splits["train"].num_corrupt == 0
+        train, heldout = read_split(data, "train"), read_split(data, "heldout")
+        assert len(train) == split["train_size"] and len(heldout) == 50
+        assert not set(train) & set(heldout) and set(train) | set(heldout) <= ids
+        for i in train:  # the same images and labels as the clean dataset
+            assert train[i]["image"] == clean[i]["image"]
+            assert train[i]["label"] == clean[i]["true_label"]
+    with open(os.path.join(out, "summary.csv")) as f:
+        rows = {r["trained_on"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"easy", "hard"}
+    for r in rows.values():
+        for column in ("easy heldout", "hard heldout", "clean test"):
+            assert 0 <= float(r[column]) <= 1
+    accuracy = manifest(out, "cross_eval")["outputs"]["accuracy"]
+    assert accuracy["easy"]["easy/heldout"]["count"] == 50
+    assert accuracy["hard"]["clean/test"]["count"] == len(read_split(
+        manifest(out, "data/clean")["outputs"]["data_dir"], "test"))
+    assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
+    again = run_main(*args)
+    assert all(line.endswith("complete, skipped") for line in stage_lines(again.stdout))
+
+
+PIPELINE_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "sweep_*.flags"))
+                          + glob.glob(os.path.join(REPO, "configs", "easy_hard_*.flags")))
+
+
+def plan(path, tmp_path, *overrides):
+    """The stages a pipeline config asks for (source replaced by digits)."""
+    from absl import flags
+    from pipelines import easy_hard, sweep
+    main = sweep if os.path.basename(path).startswith("sweep_") else easy_hard
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["pipeline", f"--flagfile={path}", "--source=digits",
+                     f"--output_dir={tmp_path}", *overrides])
+        stages = main.make_stages([])
+        return stages[0] if main is sweep else stages
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=os.path.basename)
+def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    name = os.path.basename(path)
+    stages = {s.name: s for s in plan(path, tmp_path)}
+    trains = [s for s in stages.values() if s.kind == "train"]
+    assert trains and all(s.inputs[0] in stages for s in stages.values() if s.inputs)
+    if name == "sweep_winsorize_fashion_mnist.flags":
+        assert sorted(stages) == ["data/noise_0.5", *sorted(
+            f"runs/{s}_noise0.5_seed0" for s in
+            ("mean", "winsorized_c1", "winsorized_c2", "winsorized_c4", "winsorized_c8"))]
+        for s in trains:
+            p = s.params
+            assert (p["fc_widths"], p["learning_rate"], p["batch_size"], p["momentum"],
+                    p["epochs"]) == ([2048], 0.1, 100, 0.0, 60)
+    if name == "easy_hard_imagenet.flags":
+        assert stages["first_training"].params["epochs"] == 2
+        assert stages["first_training"].params["aggregator"]["name"] == "mean"
+        assert (stages["split"].params["train_size"], stages["split"].params["heldout_size"]) \
+            == (500_000, 100_000)
+        assert stages["runs/easy"].params["model"] == "resnet50"
+        assert stages["runs/hard"].params["epochs"] == 90
+    if name.startswith("easy_hard_"):
+        assert list(stages) == ["data/clean", "first_training", "split", "runs/easy",
+                                "runs/hard", "cross_eval"]
+        assert stages["data/clean"].params["noise"]["rate"] == 0.0
+    if "cifar10" in name:
+        assert all(s.params["model"] == "cifar_resnet18" for s in trains)
