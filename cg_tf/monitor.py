@@ -110,10 +110,10 @@ class Monitor:
         elif size:
             logging.warning("no probe: the mixed subset has fewer than %d examples", size)
         self.seconds = {"eval": 0.0, "probe": 0.0}
-        self.probe_setup_seconds = None  # the first probe, which traces the graph
+        self._probe_traced = False  # the first probe traces the graph: outside the budget
         self._run_config = {"aggregator": dataclasses.asdict(aggregator),
                             "noise": reader.info.noise, "num_classes": reader.num_classes,
-                            "batch_size": batch_size, "probe_size": size if sample else 0}
+                            "batch_size": batch_size, "probe_size": size if sample is not None else 0}
 
     def schedule(self, total_steps: int) -> list[int]:
         return metrics.eval_schedule(total_steps, self.reader.steps_per_epoch,
@@ -147,10 +147,9 @@ class Monitor:
         if self.probe and self._probe_share(train_seconds) <= self.config.probe_max_share:
             start = time.monotonic()
             probe = self.probe.measure()
-            if self.probe_setup_seconds is None:  # one-time cost, outside the budget
-                self.probe_setup_seconds = time.monotonic() - start
-            else:
+            if self._probe_traced:
                 self.seconds["probe"] += time.monotonic() - start
+            self._probe_traced = True
         with self.writer.as_default(step=step):
             self._write_eval(results)
             self._write_learning()

@@ -3,7 +3,6 @@ regression: dL/dW = x (p - onehot(y))^T, dL/db = p - onehot(y))."""
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from cg_tf import tags
 from cg_tf.models import fc

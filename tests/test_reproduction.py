@@ -4,7 +4,6 @@ and re-run, with manifests and the refusal of other parameters."""
 
 import csv
 import glob
-import json
 import os
 import re
 import signal

@@ -63,9 +63,9 @@ class RecordsSource(Source):
             self._selection = read_selection(self.selection_path)
         (path,) = task.args
         for raw in tf.data.TFRecordDataset(path, compression_type=self._compression):
-            ex = records.parse_example(raw)
-            example_id = ex["example_id"].numpy().decode()
+            feature = tf.train.Example.FromString(raw.numpy()).features.feature
+            example_id = feature["example_id"].bytes_list.value[0].decode()
             split = self._selection.get(example_id)
             if split is not None:
-                yield RawExample(split, example_id, int(ex["true_label"]), path,
-                                 encoded=ex["image"].numpy())
+                yield RawExample(split, example_id, feature["true_label"].int64_list.value[0],
+                                 path, encoded=feature["image"].bytes_list.value[0])
