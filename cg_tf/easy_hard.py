@@ -63,7 +63,7 @@ def select(ids: list[str], train: int, heldout: int, seed: int, name: str) -> di
 
 
 def _read_ids(path: str) -> list[str]:
-    with open(path) as f:
+    with report.open_file(path) as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -142,11 +142,11 @@ def write_report(output_dir: str, manifests: dict[str, dict]) -> dict:
     first = manifests["first_training"]["outputs"]
     paths = {k: os.path.join(output_dir, f) for k, f in
              (("csv", "summary.csv"), ("md", "summary.md"), ("figure", "figure.png"))}
-    with open(paths["csv"], "w", newline="") as f:
+    with report.open_file(paths["csv"], "w") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(paths["md"], "w") as f:
+    with report.open_file(paths["md"], "w") as f:
         f.write("# Easy and hard examples\n\n")
         f.write(f"After {first['steps']} steps of SGD, {split['available']['easy']} training "
                 f"examples were classified correctly (easy) and {split['available']['hard']} "
@@ -186,5 +186,4 @@ def _figure(rows: list[dict], runs: list[report.Run], path: str) -> None:
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)

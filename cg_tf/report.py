@@ -13,6 +13,12 @@ import math
 from cg_tf import tags
 
 
+def open_file(path: str, mode: str = "r"):
+    """A local or gs:// file (tf.io.gfile, imported only when needed)."""
+    import tensorflow as tf
+    return tf.io.gfile.GFile(path, mode)
+
+
 @dataclasses.dataclass
 class Run:
     name: str
@@ -126,13 +132,20 @@ def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -
         ax.set_ylabel("accuracy")
     axes.flat[0].legend(fontsize=8, loc="center right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Saves a matplotlib figure as PNG to a local or gs:// path and closes it."""
+    import matplotlib.pyplot as plt
+    with open_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
 def print_outputs(paths: dict[str, str], logdir: str) -> None:
     """A pipeline's closing words: its Markdown summary and where things are."""
-    with open(paths["md"]) as f:
+    with open_file(paths["md"]) as f:
         print(f.read())
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     print(f"TensorBoard: tensorboard --logdir {logdir}")

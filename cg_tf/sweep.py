@@ -129,7 +129,7 @@ def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict
     table = rows(points, manifests)
     paths = {k: os.path.join(output_dir, f) for k, f in
              (("csv", "summary.csv"), ("md", "summary.md"), ("figure", "figure.png"))}
-    with open(paths["csv"], "w", newline="") as f:
+    with report.open_file(paths["csv"], "w") as f:
         if table:
             writer = csv.DictWriter(f, list(table[0]))
             writer.writeheader()
@@ -137,7 +137,7 @@ def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict
     means = over_seeds(table)
     shown = [{k: r[k] for k in ("setting", "seeds")} | {
         k.replace("_accuracy", ""): _pm(r[k], r[f"{k}_std"]) for k in RESULTS} for r in means]
-    with open(paths["md"], "w") as f:
+    with report.open_file(paths["md"], "w") as f:
         f.write("# Noise sweep\n\n## Mean and spread over seeds\n\n")
         f.write(report.markdown(shown))
         f.write("\n## Every run\n\n")

@@ -151,11 +151,11 @@ def test_overwrite_refuses_foreign_files(tmp_path):
 @pytest.fixture
 def cli():
     """Calls the pipeline main in-process with fresh flag values."""
-    from pipelines import noisy_labels
+    from pipelines import noisy_labels, shared_flags
 
     def call(*args):
         flags.FLAGS.unparse_flags()
-        rest = noisy_labels.parse_flags(["noisy_labels", *args])
+        rest = shared_flags.parse_flags(["noisy_labels", *args])
         noisy_labels.main(rest)
     yield call
     flags.FLAGS.unparse_flags()
