@@ -27,7 +27,7 @@ _FIRST_EPOCHS = flags.DEFINE_integer("first_epochs", 2, "Epochs of the SGD run t
 _TRAIN_SIZE = flags.DEFINE_integer("train_size", None, "Training examples per set "
                                    "(default: equal sets, half the smaller one).")
 _HELDOUT_SIZE = flags.DEFINE_integer("heldout_size", None, "Held-out examples per set "
-                                     "(default: the rest of the smaller set's half).")
+                                     "(default: what the smaller set has left).")
 
 
 def make_stages(beam_args: list[str]) -> list:
