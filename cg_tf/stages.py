@@ -23,8 +23,8 @@ EXECUTION_FIELDS = ("data_dir", "model_dir", "strategy", "tpu", "checkpoint_ever
                     "jit_compile")
 
 
-def dataset_stage(name: str, source: Source, config: build.BuildConfig, beam_args: list[str],
-                  inputs: tuple[str, ...] = ()) -> Stage:
+def dataset_stage(name: str, source: Source, config: build.BuildConfig,
+                  beam_args: list[str]) -> Stage:
     """Builds `source` with `config` (its output_dir is replaced by the stage's)."""
     params = {"source": source.spec, "source_fingerprint": source.fingerprint(),
               **{k: v for k, v in dataclasses.asdict(config).items()
@@ -37,7 +37,7 @@ def dataset_stage(name: str, source: Source, config: build.BuildConfig, beam_arg
         return {"data_dir": out, "splits": {k: v.num_examples for k, v in info.splits.items()},
                 "realized_noise_rate": info.to_json()["realized_noise_rate"]}
 
-    return Stage(name, "dataset", params, run, inputs)
+    return Stage(name, "dataset", params, run)
 
 
 def train_params(config: TrainConfig) -> dict:
