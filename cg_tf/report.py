@@ -30,46 +30,60 @@ class Run:
         return series[-1][1] if series else None
 
 
-def final_row(run: str, config: dict, last: dict[str, float | None]) -> dict:
-    """A runs-table row: the run's setting and the last value of each column."""
-    aggregator = config.get("aggregator", {})
-    return {"run": run, "aggregator": aggregator.get("name"),
-            "c": aggregator.get("c") if aggregator.get("name") in ("winsorized", "trimmed")
-            else None,
-            "noise_rate": config.get("noise", {}).get("rate"),
-            "step": last.get("step"),
-            **{column: last.get(tag) for column, tag in tags.TABLE_COLUMNS.items()}}
+def read_configs(provider, ctx, experiment_id: str = "") -> dict[str, dict]:
+    """{run: its configuration} for every cg_tf run a TensorBoard data provider has."""
+    from tensorboard.data.provider import RunTagFilter
+    data = provider.read_tensors(ctx, experiment_id=experiment_id, plugin_name=tags.PLUGIN_NAME,
+                                 downsample=1, run_tag_filter=RunTagFilter(tags=[tags.RUN_CONFIG]))
+    out = {}
+    for run, by_tag in data.items():
+        try:
+            out[run] = json.loads(by_tag[tags.RUN_CONFIG][-1].numpy.item())
+        except (ValueError, AttributeError):
+            out[run] = {}
+    return out
+
+
+def read_runs(provider, ctx, experiment_id: str = "", configs: dict[str, dict] | None = None,
+              runs: list[str] | None = None, tag_list: list[str] | None = None,
+              downsample: int = 2 ** 31 - 1) -> list[Run]:
+    """The scalars (`tag_list`, default all) of cg_tf runs (`runs`, default
+    all, in name order) through a TensorBoard data provider."""
+    from tensorboard.data.provider import RunTagFilter
+    configs = read_configs(provider, ctx, experiment_id) if configs is None else configs
+    names = sorted(configs) if runs is None else runs
+    scalars = provider.read_scalars(ctx, experiment_id=experiment_id, plugin_name="scalars",
+                                    downsample=downsample,
+                                    run_tag_filter=RunTagFilter(runs=names, tags=tag_list))
+    return [Run(name, configs[name], {tag: [(d.step, float(d.value)) for d in series]
+                                      for tag, series in scalars.get(name, {}).items()})
+            for name in names]
 
 
 def load_runs(logdir: str) -> list[Run]:
     """Every cg_tf run under `logdir` (those with a run configuration), by name."""
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
     from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
     multiplexer = plugin_event_multiplexer.EventMultiplexer(
         tensor_size_guidance={"scalars": 0, "histograms": 1, tags.PLUGIN_NAME: 1})
     multiplexer.AddRunsFromDirectory(logdir)
     multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, logdir)
-    ctx = context.RequestContext()
-    configs = provider.read_tensors(ctx, experiment_id="", plugin_name=tags.PLUGIN_NAME,
-                                    downsample=1)
-    scalars = provider.read_scalars(ctx, experiment_id="", plugin_name="scalars",
-                                    downsample=2 ** 31 - 1)
-    runs = []
-    for name in sorted(configs):
-        datum = configs[name][tags.RUN_CONFIG][-1]
-        runs.append(Run(name, json.loads(datum.numpy.item()),
-                        {tag: [(d.step, float(d.value)) for d in series]
-                         for tag, series in scalars.get(name, {}).items()}))
-    return runs
+    return read_runs(data_provider.MultiplexerDataProvider(multiplexer, logdir),
+                     context.RequestContext())
 
 
 def table(runs: list[Run]) -> list[dict]:
+    """A row per run: its setting, its last step and the last value of each column."""
     rows = []
     for run in runs:
-        last = {tag: run.last(tag) for tag in tags.TABLE_COLUMNS.values()}
-        last["step"] = max((s[-1][0] for s in run.scalars.values() if s), default=None)
-        rows.append(final_row(run.name, run.config, last))
+        aggregator = run.config.get("aggregator", {})
+        rows.append({
+            "run": run.name, "aggregator": aggregator.get("name"),
+            "c": aggregator.get("c") if aggregator.get("name") in ("winsorized", "trimmed")
+            else None,
+            "noise_rate": run.config.get("noise", {}).get("rate"),
+            "step": max((s[-1][0] for s in run.scalars.values() if s), default=None),
+            **{column: run.last(tag) for column, tag in tags.TABLE_COLUMNS.items()}})
     return rows
 
 

@@ -17,8 +17,7 @@ from tensorboard.data import provider
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from cg_tf import tags
-from cg_tf.report import final_row
+from cg_tf import report, tags
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
@@ -56,26 +55,16 @@ class MemorizationPlugin(base_plugin.TBPlugin):
 
     def _configs(self, where) -> dict[str, dict]:
         """{run: its configuration} for every run of this project."""
-        data = self._provider.read_tensors(
-            where["ctx"], experiment_id=where["experiment_id"], plugin_name=tags.PLUGIN_NAME,
-            downsample=1, run_tag_filter=provider.RunTagFilter(tags=[tags.RUN_CONFIG]))
-        out = {}
-        for run, by_tag in data.items():
-            datum = by_tag[tags.RUN_CONFIG][-1]
-            try:
-                out[run] = json.loads(datum.numpy.item())
-            except (ValueError, AttributeError):
-                out[run] = {}
-        return out
+        return report.read_configs(self._provider, **where)
 
-    def _runs(self, request, where) -> list[str]:
+    @staticmethod
+    def _runs(request, configs: dict[str, dict]) -> list[str]:
         """The `runs` parameter (comma-separated; default: all), checked."""
-        known = self._configs(where)
         asked = request.args.get("runs")
         if asked is None:
-            return sorted(known)
+            return sorted(configs)
         runs = [r for r in asked.split(",") if r]
-        unknown = [r for r in runs if r not in known]
+        unknown = [r for r in runs if r not in configs]
         if unknown or not runs:
             raise BadRequest(f"unknown run(s): {', '.join(unknown) or '(none given)'}")
         return runs
@@ -85,11 +74,12 @@ class MemorizationPlugin(base_plugin.TBPlugin):
             where["ctx"], experiment_id=where["experiment_id"], plugin_name="scalars",
             downsample=MAX_POINTS, run_tag_filter=provider.RunTagFilter(runs=runs, tags=tag_list))
 
-    def _scalar_tags(self, where, runs: list[str]) -> set[str]:
+    def _scalar_tags(self, where, runs: list[str]) -> dict[str, list[str]]:
+        """{run: its scalar tags}."""
         listing = self._provider.list_scalars(
             where["ctx"], experiment_id=where["experiment_id"], plugin_name="scalars",
             run_tag_filter=provider.RunTagFilter(runs=runs))
-        return {tag for by_tag in listing.values() for tag in by_tag}
+        return {run: sorted(by_tag) for run, by_tag in listing.items()}
 
     # -- routes ---------------------------------------------------------------
 
@@ -105,18 +95,18 @@ class MemorizationPlugin(base_plugin.TBPlugin):
     def _serve_runs(self, request):
         def handler(where):
             configs = self._configs(where)
+            scalar_tags = self._scalar_tags(where, sorted(configs))
             return {"runs": [{"name": run, "config": configs[run],
-                              "tags": sorted(self._scalar_tags(where, [run]))}
-                             for run in sorted(configs)]}
+                              "tags": scalar_tags.get(run, [])} for run in sorted(configs)]}
         return self._json(request, handler)
 
     @wrappers.Request.application
     def _serve_scalars(self, request):
         """?tag=T[&runs=a,b]: {run: [[step, value], ...]} for the runs that have T."""
         def handler(where):
-            runs = self._runs(request, where)
+            runs = self._runs(request, self._configs(where))
             tag = request.args.get("tag", "")
-            if tag not in self._scalar_tags(where, runs):
+            if not any(tag in t for t in self._scalar_tags(where, runs).values()):
                 raise BadRequest(f"unknown tag: {tag!r}")
             data = self._scalars(where, runs, [tag])
             return {run: [[d.step, _finite(d.value)] for d in by_tag[tag]]
@@ -144,16 +134,12 @@ class MemorizationPlugin(base_plugin.TBPlugin):
     def _serve_table(self, request):
         """[row per run]: the final accuracies and adjusted overfit."""
         def handler(where):
-            runs = self._runs(request, where)
             configs = self._configs(where)
-            data = self._scalars(where, runs, list(tags.TABLE_COLUMNS.values()))
-            rows = []
-            for run in runs:
-                series = data.get(run, {})
-                last = {tag: _finite(s[-1].value) for tag, s in series.items() if s}
-                last["step"] = max((s[-1].step for s in series.values() if s), default=None)
-                rows.append(final_row(run, configs[run], last))
-            return {"rows": rows}
+            runs = report.read_runs(self._provider, **where, configs=configs,
+                                    runs=self._runs(request, configs),
+                                    tag_list=list(tags.TABLE_COLUMNS.values()),
+                                    downsample=MAX_POINTS)
+            return {"rows": report.table(runs)}
         return self._json(request, handler)
 
     @wrappers.Request.application
