@@ -110,6 +110,7 @@ class Monitor:
         elif size:
             logging.warning("no probe: the mixed subset has fewer than %d examples", size)
         self.seconds = {"eval": 0.0, "probe": 0.0}
+        self._latest: tuple[int, dict] | None = None  # (step, results) of the last observe
         self._probe_traced = False  # the first probe traces the graph: outside the budget
         self._run_config = {"aggregator": dataclasses.asdict(aggregator),
                             "noise": reader.info.noise, "num_classes": reader.num_classes,
@@ -128,6 +129,13 @@ class Monitor:
         return {name: metrics.evaluate(self.net, ds, self.top5)
                 for name, ds in self.subsets.items()}
 
+    def results_at(self, step: int) -> dict[str, dict]:
+        """The evaluation of the model at `step`: that of the scheduled
+        evaluation if it was the last one, else a new one."""
+        if self._latest and self._latest[0] == step:
+            return self._latest[1]
+        return self.evaluate()
+
     def adjusted_overfit(self, results: dict[str, dict]) -> float:
         if "test" not in results:
             return float("nan")
@@ -140,6 +148,7 @@ class Monitor:
         budget, and writes it all."""
         start = time.monotonic()
         results = self.evaluate()
+        self._latest = (step, results)
         for group in self.ids:
             self.events.update(group, results[group]["correct"], step)
         self.seconds["eval"] += time.monotonic() - start

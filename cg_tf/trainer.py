@@ -203,7 +203,7 @@ class Trainer:
         return self.finish(loss)
 
     def finish(self, final_loss: float) -> dict:
-        results = self.monitor.evaluate()
+        results = self.monitor.results_at(int(self.step))  # the last step is scheduled
         summary = {
             "pristine_accuracy": results["pristine"]["accuracy"],
             "corrupt_accuracy": results.get("corrupt", {}).get("accuracy", float("nan")),
