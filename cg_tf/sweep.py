@@ -78,7 +78,7 @@ def data_stage_name(rate: float) -> str:
 
 
 def stages(source: Source, build_config: build.BuildConfig, beam_args: list[str],
-           train: TrainConfig, points: list[Point], batch_size: int) -> list[Stage]:
+           train: TrainConfig, points: list[Point]) -> list[Stage]:
     """Dataset stages for every noise rate, then a training stage per point;
     each point checked (with the batch size) before anything runs."""
     out = []
@@ -87,7 +87,7 @@ def stages(source: Source, build_config: build.BuildConfig, beam_args: list[str]
                                      noise=dataclasses.replace(build_config.noise, rate=rate))
         out.append(dataset_stage(data_stage_name(rate), source, config, beam_args))
     for p in points:
-        p.aggregator.check(batch_size, 1, train.momentum)
+        p.aggregator.check(train.batch_size, 1, train.momentum)
         out.append(train_stage(f"runs/{p.name}", data_stage_name(p.noise_rate),
                                dataclasses.replace(train, aggregator=p.aggregator, seed=p.seed)))
     return out

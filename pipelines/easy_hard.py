@@ -12,14 +12,11 @@ summary.csv, summary.md and figure.png to --output_dir. Stages cache and
 resume as in pipelines.sweep (--overwrite, --only); other flags go to Beam.
 """
 
-import sys
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from cg_tf import components, easy_hard, report
+from cg_tf import easy_hard, report
 from cg_tf import train as trainer_flags
 from cg_tf.common_flags import SEED
-from cg_tf.sources import SourceError
 from pipelines import shared_flags
 
 _FIRST_EPOCHS = flags.DEFINE_integer("first_epochs", 2, "Epochs of the SGD run that sorts "
@@ -44,20 +41,12 @@ def make_stages(beam_args: list[str]) -> list:
 
 
 def main(beam_args: list[str]) -> None:
-    out = shared_flags.OUTPUT_DIR.value
-    if not out:
-        raise app.UsageError("--output_dir is required")
     trainer_flags.setup_devices()
-    try:
-        manifests = components.run_stages(out, make_stages(beam_args),
-                                          shared_flags.OVERWRITE.value,
-                                          shared_flags.ONLY.value)
-    except (ValueError, SourceError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args))
     if (manifests.get("cross_eval") or {}).get("status") != "complete":
         print("cross_eval has not run yet (see --only); no report")
         return
+    out = shared_flags.OUTPUT_DIR.value
     paths = easy_hard.write_report(out, manifests)
     report.print_outputs(paths, f"{out}/runs")
 

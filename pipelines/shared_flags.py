@@ -3,13 +3,15 @@ the output directory and the dataset flags; and the split of a command line
 between a main and Beam. (Defined once, so the mains can share a process.)"""
 
 import argparse
+import sys
+from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from cg_tf import build
+from cg_tf import build, components
 from cg_tf.noise import NOISE_MODES, NoiseSpec
-from cg_tf.sources import SOURCE_KINDS, Source, make_source
+from cg_tf.sources import SOURCE_KINDS, Source, SourceError, make_source
 
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory (local or gs://).")
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace what an earlier run with other "
@@ -67,3 +69,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     if unknown:
         raise app.UsageError(f"unknown flag(s): {' '.join(unknown)}")
     return rest
+
+
+def run_pipeline(make_stages: Callable[[], list[components.Stage]]) -> dict[str, dict]:
+    """Runs the stages a main asks for under --output_dir (required), with
+    --overwrite and --only; returns their manifests. A bad flag (a ValueError
+    naming it) ends the program with its message, before any work."""
+    if not OUTPUT_DIR.value:
+        raise app.UsageError("--output_dir is required")
+    try:
+        return components.run_stages(OUTPUT_DIR.value, make_stages(), OVERWRITE.value,
+                                     ONLY.value)
+    except (ValueError, SourceError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")

@@ -16,14 +16,11 @@ directory made with other parameters unless --overwrite. --only=GLOB runs
 just the matching stages (e.g. --only='runs/winsorized_c4*' on one machine).
 """
 
-import sys
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from cg_tf import components, report, sweep
+from cg_tf import report, sweep
 from cg_tf import train as trainer_flags
 from cg_tf.common_flags import SEED
-from cg_tf.sources import SourceError
 from pipelines import shared_flags
 
 _NOISE_RATES = flags.DEFINE_list("noise_rates", ["0.5"], "Noise rates of the grid.")
@@ -34,33 +31,30 @@ _AGGREGATORS = flags.DEFINE_list(
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds of the grid.")
 
 
-def make_stages(beam_args: list[str]) -> tuple[list, list[sweep.Point]]:
+def grid_from_flags() -> list[sweep.Point]:
+    """The grid's runs; raises ValueError naming a bad flag."""
+    base = trainer_flags.config_from_flags()
+    settings = [sweep.parse_setting(s, base.aggregator) for s in _AGGREGATORS.value]
+    return sweep.grid(settings, [float(r) for r in _NOISE_RATES.value],
+                      [int(s) for s in _SEEDS.value])
+
+
+def make_stages(beam_args: list[str]) -> list:
     """The sweep these flags ask for; raises ValueError naming a bad flag."""
     base = trainer_flags.config_from_flags()
     base.check()
-    settings = [sweep.parse_setting(s, base.aggregator) for s in _AGGREGATORS.value]
-    rates = [float(r) for r in _NOISE_RATES.value]
-    points = sweep.grid(settings, rates, [int(s) for s in _SEEDS.value])
+    points = grid_from_flags()
     # Every noise rate is checked before anything runs.
     builds = [shared_flags.build_config(shared_flags.OUTPUT_DIR.value, r, SEED.value)
-              for r in rates]
-    return sweep.stages(shared_flags.source(), builds[0], beam_args, base, points,
-                        base.batch_size), points
+              for r in dict.fromkeys(p.noise_rate for p in points)]
+    return sweep.stages(shared_flags.source(), builds[0], beam_args, base, points)
 
 
 def main(beam_args: list[str]) -> None:
-    out = shared_flags.OUTPUT_DIR.value
-    if not out:
-        raise app.UsageError("--output_dir is required")
     trainer_flags.setup_devices()
-    try:
-        stages, points = make_stages(beam_args)
-        manifests = components.run_stages(out, stages, shared_flags.OVERWRITE.value,
-                                          shared_flags.ONLY.value)
-    except (ValueError, SourceError) as e:
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
-    paths = sweep.write_report(out, points, manifests)
+    manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args))
+    out = shared_flags.OUTPUT_DIR.value
+    paths = sweep.write_report(out, grid_from_flags(), manifests)
     report.print_outputs(paths, f"{out}/runs")
 
 

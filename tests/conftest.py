@@ -1,6 +1,7 @@
 """Shared fixtures. Splits the CPU into two logical devices before TensorFlow
 initializes, so MirroredStrategy tests run with two real replicas."""
 
+import contextlib
 import os
 import sys
 
@@ -28,6 +29,19 @@ def run_build(output_dir, source="digits", mode="uniform", rate=0.5, seed=0, num
                                num_shards=num_shards, **kwargs)
     options = build.beam_options(["--runner=FnApiRunner", *beam_args])
     return build.build_dataset(make_source(source), config, options)
+
+
+@contextlib.contextmanager
+def parsed_flags(*argv):
+    """absl's flags parsed from `argv` (program name first) inside the block,
+    and back to their defaults after it."""
+    from absl import flags
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(list(argv))
+        yield
+    finally:
+        flags.FLAGS.unparse_flags()
 
 
 def run_main(module, *args, timeout=600):

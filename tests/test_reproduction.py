@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, read_split, run_main
+from conftest import REPO, parsed_flags, read_split, run_main
 
 from cg_tf import components, records
 
@@ -160,17 +160,11 @@ PIPELINE_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "sweep_*.flags
 
 def plan(path, tmp_path, *overrides):
     """The stages a pipeline config asks for (source replaced by digits)."""
-    from absl import flags
     from pipelines import easy_hard, sweep
     main = sweep if os.path.basename(path).startswith("sweep_") else easy_hard
-    flags.FLAGS.unparse_flags()
-    try:
-        flags.FLAGS(["pipeline", f"--flagfile={path}", "--source=digits",
-                     f"--output_dir={tmp_path}", *overrides])
-        stages = main.make_stages([])
-        return stages[0] if main is sweep else stages
-    finally:
-        flags.FLAGS.unparse_flags()
+    with parsed_flags("pipeline", f"--flagfile={path}", "--source=digits",
+                      f"--output_dir={tmp_path}", *overrides):
+        return main.make_stages([])
 
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=os.path.basename)

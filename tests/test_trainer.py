@@ -12,8 +12,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
-from conftest import REPO, run_build, run_main
+from conftest import REPO, parsed_flags, run_build, run_main
 from test_pipeline import write_idx
 from test_sources import jpeg
 
@@ -156,23 +155,16 @@ def test_configs_exist():
 
 
 def test_demo_config_is_the_default():
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train"])
-    default = train.config_from_flags()
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train", f"--flagfile={REPO}/configs/demo.flags"])
-    demo = train.config_from_flags()
-    flags.FLAGS.unparse_flags()
+    with parsed_flags("train"):
+        default = train.config_from_flags()
+    with parsed_flags("train", f"--flagfile={REPO}/configs/demo.flags"):
+        demo = train.config_from_flags()
     assert demo == default
 
 
 def parse_config(path, *overrides):
-    flags.FLAGS.unparse_flags()
-    try:
-        flags.FLAGS(["train", f"--flagfile={path}", *overrides])
+    with parsed_flags("train", f"--flagfile={path}", *overrides):
         return train.config_from_flags()
-    finally:
-        flags.FLAGS.unparse_flags()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
