@@ -96,12 +96,13 @@ def cross_eval_stage(train: TrainConfig) -> Stage:
     def run(directory: str, inputs: dict) -> dict:
         data = {"clean": inputs["data/clean"]["outputs"]["data_dir"],
                 **{s: inputs["split"]["outputs"][f"{s}_data_dir"] for s in SETS}}
+        readers = {d: stages.evaluation_reader(path, train.image_size) for d, path in data.items()}
         results = {}
         for trained_on in SETS:
             model_dir = inputs[f"runs/{trained_on}"]["outputs"]["model_dir"]
             net = stages.restore_net(dataclasses.replace(train, data_dir=data[trained_on],
                                                          model_dir=model_dir))
-            results[trained_on] = {f"{d}/{s}": stages.accuracy_on(net, data[d], s)
+            results[trained_on] = {f"{d}/{s}": stages.accuracy_on(net, readers[d], s)
                                    for d, s in EVALUATIONS}
         return {"accuracy": results}
 

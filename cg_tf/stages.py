@@ -15,6 +15,7 @@ import keras
 
 from cg_tf import build, metrics
 from cg_tf.components import Stage
+from cg_tf.input import InputConfig, Reader
 from cg_tf.sources import Source
 from cg_tf.trainer import TrainConfig, Trainer
 
@@ -72,12 +73,18 @@ def restore_net(config: TrainConfig) -> keras.Model:
     return trainer.net
 
 
-def accuracy_on(net: keras.Model, data_dir: str, split: str, batch_size: int = 500) -> dict:
-    """Accuracy and loss of `net` on a whole split of a dataset directory."""
-    from cg_tf.input import InputConfig, Reader
-    reader = Reader(InputConfig(data_dir, batch_size=1, eval_batch_size=batch_size))
+def evaluation_reader(data_dir: str, image_size: tuple[int, int] | None = None,
+                      batch_size: int = 500) -> Reader:
+    """A reader of whole splits of a dataset directory, images resized as the
+    model was trained (it caches small splits)."""
+    return Reader(InputConfig(data_dir, batch_size=1, image_size=image_size,
+                              eval_batch_size=batch_size))
+
+
+def accuracy_on(net: keras.Model, reader: Reader, split: str) -> dict:
+    """Accuracy and loss of `net` on a whole split."""
     if split not in reader.info.splits:
-        raise ValueError(f"{data_dir} has no split {split!r}")
+        raise ValueError(f"{reader.config.data_dir} has no split {split!r}")
     r = metrics.evaluate(net, reader.examples(split))
     return {"accuracy": r["accuracy"], "loss": r["loss"], "count": r["count"]}
 
