@@ -32,6 +32,8 @@ setuptools.setup(
         # The tests build a Dataflow job (dry run), which needs Beam's GCP clients, and
         # drive Debian's chromium through selenium (the browser test of the plugin).
         "test": ["pytest>=8", "apache-beam[gcp,tfrecord]==2.77.*", "selenium>=4.20"],
+        # tools.benchmark samples the process's resident memory.
+        "benchmark": ["psutil>=5.9"],
         "gcp": ["apache-beam[gcp,tfrecord]==2.77.*"],
     },
 )

@@ -1,7 +1,10 @@
 """Gradient sources for the robust train step: per example, per group, per step.
 
-Per-example gradients run the model statelessly inside `tf.vectorized_map`,
-one example at a time. BatchNormalization cannot normalize one example alone,
+Per-example gradients of a functional model come factored by layer
+(`layer_rules`): one batched forward and one backward, then a rule per layer.
+A model the rules cannot run (not functional, a layer with several inputs)
+runs statelessly inside `tf.vectorized_map`, one example at a time, as does
+`--bn_mode=exact`. BatchNormalization cannot normalize one example alone,
 so two semantics are offered:
 
   batch_stats (default)  each example is normalized with the statistics of the
@@ -20,6 +23,10 @@ Models without BatchNormalization get the same gradients either way.
 
 import keras
 import tensorflow as tf
+from absl import logging
+
+from cg_tf import layer_rules
+from cg_tf.layer_rules import PerExample, Stacked
 
 BN_MODES = ("batch_stats", "exact")
 
@@ -50,6 +57,7 @@ class GradientSource:
             except (AttributeError, ValueError, TypeError) as e:
                 raise ValueError("--bn_mode=batch_stats needs a functional Keras model; "
                                  "use --bn_mode=exact") from e
+        self.factored = not (self.bn and bn_mode == "exact") and _factorable(model)
 
     @property
     def variables(self) -> list:
@@ -147,6 +155,32 @@ class GradientSource:
 
         return tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), init))[1]
 
+    def per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync
+                    ) -> tuple[list[PerExample], tf.Tensor, tf.Tensor]:
+        """Per-example values of every variable for the replica's batch, the
+        per-example losses and the logits. Factored by layer where the model
+        allows; otherwise per-example gradients in chunks of `chunk` examples."""
+        if self.factored:
+            with tf.GradientTape() as tape:
+                logits, recordings = layer_rules.record_forward(self.model, x, sync)
+                losses = example_losses(y, logits)
+                total = tf.reduce_sum(losses)
+            grads = tape.gradient(total, [r.watched for r in recordings])
+            return (layer_rules.per_example_values(self.variables, recordings, grads),
+                    losses, logits)
+        n = x.shape[0] // min(chunk or x.shape[0], x.shape[0])
+
+        def step(state, i, labels, grads, losses, logits):
+            arrays, losses_array, logits_array = state
+            return ([a.write(i, g) for a, g in zip(arrays, grads)], losses_array.write(i, losses),
+                    logits_array.write(i, logits))
+
+        init = ([tf.TensorArray(v.dtype, size=n) for v in self.variables],
+                tf.TensorArray(tf.float32, size=n), tf.TensorArray(tf.float32, size=n))
+        arrays, losses, logits = self.fold_per_example(x, y, chunk, sync, init, step)
+        return ([Stacked(tf.reshape(a.concat(), [x.shape[0], *v.shape]))
+                 for a, v in zip(arrays, self.variables)], losses.concat(), logits.concat())
+
     def _jacobian_chunks(self, x, y, chunk):
         with tf.GradientTape(persistent=True) as tape:
             logits = self.model(x, training=True)
@@ -158,3 +192,29 @@ class GradientSource:
             yield ([tf.zeros((part.shape[0], *v.shape), v.dtype) if g is None else g
                     for g, v in zip(grads, self.variables)], part, part_logits)
         del tape
+
+
+def _factorable(model: keras.Model) -> bool:
+    """Whether the layer rules can run the model: functional all the way down,
+    every layer with weights called on one tensor. Says why not, once."""
+    def check(net):
+        functional = layer_rules._functional(net)
+        if functional is None:
+            return f"{net.name} is not a functional Keras model"
+        for nodes in functional._nodes_by_depth.values():
+            for node in nodes:
+                op = node.operation
+                if not op or node.is_input or not getattr(op, "trainable_variables", None):
+                    continue
+                if len(node.input_tensors) != 1:
+                    return f"layer {op.name} is called with {len(node.input_tensors)} inputs"
+                if layer_rules._functional(op) is not None:
+                    reason = check(op)
+                    if reason:
+                        return reason
+        return None
+
+    reason = check(model)
+    if reason:
+        logging.info("per-example gradients by tf.vectorized_map: %s", reason)
+    return reason is None

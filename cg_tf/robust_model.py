@@ -2,10 +2,13 @@
 
 Aggregators (DESIGN.md section 4), over the examples of the *global* batch:
   mean                  the ordinary batch gradient
-  winsorized, trimmed   per-example gradients summarized per chunk and per replica
-                        by aggregators.OrderStats and merged exactly
-  median                per-example gradients gathered from all replicas
-  median_of_means       k group gradients (ordinary backward passes of B/k examples)
+  winsorized, trimmed,  per-example values factored by layer (layer_rules), the
+  median                factors gathered from all replicas, aggregated tile by
+                        tile in one XLA computation (tiled)
+  median_of_means       k group gradients from the same factors (one forward and
+                        backward), or k ordinary backward passes (models with
+                        BatchNorm, whose groups keep their own statistics, and
+                        models the layer rules cannot run)
   rm3, ra3              median / mean of this step's batch gradient and the two
                         before (ring buffer in checkpointed variables); no update
                         on the first two steps, as in the authors' code
@@ -22,7 +25,9 @@ import keras
 import tensorflow as tf
 
 from cg_tf import aggregators as agg
+from cg_tf import tiled
 from cg_tf.gradients import BN_MODES, GradientSource
+from cg_tf.layer_rules import PerExample
 
 AGGREGATORS = ("mean", "winsorized", "trimmed", "median", "median_of_means", "rm3", "ra3")
 NO_MOMENTUM = ("median_of_means", "rm3", "ra3")
@@ -107,6 +112,12 @@ class Collectives:
                 for g, x in zip(self.sum(placed), xs)]
 
 
+def _gathered(values: list[PerExample], sync: Collectives) -> list[PerExample]:
+    """Per-example values of all replicas' examples, in replica order."""
+    flat = tf.nest.flatten(values)
+    return tf.nest.pack_sequence_as(values, sync.gather(flat))
+
+
 class RobustModel(keras.Model):
     """Wraps a network; `fit`/`make_train_function` run the robust update."""
 
@@ -144,47 +155,31 @@ class RobustModel(keras.Model):
         g, losses, logits = self.source.summed(x, y)
         return [s / self.global_batch_size for s in sync.sum(g)], tally(y, losses, logits)
 
-    def _chunk(self, x) -> int:
-        return min(self.config.chunk or x.shape[0], x.shape[0])
-
-    def _order_stats_gradient(self, x, y, sync):
-        c, k = self.config.c, self.config.c + 1
-        variables = self.source.variables
-
-        def step(state, i, yc, grads, losses, logits):
-            stats, counts = state
-            return ([agg.add(s, g) for s, g in zip(stats, grads)],
-                    counts + tally(yc, losses, logits))
-
-        init = ([agg.empty_stats(v.shape, k) for v in variables], tf.zeros([2]))
-        stats, counts = self.source.fold_per_example(x, y, self.config.chunk, sync, init, step)
+    def _per_example_gradient(self, x, y, sync):
+        """Per-example values of the global batch (replicas gather the factors,
+        not the per-example gradients), aggregated tile by tile."""
+        values, losses, logits = self.source.per_example(x, y, self.config.chunk, sync)
         if sync.replicas > 1:
-            n = len(stats)
-            gathered = sync.gather([s.top for s in stats] + [s.bottom for s in stats])
-            rests = sync.sum([s.rest for s in stats])
-            stats = [agg.merge([agg.OrderStats(gathered[i], gathered[n + i], rests[i])], k)
-                     for i in range(n)]
-        final = (agg.winsorized_from_stats if self.config.name == "winsorized"
-                 else agg.trimmed_from_stats)
-        return [final(s, c, self.global_batch_size) for s in stats], counts
-
-    def _median_gradient(self, x, y, sync):
-        m = self._chunk(x)
-        variables = self.source.variables
-
-        def step(state, i, yc, grads, losses, logits):
-            arrays, counts = state
-            return ([a.write(i, g) for a, g in zip(arrays, grads)],
-                    counts + tally(yc, losses, logits))
-
-        init = ([tf.TensorArray(v.dtype, size=x.shape[0] // m, element_shape=[m, *v.shape])
-                 for v in variables], tf.zeros([2]))
-        arrays, counts = self.source.fold_per_example(x, y, self.config.chunk, sync, init, step)
-        stacked = sync.gather([tf.reshape(a.concat(), [x.shape[0], *v.shape])
-                               for a, v in zip(arrays, variables)])
-        return [agg.median(s) for s in stacked], counts
+            values = _gathered(values, sync)
+        return (tiled.aggregate(values, self.config.name, self.config.c, self.source.variables),
+                tally(y, losses, logits))
 
     def _median_of_means_gradient(self, x, y, sync):
+        """The k group gradients from one forward and backward through the layer
+        rules (a group's Dense gradient is one matmul of its rows); the median
+        of their means. With BatchNorm each group keeps its own statistics, as
+        the authors' consecutive mini-batches do: k ordinary passes."""
+        if not self.source.factored or self.source.bn:
+            return self._median_of_means_by_passes(x, y, sync)
+        k = self.config.groups
+        values, losses, logits = self.source.per_example(x, y, None, sync)
+        if sync.replicas > 1:
+            values = _gathered(values, sync)
+        size = self.global_batch_size // k
+        return ([tf.reshape(agg.median(v.groups(k).stacked() / size), var.shape)
+                 for v, var in zip(values, self.source.variables)], tally(y, losses, logits))
+
+    def _median_of_means_by_passes(self, x, y, sync):
         """Each replica sums the gradients of its part of each global group (an
         ordinary backward pass per part); the sums are all-reduced."""
         k, b = self.config.groups, x.shape[0]
@@ -228,10 +223,8 @@ class RobustModel(keras.Model):
         name = self.config.name
         if name in ("mean", "rm3", "ra3"):
             grads, counts = self._global_mean_gradient(x, y, sync)
-        elif name in ("winsorized", "trimmed"):
-            grads, counts = self._order_stats_gradient(x, y, sync)
-        elif name == "median":
-            grads, counts = self._median_gradient(x, y, sync)
+        elif name in tiled.KINDS:
+            grads, counts = self._per_example_gradient(x, y, sync)
         else:
             grads, counts = self._median_of_means_gradient(x, y, sync)
         if self.config.weight_decay:

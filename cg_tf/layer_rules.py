@@ -1,0 +1,327 @@
+"""Per-example gradients factored by layer (DESIGN.md section 4, fast per-example aggregation).
+
+One batched forward records, for every layer with trainable weights, what its
+weight gradient is made of; one backward of the summed per-example losses
+gives each layer's output gradient. Because the per-example losses are
+independent (BatchNorm normalizes with the global batch statistics held
+constant), the output gradient of example i is exactly dL_i/dz_i, and a rule
+per layer class turns (input, output gradient) into per-example gradients
+without forming them for the whole variable:
+
+  Dense               kernel: sum over positions of x_t (outer) dz_t; bias: sum of dz_t
+  Conv2D              kernel: sum over output positions of patch (outer) dz; bias: sum of dz
+  BatchNormalization  gamma: sum of dz * x_hat over positions; beta: sum of dz
+  LayerNormalization  the same with the layer's own normalization
+
+Per-example gradients are `PerExample` values: `Outer(x [n, T, I], d [n, T, O])`
+(example i's gradient is sum_t x[i, t] (outer) d[i, t], an [I, O] matrix formed
+tile by tile, never for the whole variable) or `Stacked(g [n, *shape])`.
+
+Rules live in a registry keyed by layer class (`register`), as tf-privacy's
+fast clipping registry does; a layer with weights and no rule falls back to
+per-example vector-Jacobian products of that layer alone (`tf.vectorized_map`),
+with a one-time log line naming it.
+"""
+
+from typing import Callable, NamedTuple
+
+import keras
+import tensorflow as tf
+from absl import logging
+from keras.src.models.functional import operation_fn
+
+# -- per-example values of one variable ------------------------------------------
+
+
+class Outer(NamedTuple):
+    """Example i's gradient is sum_t x[i, t] (outer) d[i, t], reshaped to the variable."""
+
+    x: tf.Tensor  # [n, T, I]
+    d: tf.Tensor  # [n, T, O]
+
+    @property
+    def count(self) -> int:
+        return self.x.shape[0]
+
+    def total(self) -> tf.Tensor:
+        """The sum over examples, [I, O] (one matmul)."""
+        return tf.einsum("bti,bto->io", self.x, self.d)
+
+    def groups(self, k: int) -> "Outer":
+        """k consecutive groups of examples as k examples (a group's gradient is
+        the sum of its members'): their positions are all the members' positions."""
+        n, t = self.count, self.x.shape[1]
+        return Outer(tf.reshape(self.x, [k, n // k * t, -1]), tf.reshape(self.d, [k, n // k * t, -1]))
+
+    def stacked(self) -> tf.Tensor:
+        """Every example's gradient, [n, I, O]."""
+        return tf.einsum("bti,bto->bio", self.x, self.d)
+
+    def concat(self, other: "Outer") -> "Outer":
+        """The same examples with the other's positions added (a layer called twice)."""
+        return Outer(tf.concat([self.x, other.x], 1), tf.concat([self.d, other.d], 1))
+
+
+class Stacked(NamedTuple):
+    """Per-example gradients held whole: g [n, *shape]."""
+
+    g: tf.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.g.shape[0]
+
+    def total(self) -> tf.Tensor:
+        return tf.reduce_sum(self.g, 0)
+
+    def groups(self, k: int) -> "Stacked":
+        return Stacked(tf.reduce_sum(tf.reshape(self.g, [k, -1, *self.g.shape[1:]]), 1))
+
+    def stacked(self) -> tf.Tensor:
+        return self.g
+
+    def concat(self, other: "Stacked") -> "Stacked":
+        return Stacked(self.g + other.g)
+
+
+PerExample = Outer | Stacked
+
+
+def as_variable(total: tf.Tensor, variable) -> tf.Tensor:
+    return tf.reshape(total, variable.shape)
+
+
+# -- rules -------------------------------------------------------------------------
+
+
+class Recording(NamedTuple):
+    """What a rule's forward left for the backward: the tensors whose gradient
+    is needed (`watched`), and a function of their gradients giving the
+    per-example values of each of the layer's trainable variables."""
+
+    watched: list[tf.Tensor]
+    per_example: Callable[[list[tf.Tensor]], list[tuple[object, PerExample]]]
+
+
+class Rule:
+    """How one layer class records its forward. `forward(layer, x, sync)` returns
+    (output, Recording) or None when the layer's configuration is not covered
+    (the layer then takes the fallback)."""
+
+    def forward(self, layer, x: tf.Tensor, sync):
+        raise NotImplementedError
+
+
+def _positions(t: tf.Tensor) -> tf.Tensor:
+    """[n, ..., C] -> [n, T, C]."""
+    return tf.reshape(t, [t.shape[0], -1, t.shape[-1]])
+
+
+def _with_bias(layer, z, dz, kernel_values):
+    out = [(layer.kernel, kernel_values)]
+    if layer.use_bias:
+        out.append((layer.bias, Stacked(tf.reduce_sum(_positions(dz), 1))))
+    return out
+
+
+class DenseRule(Rule):
+    def forward(self, layer, x, sync):
+        if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
+            return None
+        z = tf.tensordot(x, tf.convert_to_tensor(layer.kernel), 1)
+        if layer.use_bias:
+            z = z + layer.bias
+        return layer.activation(z), Recording(
+            [z], lambda g: _with_bias(layer, z, g[0], Outer(_positions(x), _positions(g[0]))))
+
+
+class Conv2DRule(Rule):
+    def forward(self, layer, x, sync):
+        if layer.data_format != "channels_last" or layer.groups != 1:
+            return None
+        padding = layer.padding.upper()
+        kh, kw = layer.kernel_size
+        strides, rates = [1, *layer.strides, 1], [1, *layer.dilation_rate, 1]
+        z = tf.nn.convolution(x, tf.convert_to_tensor(layer.kernel), layer.strides, padding,
+                              dilations=layer.dilation_rate)
+        if layer.use_bias:
+            z = z + layer.bias
+        patches = lambda: tf.image.extract_patches(x, [1, kh, kw, 1], strides, rates, padding)  # noqa: E731
+        return layer.activation(z), Recording(
+            [z], lambda g: _with_bias(layer, z, g[0], Outer(_positions(patches()),
+                                                            _positions(g[0]))))
+
+
+def _scale_shift(layer, out_grad, x_hat, axes: list[int]):
+    """gamma, beta per-example values: out = gamma * x_hat + beta over `axes`."""
+    rank = x_hat.shape.rank
+    summed = [a for a in range(1, rank) if a not in axes]
+    out = []
+    if layer.scale:
+        out.append((layer.gamma, Stacked(tf.reduce_sum(out_grad * x_hat, summed))))
+    if layer.center:
+        out.append((layer.beta, Stacked(tf.reduce_sum(out_grad, summed))))
+    return out
+
+
+def _affine(layer, x_hat, axes):
+    shape = [1] * x_hat.shape.rank
+    for a in axes:
+        shape[a] = x_hat.shape[a]
+    out = x_hat
+    if layer.scale:
+        out = out * tf.reshape(layer.gamma, shape)
+    if layer.center:
+        out = out + tf.reshape(layer.beta, shape)
+    return out
+
+
+class BatchNormRule(Rule):
+    """batch_stats semantics: normalize with the statistics of the global batch
+    (summed over replicas), held constant; the moving averages advance once."""
+
+    def forward(self, layer, x, sync):
+        if not layer.trainable:
+            return None
+        rank = x.shape.rank
+        axis = layer.axis % rank
+        reduce = [a for a in range(rank) if a != axis]
+        xf = tf.cast(x, tf.float32)
+        n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(xf), reduce)), tf.float32)
+        count, total, squares = sync.sum([n, tf.reduce_sum(xf, reduce),
+                                          tf.reduce_sum(tf.square(xf), reduce)])
+        mean = tf.stop_gradient(total / count)  # Held constant: examples stay independent.
+        var = tf.stop_gradient(tf.maximum(squares / count - tf.square(mean), 0.0))
+        m = layer.momentum
+        layer.moving_mean.assign(layer.moving_mean * m + mean * (1 - m))
+        layer.moving_variance.assign(layer.moving_variance * m + var * (1 - m))
+        shape = [1] * rank
+        shape[axis] = x.shape[axis]
+        x_hat = (xf - tf.reshape(mean, shape)) * tf.reshape(tf.math.rsqrt(var + layer.epsilon), shape)
+        out = _affine(layer, x_hat, [axis])
+        return out, Recording([out], lambda g: _scale_shift(layer, g[0], x_hat, [axis]))
+
+
+class LayerNormRule(Rule):
+    def forward(self, layer, x, sync):
+        axes = [a % x.shape.rank for a in
+                (layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis])]
+        weights = [tf.ones_like(v) if v is getattr(layer, "gamma", None) else tf.zeros_like(v)
+                   for v in layer.trainable_variables]
+        x_hat, _ = layer.stateless_call(weights, [], x)  # Keras' own normalization.
+        out = _affine(layer, x_hat, axes)
+        return out, Recording([out], lambda g: _scale_shift(layer, g[0], x_hat, axes))
+
+
+_REGISTRY: dict[type, Rule] = {}
+
+
+def register(layer_class: type, rule: Rule) -> None:
+    """Use `rule` for layers of exactly `layer_class` (subclasses may differ)."""
+    _REGISTRY[layer_class] = rule
+
+
+register(keras.layers.Dense, DenseRule())
+register(keras.layers.Conv2D, Conv2DRule())
+register(keras.layers.BatchNormalization, BatchNormRule())
+register(keras.layers.LayerNormalization, LayerNormRule())
+
+
+# -- the fallback: per-example vector-Jacobian products of one layer -----------------
+
+_LOGGED: set[str] = set()
+
+
+def _fallback(layer, x, training):
+    if not tf.is_tensor(x):
+        raise NotFactorable(f"layer {layer.name} takes {type(x).__name__} inputs")
+    if layer.name not in _LOGGED:
+        _LOGGED.add(layer.name)
+        logging.info("per-example gradients: no layer rule for %s (%s); using "
+                     "tf.vectorized_map for it", layer.name, type(layer).__name__)
+    trainable = [tf.convert_to_tensor(v) for v in layer.trainable_variables]
+    non_trainable = [tf.convert_to_tensor(v) for v in layer.non_trainable_variables]
+    out = layer(x, training=training)
+    kwargs = {"training": training} if getattr(layer, "_call_has_training_arg", False) else {}
+
+    def per_example(grads):
+        def one(args):
+            xi, gi = args
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                yi, _ = layer.stateless_call(trainable, non_trainable, xi[None], **kwargs)
+                dot = tf.reduce_sum(tf.cast(yi, tf.float32) * gi[None])
+            return tape.gradient(dot, trainable)
+
+        stacked = tf.vectorized_map(one, (x, grads[0]))
+        return [(v, Stacked(g)) for v, g in zip(layer.trainable_variables, stacked)]
+
+    return out, Recording([out], per_example)
+
+
+class NotFactorable(ValueError):
+    """The model cannot be run through the layer rules (e.g. not functional)."""
+
+
+# -- the recording forward --------------------------------------------------------
+
+
+def _functional(layer):
+    if isinstance(layer, keras.Sequential):
+        layer = layer._functional
+    return layer if hasattr(layer, "_run_through_graph") and hasattr(layer, "_nodes_by_depth") \
+        else None
+
+
+def record_forward(model: keras.Model, x: tf.Tensor, sync) -> tuple[tf.Tensor, list[Recording]]:
+    """The model's training forward on x through the layer rules: the outputs
+    and one Recording per call of a layer with trainable weights."""
+    recordings: list[Recording] = []
+
+    def run(net, inputs):
+        functional = _functional(net)
+        if functional is None:
+            raise NotFactorable(f"{net.name} is not a functional Keras model")
+        return functional._run_through_graph(inputs, operation_fn=wrap)
+
+    def wrap(op):
+        if _functional(op) is not None and op.trainable_variables:
+            return lambda *args, **kwargs: (
+                run(op, args[0]) if len(args) == 1 and not set(kwargs) - {"training", "mask"}
+                else _raise(op))
+        if not getattr(op, "trainable_variables", None):
+            return operation_fn(op, training=True)
+
+        def call(*args, **kwargs):
+            if len(args) != 1 or set(kwargs) - {"training", "mask"}:
+                _raise(op)
+            rule = _REGISTRY.get(type(op))
+            result = rule.forward(op, args[0], sync) if rule else None
+            if result is None:
+                result = _fallback(op, args[0], True)
+            out, recording = result
+            recordings.append(recording)
+            return out
+
+        return call
+
+    out = run(model, x)
+    return (out[0] if isinstance(out, (list, tuple)) else out), recordings
+
+
+def _raise(op):
+    raise NotFactorable(f"layer {op.name} is called with several inputs")
+
+
+def per_example_values(variables: list, recordings: list[Recording],
+                       grads: list[list[tf.Tensor]]) -> list[PerExample]:
+    """Each variable's per-example values (a layer called several times adds up)."""
+    by_id: dict[int, PerExample] = {}
+    for recording, g in zip(recordings, grads):
+        for v, values in recording.per_example(g):
+            key = id(v)
+            by_id[key] = by_id[key].concat(values) if key in by_id else values
+    missing = [v.path for v in variables if id(v) not in by_id]
+    if missing:
+        raise NotFactorable(f"no per-example values for {', '.join(missing)}")
+    return [by_id[id(v)] for v in variables]

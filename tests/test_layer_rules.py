@@ -1,0 +1,161 @@
+"""Per-example gradients factored by layer against tf.vectorized_map of the whole
+model; the tiled aggregation against NumPy; every aggregator under XLA."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import two_replicas
+
+from cg_tf import tiled
+from cg_tf.gradients import GradientSource
+from cg_tf.layer_rules import Outer, Stacked
+from cg_tf.robust_model import AGGREGATORS, AggregatorConfig, Collectives, RobustModel
+
+C = 3
+
+
+class Scale(keras.layers.Layer):
+    """A layer with a weight and no rule: takes the vectorized_map fallback."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=shape[-1:], initializer="random_normal")
+
+    def call(self, x):
+        return x * self.w
+
+
+def net(kind):
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    shapes = {"dense_seq": (5, 4), "embedding": (6,)}
+    x = inputs = keras.Input(shapes.get(kind, (9, 9, 2)))
+    if kind == "dense_seq":  # Dense on [n, T, I], with and without bias.
+        x = L.Dense(6, activation="tanh", name="d1")(x)
+        x = L.Dense(4, use_bias=False, name="d2")(x)
+    elif kind == "conv":
+        x = L.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="c1")(x)
+        x = L.Conv2D(3, 2, padding="valid", dilation_rate=2, name="c2")(x)
+        x = L.Conv2D(5, 1, use_bias=False, name="c3")(x)
+    elif kind == "norm":
+        x = L.Conv2D(4, 3, name="c1")(x)
+        x = L.ReLU()(L.BatchNormalization(name="bn")(x))
+        x = L.LayerNormalization(name="ln")(x)
+    elif kind == "fallback":
+        x = Scale(name="scale")(L.Conv2D(4, 3, name="c1")(x))
+    elif kind == "nested":
+        inner = keras.Sequential([L.Conv2D(4, 3), L.ReLU(), L.Dense(3)], name="inner")
+        x = inner(x)
+    x = L.Flatten()(x)
+    return keras.Model(inputs, L.Dense(C, name="logits")(x))
+
+
+def batch(shape, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return (tf.constant(rng.normal(size=(n, *shape)).astype(np.float32)),
+            tf.constant(rng.integers(0, C, n).astype(np.int32)))
+
+
+def sync():
+    return Collectives(tf.distribute.get_replica_context())
+
+
+@pytest.mark.parametrize("kind", ["dense_seq", "conv", "norm", "fallback", "nested"])
+def test_layer_rules_match_vectorized_map(kind):
+    model = net(kind)
+    x, y = batch(model.input_shape[1:])
+    src = GradientSource(model)
+    assert src.factored
+    bn = [v for v in model.non_trainable_variables]
+    start = [v.numpy() for v in bn]
+    fast, losses, _ = src.per_example(x, y, None, sync())
+    for v, s in zip(bn, start):  # The reference advances the BN averages again.
+        v.assign(s)
+    src.factored = False
+    slow, slow_losses, _ = src.per_example(x, y, 4, sync())
+    np.testing.assert_allclose(losses, slow_losses, rtol=1e-5, atol=1e-6)
+    for v, f, s in zip(src.variables, fast, slow):
+        np.testing.assert_allclose(f.stacked().numpy().reshape(s.g.shape), s.g,
+                                   rtol=1e-4, atol=1e-5, err_msg=v.path)
+
+
+def test_a_subclassed_model_falls_back_to_vectorized_map():
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(C)
+
+        def call(self, x, training=None):
+            return self.d(keras.ops.reshape(x, [x.shape[0], -1]))
+
+    model = Sub()
+    x, y = batch((4, 2))
+    model(x)
+    src = GradientSource(model)
+    assert not src.factored
+    values, _, _ = src.per_example(x, y, None, sync())
+    assert all(isinstance(v, Stacked) for v in values)
+
+
+def np_winsorized(x, c):
+    s = np.sort(x, axis=0)
+    return np.clip(x, s[c], s[len(x) - 1 - c]).mean(axis=0)
+
+
+def np_trimmed(x, c):
+    return np.sort(x, axis=0)[c:len(x) - c].mean(axis=0)
+
+
+@pytest.mark.parametrize("n,c", [(12, 2), (7, 3), (9, 0), (30, 14), (100, 4), (64, 31), (100, 45)])
+def test_tiled_aggregation_against_numpy(n, c, monkeypatch):
+    """Ties and zeros everywhere (integer inputs, zeroed output gradients), several
+    tiles with a ragged last one, positions (T = 3) and stacked values."""
+    monkeypatch.setattr(tiled, "TILE", 64)
+    rng = np.random.default_rng(n + c)
+    x = rng.integers(-2, 3, (n, 3, 37)).astype(np.float32)
+    d = rng.normal(size=(n, 3, 11)).astype(np.float32)
+    d[rng.random(d.shape) < 0.3] = 0
+    full = np.einsum("bti,bto->bio", x, d)
+    variables = [tf.Variable(tf.zeros([37, 11]))] * 2
+    for kind, ref in [("winsorized", lambda a: np_winsorized(a, c)),
+                      ("trimmed", lambda a: np_trimmed(a, c)),
+                      ("median", lambda a: np.median(a, 0))]:
+        got = tiled.aggregate([Outer(tf.constant(x), tf.constant(d)), Stacked(tf.constant(full))],
+                              kind, c, variables)
+        for g in got:
+            np.testing.assert_allclose(g, ref(full), rtol=2e-5, atol=2e-5, err_msg=kind)
+
+
+def test_outliers_never_enter_the_sum():
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(20, 50)).astype(np.float32) * 1e-3
+    g[3] = 1e9
+    got = tiled.aggregate([Stacked(tf.constant(g))], "winsorized", 1, [tf.Variable(tf.zeros([50]))])
+    np.testing.assert_allclose(got[0], np_winsorized(g.astype(np.float64), 1), rtol=1e-5, atol=1e-9)
+
+
+def run_step(name, jit, strategy=None):
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        model = net("norm")
+        robust = RobustModel(model, AggregatorConfig(name, c=2, groups=2), 8)
+        robust.compile(optimizer=keras.optimizers.SGD(0.1))
+    step = tf.function(lambda b: strategy.run(robust.train_step, args=(b,)), jit_compile=jit)
+    for s in range(3 if name in ("rm3", "ra3") else 1):
+        x, y = batch(model.input_shape[1:], seed=s)
+        data = tf.data.Dataset.from_tensors({"image": x, "label": y})
+        for b in strategy.experimental_distribute_dataset(data):
+            step(b)
+    return [v.numpy() for v in model.trainable_variables]
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_every_aggregator_compiles_with_xla_to_the_same_update(name):
+    for a, b in zip(run_step(name, False), run_step(name, True)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["winsorized", "median", "median_of_means"])
+def test_batchnorm_and_layernorm_rules_give_one_update_for_any_replica_count(name):
+    for a, b in zip(run_step(name, False), run_step(name, False, two_replicas())):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
