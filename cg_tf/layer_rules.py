@@ -12,6 +12,7 @@ without forming them for the whole variable:
   Conv2D              kernel: sum over output positions of patch (outer) dz; bias: sum of dz
   BatchNormalization  gamma: sum of dz * x_hat over positions; beta: sum of dz
   LayerNormalization  the same with the layer's own normalization
+  Embedding           table: sum over positions of one_hot(id) (outer) dz
 
 Per-example gradients are `PerExample` values: `Outer(x [n, T, I], d [n, T, O])`
 (example i's gradient is sum_t x[i, t] (outer) d[i, t], an [I, O] matrix formed
@@ -213,6 +214,21 @@ class LayerNormRule(Rule):
         return out, Recording([out], lambda g: _scale_shift(layer, g[0], x_hat, axes))
 
 
+class EmbeddingRule(Rule):
+    """An embedding lookup is a Dense layer on one-hot inputs: the per-example
+    table gradient is sum_t one_hot(id_t) (outer) dz_t (one-hot held whole:
+    for vocabularies of moderate size)."""
+
+    def forward(self, layer, x, sync):
+        if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
+            return None
+        ids = tf.cast(x, tf.int32)
+        z = tf.gather(tf.convert_to_tensor(layer.embeddings), ids)
+        one_hot = tf.one_hot(tf.reshape(ids, [ids.shape[0], -1]), layer.input_dim)
+        return z, Recording([z], lambda g: [(layer.embeddings,
+                                             Outer(one_hot, _positions(g[0])))])
+
+
 _REGISTRY: dict[type, Rule] = {}
 
 
@@ -225,6 +241,7 @@ register(keras.layers.Dense, DenseRule())
 register(keras.layers.Conv2D, Conv2DRule())
 register(keras.layers.BatchNormalization, BatchNormRule())
 register(keras.layers.LayerNormalization, LayerNormRule())
+register(keras.layers.Embedding, EmbeddingRule())
 
 
 # -- the fallback: per-example vector-Jacobian products of one layer -----------------

@@ -175,9 +175,10 @@ class RobustModel(keras.Model):
         values, losses, logits = self.source.per_example(x, y, None, sync)
         if sync.replicas > 1:
             values = _gathered(values, sync)
-        size = self.global_batch_size // k
-        return ([tf.reshape(agg.median(v.groups(k).stacked() / size), var.shape)
-                 for v, var in zip(values, self.source.variables)], tally(y, losses, logits))
+        # The k group sums as k examples: their median, by tiles, over the group size.
+        medians = tiled.aggregate([v.groups(k) for v in values], "median", 0,
+                                  self.source.variables)
+        return [m / (self.global_batch_size // k) for m in medians], tally(y, losses, logits)
 
     def _median_of_means_by_passes(self, x, y, sync):
         """Each replica sums the gradients of its part of each global group (an

@@ -13,7 +13,8 @@ The r-th largest value (r = c + 1) streams the n values through a running
 top-r list kept with max/min only, fused by XLA into one loop per tile (2r
 operations per value). The whole computation is one XLA cluster
 (`aggregate`), whatever the outer step is compiled with. Where r * n is too
-large for the unrolled list to compile (the median, large c), the stacked
+large for the unrolled list to compile quickly (the median of a large batch,
+c > 8), the stacked
 per-example values are sorted along the batch instead (B x P values in memory).
 """
 
@@ -25,7 +26,9 @@ from cg_tf.layer_rules import Outer, PerExample, Stacked
 
 KINDS = ("winsorized", "trimmed", "median")
 TILE = 32768           # coordinates per tile
-CHAIN_BUDGET = 4096    # r * n up to which the running top-r list is used (compile size)
+# The running top-r list is unrolled over the n examples: its compile time grows
+# with r and n. r <= 9 covers the papers' c in {0, 1, 2, 4, 8}.
+CHAIN_MAX_R, CHAIN_BUDGET = 9, 2048
 
 
 # -- tiles ------------------------------------------------------------------------
@@ -66,8 +69,9 @@ def _tile(values: PerExample, start, size: int) -> list[tf.Tensor]:
 # -- order statistics of a tile ------------------------------------------------------
 
 
-def _largest_by_list(rows: list[tf.Tensor], r: int) -> tf.Tensor:
-    """The r-th largest of the rows: a running top-r list, t_j <- max(t_j, min(t_{j-1}, v))."""
+def largest(rows: list[tf.Tensor], r: int) -> tf.Tensor:
+    """The r-th largest of the n rows, elementwise (1 <= r <= n), exact with ties:
+    a running top-r list, t_j <- max(t_j, min(t_{j-1}, v))."""
     neg = tf.fill(tf.shape(rows[0]), tf.constant(-np.inf, rows[0].dtype))
     top = [rows[0]] + [neg] * (r - 1)
     for x in rows[1:]:
@@ -76,14 +80,10 @@ def _largest_by_list(rows: list[tf.Tensor], r: int) -> tf.Tensor:
     return top[r - 1]
 
 
-def largest(rows: list[tf.Tensor], r: int) -> tf.Tensor:
-    """The r-th largest of the n rows, elementwise (1 <= r <= n), exact with ties."""
-    return _largest_by_list(rows, r)
-
-
 def fits_tiles(kind: str, c: int, n: int) -> bool:
-    """Whether the running lists stay small enough to compile: (c+1) n <= CHAIN_BUDGET."""
-    return (cut(kind, c, n) + 1) * n <= CHAIN_BUDGET
+    """Whether the running lists stay small enough to compile quickly."""
+    r = cut(kind, c, n) + 1
+    return r <= CHAIN_MAX_R and r * n <= CHAIN_BUDGET
 
 
 def cut(kind: str, c: int, n: int) -> int:
