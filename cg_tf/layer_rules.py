@@ -88,10 +88,6 @@ class Stacked(NamedTuple):
 PerExample = Outer | Stacked
 
 
-def as_variable(total: tf.Tensor, variable) -> tf.Tensor:
-    return tf.reshape(total, variable.shape)
-
-
 # -- rules -------------------------------------------------------------------------
 
 
