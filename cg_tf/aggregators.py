@@ -1,4 +1,4 @@
-"""Robust aggregation of gradients, coordinate-wise (DESIGN.md section 4).
+"""Robust aggregation of gradients, coordinate-wise (the README's aggregator table).
 
 Two forms of each per-example aggregator:
 

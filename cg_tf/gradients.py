@@ -57,7 +57,11 @@ class GradientSource:
             except (AttributeError, ValueError, TypeError) as e:
                 raise ValueError("--bn_mode=batch_stats needs a functional Keras model; "
                                  "use --bn_mode=exact") from e
-        self.factored = not (self.bn and bn_mode == "exact") and _factorable(model)
+        reason = ("--bn_mode=exact" if self.bn and bn_mode == "exact"
+                  else layer_rules.unfactorable_reason(model))
+        if reason:
+            logging.info("per-example gradients by tf.vectorized_map: %s", reason)
+        self.factored = reason is None
 
     @property
     def variables(self) -> list:
@@ -81,20 +85,8 @@ class GradientSource:
         inputs = self._bn_probe(x, training=True)
         if len(self.bn) == 1:
             inputs = [inputs]
-        stats = []
-        for layer, inp in zip(self.bn, inputs):
-            inp = tf.cast(inp, tf.float32)
-            axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
-            axes = [i for i in range(inp.shape.rank) if i != axis % inp.shape.rank]
-            n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(inp), axes)), tf.float32)
-            sums = sync.sum([n, tf.reduce_sum(inp, axes), tf.reduce_sum(tf.square(inp), axes)])
-            mean = sums[1] / sums[0]
-            var = tf.maximum(sums[2] / sums[0] - tf.square(mean), 0.0)
-            m = layer.momentum
-            layer.moving_mean.assign(layer.moving_mean * m + mean * (1 - m))
-            layer.moving_variance.assign(layer.moving_variance * m + var * (1 - m))
-            stats.append((mean, var))
-        return stats
+        return [layer_rules.global_moments(layer, inp, sync)
+                for layer, inp in zip(self.bn, inputs)]
 
     def _per_example_fn(self, x: tf.Tensor, sync, frozen_bn: bool = False):
         """A function of a chunk (x, y) -> per-example gradients [m, *shape] per
@@ -193,28 +185,3 @@ class GradientSource:
                     for g, v in zip(grads, self.variables)], part, part_logits)
         del tape
 
-
-def _factorable(model: keras.Model) -> bool:
-    """Whether the layer rules can run the model: functional all the way down,
-    every layer with weights called on one tensor. Says why not, once."""
-    def check(net):
-        functional = layer_rules._functional(net)
-        if functional is None:
-            return f"{net.name} is not a functional Keras model"
-        for nodes in functional._nodes_by_depth.values():
-            for node in nodes:
-                op = node.operation
-                if not op or node.is_input or not getattr(op, "trainable_variables", None):
-                    continue
-                if len(node.input_tensors) != 1:
-                    return f"layer {op.name} is called with {len(node.input_tensors)} inputs"
-                if layer_rules._functional(op) is not None:
-                    reason = check(op)
-                    if reason:
-                        return reason
-        return None
-
-    reason = check(model)
-    if reason:
-        logging.info("per-example gradients by tf.vectorized_map: %s", reason)
-    return reason is None

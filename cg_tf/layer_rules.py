@@ -1,4 +1,4 @@
-"""Per-example gradients factored by layer (DESIGN.md section 4, fast per-example aggregation).
+"""Per-example gradients factored by layer, for fast per-example aggregation.
 
 One batched forward records, for every layer with trainable weights, what its
 weight gradient is made of; one backward of the summed per-example losses
@@ -44,10 +44,6 @@ class Outer(NamedTuple):
     def count(self) -> int:
         return self.x.shape[0]
 
-    def total(self) -> tf.Tensor:
-        """The sum over examples, [I, O] (one matmul)."""
-        return tf.einsum("bti,bto->io", self.x, self.d)
-
     def groups(self, k: int) -> "Outer":
         """k consecutive groups of examples as k examples (a group's gradient is
         the sum of its members'): their positions are all the members' positions."""
@@ -71,9 +67,6 @@ class Stacked(NamedTuple):
     @property
     def count(self) -> int:
         return self.g.shape[0]
-
-    def total(self) -> tf.Tensor:
-        return tf.reduce_sum(self.g, 0)
 
     def groups(self, k: int) -> "Stacked":
         return Stacked(tf.reduce_sum(tf.reshape(self.g, [k, -1, *self.g.shape[1:]]), 1))
@@ -114,22 +107,27 @@ def _positions(t: tf.Tensor) -> tf.Tensor:
     return tf.reshape(t, [t.shape[0], -1, t.shape[-1]])
 
 
-def _with_bias(layer, z, dz, kernel_values):
+def _with_bias(layer, dz, kernel_values):
     out = [(layer.kernel, kernel_values)]
     if layer.use_bias:
         out.append((layer.bias, Stacked(tf.reduce_sum(_positions(dz), 1))))
     return out
 
 
+def _plain(layer) -> bool:
+    """Not quantized and without LoRA (those keep their kernel in other variables)."""
+    return not (getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False))
+
+
 class DenseRule(Rule):
     def forward(self, layer, x, sync):
-        if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
+        if not _plain(layer):
             return None
         z = tf.tensordot(x, tf.convert_to_tensor(layer.kernel), 1)
         if layer.use_bias:
             z = z + layer.bias
         return layer.activation(z), Recording(
-            [z], lambda g: _with_bias(layer, z, g[0], Outer(_positions(x), _positions(g[0]))))
+            [z], lambda g: _with_bias(layer, g[0], Outer(_positions(x), _positions(g[0]))))
 
 
 class Conv2DRule(Rule):
@@ -145,7 +143,7 @@ class Conv2DRule(Rule):
             z = z + layer.bias
         patches = lambda: tf.image.extract_patches(x, [1, kh, kw, 1], strides, rates, padding)  # noqa: E731
         return layer.activation(z), Recording(
-            [z], lambda g: _with_bias(layer, z, g[0], Outer(_positions(patches()),
+            [z], lambda g: _with_bias(layer, g[0], Outer(_positions(patches()),
                                                             _positions(g[0]))))
 
 
@@ -173,6 +171,24 @@ def _affine(layer, x_hat, axes):
     return out
 
 
+def global_moments(layer, x: tf.Tensor, sync) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mean and variance of a BatchNormalization layer's input x over the global
+    batch (sums over replicas); advances the layer's moving averages once, as
+    one training forward would."""
+    x = tf.cast(x, tf.float32)
+    axis = (layer.axis if isinstance(layer.axis, int) else layer.axis[0]) % x.shape.rank
+    axes = [a for a in range(x.shape.rank) if a != axis]
+    n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+    count, total, squares = sync.sum([n, tf.reduce_sum(x, axes),
+                                      tf.reduce_sum(tf.square(x), axes)])
+    mean = total / count
+    var = tf.maximum(squares / count - tf.square(mean), 0.0)
+    m = layer.momentum
+    layer.moving_mean.assign(layer.moving_mean * m + mean * (1 - m))
+    layer.moving_variance.assign(layer.moving_variance * m + var * (1 - m))
+    return mean, var
+
+
 class BatchNormRule(Rule):
     """batch_stats semantics: normalize with the statistics of the global batch
     (summed over replicas), held constant; the moving averages advance once."""
@@ -181,20 +197,13 @@ class BatchNormRule(Rule):
         if not layer.trainable:
             return None
         rank = x.shape.rank
-        axis = layer.axis % rank
-        reduce = [a for a in range(rank) if a != axis]
-        xf = tf.cast(x, tf.float32)
-        n = tf.cast(tf.reduce_prod(tf.gather(tf.shape(xf), reduce)), tf.float32)
-        count, total, squares = sync.sum([n, tf.reduce_sum(xf, reduce),
-                                          tf.reduce_sum(tf.square(xf), reduce)])
-        mean = tf.stop_gradient(total / count)  # Held constant: examples stay independent.
-        var = tf.stop_gradient(tf.maximum(squares / count - tf.square(mean), 0.0))
-        m = layer.momentum
-        layer.moving_mean.assign(layer.moving_mean * m + mean * (1 - m))
-        layer.moving_variance.assign(layer.moving_variance * m + var * (1 - m))
+        axis = (layer.axis if isinstance(layer.axis, int) else layer.axis[0]) % rank
+        # Held constant: the examples' losses stay independent.
+        mean, var = map(tf.stop_gradient, global_moments(layer, x, sync))
         shape = [1] * rank
         shape[axis] = x.shape[axis]
-        x_hat = (xf - tf.reshape(mean, shape)) * tf.reshape(tf.math.rsqrt(var + layer.epsilon), shape)
+        x_hat = ((tf.cast(x, tf.float32) - tf.reshape(mean, shape))
+                 * tf.reshape(tf.math.rsqrt(var + layer.epsilon), shape))
         out = _affine(layer, x_hat, [axis])
         return out, Recording([out], lambda g: _scale_shift(layer, g[0], x_hat, [axis]))
 
@@ -216,7 +225,7 @@ class EmbeddingRule(Rule):
     for vocabularies of moderate size)."""
 
     def forward(self, layer, x, sync):
-        if getattr(layer, "quantization_mode", None) or getattr(layer, "lora_enabled", False):
+        if not _plain(layer):
             return None
         ids = tf.cast(x, tf.int32)
         z = tf.gather(tf.convert_to_tensor(layer.embeddings), ids)
@@ -320,6 +329,24 @@ def record_forward(model: keras.Model, x: tf.Tensor, sync) -> tuple[tf.Tensor, l
 
     out = run(model, x)
     return (out[0] if isinstance(out, (list, tuple)) else out), recordings
+
+
+def unfactorable_reason(model: keras.Model) -> str | None:
+    """Why `record_forward` cannot run the model (not functional all the way
+    down, a layer with weights called on several tensors), or None."""
+    functional = _functional(model)
+    if functional is None:
+        return f"{model.name} is not a functional Keras model"
+    for nodes in functional._nodes_by_depth.values():
+        for node in nodes:
+            op = node.operation
+            if not op or node.is_input or not getattr(op, "trainable_variables", None):
+                continue
+            if len(node.input_tensors) != 1:
+                return f"layer {op.name} is called with {len(node.input_tensors)} inputs"
+            if _functional(op) is not None and (reason := unfactorable_reason(op)):
+                return reason
+    return None
 
 
 def _raise(op):

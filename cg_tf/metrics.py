@@ -1,4 +1,4 @@
-"""Memorization metrics (DESIGN.md section 5): the math as small pure
+"""Memorization metrics (README, "Memorization metrics"): the math as small pure
 functions, the evaluation of a fixed subset, and the evaluation schedule."""
 
 import functools

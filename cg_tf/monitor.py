@@ -1,5 +1,5 @@
 """What a run measures besides training: the memorization metrics of
-DESIGN.md section 5 on the reader's fixed subsets, on the evaluation
+the README's memorization metrics on the reader's fixed subsets, on the evaluation
 schedule, written as tf.summary data with explicit steps (names in
 cg_tf.tags); and, at the end, the learning events and learned-example exports.
 

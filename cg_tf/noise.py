@@ -1,6 +1,6 @@
 """Label-noise assignment: pure functions of (seed, example_id, label).
 
-Modes (DESIGN.md section 3):
+Modes:
   uniform        with probability `rate` the label is redrawn uniformly over all
                  classes (it may come out unchanged; then it is not corrupt);
   uniform_other  with probability `rate` the label is replaced by a uniformly

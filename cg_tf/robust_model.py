@@ -1,6 +1,6 @@
 """The robust train step: a keras.Model whose update aggregates gradients.
 
-Aggregators (DESIGN.md section 4), over the examples of the *global* batch:
+Aggregators (the README's table), over the examples of the *global* batch:
   mean                  the ordinary batch gradient
   winsorized, trimmed,  per-example values factored by layer (layer_rules), the
   median                factors gathered from all replicas, aggregated tile by
@@ -112,12 +112,6 @@ class Collectives:
                 for g, x in zip(self.sum(placed), xs)]
 
 
-def _gathered(values: list[PerExample], sync: Collectives) -> list[PerExample]:
-    """Per-example values of all replicas' examples, in replica order."""
-    flat = tf.nest.flatten(values)
-    return tf.nest.pack_sequence_as(values, sync.gather(flat))
-
-
 class RobustModel(keras.Model):
     """Wraps a network; `fit`/`make_train_function` run the robust update."""
 
@@ -155,14 +149,19 @@ class RobustModel(keras.Model):
         g, losses, logits = self.source.summed(x, y)
         return [s / self.global_batch_size for s in sync.sum(g)], tally(y, losses, logits)
 
-    def _per_example_gradient(self, x, y, sync):
+    def _global_values(self, x, y, sync) -> tuple[list[PerExample], tf.Tensor]:
         """Per-example values of the global batch (replicas gather the factors,
-        not the per-example gradients), aggregated tile by tile."""
+        not the per-example gradients, in replica order), and this replica's tally."""
         values, losses, logits = self.source.per_example(x, y, self.config.chunk, sync)
         if sync.replicas > 1:
-            values = _gathered(values, sync)
-        return (tiled.aggregate(values, self.config.name, self.config.c, self.source.variables),
-                tally(y, losses, logits))
+            values = tf.nest.pack_sequence_as(values, sync.gather(tf.nest.flatten(values)))
+        return values, tally(y, losses, logits)
+
+    def _per_example_gradient(self, x, y, sync):
+        """Per-example values aggregated tile by tile."""
+        values, counts = self._global_values(x, y, sync)
+        return tiled.aggregate(values, self.config.name, self.config.c,
+                               self.source.variables), counts
 
     def _median_of_means_gradient(self, x, y, sync):
         """The k group gradients from one forward and backward through the layer
@@ -172,13 +171,11 @@ class RobustModel(keras.Model):
         if not self.source.factored or self.source.bn:
             return self._median_of_means_by_passes(x, y, sync)
         k = self.config.groups
-        values, losses, logits = self.source.per_example(x, y, None, sync)
-        if sync.replicas > 1:
-            values = _gathered(values, sync)
+        values, counts = self._global_values(x, y, sync)
         # The k group sums as k examples: their median, by tiles, over the group size.
         medians = tiled.aggregate([v.groups(k) for v in values], "median", 0,
                                   self.source.variables)
-        return [m / (self.global_batch_size // k) for m in medians], tally(y, losses, logits)
+        return [m / (self.global_batch_size // k) for m in medians], counts
 
     def _median_of_means_by_passes(self, x, y, sync):
         """Each replica sums the gradients of its part of each global group (an

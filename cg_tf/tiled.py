@@ -14,8 +14,8 @@ top-r list kept with max/min only, fused by XLA into one loop per tile (2r
 operations per value). The whole computation is one XLA cluster
 (`aggregate`), whatever the outer step is compiled with. Where r * n is too
 large for the unrolled list to compile quickly (the median of a large batch,
-c > 8), the stacked
-per-example values are sorted along the batch instead (B x P values in memory).
+c > 8), the stacked per-example values are sorted along the batch instead (B x P
+values in memory).
 """
 
 import numpy as np
