@@ -114,6 +114,7 @@ def test_table_has_final_values(client):
     ("/histograms?run=", "unknown run"),
     ("/histograms", "unknown run"),
     ("/table?runs=mean,../../etc", "unknown run(s): ../../etc"),
+    ("/table?runs=mean%00", "unknown run(s): mean\x00"),
 ])
 def test_bad_parameters_get_400_with_a_message(client, path, message):
     response = get(client, path, status=400)
@@ -125,6 +126,10 @@ def test_bad_parameters_get_400_with_a_message(client, path, message):
     ("/static/%2e%2e/plugin.py", 400),
     ("/static/..%2f..%2f__init__.py", 400),
     ("/static//etc/passwd", 400),
+    ("/static/%00", 400),
+    ("/static/index.js%00.html", 400),
+    ("/static/index.js%0a", 400),
+    ("/static/..", 400),
     ("/static/missing.js", 404),
     ("/static/", 404),
 ])

@@ -10,6 +10,7 @@ served from this package's `static/` only.
 import json
 import math
 import os
+import re
 
 from tensorboard import plugin_util
 from tensorboard.backend import http_util
@@ -20,6 +21,8 @@ from werkzeug import wrappers
 from cg_tf import report, tags
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# One file name: letters, digits, '_', '-', '.'; no separator, null byte or control character.
+STATIC_NAME = re.compile(r"[\w.-]*", re.ASCII)
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
 MAX_POINTS = 1000  # per curve; the last point is always kept
 
@@ -145,6 +148,9 @@ class MemorizationPlugin(base_plugin.TBPlugin):
     @wrappers.Request.application
     def _serve_static(self, request):
         name = request.path.rsplit("/static/", 1)[-1]
+        if not STATIC_NAME.fullmatch(name):
+            return http_util.Respond(request, f"not a static file: {name!r}", "text/plain",
+                                     code=400)
         path = os.path.realpath(os.path.join(STATIC_DIR, name))
         ext = os.path.splitext(path)[1]
         if os.path.dirname(path) != STATIC_DIR:
