@@ -14,6 +14,12 @@ order: a complete stage with a matching manifest is skipped; an interrupted one
 ("running") is restarted, in place if it is `resumable` (training continues
 from its checkpoints) and from an emptied directory otherwise. The manifest is
 written atomically, and "complete" only after the stage's work is done.
+
+A stage runs holding its directory's lock (cg_tf.rundir), so two processes
+never run one stage; a directory another process holds is refused, naming it.
+Only what a stage made is ever deleted: a non-empty directory without a
+manifest is refused up front (with or without `overwrite`), contents kept, as
+pipelines.noisy_labels refuses a non-empty output directory.
 """
 
 import dataclasses
@@ -26,6 +32,8 @@ import time
 from collections.abc import Callable
 
 import tensorflow as tf
+
+from cg_tf import rundir
 
 MANIFEST = "manifest.json"
 
@@ -50,36 +58,45 @@ def fingerprint(kind: str, params: dict, inputs: dict[str, str]) -> str:
 
 
 def read_manifest(directory: str) -> dict | None:
-    path = os.path.join(directory, MANIFEST)
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return rundir.read_json(os.path.join(directory, MANIFEST))
 
 
 def write_manifest(directory: str, manifest: dict) -> None:
-    path = os.path.join(directory, MANIFEST)
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    rundir.write_json(os.path.join(directory, MANIFEST), manifest, sort_keys=True)
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    out = []
-    for k in keys:
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
+def _entries(directory: str) -> list[str]:
+    """What a directory holds, but its lock; nothing if it does not exist."""
+    if not tf.io.gfile.isdir(directory):
+        return []
+    return sorted(e.rstrip("/") for e in tf.io.gfile.listdir(directory)
+                  if e.rstrip("/") != rundir.LOCK_FILE)
 
 
 def _clear(directory: str) -> None:
-    if tf.io.gfile.exists(directory):
-        tf.io.gfile.rmtree(directory)
-    tf.io.gfile.makedirs(directory)
+    """Empties a stage's directory (its lock kept), the manifest last, so an
+    interrupted clear still shows a directory this pipeline made."""
+    for e in sorted(_entries(directory), key=lambda e: e == MANIFEST):
+        path = os.path.join(directory, e)
+        (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+
+
+def _check_directory(directory: str, found: dict | None, want: dict, overwrite: bool) -> None:
+    """Refuses a stage directory that no stage made, or one made with other
+    parameters (unless `overwrite`)."""
+    if found is None:
+        foreign = _entries(directory)
+        if foreign:
+            raise StageError(
+                f"{directory} is not empty and has no {MANIFEST}, so no stage made it (it "
+                f"holds {', '.join(map(repr, foreign[:3]))}{', ...' if len(foreign) > 3 else ''}"
+                f"); move it away or use another --output_dir (nothing in it was changed)")
+    elif found.get("fingerprint") != want["fingerprint"] and not overwrite:
+        keys = ("kind", "params", "inputs")
+        diff = rundir.differences({k: found.get(k) for k in keys}, {k: want[k] for k in keys})
+        raise StageError(
+            f"{directory} was made with other parameters ({'; '.join(diff[:5]) or 'unknown'}); "
+            f"use another --output_dir, or --overwrite to rebuild it and everything after it")
 
 
 def plan(root: str, stages: list[Stage], overwrite: bool = False) -> dict[str, dict]:
@@ -95,15 +112,8 @@ def plan(root: str, stages: list[Stage], overwrite: bool = False) -> dict[str, d
         inputs = {i: expected[i]["fingerprint"] for i in stage.inputs}
         expected[stage.name] = {"kind": stage.kind, "params": stage.params, "inputs": inputs,
                                 "fingerprint": fingerprint(stage.kind, stage.params, inputs)}
-        found = read_manifest(os.path.join(root, stage.name))
-        if found and found.get("fingerprint") != expected[stage.name]["fingerprint"] \
-                and not overwrite:
-            diff = _differences({k: found.get(k) for k in ("kind", "params", "inputs")},
-                                {k: expected[stage.name][k] for k in ("kind", "params", "inputs")})
-            raise StageError(
-                f"{os.path.join(root, stage.name)} was made with other parameters "
-                f"({'; '.join(diff[:5]) or 'unknown'}); use another --output_dir, or "
-                f"--overwrite to rebuild it and everything after it")
+        directory = os.path.join(root, stage.name)
+        _check_directory(directory, read_manifest(directory), expected[stage.name], overwrite)
     return expected
 
 
@@ -111,6 +121,11 @@ def progress(message: str) -> None:
     """Stage progress, to the log and the terminal."""
     logging.info("%s", message)
     print(message, flush=True)
+
+
+def _is_complete(found: dict | None, want: dict) -> bool:
+    return bool(found) and found["fingerprint"] == want["fingerprint"] \
+        and found["status"] == "complete"
 
 
 def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: str | None = None,
@@ -124,9 +139,8 @@ def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: st
     manifests = {}
     for n, stage in enumerate(stages, 1):
         directory = os.path.join(root, stage.name)
-        want = expected[stage.name]
         found = read_manifest(directory)
-        if found and found["fingerprint"] == want["fingerprint"] and found["status"] == "complete":
+        if _is_complete(found, expected[stage.name]):
             log(f"[{n}/{len(stages)}] {stage.name}: complete, skipped")
             manifests[stage.name] = found
             continue
@@ -137,20 +151,34 @@ def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: st
                      if (manifests.get(i) or {}).get("status") != "complete"]
         if not_ready:
             raise StageError(f"stage {stage.name!r} needs {not_ready} complete first")
-        if found is None or found["fingerprint"] != want["fingerprint"] or not stage.resumable:
-            _clear(directory)
-            how = "starting" if found is None else "restarting" if found["fingerprint"] == \
-                want["fingerprint"] else "rebuilding (--overwrite)"
-        else:
-            how = "resuming"
-        log(f"[{n}/{len(stages)}] {stage.name}: {how}")
-        manifest = {**want, "status": "running", "outputs": {}}
-        write_manifest(directory, manifest)
-        start = time.monotonic()
-        outputs = stage.run(directory, {i: manifests[i] for i in stage.inputs})
-        manifest.update(status="complete", outputs=outputs,
-                        seconds=round(time.monotonic() - start, 1))
-        write_manifest(directory, manifest)
-        manifests[stage.name] = manifest
-        log(f"[{n}/{len(stages)}] {stage.name}: complete in {manifest['seconds']:.0f} s")
+        with rundir.lock(directory, f"stage {stage.name}") as held:
+            manifests[stage.name] = _run_stage(
+                stage, directory, expected[stage.name], {i: manifests[i] for i in stage.inputs},
+                overwrite, held, lambda what: log(f"[{n}/{len(stages)}] {stage.name}: {what}"))
     return manifests
+
+
+def _run_stage(stage: Stage, directory: str, want: dict, inputs: dict[str, dict],
+               overwrite: bool, held: rundir.RunDirLock, say: Callable[[str], None]) -> dict:
+    """Runs one stage whose directory this process holds; returns its manifest."""
+    found = read_manifest(directory)  # again: another process may have run it meanwhile
+    if _is_complete(found, want):
+        say("complete, skipped")
+        return found
+    _check_directory(directory, found, want, overwrite)
+    if found is None or found["fingerprint"] != want["fingerprint"] or not stage.resumable:
+        _clear(directory)
+        how = "starting" if found is None else "restarting" if found["fingerprint"] == \
+            want["fingerprint"] else "rebuilding (--overwrite)"
+    else:
+        how = "resuming"
+    say(how)
+    manifest = {**want, "status": "running", "outputs": {}}
+    write_manifest(directory, manifest)
+    start = time.monotonic()
+    outputs = stage.run(directory, inputs)
+    held.check()
+    manifest.update(status="complete", outputs=outputs, seconds=round(time.monotonic() - start, 1))
+    write_manifest(directory, manifest)
+    say(f"complete in {manifest['seconds']:.0f} s")
+    return manifest

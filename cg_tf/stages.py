@@ -3,12 +3,12 @@
 
 Parameters that change a stage's output are its manifest parameters; those
 that only say where or how fast it runs (Beam runner options, the trainer's
-strategy, checkpoint and log intervals) are not, so a stage can be resumed or
-re-run elsewhere.
+`EXECUTION_FIELDS`: strategy, checkpoint and log intervals, ...) are not, so a
+stage can be resumed or re-run elsewhere. A training run's own config.json
+leaves out the same fields (cg_tf.trainer.run_params).
 """
 
 import dataclasses
-import json
 import os
 
 import keras
@@ -17,11 +17,9 @@ from cg_tf import build, metrics
 from cg_tf.components import Stage
 from cg_tf.input import InputConfig, Reader
 from cg_tf.sources import Source
-from cg_tf.trainer import TrainConfig, Trainer
+from cg_tf.trainer import TrainConfig, Trainer, run_params
 
 DATA = "data"  # a dataset stage's dataset, inside its artifact directory
-EXECUTION_FIELDS = ("data_dir", "model_dir", "strategy", "tpu", "checkpoint_every", "log_every",
-                    "jit_compile")
 
 
 def dataset_stage(name: str, source: Source, config: build.BuildConfig,
@@ -41,12 +39,6 @@ def dataset_stage(name: str, source: Source, config: build.BuildConfig,
     return Stage(name, "dataset", params, run)
 
 
-def train_params(config: TrainConfig) -> dict:
-    """The parts of a training config that change its result."""
-    d = json.loads(json.dumps(dataclasses.asdict(config)))
-    return {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
-
-
 def train_stage(name: str, data_stage: str, config: TrainConfig,
                 data_output: str = "data_dir") -> Stage:
     """Trains `config` on the dataset that `data_stage` names in its output
@@ -61,7 +53,7 @@ def train_stage(name: str, data_stage: str, config: TrainConfig,
         return {"model_dir": directory,
                 **{k: v for k, v in summary.items() if not isinstance(v, dict)}}
 
-    params = {**train_params(config), "data": data_output}
+    params = {**run_params(config), "data": data_output}
     return Stage(name, "train", params, run, (data_stage,), resumable=True)
 
 

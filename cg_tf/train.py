@@ -23,7 +23,11 @@ DEMO_DATA_DIR = "data/digits_noisy50"
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", DEMO_DATA_DIR, "Dataset made by pipelines.noisy_labels; the "
                     "default is built from digits (50% uniform noise) if missing.")
-flags.DEFINE_string("model_dir", "runs/demo", "Checkpoints, event files and summary.json.")
+flags.DEFINE_string("model_dir", "runs/demo", "Checkpoints, event files, config.json and "
+                    "summary.json; one process at a time.")
+# pipelines.shared_flags defines --overwrite too (for --output_dir): one flag, either meaning.
+flags.DEFINE_bool("overwrite", False, "Start --model_dir over if it holds a run with another "
+                  "configuration (deletes only what a run writes there).", allow_override=True)
 flags.DEFINE_string("model", "fc", f"One of {', '.join(MODELS)}.")
 flags.DEFINE_list("fc_widths", ["256"], "Hidden layer widths of the fc model.")
 flags.DEFINE_string("aggregator", "winsorized", f"One of {', '.join(robust_model.AGGREGATORS)}.")
@@ -114,13 +118,17 @@ def main(argv):
         config = config_from_flags()
         if config.data_dir == DEMO_DATA_DIR:
             ensure_demo_data(config.data_dir)
-        summary = trainer.train(config)
+        run = trainer.Trainer(config, FLAGS.overwrite)
+        summary = run.run()
     except (ValueError, trainer.NonFiniteLoss) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
     print("\n".join(f"{k:>28}: {v}" for k, v in summary.items()
                     if not isinstance(v, dict)))
-    print(f"\nsummary: {os.path.join(config.model_dir, 'summary.json')}")
+    if run.complete:
+        print(f"\n{config.model_dir} was already complete ({summary['steps']} steps): "
+              "nothing was changed")
+    print(f"\nsummary: {os.path.join(config.model_dir, trainer.SUMMARY_FILE)}")
     print(f"TensorBoard: tensorboard --logdir {os.path.dirname(os.path.abspath(config.model_dir))}")
 
 

@@ -4,6 +4,15 @@
 is one (model, optimizer, aggregator state and step), so a killed run rerun
 with the same command continues; with `deterministic` it ends with the same
 weights as an uninterrupted run.
+
+A run holds its directory's lock (cg_tf.rundir) from its first write to its
+last, and records at the start, in config.json, what makes its result: the
+config without its execution-only fields (`EXECUTION_FIELDS`: where and how
+fast it runs; the pipeline's stage fingerprints leave out the same) and what
+its dataset is. A resume with another such configuration is refused, naming
+every differing field, unless `overwrite`, which starts the run over (deleting
+only what a run writes). A finished run (summary.json written) is left exactly
+as it is: `run()` returns its summary and sets `complete`.
 """
 
 import dataclasses
@@ -17,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cg_tf import records, tags
+from cg_tf import monitor, records, rundir, tags
 from cg_tf.input import InputConfig, Reader, distribute
 from cg_tf.models import build_model
 from cg_tf.monitor import Monitor, MonitorConfig
@@ -26,6 +35,13 @@ from cg_tf.strategies import get_strategy
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd",)
+# Where and how fast a run goes, not what it computes: these may change on resume.
+EXECUTION_FIELDS = ("data_dir", "model_dir", "strategy", "tpu", "checkpoint_every", "log_every",
+                    "jit_compile")
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
+EVENT_FILES = "events.out.tfevents.*"  # tf.summary's names
 
 
 class NonFiniteLoss(RuntimeError):
@@ -78,6 +94,32 @@ class TrainConfig:
         self.monitor.check()
 
 
+def run_params(config: TrainConfig) -> dict:
+    """The parts of a training config that change its result (JSON values)."""
+    d = json.loads(json.dumps(dataclasses.asdict(config)))
+    return {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
+
+
+def dataset_identity(info: records.DatasetInfo) -> dict:
+    """What a dataset is, wherever it (or its source) lies."""
+    return {"source_fingerprint": info.source_fingerprint, "noise": info.noise,
+            "examples": {k: v.num_examples for k, v in info.splits.items()}}
+
+
+def start_over(model_dir: str) -> None:
+    """Deletes what a run writes to `model_dir`, nothing else; its config.json
+    last, so an interrupted start-over is refused (and redone) like the run."""
+    names = [SUMMARY_FILE, monitor.LEARNING_EVENTS, monitor.LEARNED_IDS,
+             monitor.NOT_LEARNED_IDS, CHECKPOINTS]
+    paths = [os.path.join(model_dir, n) for n in names]
+    paths += tf.io.gfile.glob(os.path.join(model_dir, EVENT_FILES))
+    for path in [*paths, os.path.join(model_dir, CONFIG_FILE)]:
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        elif tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
+
+
 def learning_rate(config: TrainConfig, steps_per_epoch: int, total_steps: int):
     lr = config.learning_rate
     if config.lr_schedule == "constant":
@@ -99,11 +141,12 @@ def _reader(config: TrainConfig, batch_size: int) -> Reader:
 
 
 class Trainer:
-    """Builds everything a run needs; `run()` trains to the end."""
+    """Builds everything a run needs (writing nothing); `run()` trains to the end."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, overwrite: bool = False):
         config.check()
-        self.config = config
+        self.config, self.overwrite = config, overwrite
+        self.complete = False  # set by run() if the run had finished before
         # First: multi-worker collectives must be configured before any TF op runs.
         self.strategy = get_strategy(config.strategy, config.tpu)
         keras.utils.set_random_seed(config.seed)
@@ -128,14 +171,13 @@ class Trainer:
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_seconds")
         self.train_seconds = 0.0  # in train steps, since this process started
-        self.writer = tf.summary.create_file_writer(config.model_dir)
+        self.writer = None  # opened by run(), holding the directory
         self.monitor = Monitor(net, self.reader, config.aggregator, config.batch_size,
                                config.monitor, self.writer)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step, wall_seconds=self.wall,
                                               learning_events=self.monitor.events)
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(config.model_dir, "checkpoints"), max_to_keep=2)
+        self.manager: tf.train.CheckpointManager | None = None  # by restore()
 
         model, strategy = self.model, self.strategy
 
@@ -152,6 +194,9 @@ class Trainer:
         return self.model.net
 
     def restore(self) -> int:
+        """Restores the directory's last checkpoint, if any; returns its step."""
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self.config.model_dir, CHECKPOINTS), max_to_keep=2)
         if self.manager.latest_checkpoint:
             self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
             logging.info("resumed from %s at step %d", self.manager.latest_checkpoint,
@@ -159,7 +204,42 @@ class Trainer:
         return int(self.step)
 
     def run(self) -> dict:
+        """Trains to the end holding the run directory; returns the summary (a
+        finished run's as it is, with `complete` set)."""
+        with rundir.lock(self.config.model_dir, "training") as held:
+            finished = self._claim_directory()
+            if finished is not None:
+                self.complete = True
+                logging.info("%s is complete; nothing to do", self.config.model_dir)
+                return finished
+            return self._train(held)
+
+    def _claim_directory(self) -> dict | None:
+        """Checks the directory's recorded configuration against this one (and
+        records it if new); returns the summary of a finished run."""
+        model_dir = self.config.model_dir
+        record = {**run_params(self.config), "dataset": dataset_identity(self.reader.info)}
+        path = os.path.join(model_dir, CONFIG_FILE)
+        recorded = rundir.read_json(path)
+        diff = rundir.differences(recorded, record) if recorded is not None else []
+        if diff and not self.overwrite:
+            raise rundir.RunDirError(
+                f"{model_dir} holds a run with another configuration ({'; '.join(diff)}); "
+                f"use another --model_dir, or --overwrite to start it over")
+        if diff:
+            logging.warning("--overwrite: starting %s over (%s)", model_dir, "; ".join(diff))
+            start_over(model_dir)
+            recorded = None
+        summary = rundir.read_json(os.path.join(model_dir, SUMMARY_FILE))
+        if summary is not None:
+            return summary
+        if recorded is None:
+            rundir.write_json(path, record)
+        return None
+
+    def _train(self, held: rundir.RunDirLock) -> dict:
         cfg = self.config
+        self.writer = self.monitor.writer = tf.summary.create_file_writer(cfg.model_dir)
         start = self.restore()
         schedule = set(self.monitor.schedule(self.total_steps))
         data = distribute(self.reader.train_dataset(start, self.total_steps - start),
@@ -198,8 +278,10 @@ class Trainer:
             if step in schedule:
                 self.monitor.observe(step, self.train_seconds)
             if step % cfg.checkpoint_every == 0 or step == self.total_steps:
+                held.check()
                 self.manager.save(checkpoint_number=step)
         self.writer.flush()
+        held.check()
         return self.finish(loss)
 
     def finish(self, final_loss: float) -> dict:
@@ -225,12 +307,9 @@ class Trainer:
         }
         summary = {k: (None if isinstance(v, float) and np.isnan(v) else v)
                    for k, v in summary.items()}
-        path = os.path.join(self.config.model_dir, "summary.json")
-        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=1)
-        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        rundir.write_json(os.path.join(self.config.model_dir, SUMMARY_FILE), summary)
         return summary
 
 
-def train(config: TrainConfig) -> dict:
-    return Trainer(config).run()
+def train(config: TrainConfig, overwrite: bool = False) -> dict:
+    return Trainer(config, overwrite).run()

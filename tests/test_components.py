@@ -2,10 +2,12 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from cg_tf import components
+from cg_tf import components, rundir
 from cg_tf.components import Stage, StageError
 
 
@@ -89,3 +91,34 @@ def test_bad_pipelines():
         components.plan("/nonexistent", [toy([], "a", {}), toy([], "a", {})])
     with pytest.raises(StageError, match=r"reads \['z'\], which no earlier stage makes"):
         components.plan("/nonexistent", [toy([], "a", {}, ["z"])])
+
+
+def test_a_folder_without_a_manifest_is_refused_and_kept(tmp_path):
+    """Like pipelines.noisy_labels with a non-empty --output_dir: a folder with a
+    stage's name that no stage made is the user's, even with --overwrite."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    calls = []
+    for overwrite in (False, True):
+        with pytest.raises(StageError, match=rf"^{tmp_path / 'b'} is not empty and has no "
+                                             r"manifest.json, so no stage made it \(it holds "
+                                             r"'notes.txt'\); move it away"):
+            components.run_stages(str(tmp_path), pipeline(calls), overwrite=overwrite)
+    assert calls == []  # refused before anything ran
+    assert os.listdir(tmp_path / "b") == ["notes.txt"]
+    assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
+
+
+def test_a_stage_another_process_runs_is_refused_naming_it(tmp_path):
+    from test_run_dir import write_lock
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        calls = []
+        components.run_stages(str(tmp_path), pipeline(calls, fail_b=False)[:1])
+        write_lock(tmp_path / "b", pid=proc.pid, purpose="stage b")
+        with pytest.raises(rundir.Busy, match=rf"b is in use: stage b by pid {proc.pid} on "):
+            components.run_stages(str(tmp_path), pipeline(calls))
+        assert calls == ["a"]
+    finally:
+        proc.kill()
+        proc.wait()
