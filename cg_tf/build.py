@@ -4,13 +4,17 @@ Everything that can be wrong with the request (the source, the noise flags, the
 output directory) is checked before the pipeline starts. dataset_info.json is
 written last, only after the run succeeded and the rejects are within bounds,
 so an interrupted or failed run never looks complete to a reader.
+
+Before the run, build_manifest.json lists every name the build may create in
+the directory (its shards, info and rejects files, its work folder and itself);
+--overwrite deletes exactly those, and refuses a directory holding anything
+else.
 """
 
 import dataclasses
 import json
 import logging
 import os
-import re
 import time
 
 import apache_beam as beam
@@ -18,15 +22,12 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from cg_tf import records
+from cg_tf import records, rundir
 from cg_tf.noise import NoiseSpec
 from cg_tf.beam import noisy_labels
 from cg_tf.sources import Source
 
-# Files a build writes; --overwrite deletes only these.
-_OWN_FILE = re.compile(
-    r"^([\w-]+\.tfrecord-\d{5}-of-\d{5}(\.gz)?(\.tmp-\w+)?|dataset_info\.json(\.tmp)?"
-    r"|rejected\.jsonl|_stats\.json|beam-temp-.*)$")
+MANIFEST_FILE = "build_manifest.json"
 
 
 class BuildError(ValueError):
@@ -55,14 +56,49 @@ class BuildConfig:
             raise BuildError(f"--train_examples must be positive, got {self.train_examples}")
 
 
+def build_files(splits: tuple[str, ...], num_shards: int, compression: str | None) -> list[str]:
+    """Every name a build creates in its output directory (the manifest lists them)."""
+    shards = [records.shard_name(s, i, num_shards, compression)
+              for s in splits for i in range(num_shards)]
+    return [*shards, records.INFO_FILE, records.INFO_FILE + ".tmp", noisy_labels.REJECTED_FILE,
+            noisy_labels.WORK_DIR, MANIFEST_FILE]
+
+
+def write_manifest(path: str, names: list[str]) -> None:
+    with tf.io.gfile.GFile(os.path.join(path, MANIFEST_FILE), "w") as f:
+        json.dump({"files": names}, f, indent=1)
+
+
+def built_names(path: str) -> set[str]:
+    """The names in `path` a build made: those its manifest lists or, in a
+    dataset built before manifests, its info file, shards and rejects file."""
+    manifest = os.path.join(path, MANIFEST_FILE)
+    info = os.path.join(path, records.INFO_FILE)
+    try:
+        if tf.io.gfile.exists(manifest):
+            with tf.io.gfile.GFile(manifest) as f:
+                return set(json.load(f)["files"])
+        if tf.io.gfile.exists(info):
+            with tf.io.gfile.GFile(info) as f:
+                old = records.DatasetInfo.from_json(json.load(f))
+            return {records.INFO_FILE, noisy_labels.REJECTED_FILE} | {
+                os.path.basename(p) for s in old.splits for p in old.shard_paths(path, s)}
+    except (ValueError, KeyError, TypeError) as e:
+        raise BuildError(f"--output_dir={path}: cannot tell which files an earlier build "
+                         f"made ({e!r}); refusing to --overwrite it") from e
+    return set()
+
+
 def prepare_output_dir(path: str, overwrite: bool) -> None:
-    """Makes `path` an empty directory, refusing to clobber anything by accident."""
+    """Makes `path` an empty directory, refusing to clobber anything by accident:
+    --overwrite deletes only what an earlier build made (`built_names`)."""
     if not tf.io.gfile.exists(path):
         tf.io.gfile.makedirs(path)
         return
     if not tf.io.gfile.isdir(path):
         raise BuildError(f"--output_dir={path} is a file, not a directory")
-    entries = [e.rstrip("/") for e in tf.io.gfile.listdir(path)]
+    entries = [e.rstrip("/") for e in tf.io.gfile.listdir(path)
+               if e.rstrip("/") != rundir.LOCK_FILE]
     if not entries:
         return
     if not overwrite:
@@ -70,12 +106,13 @@ def prepare_output_dir(path: str, overwrite: bool) -> None:
                 else "files of an interrupted or failed earlier run")
         raise BuildError(f"--output_dir={path} already holds {what}; pass --overwrite to "
                          "replace it")
-    foreign = sorted(e for e in entries if not _OWN_FILE.match(e))
+    foreign = sorted(set(entries) - built_names(path))
     if foreign:
         raise BuildError(f"--output_dir={path} holds files that are not part of a dataset "
                          f"(e.g. {foreign[0]!r}); refusing to --overwrite it")
-    # The info file goes first, so the directory never looks complete mid-delete.
-    entries.sort(key=lambda e: e != records.INFO_FILE)
+    # The info file goes first, so the directory never looks complete mid-delete,
+    # and the manifest last, so an interrupted delete still knows what is ours.
+    entries.sort(key=lambda e: (e != records.INFO_FILE, e == MANIFEST_FILE))
     for e in entries:
         p = os.path.join(path, e)
         (tf.io.gfile.rmtree if tf.io.gfile.isdir(p) else tf.io.gfile.remove)(p)
@@ -100,9 +137,19 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
 
 def build_dataset(source: Source, config: BuildConfig,
                   options: PipelineOptions | None = None) -> records.DatasetInfo:
-    """Runs the noisy-label pipeline and writes dataset_info.json; returns it."""
+    """Runs the noisy-label pipeline and writes dataset_info.json, holding the
+    output directory's lock; returns it."""
+    with rundir.lock(config.output_dir, "dataset build"):
+        return _build(source, config, options)
+
+
+def _build(source: Source, config: BuildConfig,
+           options: PipelineOptions | None) -> records.DatasetInfo:
     out = config.output_dir
     prepare_output_dir(out, config.overwrite)
+    write_manifest(out, build_files(source.splits, config.num_shards, config.compression))
+    work = os.path.join(out, noisy_labels.WORK_DIR)
+    tf.io.gfile.makedirs(work)
     options = options or beam_options([])
     logging.info("building %s from %s (noise %s, rate %.3g, seed %d) with %s", out, source.spec,
                  config.noise.mode, config.noise.rate, config.noise.seed,
@@ -114,22 +161,28 @@ def build_dataset(source: Source, config: BuildConfig,
         config.train_examples)
     result = pipeline.run()
     result.wait_until_finish()
-    stats_path = os.path.join(out, noisy_labels.STATS_FILE)
-    with tf.io.gfile.GFile(stats_path) as f:
+    with tf.io.gfile.GFile(os.path.join(work, noisy_labels.STATS_FILE)) as f:
         stats = json.load(f)
+    tf.io.gfile.rename(os.path.join(work, noisy_labels.REJECTED_FILE),
+                       os.path.join(out, noisy_labels.REJECTED_FILE), overwrite=True)
+    tf.io.gfile.rmtree(work)
     info = make_info(source, config, stats)
     check_rejects(info, config.max_reject_fraction, out)
     records.write_info(out, info)
-    tf.io.gfile.remove(stats_path)
     logging.info("built %s in %.1f s", out, time.monotonic() - start)
     return info
 
 
 def make_info(source: Source, config: BuildConfig, stats: dict) -> records.DatasetInfo:
+    def shards(split):
+        names = (records.shard_name(split, i, config.num_shards, config.compression)
+                 for i in range(config.num_shards))
+        return {n: records.ShardInfo(**stats["shards"][n]) for n in names}
+
     return records.DatasetInfo(
         num_classes=source.num_classes,
         image_shape=tuple(source.image_shape),
-        splits={s: records.SplitInfo(num_shards=config.num_shards, **c)
+        splits={s: records.SplitInfo(num_shards=config.num_shards, shards=shards(s), **c)
                 for s, c in stats["splits"].items()},
         noise=dataclasses.asdict(config.noise),
         noise_matrix=stats["noise_matrix"],

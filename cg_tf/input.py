@@ -1,6 +1,8 @@
 """tf.data input: a dataset directory -> shuffled, augmented, batched, distributed.
 
-The reader checks dataset_info.json, then yields dictionaries
+The reader checks dataset_info.json and verifies every shard against it
+(`cg_tf.verify`: one pass over the records, before anything is served), then
+yields dictionaries
   image (float32 HxWxC in [0, 1]), label, true_label, is_corrupt (int32),
   example_id (string)
 for training (global batches, a reproducible order per epoch that depends only
@@ -17,7 +19,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from cg_tf import records
+from cg_tf import records, verify
 
 AUGMENTATIONS = ("none", "flip", "flip_crop", "randaugment")
 EVAL_SUBSETS = ("pristine", "corrupt", "mixed", "test")
@@ -74,6 +76,7 @@ class Reader:
         self.steps_per_epoch = train.num_examples // config.batch_size
         self._augment = _augmenter(config.augment, self.image_shape, config.seed)
         self._cached = {}  # Decoded splits, in-memory tensors, evaluation subsets.
+        verify.verify_dataset(config.data_dir, self.info)  # Once, before any batch.
 
     def _output_shape(self) -> tuple[int, int, int]:
         h, w, c = self.info.image_shape

@@ -9,10 +9,13 @@ One `tf.train.Example` per training example with the features
   example_id  bytes, a stable key from the source, unique within its split
 
 A directory is complete only when its dataset_info.json exists: the pipeline
-writes it last, and readers refuse a directory without it.
+writes it last, and readers refuse a directory without it. It records, per
+shard, the number of records and a digest of them (`ShardInfo`), which
+`cg_tf.verify` checks before training.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -67,11 +70,43 @@ class DatasetError(ValueError):
     """A dataset directory is missing, incomplete or not what was expected."""
 
 
+class RecordDigest:
+    """The `records_sha256` of a shard: sha256 over its records in order, each
+    as its length (8 bytes, little-endian) and its bytes. It does not depend on
+    the compression, and the writer and the reader compute it as they stream."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self.count = 0
+
+    def update(self, record: bytes) -> None:
+        self._sha.update(len(record).to_bytes(8, "little"))
+        self._sha.update(record)
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    num_records: int
+    records_sha256: str
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitInfo:
     num_examples: int
     num_corrupt: int
     num_shards: int
+    # Shard file name -> its count and digest; empty in directories built before
+    # cg_tf wrote them (their shards get a verified read without digests).
+    shards: dict[str, ShardInfo] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SplitInfo":
+        shards = {k: ShardInfo(**v) for k, v in d.get("shards", {}).items()}
+        return cls(**{**d, "shards": shards})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +141,7 @@ class DatasetInfo:
         kwargs = {k: v for k, v in d.items() if k in fields}
         kwargs["image_shape"] = tuple(d["image_shape"])
         kwargs["class_names"] = tuple(d.get("class_names", ()))
-        kwargs["splits"] = {k: SplitInfo(**v) for k, v in d["splits"].items()}
+        kwargs["splits"] = {k: SplitInfo.from_json(v) for k, v in d["splits"].items()}
         return cls(**kwargs)
 
     def shard_paths(self, data_dir: str, split: str) -> list[str]:
@@ -124,14 +159,43 @@ def write_info(data_dir: str, info: DatasetInfo) -> None:
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def check_consistent(info: DatasetInfo, path: str) -> None:
+    """Checks that the fields of dataset_info.json (at `path`) agree: the class
+    space and the image shape (no data is read).
+
+    The labels present cannot show that num_classes is too large (a class may be
+    missing from a small build), so num_classes must equal the class space the
+    pipeline built with, which it also records as the class names (when the
+    source names its classes) and as the C x C noise matrix. `cg_tf.verify`
+    then checks every label against num_classes.
+    """
+    c = info.num_classes
+    rule = "num_classes must be the number of classes the dataset was built with"
+    if info.class_names and len(info.class_names) != c:
+        raise DatasetError(f"{path}: num_classes is {c}, but it lists "
+                           f"{len(info.class_names)} class_names ({rule})")
+    m = info.noise_matrix
+    if len(m) != c or any(len(row) != c for row in m):
+        raise DatasetError(f"{path}: num_classes is {c}, but its noise_matrix is "
+                           f"{len(m)}x{len(m[0]) if m else 0} ({rule})")
+    shape = tuple(info.image_shape)
+    h_w = shape[:2] if len(shape) == 3 else ()
+    if not (len(shape) == 3 and shape[2] in (1, 3)
+            and (h_w == (None, None) or all(isinstance(x, int) and x > 0 for x in h_w))):
+        raise DatasetError(f"{path}: image_shape {list(shape)} is not [height, width, 1 or 3] "
+                           "(height and width null for images of varying size)")
+
+
 def load_info(data_dir: str, num_classes: int | None = None,
               image_shape: tuple[int | None, ...] | None = None,
               splits: tuple[str, ...] = ()) -> DatasetInfo:
-    """Reads and checks dataset_info.json and that every shard it names exists.
+    """Reads and checks dataset_info.json and that every shard it names exists
+    (cheap: it reads no records; `cg_tf.verify` reads them).
 
     Raises DatasetError with a message naming the problem: a missing directory,
     an incomplete one (no dataset_info.json: an interrupted or failed run), a
-    newer format, missing shards, or a mismatch with what the caller expects.
+    newer format, fields that disagree (`check_consistent`), missing shards, or
+    a mismatch with what the caller expects.
     """
     if not tf.io.gfile.isdir(data_dir):
         raise DatasetError(f"dataset directory {data_dir!r} does not exist")
@@ -145,6 +209,7 @@ def load_info(data_dir: str, num_classes: int | None = None,
     if info.version > FORMAT_VERSION:
         raise DatasetError(f"{path} has format version {info.version}; this cg_tf reads "
                            f"up to {FORMAT_VERSION}")
+    check_consistent(info, path)
     if num_classes is not None and info.num_classes != num_classes:
         raise DatasetError(f"{data_dir!r} has {info.num_classes} classes, expected {num_classes}")
     if image_shape is not None and tuple(info.image_shape) != tuple(image_shape):

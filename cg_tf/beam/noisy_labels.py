@@ -2,12 +2,16 @@
 
   read tasks -> read (source) -> validate and encode -> group by (split, shard)
     -> per shard: drop duplicate ids, assign noisy labels, write one TFRecord file
-    -> combine statistics -> _stats.json;  rejected records -> rejected.jsonl
+    -> combine statistics (with each shard's record count and digest)
+    -> _stats.json;  rejected records -> rejected.jsonl
 
 Each shard holds the examples whose stable id hash falls in it, sorted by a
 stable hash, so the files are byte-identical whatever the runner, worker count
-or retries. The driver (pipelines/noisy_labels.py) writes dataset_info.json
-from _stats.json after the run succeeds.
+or retries. Everything else a run writes (shard temp files, Beam's temp
+folders, _stats.json and rejected.jsonl) goes to the work folder WORK_DIR
+inside the output directory, so no temp file name can collide with a user's.
+The driver (cg_tf.build) writes dataset_info.json from _stats.json after the
+run succeeds.
 """
 
 import json
@@ -28,6 +32,7 @@ from cg_tf.sources import RawExample, ReadTask, Source
 REJECTED = "rejected"
 STATS_FILE = "_stats.json"
 REJECTED_FILE = "rejected.jsonl"
+WORK_DIR = "_build_tmp"
 
 
 class Encoded(NamedTuple):
@@ -104,7 +109,8 @@ class ValidateFn(beam.DoFn):
 def empty_stats(splits: tuple[str, ...], num_classes: int) -> dict[str, Any]:
     return {"splits": {s: {"num_examples": 0, "num_corrupt": 0} for s in splits},
             "noise_matrix": np.zeros((num_classes, num_classes), np.int64).tolist(),
-            "rejected": {"count": 0, "by_reason": {}}}
+            "rejected": {"count": 0, "by_reason": {}},
+            "shards": {}}  # shard file name -> {"num_records", "records_sha256"}
 
 
 class StatsFn(beam.CombineFn):
@@ -137,6 +143,7 @@ class StatsFn(beam.CombineFn):
                     out["splits"][s][k] += c[k]
             matrix += np.asarray(a["noise_matrix"])
             out["rejected"]["count"] += a["rejected"]["count"]
+            out["shards"].update(a["shards"])
             for k, n in a["rejected"]["by_reason"].items():
                 out["rejected"]["by_reason"][k] = out["rejected"]["by_reason"].get(k, 0) + n
         out["noise_matrix"] = matrix.tolist()
@@ -147,11 +154,13 @@ class StatsFn(beam.CombineFn):
 
 
 class WriteShardFn(beam.DoFn):
-    """Writes one shard: dedupes ids, assigns noisy labels, writes atomically."""
+    """Writes one shard: dedupes ids, assigns noisy labels, writes atomically
+    (a temp file in the work folder, renamed into place)."""
 
     def __init__(self, output_dir: str, num_shards: int, spec: noise.NoiseSpec,
                  splits: tuple[str, ...], num_classes: int, compression: str | None):
         self.output_dir = output_dir
+        self.work_dir = os.path.join(output_dir, WORK_DIR)
         self.num_shards = num_shards
         self.spec = spec
         self.splits = splits
@@ -161,6 +170,7 @@ class WriteShardFn(beam.DoFn):
 
     def setup(self):
         self.progress = Progress("examples written")
+        tf.io.gfile.makedirs(self.work_dir)
 
     def training_label(self, ex: Encoded, permuted: dict[str, int]) -> int:
         if ex.split != records.TRAIN_SPLIT:
@@ -176,9 +186,9 @@ class WriteShardFn(beam.DoFn):
                                          e.example_id, e.origin))
         stats = empty_stats(self.splits, self.num_classes)
         matrix = np.zeros((self.num_classes, self.num_classes), np.int64)
-        path = os.path.join(self.output_dir,
-                            records.shard_name(split, shard, self.num_shards, self.compression))
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        name = records.shard_name(split, shard, self.num_shards, self.compression)
+        tmp = os.path.join(self.work_dir, f"{name}.tmp-{uuid.uuid4().hex}")
+        digest = records.RecordDigest()
         kept = None
         with tf.io.TFRecordWriter(tmp, options=self.compression or "") as writer:
             for ex in examples:
@@ -189,15 +199,19 @@ class WriteShardFn(beam.DoFn):
                     continue
                 kept = ex
                 label = self.training_label(ex, permuted)
-                writer.write(records.encode_example(ex.image, label, ex.label, ex.example_id))
+                record = records.encode_example(ex.image, label, ex.label, ex.example_id)
+                writer.write(record)
+                digest.update(record)
                 stats["splits"][split]["num_examples"] += 1
                 stats["splits"][split]["num_corrupt"] += int(label != ex.label)
                 if split == records.TRAIN_SPLIT:
                     matrix[ex.label, label] += 1
                 self.written.inc()
                 self.progress.add()
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        tf.io.gfile.rename(tmp, os.path.join(self.output_dir, name), overwrite=True)
         stats["noise_matrix"] = matrix.tolist()
+        stats["shards"][name] = {"num_records": digest.count,
+                                 "records_sha256": digest.hexdigest()}
         yield stats
 
 
@@ -239,6 +253,7 @@ class BuildNoisyDataset(beam.PTransform):
 
     def expand(self, pipeline):
         src = self.source
+        work_dir = os.path.join(self.output_dir, WORK_DIR)
         num_shards = self.num_shards
         valid = (pipeline
                  | "Tasks" >> beam.Create(src.read_tasks())
@@ -281,7 +296,7 @@ class BuildNoisyDataset(beam.PTransform):
         _ = (rejected
              | "RejectedJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
              | "WriteRejected" >> beam.io.WriteToText(
-                 os.path.join(self.output_dir, REJECTED_FILE), num_shards=1,
+                 os.path.join(work_dir, REJECTED_FILE), num_shards=1,
                  shard_name_template=""))
         _ = (((written.stats | "TagStats" >> beam.Map(lambda s: ("stats", s))),
               (rejected | "TagRejected" >> beam.Map(lambda r: (REJECTED, r))))
@@ -289,7 +304,7 @@ class BuildNoisyDataset(beam.PTransform):
              | "Totals" >> beam.CombineGlobally(StatsFn(src.splits, src.num_classes))
              | "StatsJson" >> beam.Map(json.dumps)
              | "WriteStats" >> beam.io.WriteToText(
-                 os.path.join(self.output_dir, STATS_FILE), num_shards=1,
+                 os.path.join(work_dir, STATS_FILE), num_shards=1,
                  shard_name_template=""))
         logging.debug("built the noisy-label pipeline for %s", src.spec)
         return written.stats

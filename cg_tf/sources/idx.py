@@ -3,12 +3,15 @@
 DIR holds train-images-idx3-ubyte, train-labels-idx1-ubyte,
 t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, each optionally `.gz`.
 Example ids are `<split>-<index>`. A file shorter than its header says yields
-rejected ("truncated") records for the missing images.
+rejected ("truncated") records for the missing images; so does a gzipped file
+whose stream is cut off (a partial download) or damaged, for the images past
+the cut or the damage.
 """
 
 import gzip
 import os
 import struct
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -39,8 +42,7 @@ def _open(path: str):
 def _header(path: str, magic: int, spec: str) -> tuple[int, ...]:
     """The dimensions in an IDX header, checking the magic number."""
     ndim = magic & 0xFF
-    with _open(path) as f:
-        raw = f.read(4 + 4 * ndim)
+    raw = _read_range(path, 0, 4 + 4 * ndim, 0, 1)
     if len(raw) < 4 + 4 * ndim or struct.unpack(">I", raw[:4])[0] != magic:
         raise SourceError(f"--source={spec}: {path!r} is not an IDX file with magic "
                           f"{magic:#010x}")
@@ -48,9 +50,20 @@ def _header(path: str, magic: int, spec: str) -> tuple[int, ...]:
 
 
 def _read_range(path: str, header_bytes: int, item_bytes: int, start: int, end: int) -> bytes:
+    """The bytes of items [start, end), fewer if the file ends early: a gzip
+    stream that is cut off ends where it is cut."""
+    want = (end - start) * item_bytes
+    parts = []
     with _open(path) as f:
-        f.seek(header_bytes + start * item_bytes)
-        return f.read((end - start) * item_bytes)
+        read = getattr(f, "read1", f.read)  # read1: keeps what decompressed before a cut.
+        try:
+            f.seek(header_bytes + start * item_bytes)
+            while want > 0 and (chunk := read(want)):
+                parts.append(chunk)
+                want -= len(chunk)
+        except (EOFError, zlib.error, gzip.BadGzipFile):
+            pass  # A cut or damaged gzip stream: the rest is missing.
+    return b"".join(parts)
 
 
 class IdxSource(Source):
