@@ -9,17 +9,22 @@ and per coordinate:
   s      = sum_i clip(v_i, lo, hi)              the outliers never enter a sum
   winsorized = s / n,  trimmed = (s - c (lo + hi)) / (n - 2c),  median = (lo + hi) / 2
 
-The r-th largest value (r = c + 1) streams the n values through a running
-top-r list kept with max/min only, fused by XLA into one loop per tile (2r
-operations per value). The whole computation is one XLA cluster
-(`aggregate`), whatever the outer step is compiled with. Where r * n is too
-large for the unrolled list to compile quickly (the median of a large batch,
-c > 8), the stacked per-example values are sorted along the batch instead (B x P
-values in memory).
+For small c the thresholds stream the n values through running top-(c+1)
+and bottom-(c+1) lists kept with max/min only (2(c+1) operations per value);
+for larger c and the median, through a selection network (the comparators of
+Batcher's odd-even merge sort that the wanted ranks depend on, about
+n log2(n)^2 / 4). Both are unrolled and fused by XLA into one loop per tile;
+each variable's aggregate is one XLA computation, whatever the outer step is
+compiled with. Small variables (biases, normalization scales) and
+batches too large for the network to compile quickly are sorted along the
+batch instead (their stacked values in memory).
 """
+
+import functools
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla
 
 from cg_tf import aggregators as agg
 from cg_tf.layer_rules import Outer, PerExample, Stacked
@@ -29,6 +34,12 @@ TILE = 32768           # coordinates per tile
 # The running top-r list is unrolled over the n examples: its compile time grows
 # with r and n. r <= 9 covers the papers' c in {0, 1, 2, 4, 8}.
 CHAIN_MAX_R, CHAIN_BUDGET = 9, 2048
+# Larger c and the median go through a selection network (about n log2(n)^2 / 4
+# comparators); 3839 is the network for n = 256.
+NETWORK_BUDGET = 3839
+# A variable of at most this many coordinates is aggregated by sorting its
+# stacked values: cheaper than compiling a loop of tiles for it.
+SMALL = 4096
 
 
 # -- tiles ------------------------------------------------------------------------
@@ -80,24 +91,71 @@ def largest(rows: list[tf.Tensor], r: int) -> tf.Tensor:
     return top[r - 1]
 
 
+@functools.lru_cache(maxsize=None)
+def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd-even merge sort on n wires, as (low, high) comparators in order.
+    For n not a power of two it is the network of the next power of two with
+    the wires past n held at +inf, whose comparators then never swap."""
+    pairs, p = [], 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+@functools.lru_cache(maxsize=None)
+def selection_network(n: int, ranks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """The comparators of `sorting_network(n)` that the wires `ranks` depend on."""
+    live, kept = set(ranks), []
+    for low, high in reversed(sorting_network(n)):
+        if low in live or high in live:
+            kept.append((low, high))
+            live |= {low, high}
+    return tuple(reversed(kept))
+
+
+def ranked(rows: list[tf.Tensor], ranks: tuple[int, ...]) -> list[tf.Tensor]:
+    """The order statistics of the rows (rank 0 is the smallest), elementwise,
+    through a selection network: min/max only, exact with ties."""
+    wires = list(rows)
+    for low, high in selection_network(len(rows), ranks):
+        wires[low], wires[high] = (tf.minimum(wires[low], wires[high]),
+                                   tf.maximum(wires[low], wires[high]))
+    return [wires[r] for r in ranks]
+
+
+def _chains(c: int, n: int) -> bool:
+    """Whether the thresholds come from running lists (cheaper than the network
+    for small c; compile time grows with r * n)."""
+    return c + 1 <= CHAIN_MAX_R and (c + 1) * n <= CHAIN_BUDGET
+
+
 def fits_tiles(kind: str, c: int, n: int) -> bool:
-    """Whether the running lists stay small enough to compile quickly."""
-    r = cut(kind, c, n) + 1
-    return r <= CHAIN_MAX_R and r * n <= CHAIN_BUDGET
+    """Whether the unrolled order statistics stay small enough to compile quickly."""
+    return (kind != "median" and _chains(c, n)) or len(sorting_network(n)) <= NETWORK_BUDGET
 
 
-def cut(kind: str, c: int, n: int) -> int:
-    """Values cut per side: c, or (n - 1) // 2 for the median."""
-    return (n - 1) // 2 if kind == "median" else c
-
-
-def thresholds(rows: list[tf.Tensor], kind: str, c: int) -> tuple[tf.Tensor, tf.Tensor]:
+def thresholds(rows: list[tf.Tensor], c: int) -> tuple[tf.Tensor, tf.Tensor]:
     """(x_(c+1), x_(n-c)) of the n per-example rows, elementwise."""
     n = len(rows)
-    c = cut(kind, c, n)
-    hi = largest(rows, c + 1)
-    lo = hi if kind == "median" and n % 2 else -largest([-x for x in rows], c + 1)
+    if _chains(c, n):
+        return -largest([-x for x in rows], c + 1), largest(rows, c + 1)
+    lo, hi = ranked(rows, (c, n - 1 - c))
     return lo, hi
+
+
+def median(rows: list[tf.Tensor]) -> tf.Tensor:
+    """The median of the n rows, elementwise: one output, so XLA fuses the
+    network once (two outputs would each recompute the shared comparators)."""
+    n = len(rows)
+    return tf.add_n(ranked(rows, tuple(sorted({(n - 1) // 2, n // 2})))) * (
+        1.0 if n % 2 else 0.5)
 
 
 def clipped_mean(rows: list[tf.Tensor], lo: tf.Tensor, hi: tf.Tensor, kind: str,
@@ -127,43 +185,61 @@ def _over_tiles(tiles: int, fn, outputs: int) -> list[tf.Tensor]:
 
 
 def robust_variable(values: PerExample, kind: str, c: int) -> tf.Tensor:
-    """The aggregate of one variable's per-example values, [rows, columns]: a
-    pass over tiles for the thresholds, then one for the clipped sums."""
+    """The aggregate of one variable's per-example values, [rows, columns]: the
+    median in one pass over tiles; the winsorized and trimmed means in a pass
+    for the thresholds, then one for the clipped sums."""
     rows, cols = _layout(values)
     size = max(1, min(rows, TILE // max(cols, 1)))
     tiles = -(-rows // size)
     values = _padded(values, tiles * size)
     tile = lambda i: _tile(values, i * size, size)  # noqa: E731
-    lo, hi = _over_tiles(tiles, lambda i: thresholds(tile(i), kind, c), 2)
     if kind == "median":
-        out = (lo + hi) / 2
-    else:
-        cut_lo = lambda i: tf.slice(lo, [i * size, 0], [size, cols])  # noqa: E731
-        cut_hi = lambda i: tf.slice(hi, [i * size, 0], [size, cols])  # noqa: E731
-        out, = _over_tiles(tiles, lambda i: [clipped_mean(tile(i), cut_lo(i), cut_hi(i),
-                                                          kind, c)], 1)
+        return _over_tiles(tiles, lambda i: [median(tile(i))], 1)[0][:rows]
+    # The barrier keeps XLA from fusing the thresholds into the clipped sums (which
+    # would recompute them for every example) when a one-tile loop is unrolled.
+    lo, hi = xla.optimization_barrier(*_over_tiles(tiles, lambda i: thresholds(tile(i), c), 2))
+    cut_lo = lambda i: tf.slice(lo, [i * size, 0], [size, cols])  # noqa: E731
+    cut_hi = lambda i: tf.slice(hi, [i * size, 0], [size, cols])  # noqa: E731
+    out, = _over_tiles(tiles, lambda i: [clipped_mean(tile(i), cut_lo(i), cut_hi(i), kind, c)], 1)
     return out[:rows]
 
 
-def _aggregate(values: list, kind: str, c: int) -> list[tf.Tensor]:
-    return [robust_variable(v, kind, c) for v in values]
+@functools.lru_cache(maxsize=None)
+def _compiled(signature) -> tf.types.experimental.PolymorphicFunction:
+    """The XLA-compiled `robust_variable` for one signature (value type and shapes,
+    kind, c). One computation per variable compiles much faster than one for
+    the whole model, and variables of one shape share it (a ResNet's repeated
+    blocks compile once); a function per signature is traced once."""
+    return tf.function(robust_variable, jit_compile=True)
 
 
-_compiled = tf.function(_aggregate, jit_compile=True)
+def _signature(values: PerExample, kind: str, c: int) -> tuple:
+    return type(values).__name__, tuple(tuple(t.shape) for t in values), kind, c
 
 
 _SORTED = {"winsorized": agg.winsorized_mean, "trimmed": agg.trimmed_mean,
            "median": lambda x, c: agg.median(x)}
 
 
+def _size(values: PerExample) -> int:
+    rows, cols = _layout(values)
+    return rows * cols
+
+
 def aggregate(values: list[PerExample], kind: str, c: int, variables: list) -> list[tf.Tensor]:
     """The aggregate (`kind` in KINDS, c values cut per side) of each variable's
-    per-example values, shaped like the variables: one XLA computation by
-    tiles, or (median, large c) a sort of the stacked values along the batch."""
+    per-example values, shaped like the variables: an XLA computation by tiles
+    per variable, or (small variables; a batch too large for the network) a
+    sort of the stacked values along the batch."""
     if kind not in KINDS:
         raise ValueError(f"tiled aggregation of {kind!r}: one of {', '.join(KINDS)}")
-    if fits_tiles(kind, c, values[0].count):
-        grads = _compiled(values, kind, c)
-    else:
-        grads = [_SORTED[kind](v.stacked(), c) for v in values]
-    return [tf.reshape(g, v.shape) for g, v in zip(grads, variables)]
+    n = values[0].count
+    tiled = [i for i, v in enumerate(values) if fits_tiles(kind, c, n) and _size(v) > SMALL]
+    grads = {i: _compiled(_signature(values[i], kind, c))(values[i], kind, c) for i in tiled}
+    rest = [i for i in range(len(values)) if i not in grads]
+    if rest:
+        # One sort for all of them: their stacked values side by side.
+        stacked = [tf.reshape(values[i].stacked(), [n, -1]) for i in rest]
+        flat = _SORTED[kind](tf.concat(stacked, 1), c)
+        grads.update(zip(rest, tf.split(flat, [s.shape[1] for s in stacked])))
+    return [tf.reshape(grads[i], v.shape) for i, v in enumerate(variables)]

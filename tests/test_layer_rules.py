@@ -1,6 +1,8 @@
 """Per-example gradients factored by layer against tf.vectorized_map of the whole
 model; the tiled aggregation against NumPy; every aggregator under XLA."""
 
+import itertools
+
 import keras
 import numpy as np
 import pytest
@@ -110,11 +112,26 @@ def np_trimmed(x, c):
     return np.sort(x, axis=0)[c:len(x) - c].mean(axis=0)
 
 
-@pytest.mark.parametrize("n,c", [(12, 2), (7, 3), (9, 0), (30, 14), (100, 4), (20, 8), (64, 31)])
+def test_sorting_network_sorts_every_zero_one_input():
+    """The 0-1 principle: a comparator network that sorts every 0/1 input sorts
+    every input."""
+    for n in range(1, 13):
+        for bits in itertools.product([0, 1], repeat=n):
+            wires = list(bits)
+            for low, high in tiled.sorting_network(n):
+                wires[low], wires[high] = min(wires[low], wires[high]), max(wires[low], wires[high])
+            assert wires == sorted(bits), (n, bits)
+
+
+# Running lists (c <= 8), selection networks (larger c, the median) and, past
+# the network's budget (n = 257), the sort.
+@pytest.mark.parametrize("n,c", [(12, 2), (7, 3), (9, 0), (30, 14), (100, 4), (20, 8), (64, 31),
+                                 (257, 20)])
 def test_tiled_aggregation_against_numpy(n, c, monkeypatch):
     """Ties and zeros everywhere (integer inputs, zeroed output gradients), several
     tiles with a ragged last one, positions (T = 3) and stacked values."""
     monkeypatch.setattr(tiled, "TILE", 64)
+    monkeypatch.setattr(tiled, "SMALL", 0)
     rng = np.random.default_rng(n + c)
     x = rng.integers(-2, 3, (n, 3, 37)).astype(np.float32)
     d = rng.normal(size=(n, 3, 11)).astype(np.float32)
@@ -128,6 +145,18 @@ def test_tiled_aggregation_against_numpy(n, c, monkeypatch):
                               kind, c, variables)
         for g in got:
             np.testing.assert_allclose(g, ref(full), rtol=2e-5, atol=2e-5, err_msg=kind)
+
+
+def test_small_variables_are_sorted_beside_tiled_ones(monkeypatch):
+    monkeypatch.setattr(tiled, "TILE", 64)
+    monkeypatch.setattr(tiled, "SMALL", 100)
+    rng = np.random.default_rng(1)
+    big, small, other = (rng.normal(size=(10, *s)).astype(np.float32) for s in [(20, 8), (7,), (3, 5)])
+    variables = [tf.Variable(tf.zeros(v.shape[1:])) for v in (big, small, other)]
+    for kind, ref in [("winsorized", lambda a: np_winsorized(a, 2)), ("median", lambda a: np.median(a, 0))]:
+        got = tiled.aggregate([Stacked(tf.constant(v)) for v in (big, small, other)], kind, 2, variables)
+        for g, v in zip(got, (big, small, other)):
+            np.testing.assert_allclose(g, ref(v), rtol=2e-5, atol=2e-5, err_msg=kind)
 
 
 def test_outliers_never_enter_the_sum():

@@ -3,13 +3,15 @@
   python -m tools.benchmark [--models=fc,fc3,small_cnn,cifar_resnet18] [--json PATH]
 
 Each model runs in its own process, which times plain SGD and every aggregator
-on one fixed batch (median over steps after warm-up), with and without
-`jit_compile`, so ratios are measured side by side on a busy machine (the
-ratio of both columns is to plain SGD without XLA). Peak memory is the largest
-growth of the process's resident memory while the aggregator's steps run
-(without XLA).
+on one fixed batch, with and without `jit_compile`, in interleaved rounds
+(median over rounds after warm-up), so ratios are measured side by side on a
+busy machine (the ratio of both columns is to plain SGD without XLA). Peak
+memory is what a step allocates: the largest growth of the process's resident
+memory during two steps after warm-up (without XLA), over its live memory
+before them (the model, its state and the compiled program).
 """
 
+import ctypes
 import json
 import os
 import subprocess
@@ -25,58 +27,71 @@ _MODELS = flags.DEFINE_list("models", ["fc", "fc3", "small_cnn", "cifar_resnet18
 _AGGREGATORS = flags.DEFINE_list(
     "aggregators", ["mean", "winsorized", "trimmed", "median", "median_of_means", "rm3", "ra3"],
     "Aggregators to time (mean is plain SGD, the reference).")
-_STEPS = flags.DEFINE_integer("steps", 0, "Timed steps per aggregator (0: a per-model default).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Timed rounds (0: a per-model default).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here too.")
 _JIT = flags.DEFINE_bool("jit", True, "Also time each aggregator with jit_compile=True.")
 _ONE = flags.DEFINE_string("one_model", None, "Internal: time this model in this process.")
 
-# model -> (cg_tf model, widths, input shape, global batch, per-example chunk, timed steps)
+# model -> (cg_tf model, widths, input shape, global batch, per-example chunk, timed rounds)
 SETUPS = {
     "fc": ("fc", (2048,), (28, 28, 1), 100, None, 20),
     "fc3": ("fc", (256, 256, 256), (28, 28, 1), 100, None, 20),
-    "small_cnn": ("small_cnn", (), (28, 28, 1), 128, None, 5),
-    "cifar_resnet18": ("cifar_resnet18", (), (32, 32, 3), 128, 16, 2),
+    "small_cnn": ("small_cnn", (), (28, 28, 1), 128, None, 10),
+    "cifar_resnet18": ("cifar_resnet18", (), (32, 32, 3), 128, 16, 3),
 }
 LABELS = {"fc": "fc 784-2048-10", "fc3": "fc 784-256-256-256-10"}
 
 
+def _release_freed_memory():
+    """Hands freed heap memory back to the system (glibc), so that resident
+    memory counts live memory, not what compiling left in malloc's arenas."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
-    """Samples resident memory in a thread; `peak` is the growth over the start."""
+    """Samples resident memory in a thread while entered; `peak` is its largest
+    growth over the live resident memory on entering."""
 
     def __init__(self):
         import psutil
         self.process = psutil.Process()
 
     def __enter__(self):
+        _release_freed_memory()
         self.start = self.peak_rss = self.process.memory_info().rss
-        self.running = True
+        self.sampling = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
 
     def _sample(self):
-        while self.running:
+        while self.sampling:
             self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
             time.sleep(0.002)
 
     def __exit__(self, *exc):
-        self.running = False
+        self.sampling = False
         self.thread.join()
-        self.peak = self.peak_rss - self.start
+
+    @property
+    def peak(self) -> int:
+        return self.peak_rss - self.start
 
 
-def _seconds(step, data, steps: int) -> float:
-    float(step(data)["loss"])  # Trace and warm up.
+def _one_step(step, data) -> float:
+    start = time.perf_counter()
     float(step(data)["loss"])
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        float(step(data)["loss"])
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return time.perf_counter() - start
 
 
 def time_model(name: str, aggregators: list[str], steps: int, jit: bool) -> list[dict]:
+    """Builds every (aggregator, XLA or not) step, warms it up (tracing,
+    compiling) and samples the memory of two more steps; then times them in
+    rounds, one step of each per round, so that a change in the machine's load
+    falls on all of them alike. Each time is the median over rounds."""
     import keras
     import tensorflow as tf
 
@@ -88,29 +103,39 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool) -> list
     rng = np.random.default_rng(0)
     data = {"image": tf.constant(rng.random((batch, *shape), np.float32)),
             "label": tf.constant(rng.integers(0, 10, batch).astype(np.int32))}
-    rows = []
+    rows, timed = [], []
     for agg in aggregators:
         groups = 4 if batch % 3 else 3  # M3 needs 3 | batch; 128 takes 4 groups.
         row = {"model": LABELS.get(name, name), "batch": batch, "aggregator": agg,
                "detail": {"winsorized": "c=4", "trimmed": "c=4",
                           "median_of_means": f"k={groups}"}.get(agg, ""),
-               "chunk": chunk if agg in ("winsorized", "trimmed", "median") else None}
+               "chunk": chunk if agg in ("winsorized", "trimmed", "median") else None,
+               "step_seconds": [], "jit_step_seconds": []}
         for compiled in (False, True) if jit else (False,):
             keras.utils.set_random_seed(0)
             net = models.build_model(model_name, shape, 10, widths or (2048,))
             model = RobustModel(net, AggregatorConfig(agg, c=4, groups=groups, chunk=chunk), batch)
             model.compile(optimizer=keras.optimizers.SGD(0.01))
             step = tf.function(model.train_step, jit_compile=compiled)
-            if compiled:
-                row["jit_step_seconds"] = _seconds(step, data, steps)
-            else:
+            for _ in range(2):
+                _one_step(step, data)
+            if not compiled:
                 with PeakMemory() as memory:
-                    row["step_seconds"] = _seconds(step, data, steps)
+                    for _ in range(2):
+                        _one_step(step, data)
                 row["peak_mb"] = memory.peak / 2**20
+            timed.append((row["jit_step_seconds" if compiled else "step_seconds"], step))
         rows.append(row)
-        print(f"  {name} {agg}: {row['step_seconds'] * 1000:.1f} ms"
-              + (f", XLA {row['jit_step_seconds'] * 1000:.1f} ms" if jit else ""),
-              file=sys.stderr, flush=True)
+        print(f"  {name} {agg}: ready", file=sys.stderr, flush=True)
+    for _ in range(steps):
+        for times, step in timed:
+            times.append(_one_step(step, data))
+    for row in rows:
+        for key in ("step_seconds", "jit_step_seconds"):
+            if row[key]:
+                row[key] = float(np.median(row[key]))
+            else:
+                del row[key]
     return rows
 
 
