@@ -10,9 +10,10 @@ net, winsorized gradients.
 import os
 import sys
 
+import tensorflow as tf
 from absl import app, flags, logging
 
-from cg_tf import gradients, robust_model, trainer
+from cg_tf import gradients, robust_model, trainer, verify
 from cg_tf.common_flags import SEED
 from cg_tf.models import MODELS
 from cg_tf.monitor import MonitorConfig
@@ -110,6 +111,22 @@ def setup_devices() -> None:
         split_cpu(FLAGS.num_cpu_devices)
 
 
+# What a write failing for lack of space or permission says, in an OSError or in
+# TensorFlow's error (a checkpoint, an event file).
+_STORAGE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied",
+                     "Disk quota exceeded")
+
+
+def storage_failure(e: Exception) -> str | None:
+    """The message of a write that failed for lack of space or permission, or
+    None for any other error (which keeps its traceback)."""
+    if isinstance(e, OSError):
+        return str(e)
+    if isinstance(e, tf.errors.OpError) and any(s in e.message for s in _STORAGE_FAILURES):
+        return verify.op_message(e)
+    return None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -123,6 +140,12 @@ def main(argv):
     except (ValueError, trainer.NonFiniteLoss) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
+    except (OSError, tf.errors.OpError) as e:
+        if (message := storage_failure(e)) is None:
+            raise
+        logging.error("%s", message)
+        sys.exit(f"error: cannot write {FLAGS.model_dir}: {message} (the checkpoints "
+                 "written before are intact; free space and rerun the command to resume)")
     print("\n".join(f"{k:>28}: {v}" for k, v in summary.items()
                     if not isinstance(v, dict)))
     if run.complete:

@@ -90,7 +90,7 @@ def _record_batches(path: str, compression: str | None):
             index, offset = _first_unreadable(path, compression, index, offset)
             where = " of the decompressed stream" if compression else ""
             raise DatasetError(f"{path}: cannot read record {index}, which starts at byte "
-                               f"{offset}{where}: {_reason(e)}; the file is corrupt: "
+                               f"{offset}{where}: {op_message(e)}; the file is corrupt: "
                                f"{_REBUILD}") from e
         yield index, batch
         index += len(batch)
@@ -114,7 +114,7 @@ def _first_unreadable(path: str, compression: str | None, index: int,
     return index, offset
 
 
-def _reason(e: tf.errors.OpError) -> str:
+def op_message(e: tf.errors.OpError) -> str:
     """TensorFlow's error message without the op and function names around it."""
     return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", e.message, flags=re.S).strip()
 
@@ -133,7 +133,7 @@ def _check_examples(path: str, start: int, batch: np.ndarray, info: records.Data
         ex = {k: v.numpy() for k, v in tf.io.parse_example(batch, _FEATURES).items()}
     except tf.errors.OpError as e:
         raise DatasetError(f"{path}: records {start} to {start + len(batch) - 1} are not "
-                           f"examples of the cg_tf record schema: {_reason(e)}") from e
+                           f"examples of the cg_tf record schema: {op_message(e)}") from e
 
     def record(i):
         return f"{path}: record {start + i} ({ex['example_id'][i].decode()})"

@@ -2,6 +2,7 @@
 over when stale), the recorded configuration of a run (a resume with another
 one is refused), and a finished run left exactly as it was."""
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -14,6 +15,7 @@ import threading
 import time
 
 import pytest
+import tensorflow as tf
 from conftest import REPO, parsed_flags, run_main
 
 from cg_tf import rundir, train
@@ -226,3 +228,50 @@ def test_a_finished_run_rerun_reports_it_and_changes_nothing(digits_dir, tmp_pat
     assert again.returncode == 0, again.stderr[-3000:]
     assert snapshot(run) == before
     assert f"{run} was already complete (3 steps): nothing was changed" in again.stdout
+
+
+# -- no space, no permission --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path, *options):
+    """A tmpfs mounted at `path` for the block (the test is skipped where the
+    machine does not allow mounting)."""
+    path.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)],
+                           capture_output=True, text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(directory, leave: int):
+    """Fills the filesystem of `directory`, leaving about `leave` bytes."""
+    free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    with open(os.path.join(directory, "filler"), "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+def test_a_full_disk_ends_in_one_error_line(digits_dir, tmp_path):
+    with tmpfs(tmp_path / "small", "size=4m") as disk:
+        fill(disk, leave=16 * 1024)
+        run = disk / "run"
+        proc = run_main(*train_args(digits_dir, run, "--steps=4", "--checkpoint_every=1"))
+        line = error_line(proc)
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert str(run) in line and "No space left on device" in line, line
+        # Whatever checkpoint the run recorded as its latest reads back whole.
+        latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
+        if latest:
+            tf.train.load_checkpoint(latest).get_variable_to_shape_map()
+
+
+def test_a_read_only_model_dir_ends_in_one_error_line(digits_dir, tmp_path):
+    with tmpfs(tmp_path / "ro", "size=1m", "ro") as disk:
+        proc = run_main(*train_args(digits_dir, disk / "run", "--steps=2"))
+        line = error_line(proc)
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert str(disk / "run") in line and "Read-only file system" in line, line
