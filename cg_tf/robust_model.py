@@ -27,7 +27,7 @@ import tensorflow as tf
 from cg_tf import aggregators as agg
 from cg_tf import tiled
 from cg_tf.gradients import BN_MODES, GradientSource
-from cg_tf.layer_rules import PerExample
+from cg_tf.layer_rules import PerExample, Stacked
 
 AGGREGATORS = ("mean", "winsorized", "trimmed", "median", "median_of_means", "rm3", "ra3")
 NO_MOMENTUM = ("median_of_means", "rm3", "ra3")
@@ -197,7 +197,9 @@ class RobustModel(keras.Model):
                 g = [tf.zeros_like(v) for v in self.source.variables]
             sums.append(g)
         group_sums = sync.sum([tf.stack(parts) for parts in zip(*sums)])
-        return [agg.median(s / size) for s in group_sums], counts
+        medians = tiled.aggregate([Stacked(s) for s in group_sums], "median", 0,
+                                  self.source.variables)
+        return [m / size for m in medians], counts
 
     def _temporal(self, grads):
         """RM3 / RA3 over this step's gradient and the two stored ones."""
