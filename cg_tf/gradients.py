@@ -62,6 +62,7 @@ class GradientSource:
         if reason:
             logging.info("per-example gradients by tf.vectorized_map: %s", reason)
         self.factored = reason is None
+        self.positions = self.factored and layer_rules.applied_at_positions(model)
 
     @property
     def variables(self) -> list:

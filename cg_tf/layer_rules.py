@@ -349,6 +349,23 @@ def unfactorable_reason(model: keras.Model) -> str | None:
     return None
 
 
+def applied_at_positions(model: keras.Model) -> bool:
+    """Whether a layer with weights of a factorable model is applied at several
+    positions of an example (outputs with axes besides batch and features:
+    convolutions, Dense on sequences, embeddings of several ids)."""
+    for nodes in _functional(model)._nodes_by_depth.values():
+        for node in nodes:
+            op = node.operation
+            if not op or node.is_input or not getattr(op, "trainable_variables", None):
+                continue
+            if _functional(op) is not None:
+                if applied_at_positions(op):
+                    return True
+            elif any(len(t.shape) > 2 for t in node.outputs):
+                return True
+    return False
+
+
 def _raise(op):
     raise NotFactorable(f"layer {op.name} is called with several inputs")
 

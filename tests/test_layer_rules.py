@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from conftest import two_replicas
 
-from cg_tf import tiled
+from cg_tf import models, tiled
 from cg_tf.gradients import GradientSource
 from cg_tf.layer_rules import Outer, Stacked
 from cg_tf.robust_model import AGGREGATORS, AggregatorConfig, Collectives, RobustModel
@@ -101,6 +101,18 @@ def test_a_subclassed_model_falls_back_to_vectorized_map():
     assert not src.factored
     values, _, _ = src.per_example(x, y, None, sync())
     assert all(isinstance(v, Stacked) for v in values)
+
+
+@pytest.mark.parametrize("kind,positions", [("dense_seq", True), ("embedding", True),
+                                            ("conv", True), ("nested", True), ("flat", False)])
+def test_layers_applied_at_positions(kind, positions):
+    """Median of means takes k passes for these (patches cost more than a native
+    backward) and the factored groups for flat Dense nets."""
+    if kind == "flat":
+        model = models.fc((9, 9, 2), C, (6, 5))
+    else:
+        model = net(kind)
+    assert GradientSource(model).positions is positions
 
 
 def np_winsorized(x, c):
