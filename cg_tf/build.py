@@ -97,8 +97,7 @@ def prepare_output_dir(path: str, overwrite: bool) -> None:
         return
     if not tf.io.gfile.isdir(path):
         raise BuildError(f"--output_dir={path} is a file, not a directory")
-    entries = [e.rstrip("/") for e in tf.io.gfile.listdir(path)
-               if e.rstrip("/") != rundir.LOCK_FILE]
+    entries = rundir.entries(path)
     if not entries:
         return
     if not overwrite:

@@ -65,18 +65,10 @@ def write_manifest(directory: str, manifest: dict) -> None:
     rundir.write_json(os.path.join(directory, MANIFEST), manifest, sort_keys=True)
 
 
-def _entries(directory: str) -> list[str]:
-    """What a directory holds, but its lock; nothing if it does not exist."""
-    if not tf.io.gfile.isdir(directory):
-        return []
-    return sorted(e.rstrip("/") for e in tf.io.gfile.listdir(directory)
-                  if e.rstrip("/") != rundir.LOCK_FILE)
-
-
 def _clear(directory: str) -> None:
     """Empties a stage's directory (its lock kept), the manifest last, so an
     interrupted clear still shows a directory this pipeline made."""
-    for e in sorted(_entries(directory), key=lambda e: e == MANIFEST):
+    for e in sorted(rundir.entries(directory), key=lambda e: e == MANIFEST):
         path = os.path.join(directory, e)
         (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
 
@@ -85,7 +77,7 @@ def _check_directory(directory: str, found: dict | None, want: dict, overwrite: 
     """Refuses a stage directory that no stage made, or one made with other
     parameters (unless `overwrite`)."""
     if found is None:
-        foreign = _entries(directory)
+        foreign = rundir.entries(directory)
         if foreign:
             raise StageError(
                 f"{directory} is not empty and has no {MANIFEST}, so no stage made it (it "

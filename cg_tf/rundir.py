@@ -326,6 +326,14 @@ def lock(directory: str, purpose: str, **kwargs):
 # -- JSON records ------------------------------------------------------------------
 
 
+def entries(directory: str) -> list[str]:
+    """The names a directory holds, but its lock, sorted; none if it does not exist."""
+    if not tf.io.gfile.isdir(directory):
+        return []
+    return sorted(e.rstrip("/") for e in tf.io.gfile.listdir(directory)
+                  if e.rstrip("/") != LOCK_FILE)
+
+
 def read_json(path: str) -> dict | None:
     """The JSON object at `path`, or None if there is no such file."""
     if not tf.io.gfile.exists(path):
