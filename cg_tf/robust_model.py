@@ -208,12 +208,11 @@ class RobustModel(keras.Model):
         """RM3 / RA3 over this step's gradient and the two stored ones."""
         older, oldest = self.history.previous, self.history.before
         ready = self.history_count >= 2
-        combine = (agg.median3 if self.config.name == "rm3"
-                   else lambda a, b, c: (a + b + c) / 3)
-        out = []
+        combine = agg.median3_after_two if self.config.name == "rm3" else agg.mean3_after_two
+        out = combine(grads, [tf.convert_to_tensor(h) for h in older],
+                      [tf.convert_to_tensor(h) for h in oldest], ready)
         for g, h1, h2 in zip(grads, older, oldest):
-            combined = combine(g, tf.convert_to_tensor(h1), tf.convert_to_tensor(h2))
-            out.append(tf.where(ready, combined, tf.zeros_like(g)))
+            # Assigning a tensor shares its buffer: the shift copies nothing.
             h2.assign(h1)
             h1.assign(g)
         self.history_count.assign_add(1)
