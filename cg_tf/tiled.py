@@ -184,17 +184,37 @@ def _over_tiles(tiles: int, fn, outputs: int) -> list[tf.Tensor]:
                                               (tf.constant(0), arrays))[1]]
 
 
+def _tiling(rows: int, cols: int) -> tuple[int, int]:
+    """(tiles, rows per tile): at most TILE coordinates per tile, the rows split
+    evenly (padding 2304 rows to whole tiles of 64 would cost nothing, 576 rows
+    to tiles of 512 almost doubled the work)."""
+    tiles = -(-rows // max(1, min(rows, TILE // max(cols, 1))))
+    return tiles, -(-rows // tiles)
+
+
+def _formed_by_matmul(values: PerExample) -> bool:
+    """Whether a tile's values come out of a matmul over positions (a convolution),
+    which XLA materializes, rather than from a product it fuses into each use."""
+    return isinstance(values, Outer) and values.x.shape[1] > 1
+
+
 def robust_variable(values: PerExample, kind: str, c: int) -> tf.Tensor:
     """The aggregate of one variable's per-example values, [rows, columns]: the
     median in one pass over tiles; the winsorized and trimmed means in a pass
-    for the thresholds, then one for the clipped sums."""
+    for the thresholds, then one for the clipped sums, except when forming a
+    tile's values is a matmul: then both use the values formed once."""
     rows, cols = _layout(values)
-    size = max(1, min(rows, TILE // max(cols, 1)))
-    tiles = -(-rows // size)
+    tiles, size = _tiling(rows, cols)
     values = _padded(values, tiles * size)
     tile = lambda i: _tile(values, i * size, size)  # noqa: E731
     if kind == "median":
         return _over_tiles(tiles, lambda i: [median(tile(i))], 1)[0][:rows]
+    if _formed_by_matmul(values):
+        def one_pass(i):
+            x = tile(i)
+            lo, hi = xla.optimization_barrier(*thresholds(x, c))
+            return [clipped_mean(x, lo, hi, kind, c)]
+        return _over_tiles(tiles, one_pass, 1)[0][:rows]
     # The barrier keeps XLA from fusing the thresholds into the clipped sums (which
     # would recompute them for every example) when a one-tile loop is unrolled.
     lo, hi = xla.optimization_barrier(*_over_tiles(tiles, lambda i: thresholds(tile(i), c), 2))

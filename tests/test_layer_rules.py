@@ -141,12 +141,15 @@ def test_sorting_network_sorts_every_zero_one_input():
                                  (257, 20)])
 def test_tiled_aggregation_against_numpy(n, c, monkeypatch):
     """Ties and zeros everywhere (integer inputs, zeroed output gradients), several
-    tiles with a ragged last one, positions (T = 3) and stacked values."""
+    tiles with a ragged last one, one position (a Dense layer: values formed in
+    each pass) or three (a convolution: a tile's values formed once by a matmul),
+    and stacked values."""
     monkeypatch.setattr(tiled, "TILE", 64)
     monkeypatch.setattr(tiled, "SMALL", 0)
     rng = np.random.default_rng(n + c)
-    x = rng.integers(-2, 3, (n, 3, 37)).astype(np.float32)
-    d = rng.normal(size=(n, 3, 11)).astype(np.float32)
+    positions = 1 + 2 * (n % 2)
+    x = rng.integers(-2, 3, (n, positions, 37)).astype(np.float32)
+    d = rng.normal(size=(n, positions, 11)).astype(np.float32)
     d[rng.random(d.shape) < 0.3] = 0
     full = np.einsum("bti,bto->bio", x, d)
     variables = [tf.Variable(tf.zeros([37, 11]))] * 2
