@@ -186,9 +186,11 @@ def _over_tiles(tiles: int, fn, outputs: int) -> list[tf.Tensor]:
 
 def _tiling(rows: int, cols: int) -> tuple[int, int]:
     """(tiles, rows per tile): at most TILE coordinates per tile, the rows split
-    evenly (padding 2304 rows to whole tiles of 64 would cost nothing, 576 rows
-    to tiles of 512 almost doubled the work)."""
-    tiles = -(-rows // max(1, min(rows, TILE // max(cols, 1))))
+    evenly (576 rows padded to tiles of 512 almost doubled the work), and two
+    tiles at least: XLA inlines a loop of one trip, and the two threshold chains
+    of an inlined Dense tile then took 5 minutes to compile and 20 s to run
+    (a 512x10 kernel at n = 128; 5 s and 2 ms as two tiles)."""
+    tiles = max(min(rows, 2), -(-rows // max(1, min(rows, TILE // max(cols, 1)))))
     return tiles, -(-rows // tiles)
 
 
