@@ -1,9 +1,11 @@
 """Winsorized mean, trimmed mean and median of per-example values, tile by tile.
 
 The coordinates of a variable are processed in tiles small enough to stay in
-cache; inside a tile the per-example values are formed on the spot (an Outer
-tile is input column x output gradient: never stored for the whole variable),
-and per coordinate:
+cache; inside a tile the per-example values are formed on the spot, never
+stored for the whole variable (a Dense tile is input column x output
+gradient, formed again by each pass, fused into it; a convolution tile is a
+matmul over positions, formed once per tile for both passes), and per
+coordinate:
 
   lo, hi = x_(c+1), x_(n-c)                     exact order statistics (ties included)
   s      = sum_i clip(v_i, lo, hi)              the outliers never enter a sum
