@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from cg_tf import rundir
+from cg_tf import files, rundir
 
 MANIFEST = "manifest.json"
 
@@ -58,11 +58,11 @@ def fingerprint(kind: str, params: dict, inputs: dict[str, str]) -> str:
 
 
 def read_manifest(directory: str) -> dict | None:
-    return rundir.read_json(os.path.join(directory, MANIFEST))
+    return files.read_json(os.path.join(directory, MANIFEST))
 
 
 def write_manifest(directory: str, manifest: dict) -> None:
-    rundir.write_json(os.path.join(directory, MANIFEST), manifest, sort_keys=True)
+    files.write_json(os.path.join(directory, MANIFEST), manifest, sort_keys=True)
 
 
 def _clear(directory: str) -> None:

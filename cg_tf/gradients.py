@@ -37,6 +37,12 @@ def example_losses(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
         labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
 
 
+def chunk_size(chunk: int | None, batch: int) -> int:
+    """Examples per chunk of per-example gradients: `chunk`, or the whole batch
+    when it is unset or larger."""
+    return min(chunk or batch, batch)
+
+
 def _bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
     return [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
 
@@ -128,7 +134,7 @@ class GradientSource:
         statistics) and no state changes: gradients for measurements.
         """
         b = x.shape[0]
-        m = min(chunk or b, b)
+        m = chunk_size(chunk, b)
         if b % m:
             raise ValueError(f"--per_example_chunk={m} does not divide the per-replica batch of {b}")
         n = b // m
@@ -161,7 +167,7 @@ class GradientSource:
             grads = tape.gradient(total, [r.watched for r in recordings])
             return (layer_rules.per_example_values(self.variables, recordings, grads),
                     losses, logits)
-        n = x.shape[0] // min(chunk or x.shape[0], x.shape[0])
+        n = x.shape[0] // chunk_size(chunk, x.shape[0])
 
         def step(state, i, labels, grads, losses, logits):
             arrays, losses_array, logits_array = state

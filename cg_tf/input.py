@@ -22,7 +22,6 @@ import tensorflow as tf
 from cg_tf import records, verify
 
 AUGMENTATIONS = ("none", "flip", "flip_crop", "randaugment")
-EVAL_SUBSETS = ("pristine", "corrupt", "mixed", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +61,9 @@ def _augmenter(name: str, image_shape: tuple[int, int, int], seed: int) -> keras
 class Reader:
     """Reads one dataset directory made by pipelines/noisy_labels.py."""
 
-    def __init__(self, config: InputConfig, num_classes: int | None = None):
+    def __init__(self, config: InputConfig):
         self.config = config
-        self.info = records.load_info(config.data_dir, num_classes=num_classes)
+        self.info = records.load_info(config.data_dir)
         if records.TRAIN_SPLIT not in self.info.splits:
             raise records.DatasetError(f"{config.data_dir!r} has no {records.TRAIN_SPLIT!r} split")
         self.num_classes = self.info.num_classes

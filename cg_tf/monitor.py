@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from cg_tf import metrics, tags
+from cg_tf import files, metrics, tags
 from cg_tf.input import Reader
 from cg_tf.probes import Probe
 from cg_tf.robust_model import AggregatorConfig
@@ -208,7 +208,7 @@ class Monitor:
                 for group in self.ids
                 for eid, f, s in zip(self.ids[group], self.events.first[group].numpy(),
                                      self.events.stayed[group].numpy())]
-        _write_atomically(os.path.join(model_dir, LEARNING_EVENTS), lambda f: (
+        files.write_atomically(os.path.join(model_dir, LEARNING_EVENTS), lambda f: (
             csv.writer(f).writerows([("example_id", "group", "first_learned_step",
                                       "stayed_learned"), *rows])))
         if not self.config.export_learned:
@@ -219,12 +219,6 @@ class Monitor:
             for eid, ok in zip(batch["example_id"].numpy(), correct):
                 (learned if ok else not_learned).append(eid.decode())
         for name, ids in ((LEARNED_IDS, learned), (NOT_LEARNED_IDS, not_learned)):
-            _write_atomically(os.path.join(model_dir, name),
+            files.write_atomically(os.path.join(model_dir, name),
                               lambda f, ids=ids: f.write("".join(i + "\n" for i in ids)))
         return {"learned": len(learned), "not_learned": len(not_learned)}
-
-
-def _write_atomically(path: str, write) -> None:
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        write(f)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)

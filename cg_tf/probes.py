@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from cg_tf import aggregators as agg
 from cg_tf import metrics, tags
-from cg_tf.gradients import GradientSource
+from cg_tf.gradients import GradientSource, chunk_size
 from cg_tf.robust_model import AggregatorConfig
 
 THRESHOLD_AGGREGATORS = ("winsorized", "trimmed", "median")
@@ -72,7 +72,7 @@ class Probe:
         return tf.reshape(self.pristine, [-1, m])[i]
 
     def _fold(self, init, step):
-        m = min(self.chunk or self.size, self.size)
+        m = chunk_size(self.chunk, self.size)
         return self.source.fold_per_example(
             self.x, self.y, self.chunk, None, init,
             lambda state, i, yc, grads, losses, logits: step(

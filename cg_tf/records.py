@@ -22,6 +22,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from cg_tf import files
+
 INFO_FILE = "dataset_info.json"
 FORMAT_VERSION = 1
 TRAIN_SPLIT = "train"
@@ -151,12 +153,8 @@ class DatasetInfo:
 
 
 def write_info(data_dir: str, info: DatasetInfo) -> None:
-    """Writes dataset_info.json atomically (temp file, then rename): the last step."""
-    path = os.path.join(data_dir, INFO_FILE)
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        json.dump(info.to_json(), f, indent=1)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    """Writes dataset_info.json atomically: the last step."""
+    files.write_json(os.path.join(data_dir, INFO_FILE), info.to_json())
 
 
 def check_consistent(info: DatasetInfo, path: str) -> None:
@@ -186,16 +184,13 @@ def check_consistent(info: DatasetInfo, path: str) -> None:
                            "(height and width null for images of varying size)")
 
 
-def load_info(data_dir: str, num_classes: int | None = None,
-              image_shape: tuple[int | None, ...] | None = None,
-              splits: tuple[str, ...] = ()) -> DatasetInfo:
+def load_info(data_dir: str) -> DatasetInfo:
     """Reads and checks dataset_info.json and that every shard it names exists
     (cheap: it reads no records; `cg_tf.verify` reads them).
 
     Raises DatasetError with a message naming the problem: a missing directory,
     an incomplete one (no dataset_info.json: an interrupted or failed run), a
-    newer format, fields that disagree (`check_consistent`), missing shards, or
-    a mismatch with what the caller expects.
+    newer format, fields that disagree (`check_consistent`), or missing shards.
     """
     if not tf.io.gfile.isdir(data_dir):
         raise DatasetError(f"dataset directory {data_dir!r} does not exist")
@@ -210,15 +205,7 @@ def load_info(data_dir: str, num_classes: int | None = None,
         raise DatasetError(f"{path} has format version {info.version}; this cg_tf reads "
                            f"up to {FORMAT_VERSION}")
     check_consistent(info, path)
-    if num_classes is not None and info.num_classes != num_classes:
-        raise DatasetError(f"{data_dir!r} has {info.num_classes} classes, expected {num_classes}")
-    if image_shape is not None and tuple(info.image_shape) != tuple(image_shape):
-        raise DatasetError(f"{data_dir!r} has image shape {list(info.image_shape)}, "
-                           f"expected {list(image_shape)}")
-    for split in splits or tuple(info.splits):
-        if split not in info.splits:
-            raise DatasetError(f"{data_dir!r} has no split {split!r} "
-                               f"(it has {', '.join(info.splits)})")
+    for split in info.splits:
         missing = [p for p in info.shard_paths(data_dir, split) if not tf.io.gfile.exists(p)]
         if missing:
             raise DatasetError(f"{data_dir!r} is incomplete: {len(missing)} shard(s) of split "

@@ -334,21 +334,6 @@ def entries(directory: str) -> list[str]:
                   if e.rstrip("/") != LOCK_FILE)
 
 
-def read_json(path: str) -> dict | None:
-    """The JSON object at `path`, or None if there is no such file."""
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, obj: dict, sort_keys: bool = False) -> None:
-    """Writes `obj` atomically (a temp file, then a rename)."""
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=sort_keys)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-
-
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """`field: old -> new` for each differing (nested) field."""
     out = []

@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cg_tf import monitor, records, rundir, tags
+from cg_tf import files, monitor, records, rundir, tags
 from cg_tf.input import InputConfig, Reader, distribute
 from cg_tf.models import build_model
 from cg_tf.monitor import Monitor, MonitorConfig
@@ -220,7 +220,7 @@ class Trainer:
         model_dir = self.config.model_dir
         record = {**run_params(self.config), "dataset": dataset_identity(self.reader.info)}
         path = os.path.join(model_dir, CONFIG_FILE)
-        recorded = rundir.read_json(path)
+        recorded = files.read_json(path)
         diff = rundir.differences(recorded, record) if recorded is not None else []
         if diff and not self.overwrite:
             raise rundir.RunDirError(
@@ -230,11 +230,11 @@ class Trainer:
             logging.warning("--overwrite: starting %s over (%s)", model_dir, "; ".join(diff))
             start_over(model_dir)
             recorded = None
-        summary = rundir.read_json(os.path.join(model_dir, SUMMARY_FILE))
+        summary = files.read_json(os.path.join(model_dir, SUMMARY_FILE))
         if summary is not None:
             return summary
         if recorded is None:
-            rundir.write_json(path, record)
+            files.write_json(path, record)
         return None
 
     def _train(self, held: rundir.RunDirLock) -> dict:
@@ -307,7 +307,7 @@ class Trainer:
         }
         summary = {k: (None if isinstance(v, float) and np.isnan(v) else v)
                    for k, v in summary.items()}
-        rundir.write_json(os.path.join(self.config.model_dir, SUMMARY_FILE), summary)
+        files.write_json(os.path.join(self.config.model_dir, SUMMARY_FILE), summary)
         return summary
 
 

@@ -2,13 +2,17 @@
 initializes, so MirroredStrategy tests run with two real replicas."""
 
 import contextlib
+import gzip
+import io
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
@@ -88,3 +92,24 @@ def two_replicas():
     if not _MIRRORED:
         _MIRRORED.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
     return _MIRRORED[0]
+
+
+def write_idx(directory, prefix, images, labels, truncate_images=0, gz=False):
+    """Writes MNIST-style IDX files <prefix>-{images-idx3,labels-idx1}-ubyte[.gz],
+    the images file cut short by `truncate_images` bytes."""
+    n, h, w = images.shape
+    img = (np.array([0x803, n, h, w], ">u4").tobytes() + images.astype(np.uint8).tobytes())
+    lab = np.array([0x801, len(labels)], ">u4").tobytes() + np.asarray(labels, np.uint8).tobytes()
+    img = img[:len(img) - truncate_images]
+    for name, data in ((f"{prefix}-images-idx3-ubyte", img), (f"{prefix}-labels-idx1-ubyte", lab)):
+        opener = gzip.open if gz else open
+        with opener(os.path.join(directory, name + (".gz" if gz else "")), "wb") as f:
+            f.write(data)
+
+
+def jpeg(rng, h, w, mode="RGB"):
+    """A random h x w JPEG image (bytes) in PIL mode `mode`."""
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode).save(
+        buf, format="JPEG")
+    return buf.getvalue()

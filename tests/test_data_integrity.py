@@ -14,8 +14,7 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import read_split, run_build, run_main
-from test_pipeline import write_idx
+from conftest import read_split, run_build, run_main, write_idx
 
 from cg_tf import build, records, rundir
 from cg_tf.input import InputConfig, Reader

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 from absl import flags
-from conftest import decode_png, read_split, run_build, run_main
+from conftest import decode_png, read_split, run_build, run_main, write_idx
 
 from cg_tf import build, noise, records
 from cg_tf.input import InputConfig, Reader
@@ -78,18 +78,6 @@ def test_noise_mode_statistics(mode, tmp_path):
         for j in range(10):
             if i != j and mode != "permute":
                 assert abs(m[i, j] - m[i].sum() * row_p) <= 4 * np.sqrt(m[i].sum() * row_p) + 1
-
-
-def write_idx(directory, prefix, images, labels, truncate_images=0, gz=False):
-    import gzip
-    n, h, w = images.shape
-    img = (np.array([0x803, n, h, w], ">u4").tobytes() + images.astype(np.uint8).tobytes())
-    lab = np.array([0x801, len(labels)], ">u4").tobytes() + np.asarray(labels, np.uint8).tobytes()
-    img = img[:len(img) - truncate_images]
-    for name, data in ((f"{prefix}-images-idx3-ubyte", img), (f"{prefix}-labels-idx1-ubyte", lab)):
-        opener = gzip.open if gz else open
-        with opener(os.path.join(directory, name + (".gz" if gz else "")), "wb") as f:
-            f.write(data)
 
 
 def test_rejected_records_and_threshold(tmp_path):

@@ -1,15 +1,12 @@
 """Each source reader on small files in the source's real format, TFDS through
 tfds.testing.mock_data, and the real Fashion-MNIST."""
 
-import io
 import json
 import os
 
 import numpy as np
 import pytest
-from conftest import FASHION_MNIST, decode_png, read_split, run_build, run_main
-from PIL import Image
-from test_pipeline import write_idx
+from conftest import FASHION_MNIST, decode_png, jpeg, read_split, run_build, run_main, write_idx
 
 from cg_tf import records
 from cg_tf.input import InputConfig, Reader
@@ -68,13 +65,6 @@ def test_cifar10_binary(tmp_path):
     ex = train["data_batch_3-00001"]
     assert ex["label"] == label
     np.testing.assert_array_equal(decode_png(ex["image"]), img.transpose(1, 2, 0))
-
-
-def jpeg(rng, h, w, mode="RGB"):
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode).save(
-        buf, format="JPEG")
-    return buf.getvalue()
 
 
 def test_imagefolder_with_label_map(tmp_path):

@@ -12,9 +12,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, parsed_flags, run_build, run_main
-from test_pipeline import write_idx
-from test_sources import jpeg
+from conftest import REPO, jpeg, parsed_flags, run_build, run_main, write_idx
 
 from cg_tf import records, train
 from cg_tf.robust_model import AggregatorConfig

@@ -1,0 +1,31 @@
+"""Whole-file reads and writes for local paths and gs:// alike (tf.io.gfile).
+
+A file is written under a temporary name and renamed into place, so a reader
+(or a resumed run) sees the old file or the new one, never half of one.
+"""
+
+import json
+from typing import Callable, TextIO
+
+import tensorflow as tf
+
+
+def write_atomically(path: str, write: Callable[[TextIO], object]) -> None:
+    """Calls `write` on a temporary file beside `path`, then renames it to `path`."""
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        write(f)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def write_json(path: str, obj: dict, sort_keys: bool = False) -> None:
+    """Writes `obj` as indented JSON, atomically."""
+    write_atomically(path, lambda f: json.dump(obj, f, indent=1, sort_keys=sort_keys))
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object at `path`, or None if there is no such file."""
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
