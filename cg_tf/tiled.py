@@ -191,7 +191,7 @@ def _tiling(rows: int, cols: int) -> tuple[int, int]:
     evenly (576 rows padded to tiles of 512 almost doubled the work), and two
     tiles at least: XLA inlines a loop of one trip, and the two threshold chains
     of an inlined Dense tile then took 5 minutes to compile and 20 s to run
-    (a 512x10 kernel at n = 128; 5 s and 2 ms as two tiles)."""
+    (a 512x10 kernel at n = 128; 7 s and 3 ms as two tiles)."""
     tiles = max(min(rows, 2), -(-rows // max(1, min(rows, TILE // max(cols, 1)))))
     return tiles, -(-rows // tiles)
 
