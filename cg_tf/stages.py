@@ -12,12 +12,14 @@ import dataclasses
 import os
 
 import keras
+import tensorflow as tf
 
 from cg_tf import build, metrics
 from cg_tf.components import Stage
 from cg_tf.input import InputConfig, Reader
+from cg_tf.models import build_model
 from cg_tf.sources import Source
-from cg_tf.trainer import TrainConfig, Trainer, run_params
+from cg_tf.trainer import CHECKPOINTS, TrainConfig, Trainer, run_params
 
 DATA = "data"  # a dataset stage's dataset, inside its artifact directory
 
@@ -58,11 +60,19 @@ def train_stage(name: str, data_stage: str, config: TrainConfig,
 
 
 def restore_net(config: TrainConfig) -> keras.Model:
-    """The final network of a finished training run (its last checkpoint)."""
-    trainer = Trainer(config)
-    if not trainer.restore():
+    """The final network of a training run: built as the run built it and given
+    the weights of its last checkpoint (nothing else of the run is built)."""
+    path = tf.train.latest_checkpoint(os.path.join(config.model_dir, CHECKPOINTS))
+    if path is None:
         raise ValueError(f"no checkpoint in {config.model_dir}")
-    return trainer.net
+    reader = evaluation_reader(config.data_dir, config.image_size)
+    net = build_model(config.model, reader.image_shape, reader.num_classes, config.fc_widths)
+    # The run's checkpoint holds the net as model.net, beside what this leaves out.
+    model = tf.Module()
+    model.net = net
+    tf.train.Checkpoint(model=model).restore(path).expect_partial(
+    ).assert_existing_objects_matched()
+    return net
 
 
 def evaluation_reader(data_dir: str, image_size: tuple[int, int] | None = None,

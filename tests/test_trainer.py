@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, jpeg, parsed_flags, run_build, run_main, write_idx
 
-from cg_tf import records, train
+from cg_tf import records, stages, train
 from cg_tf.robust_model import AggregatorConfig
 from cg_tf.trainer import NonFiniteLoss, TrainConfig, Trainer
 
@@ -71,6 +71,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_dir, tmp_path)
         value = reader.get_tensor(name)
         if np.issubdtype(np.asarray(value).dtype, np.floating):
             assert np.all(np.isfinite(value)), name
+
+
+def test_restore_net_gives_the_final_weights_of_a_run(digits_dir, tmp_path):
+    cfg = config(digits_dir, tmp_path / "run", model="small_cnn", steps=3)
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        stages.restore_net(cfg)
+    trainer = Trainer(cfg)
+    trainer.run()
+    net = stages.restore_net(cfg)
+    assert len(net.weights) == len(trainer.net.weights)
+    for a, b in zip(net.weights, trainer.net.weights):  # BatchNorm's moving statistics too
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert not np.array_equal(net.weights[0].numpy(), Trainer(cfg).net.weights[0].numpy())
 
 
 def final_state(model_dir):
