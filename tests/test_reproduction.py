@@ -167,6 +167,26 @@ def plan(path, tmp_path, *overrides):
         return main.make_stages([])
 
 
+@pytest.mark.parametrize("path", [p for p in PIPELINE_CONFIGS if "fashion_mnist" in p
+                                  and os.path.basename(p).startswith("sweep_")],
+                         ids=os.path.basename)
+def test_fashion_mnist_sweeps_differ_from_mnist_only_in_the_data(path, tmp_path, monkeypatch):
+    """The papers ran MNIST; each Fashion-MNIST sweep is its MNIST sweep with
+    another --source: the same stages with the same parameters."""
+    from pipelines import shared_flags, sweep  # noqa: F401 (sweep defines the trainer's flags)
+    monkeypatch.chdir(REPO)
+    mnist_path = path.replace("fashion_mnist", "mnist")
+    assert os.path.exists(mnist_path), f"no MNIST counterpart of {os.path.basename(path)}"
+    sources = []
+    for p in (path, mnist_path):
+        with parsed_flags("pipeline", f"--flagfile={p}"):
+            sources.append(shared_flags.SOURCE.value)
+    assert sources == ["idx:/usr/share/datasets/fashion-mnist", "idx:data/mnist"]
+    fashion, mnist = ({s.name: (s.params, s.inputs) for s in plan(p, tmp_path)}
+                      for p in (path, mnist_path))
+    assert fashion == mnist
+
+
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=os.path.basename)
 def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -174,14 +194,31 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
     stages = {s.name: s for s in plan(path, tmp_path)}
     trains = [s for s in stages.values() if s.kind == "train"]
     assert trains and all(s.inputs[0] in stages for s in stages.values() if s.inputs)
-    if name == "sweep_winsorize_fashion_mnist.flags":
+    # Coherent Gradients (ICLR 2020), from the authors' code and the paper.
+    if name.startswith(("sweep_winsorize_", "sweep_label_noise_")):
+        for s in trains:
+            p = s.params
+            assert (p["model"], p["learning_rate"], p["batch_size"], p["momentum"],
+                    p["lr_schedule"]) == ("fc", 0.1, 100, 0.0, "constant")
+    if name.startswith("sweep_winsorize_"):
+        # 784-256-256-256-10, 60,000 steps (100 epochs of MNIST), c in {0, 1, 2, 4, 8}.
         assert sorted(stages) == ["data/noise_0.5", *sorted(
             f"runs/{s}_noise0.5_seed0" for s in
             ("mean", "winsorized_c1", "winsorized_c2", "winsorized_c4", "winsorized_c8"))]
+        assert stages["data/noise_0.5"].params["noise"]["mode"] == "uniform"
         for s in trains:
-            p = s.params
-            assert (p["fc_widths"], p["learning_rate"], p["batch_size"], p["momentum"],
-                    p["epochs"]) == ([2048], 0.1, 100, 0.0, 60)
+            assert (s.params["fc_widths"], s.params["steps"]) == ([256, 256, 256], 60_000)
+    if name.startswith("sweep_label_noise_"):
+        # 784-2048-10, plain SGD, 10^5 steps, noise 0/25/50/75/100%, labels permuted.
+        rates = ("0", "0.25", "0.5", "0.75", "1")
+        assert sorted(stages) == sorted([*(f"data/noise_{r}" for r in rates),
+                                         *(f"runs/mean_noise{r}_seed0" for r in rates)])
+        for r in rates:
+            assert stages[f"data/noise_{r}"].params["noise"]["mode"] == "permute"
+            assert stages[f"data/noise_{r}"].params["noise"]["rate"] == float(r)
+        for s in trains:
+            assert s.params["aggregator"]["name"] == "mean"
+            assert (s.params["fc_widths"], s.params["steps"]) == ([2048], 100_000)
     if name == "easy_hard_imagenet.flags":
         assert stages["first_training"].params["epochs"] == 2
         assert stages["first_training"].params["aggregator"]["name"] == "mean"
