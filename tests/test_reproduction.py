@@ -69,9 +69,12 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
     assert {r["aggregator"] for r in rows} == {"mean", "winsorized"}
     for r in rows:
         assert r["steps"] == "60" and 0 <= float(r["test_accuracy"]) <= 1
+        # The peak of the run's test evaluations (the last one is the final value).
+        assert float(r["test_accuracy"]) <= float(r["peak_test_accuracy"]) <= 1
+        assert 1 <= int(r["peak_test_step"]) <= 60
         assert r["parameter"] == ("2" if r["aggregator"] == "winsorized" else "")
     md = open(os.path.join(out, "summary.md")).read()
-    assert "| winsorized_c2_noise0.5 | 2 |" in md and "±" in md
+    assert "| winsorized_c2_noise0.5 | 2 |" in md and "±" in md and "| peak_test |" in md
     assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
     m = manifest(out, "runs/" + RUNS[3])
     assert m["params"]["aggregator"] == {"name": "winsorized", "c": 2, "groups": 3,
@@ -85,6 +88,26 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
     assert refused.returncode != 0
     assert "was made with other parameters (params.steps: 60 -> 61)" in refused.stderr
     assert before == {p: os.path.getmtime(p) for p in before}
+
+
+def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
+    from cg_tf import report, sweep, tags
+    from cg_tf.robust_model import AggregatorConfig
+    points = sweep.grid([AggregatorConfig("mean")], [0.5], [0, 1, 2])
+    manifests = {f"runs/{p.name}": {"outputs": {"test_accuracy": 0.5, "steps": 30}}
+                 for p in points[:2]}  # the third run has not finished
+    test = tags.ACCURACY_CURVES["test"]
+    runs = {points[0].name: report.Run(points[0].name, {}, {
+        test: [(1, 0.2), (10, 0.8), (20, 0.8), (30, 0.5)],
+        tags.ACCURACY_CURVES["pristine"]: [(30, 0.9)]})}
+    rows = sweep.rows(points, manifests, runs)
+    assert [r["run"] for r in rows] == [p.name for p in points[:2]]
+    # The earliest step of the highest value; none for a run without evaluations.
+    assert (rows[0]["peak_test_step"], rows[0]["peak_test_accuracy"]) == (10, 0.8)
+    assert (rows[1]["peak_test_step"], rows[1]["peak_test_accuracy"]) == (None, None)
+    assert rows[0]["test_accuracy"] == 0.5
+    means = sweep.over_seeds(rows)
+    assert means[0]["peak_test_accuracy"] == 0.8 and means[0]["seeds"] == 2
 
 
 @pytest.mark.parametrize("args,message", [
