@@ -190,12 +190,13 @@ def plan(path, tmp_path, *overrides):
         return main.make_stages([])
 
 
-@pytest.mark.parametrize("path", [p for p in PIPELINE_CONFIGS if "fashion_mnist" in p
-                                  and os.path.basename(p).startswith("sweep_")],
+@pytest.mark.parametrize("path", [p for p in PIPELINE_CONFIGS if "fashion_mnist" in p and
+                                  os.path.basename(p).startswith(("sweep_label_noise_",
+                                                                  "sweep_winsorize_"))],
                          ids=os.path.basename)
 def test_fashion_mnist_sweeps_differ_from_mnist_only_in_the_data(path, tmp_path, monkeypatch):
-    """The papers ran MNIST; each Fashion-MNIST sweep is its MNIST sweep with
-    another --source: the same stages with the same parameters."""
+    """Coherent Gradients ran MNIST; each Fashion-MNIST sweep of its two
+    studies is the MNIST sweep with another --source: the same stages with the same parameters."""
     from pipelines import shared_flags, sweep  # noqa: F401 (sweep defines the trainer's flags)
     monkeypatch.chdir(REPO)
     mnist_path = path.replace("fashion_mnist", "mnist")
@@ -242,6 +243,25 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
         for s in trains:
             assert s.params["aggregator"]["name"] == "mean"
             assert (s.params["fc_widths"], s.params["steps"]) == ([2048], 100_000)
+    if "small_cnn" in name:
+        # Weak and Strong Gradient Directions: lr 0.1, no momentum (M3 and RM3
+        # refuse it; plain SGD the same), weight decay 0, step schedule, 50% noise.
+        assert stages["data/noise_0.5"].params["noise"] == {
+            "rate": 0.5, "mode": "uniform", "seed": 0}
+        for s in trains:
+            p = s.params
+            assert (p["model"], p["learning_rate"], p["momentum"], p["aggregator"]["weight_decay"],
+                    p["lr_schedule"], p["lr_decay_epochs"], p["epochs"], p["augment"]) == (
+                        "small_cnn", 0.1, 0.0, 0.0, "step", [50, 75], 100, "none")
+    if name == "sweep_rm3_small_cnn_fashion_mnist.flags":
+        assert sorted(stages) == ["data/noise_0.5", *sorted(
+            f"runs/{s}_noise0.5_seed0" for s in ("mean", "rm3", "ra3"))]
+        assert all(s.params["batch_size"] == 128 for s in trains)
+    if name == "sweep_m3_small_cnn_fashion_mnist.flags":
+        # The authors' M3: three batches of 128 at the same weights, one update.
+        assert sorted(stages) == ["data/noise_0.5", "runs/median_of_means_k3_noise0.5_seed0"]
+        assert trains[0].params["aggregator"]["groups"] == 3
+        assert trains[0].params["batch_size"] == 3 * 128
     if name == "easy_hard_imagenet.flags":
         assert stages["first_training"].params["epochs"] == 2
         assert stages["first_training"].params["aggregator"]["name"] == "mean"
