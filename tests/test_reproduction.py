@@ -259,9 +259,12 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
         assert all(s.params["batch_size"] == 128 for s in trains)
     if name == "sweep_m3_small_cnn_fashion_mnist.flags":
         # The authors' M3: three batches of 128 at the same weights, one update.
-        assert sorted(stages) == ["data/noise_0.5", "runs/median_of_means_k3_noise0.5_seed0"]
-        assert trains[0].params["aggregator"]["groups"] == 3
-        assert trains[0].params["batch_size"] == 3 * 128
+        # Plain SGD on the same batches: the control for the number of updates.
+        assert sorted(stages) == ["data/noise_0.5", "runs/mean_noise0.5_seed0",
+                                  "runs/median_of_means_k3_noise0.5_seed0"]
+        assert stages["runs/median_of_means_k3_noise0.5_seed0"].params["aggregator"][
+            "groups"] == 3
+        assert all(s.params["batch_size"] == 3 * 128 for s in trains)
     if name == "easy_hard_imagenet.flags":
         assert stages["first_training"].params["epochs"] == 2
         assert stages["first_training"].params["aggregator"]["name"] == "mean"
@@ -275,3 +278,13 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
         assert stages["data/clean"].params["noise"]["rate"] == 0.0
     if "cifar10" in name:
         assert all(s.params["model"] == "cifar_resnet18" for s in trains)
+
+
+def test_readme_names_only_configs_and_figures_that_exist():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    named = set(re.findall(r"configs/([\w.]+\.flags)", readme))
+    assert "sweep_winsorize_fashion_mnist.flags" in named
+    missing = sorted(n for n in named if not os.path.exists(os.path.join(REPO, "configs", n)))
+    assert not missing, f"README names configs that do not exist: {missing}"
+    figures = re.findall(r"\]\((docs/[^)]+\.png)\)", readme)
+    assert figures and all(os.path.exists(os.path.join(REPO, f)) for f in figures), figures
