@@ -144,7 +144,14 @@ def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -
         ax.set_xlabel("step")
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy")
-    axes.flat[0].legend(fontsize=8, loc="center right")
+    # One legend for every curve drawn (the first panel may lack one, e.g.
+    # no corrupt curve at 0% noise).
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels = [label for label, _, _ in CURVE_STYLES.values() if label in legend]
+    axes.flat[0].legend([legend[k] for k in labels], labels, fontsize=8, loc="center right")
     fig.tight_layout()
     save_figure(fig, path)
 

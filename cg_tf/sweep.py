@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from cg_tf import build, report
+from cg_tf import build, report, tags
 from cg_tf.components import Stage
 from cg_tf.robust_model import AggregatorConfig
 from cg_tf.sources import Source
@@ -25,6 +25,10 @@ from cg_tf.trainer import TrainConfig
 PARAMETER = {"winsorized": "c", "trimmed": "c", "median_of_means": "groups"}
 RESULTS = ("pristine_accuracy", "corrupt_accuracy", "corrupt_true_label_accuracy",
            "test_accuracy", "adjusted_overfit")
+# Averaged over seeds with the final RESULTS: the best test accuracy a run's
+# evaluations saw (memorization arrives after generalization, so it can be
+# well above the final one).
+PEAK = "peak_test_accuracy"
 
 
 def parse_setting(spec: str, base: AggregatorConfig) -> AggregatorConfig:
@@ -93,8 +97,21 @@ def stages(source: Source, build_config: build.BuildConfig, beam_args: list[str]
     return out
 
 
-def rows(points: list[Point], manifests: dict[str, dict]) -> list[dict]:
-    """One row per finished run: its setting and final results."""
+def peak(series: list[tuple[int, float]] | None) -> tuple[int | None, float | None]:
+    """(step, value) of the highest value of a scalar series (the earliest
+    step if it repeats); (None, None) for a missing or empty series."""
+    if not series:
+        return None, None
+    step, value = max(series, key=lambda sv: (sv[1], -sv[0]))
+    return step, value
+
+
+def rows(points: list[Point], manifests: dict[str, dict],
+         runs: dict[str, report.Run] | None = None) -> list[dict]:
+    """One row per finished run: its setting, final results, and the step and
+    value of its peak test accuracy (from the run's evaluations in `runs`, by
+    name: the same test sample as the final value)."""
+    runs = runs or {}
     out = []
     for p in points:
         outputs = (manifests.get(f"runs/{p.name}") or {}).get("outputs") or {}
@@ -105,6 +122,9 @@ def rows(points: list[Point], manifests: dict[str, dict]) -> list[dict]:
                     "parameter": getattr(p.aggregator, key) if key else None,
                     "noise_rate": p.noise_rate, "seed": p.seed,
                     **{k: outputs.get(k) for k in RESULTS},
+                    **dict(zip(("peak_test_step", PEAK), peak(
+                        runs[p.name].scalars.get(tags.ACCURACY_CURVES["test"])
+                        if p.name in runs else None))),
                     "steps": outputs.get("steps"), "wall_seconds": outputs.get("wall_seconds")})
     return out
 
@@ -116,7 +136,7 @@ def over_seeds(table: list[dict]) -> list[dict]:
         group = [r for r in table if r["setting"] == setting]
         row = {k: group[0][k] for k in ("setting", "aggregator", "parameter", "noise_rate")}
         row["seeds"] = len(group)
-        for k in RESULTS:
+        for k in (*RESULTS, PEAK):
             values = np.array([r[k] for r in group if r[k] is not None], float)
             row[k] = float(values.mean()) if len(values) else None
             row[f"{k}_std"] = float(values.std()) if len(values) else None
@@ -126,7 +146,8 @@ def over_seeds(table: list[dict]) -> list[dict]:
 
 def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]) -> dict:
     """summary.csv, summary.md and figure.png in `output_dir`; returns their paths."""
-    table = rows(points, manifests)
+    by_name = {r.name: r for r in report.load_runs(os.path.join(output_dir, "runs"))}
+    table = rows(points, manifests, by_name)
     paths = {k: os.path.join(output_dir, f) for k, f in
              (("csv", "summary.csv"), ("md", "summary.md"), ("figure", "figure.png"))}
     with report.open_file(paths["csv"], "w") as f:
@@ -136,13 +157,13 @@ def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict
             writer.writerows(table)
     means = over_seeds(table)
     shown = [{k: r[k] for k in ("setting", "seeds")} | {
-        k.replace("_accuracy", ""): _pm(r[k], r[f"{k}_std"]) for k in RESULTS} for r in means]
+        k.replace("_accuracy", ""): _pm(r[k], r[f"{k}_std"]) for k in (*RESULTS, PEAK)}
+        for r in means]
     with report.open_file(paths["md"], "w") as f:
         f.write("# Noise sweep\n\n## Mean and spread over seeds\n\n")
         f.write(report.markdown(shown))
         f.write("\n## Every run\n\n")
         f.write(report.markdown([{k: v for k, v in r.items() if k != "setting"} for r in table]))
-    by_name = {r.name: r for r in report.load_runs(os.path.join(output_dir, "runs"))}
     panels = {}
     for p in points:
         if p.name in by_name:

@@ -69,9 +69,12 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
     assert {r["aggregator"] for r in rows} == {"mean", "winsorized"}
     for r in rows:
         assert r["steps"] == "60" and 0 <= float(r["test_accuracy"]) <= 1
+        # The peak of the run's test evaluations (the last one is the final value).
+        assert float(r["test_accuracy"]) <= float(r["peak_test_accuracy"]) <= 1
+        assert 1 <= int(r["peak_test_step"]) <= 60
         assert r["parameter"] == ("2" if r["aggregator"] == "winsorized" else "")
     md = open(os.path.join(out, "summary.md")).read()
-    assert "| winsorized_c2_noise0.5 | 2 |" in md and "±" in md
+    assert "| winsorized_c2_noise0.5 | 2 |" in md and "±" in md and "| peak_test |" in md
     assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
     m = manifest(out, "runs/" + RUNS[3])
     assert m["params"]["aggregator"] == {"name": "winsorized", "c": 2, "groups": 3,
@@ -85,6 +88,26 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
     assert refused.returncode != 0
     assert "was made with other parameters (params.steps: 60 -> 61)" in refused.stderr
     assert before == {p: os.path.getmtime(p) for p in before}
+
+
+def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
+    from cg_tf import report, sweep, tags
+    from cg_tf.robust_model import AggregatorConfig
+    points = sweep.grid([AggregatorConfig("mean")], [0.5], [0, 1, 2])
+    manifests = {f"runs/{p.name}": {"outputs": {"test_accuracy": 0.5, "steps": 30}}
+                 for p in points[:2]}  # the third run has not finished
+    test = tags.ACCURACY_CURVES["test"]
+    runs = {points[0].name: report.Run(points[0].name, {}, {
+        test: [(1, 0.2), (10, 0.8), (20, 0.8), (30, 0.5)],
+        tags.ACCURACY_CURVES["pristine"]: [(30, 0.9)]})}
+    rows = sweep.rows(points, manifests, runs)
+    assert [r["run"] for r in rows] == [p.name for p in points[:2]]
+    # The earliest step of the highest value; none for a run without evaluations.
+    assert (rows[0]["peak_test_step"], rows[0]["peak_test_accuracy"]) == (10, 0.8)
+    assert (rows[1]["peak_test_step"], rows[1]["peak_test_accuracy"]) == (None, None)
+    assert rows[0]["test_accuracy"] == 0.5
+    means = sweep.over_seeds(rows)
+    assert means[0]["peak_test_accuracy"] == 0.8 and means[0]["seeds"] == 2
 
 
 @pytest.mark.parametrize("args,message", [
@@ -167,6 +190,27 @@ def plan(path, tmp_path, *overrides):
         return main.make_stages([])
 
 
+@pytest.mark.parametrize("path", [p for p in PIPELINE_CONFIGS if "fashion_mnist" in p and
+                                  os.path.basename(p).startswith(("sweep_label_noise_",
+                                                                  "sweep_winsorize_"))],
+                         ids=os.path.basename)
+def test_fashion_mnist_sweeps_differ_from_mnist_only_in_the_data(path, tmp_path, monkeypatch):
+    """Coherent Gradients ran MNIST; each Fashion-MNIST sweep of its two
+    studies is the MNIST sweep with another --source: the same stages with the same parameters."""
+    from pipelines import shared_flags, sweep  # noqa: F401 (sweep defines the trainer's flags)
+    monkeypatch.chdir(REPO)
+    mnist_path = path.replace("fashion_mnist", "mnist")
+    assert os.path.exists(mnist_path), f"no MNIST counterpart of {os.path.basename(path)}"
+    sources = []
+    for p in (path, mnist_path):
+        with parsed_flags("pipeline", f"--flagfile={p}"):
+            sources.append(shared_flags.SOURCE.value)
+    assert sources == ["idx:/usr/share/datasets/fashion-mnist", "idx:data/mnist"]
+    fashion, mnist = ({s.name: (s.params, s.inputs) for s in plan(p, tmp_path)}
+                      for p in (path, mnist_path))
+    assert fashion == mnist
+
+
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=os.path.basename)
 def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -174,14 +218,53 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
     stages = {s.name: s for s in plan(path, tmp_path)}
     trains = [s for s in stages.values() if s.kind == "train"]
     assert trains and all(s.inputs[0] in stages for s in stages.values() if s.inputs)
-    if name == "sweep_winsorize_fashion_mnist.flags":
+    # Coherent Gradients (ICLR 2020), from the authors' code and the paper.
+    if name.startswith(("sweep_winsorize_", "sweep_label_noise_")):
+        for s in trains:
+            p = s.params
+            assert (p["model"], p["learning_rate"], p["batch_size"], p["momentum"],
+                    p["lr_schedule"]) == ("fc", 0.1, 100, 0.0, "constant")
+    if name.startswith("sweep_winsorize_"):
+        # 784-256-256-256-10, 60,000 steps (100 epochs of MNIST), c in {0, 1, 2, 4, 8}.
         assert sorted(stages) == ["data/noise_0.5", *sorted(
             f"runs/{s}_noise0.5_seed0" for s in
             ("mean", "winsorized_c1", "winsorized_c2", "winsorized_c4", "winsorized_c8"))]
+        assert stages["data/noise_0.5"].params["noise"]["mode"] == "uniform"
+        for s in trains:
+            assert (s.params["fc_widths"], s.params["steps"]) == ([256, 256, 256], 60_000)
+    if name.startswith("sweep_label_noise_"):
+        # 784-2048-10, plain SGD, 10^5 steps, noise 0/25/50/75/100%, labels permuted.
+        rates = ("0", "0.25", "0.5", "0.75", "1")
+        assert sorted(stages) == sorted([*(f"data/noise_{r}" for r in rates),
+                                         *(f"runs/mean_noise{r}_seed0" for r in rates)])
+        for r in rates:
+            assert stages[f"data/noise_{r}"].params["noise"]["mode"] == "permute"
+            assert stages[f"data/noise_{r}"].params["noise"]["rate"] == float(r)
+        for s in trains:
+            assert s.params["aggregator"]["name"] == "mean"
+            assert (s.params["fc_widths"], s.params["steps"]) == ([2048], 100_000)
+    if "small_cnn" in name:
+        # Weak and Strong Gradient Directions: lr 0.1, no momentum (M3 and RM3
+        # refuse it; plain SGD the same), weight decay 0, step schedule, 50% noise.
+        assert stages["data/noise_0.5"].params["noise"] == {
+            "rate": 0.5, "mode": "uniform", "seed": 0}
         for s in trains:
             p = s.params
-            assert (p["fc_widths"], p["learning_rate"], p["batch_size"], p["momentum"],
-                    p["epochs"]) == ([2048], 0.1, 100, 0.0, 60)
+            assert (p["model"], p["learning_rate"], p["momentum"], p["aggregator"]["weight_decay"],
+                    p["lr_schedule"], p["lr_decay_epochs"], p["epochs"], p["augment"]) == (
+                        "small_cnn", 0.1, 0.0, 0.0, "step", [50, 75], 100, "none")
+    if name == "sweep_rm3_small_cnn_fashion_mnist.flags":
+        assert sorted(stages) == ["data/noise_0.5", *sorted(
+            f"runs/{s}_noise0.5_seed0" for s in ("mean", "rm3", "ra3"))]
+        assert all(s.params["batch_size"] == 128 for s in trains)
+    if name == "sweep_m3_small_cnn_fashion_mnist.flags":
+        # The authors' M3: three batches of 128 at the same weights, one update.
+        # Plain SGD on the same batches: the control for the number of updates.
+        assert sorted(stages) == ["data/noise_0.5", "runs/mean_noise0.5_seed0",
+                                  "runs/median_of_means_k3_noise0.5_seed0"]
+        assert stages["runs/median_of_means_k3_noise0.5_seed0"].params["aggregator"][
+            "groups"] == 3
+        assert all(s.params["batch_size"] == 3 * 128 for s in trains)
     if name == "easy_hard_imagenet.flags":
         assert stages["first_training"].params["epochs"] == 2
         assert stages["first_training"].params["aggregator"]["name"] == "mean"
@@ -195,3 +278,13 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
         assert stages["data/clean"].params["noise"]["rate"] == 0.0
     if "cifar10" in name:
         assert all(s.params["model"] == "cifar_resnet18" for s in trains)
+
+
+def test_readme_names_only_configs_and_figures_that_exist():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    named = set(re.findall(r"configs/([\w.]+\.flags)", readme))
+    assert "sweep_winsorize_fashion_mnist.flags" in named
+    missing = sorted(n for n in named if not os.path.exists(os.path.join(REPO, "configs", n)))
+    assert not missing, f"README names configs that do not exist: {missing}"
+    figures = re.findall(r"\]\((docs/[^)]+\.png)\)", readme)
+    assert figures and all(os.path.exists(os.path.join(REPO, f)) for f in figures), figures

@@ -1,6 +1,7 @@
 """The trainer end to end: flag errors, NaN stop, resume after SIGKILL, every
 config for one step, and the memorization effect on noisy digits."""
 
+import dataclasses
 import glob
 import os
 import shutil
@@ -162,7 +163,8 @@ def test_configs_exist():
     assert {"demo.flags", "resnet_imagenet.flags", "inception_imagenet.flags",
             "vgg_imagenet.flags", "cifar10_resnet_m3.flags", "cifar10_resnet_rm3.flags"} <= names
     for ds in ("fashion_mnist", "mnist"):
-        assert {f"{ds}_fc_winsorize_c{c}.flags" for c in (0, 1, 2, 4, 8)} <= names
+        assert {f"label_noise_{ds}.flags", f"winsorize_{ds}.flags"} <= names
+        assert {f"winsorize_{ds}_c{c}.flags" for c in (0, 1, 2, 4, 8)} <= names
 
 
 def test_demo_config_is_the_default():
@@ -190,13 +192,43 @@ def test_every_config_holds_the_papers_settings(path, monkeypatch):
                     256, 90, 0.1, 0, 0, "none", (30, 60, 80))
         assert paper.model == {"resnet": "resnet50", "inception": "inception_v3",
                                "vgg": "vgg16"}[name.split("_")[0]]
-    if "fc_winsorize" in name:
-        assert paper.aggregator == AggregatorConfig("winsorized", c=int(name.split("_c")[1][0]))
-        assert (paper.batch_size, paper.learning_rate, paper.momentum, paper.fc_widths) == (
-            100, 0.1, 0, (2048,))
+    # Coherent Gradients (ICLR 2020), from the authors' code and the paper:
+    # the label-noise study trains 784-2048-10 with plain SGD for 10^5 steps,
+    # the winsorization study 784-256-256-256-10 for 60,000 steps (100 epochs
+    # of MNIST), c in {0, 1, 2, 4, 8}; both lr 0.1, batch 100, no momentum.
+    if name.startswith(("label_noise_", "winsorize_")):
+        assert (paper.model, paper.batch_size, paper.learning_rate, paper.momentum,
+                paper.aggregator.weight_decay, paper.lr_schedule) == (
+                    "fc", 100, 0.1, 0, 0, "constant")
+    if name.startswith("label_noise_"):
+        assert paper.aggregator == AggregatorConfig("mean")
+        assert (paper.fc_widths, paper.steps) == ((2048,), 100_000)
+        assert "permute50" in paper.data_dir  # the data its comment builds
+    if name.startswith("winsorize_"):
+        c = int(name.rsplit("_c", 1)[1].split(".")[0]) if "_c" in name else 0
+        assert c in (0, 1, 2, 4, 8)
+        assert paper.aggregator == AggregatorConfig("winsorized", c=c)
+        assert (paper.fc_widths, paper.steps) == ((256, 256, 256), 60_000)
+        assert "noisy50" in paper.data_dir
     if name == "cifar10_resnet_m3.flags":
         assert paper.aggregator.name == "median_of_means" and paper.aggregator.groups == 3
         assert paper.batch_size == 3 * 128 and paper.momentum == 0
+
+
+FASHION = [c for c in CONFIGS if "fashion_mnist" in os.path.basename(c)]
+
+
+@pytest.mark.parametrize("path", FASHION, ids=os.path.basename)
+def test_fashion_mnist_configs_differ_from_mnist_only_in_the_data(path, monkeypatch):
+    """The papers ran MNIST; each Fashion-MNIST config is its MNIST config
+    with other data (and its own run directory)."""
+    monkeypatch.chdir(REPO)
+    mnist_path = path.replace("fashion_mnist", "mnist")
+    assert os.path.exists(mnist_path), f"no MNIST counterpart of {os.path.basename(path)}"
+    fashion, mnist = parse_config(path), parse_config(mnist_path)
+    assert fashion.data_dir != mnist.data_dir and "fashion_mnist" in fashion.data_dir
+    assert dataclasses.replace(fashion, data_dir=mnist.data_dir,
+                               model_dir=mnist.model_dir) == mnist
 
 
 # ImageNet and CIFAR models on two replicas take a minute each to trace on a CPU;
