@@ -287,7 +287,8 @@ class Trainer:
     def finish(self, final_loss: float) -> dict:
         results = self.monitor.results_at(int(self.step))  # the last step is scheduled
         summary = {
-            "pristine_accuracy": results["pristine"]["accuracy"],
+            # A group absent from the data (every label corrupt, or none): None below.
+            "pristine_accuracy": results.get("pristine", {}).get("accuracy", float("nan")),
             "corrupt_accuracy": results.get("corrupt", {}).get("accuracy", float("nan")),
             "corrupt_true_label_accuracy":
                 results.get("corrupt", {}).get("true_label_accuracy", float("nan")),

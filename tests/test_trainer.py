@@ -74,6 +74,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_dir, tmp_path)
             assert np.all(np.isfinite(value)), name
 
 
+def test_a_dataset_without_pristine_examples_trains(tmp_path):
+    data = tmp_path / "all_corrupt"
+    run_build(data, mode="uniform_other", rate=1.0)
+    summary = Trainer(config(data, tmp_path / "run", steps=3)).run()
+    assert summary["pristine_accuracy"] is None  # no pristine examples to measure
+    assert 0 <= summary["corrupt_accuracy"] <= 1 and 0 <= summary["test_accuracy"] <= 1
+
+
 def test_restore_net_gives_the_final_weights_of_a_run(digits_dir, tmp_path):
     cfg = config(digits_dir, tmp_path / "run", model="small_cnn", steps=3)
     with pytest.raises(ValueError, match="no checkpoint in"):
