@@ -13,7 +13,7 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
-from cg_tf import gradients, robust_model, trainer, verify
+from cg_tf import common_flags, gradients, robust_model, trainer, verify
 from cg_tf.common_flags import SEED
 from cg_tf.models import MODELS
 from cg_tf.monitor import MonitorConfig
@@ -22,6 +22,7 @@ from cg_tf.strategies import STRATEGIES
 DEMO_DATA_DIR = "data/digits_noisy50"
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(common_flags)  # --seed in --help
 flags.DEFINE_string("data_dir", DEMO_DATA_DIR, "Dataset made by pipelines.noisy_labels; the "
                     "default is built from digits (50% uniform noise) if missing.")
 flags.DEFINE_string("model_dir", "runs/demo", "Checkpoints, event files, config.json and "
@@ -156,4 +157,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common_flags.run(main)

@@ -12,9 +12,9 @@ summary.csv, summary.md and figure.png to --output_dir. Stages cache and
 resume as in pipelines.sweep (--overwrite, --only); other flags go to Beam.
 """
 
-from absl import app, flags
+from absl import flags
 
-from cg_tf import easy_hard, report
+from cg_tf import common_flags, easy_hard, report
 from cg_tf import train as trainer_flags
 from cg_tf.common_flags import SEED
 from pipelines import shared_flags
@@ -25,6 +25,11 @@ _TRAIN_SIZE = flags.DEFINE_integer("train_size", None, "Training examples per se
                                    "(default: equal sets, half the smaller one).")
 _HELDOUT_SIZE = flags.DEFINE_integer("heldout_size", None, "Held-out examples per set "
                                      "(default: what the smaller set has left).")
+
+# --help lists the flags this program shares with the others too.
+flags.adopt_module_key_flags(common_flags)
+flags.adopt_module_key_flags(shared_flags)
+flags.adopt_module_key_flags(trainer_flags)
 
 
 def make_stages(beam_args: list[str]) -> list:
@@ -52,4 +57,4 @@ def main(beam_args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: main(argv), flags_parser=shared_flags.parse_flags)
+    common_flags.run(lambda argv: main(argv), flags_parser=shared_flags.parse_flags)

@@ -11,13 +11,17 @@ import sys
 
 from absl import app, flags, logging
 
-from cg_tf import build
+from cg_tf import build, common_flags
 from cg_tf.common_flags import SEED
 from cg_tf.sources import SourceError
 from pipelines import shared_flags
 
 _NOISE_RATE = flags.DEFINE_float("noise_rate", 0.0,
                                  "Fraction of training examples relabelled, in [0, 1].")
+
+# --help lists the flags this program shares with the others too.
+flags.adopt_module_key_flags(common_flags)
+flags.adopt_module_key_flags(shared_flags)
 
 
 def main(beam_args: list[str]) -> None:
@@ -38,4 +42,4 @@ def main(beam_args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: main(argv), flags_parser=shared_flags.parse_flags)
+    common_flags.run(lambda argv: main(argv), flags_parser=shared_flags.parse_flags)

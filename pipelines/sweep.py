@@ -16,9 +16,9 @@ directory made with other parameters unless --overwrite. --only=GLOB runs
 just the matching stages (e.g. --only='runs/winsorized_c4*' on one machine).
 """
 
-from absl import app, flags
+from absl import flags
 
-from cg_tf import report, sweep
+from cg_tf import common_flags, report, sweep
 from cg_tf import train as trainer_flags
 from cg_tf.common_flags import SEED
 from pipelines import shared_flags
@@ -29,6 +29,11 @@ _AGGREGATORS = flags.DEFINE_list(
     "Aggregator settings of the grid: name or name:parameter (winsorized:4, trimmed:2, "
     "median_of_means:3).")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds of the grid.")
+
+# --help lists the flags this program shares with the others too.
+flags.adopt_module_key_flags(common_flags)
+flags.adopt_module_key_flags(shared_flags)
+flags.adopt_module_key_flags(trainer_flags)
 
 
 def grid_from_flags() -> list[sweep.Point]:
@@ -59,4 +64,4 @@ def main(beam_args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: main(argv), flags_parser=shared_flags.parse_flags)
+    common_flags.run(lambda argv: main(argv), flags_parser=shared_flags.parse_flags)

@@ -60,6 +60,18 @@ def test_command_line_error_names_the_flag(tmp_path):
     assert "--data_dir" in proc.stderr and "does not exist" in proc.stderr
 
 
+@pytest.mark.parametrize("module,own,shared", [
+    ("cg_tf.train", "--learning_rate", "--seed"),
+    ("pipelines.noisy_labels", "--noise_rate", "--seed"),
+    ("pipelines.sweep", "--noise_rates", "--learning_rate"),
+    ("pipelines.easy_hard", "--heldout_size", "--output_dir"),
+])
+def test_help_lists_the_shared_flags_and_exits_0(module, own, shared):
+    proc = run_main(module, "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{own}:" in proc.stdout and f"{shared}:" in proc.stdout
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_dir, tmp_path):
     trainer = Trainer(config(digits_dir, tmp_path, learning_rate=1e25, steps=50,
                              checkpoint_every=1))

@@ -22,6 +22,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from cg_tf import common_flags
+
 _MODELS = flags.DEFINE_list("models", ["fc", "fc3", "small_cnn", "cifar_resnet18"],
                             "Models to time.")
 _AGGREGATORS = flags.DEFINE_list(
@@ -175,4 +177,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common_flags.run(main)

@@ -10,9 +10,9 @@ import tempfile
 import time
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
-from cg_tf import build, noise, records
+from cg_tf import build, common_flags, noise, records
 from cg_tf.beam import noisy_labels
 from cg_tf.sources import Source, make_source
 
@@ -69,4 +69,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common_flags.run(main)

@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from cg_tf import report
+from cg_tf import common_flags, report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("logdir", None, "Directory holding the runs (e.g. runs/).")
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common_flags.run(main)
