@@ -70,8 +70,8 @@ def restore_net(config: TrainConfig) -> keras.Model:
     # The run's checkpoint holds the net as model.net, beside what this leaves out.
     model = tf.Module()
     model.net = net
-    tf.train.Checkpoint(model=model).restore(path).expect_partial(
-    ).assert_existing_objects_matched()
+    status = tf.train.Checkpoint(model=model).restore(path)
+    status.expect_partial().assert_existing_objects_matched()
     return net
 
 
