@@ -337,15 +337,12 @@ def unfactorable_reason(model: keras.Model) -> str | None:
     functional = _functional(model)
     if functional is None:
         return f"{model.name} is not a functional Keras model"
-    for nodes in functional._nodes_by_depth.values():
-        for node in nodes:
-            op = node.operation
-            if not op or node.is_input or not getattr(op, "trainable_variables", None):
-                continue
-            if len(node.input_tensors) != 1:
-                return f"layer {op.name} is called with {len(node.input_tensors)} inputs"
-            if _functional(op) is not None and (reason := unfactorable_reason(op)):
-                return reason
+    for node in _weighted_calls(functional):
+        op = node.operation
+        if len(node.input_tensors) != 1:
+            return f"layer {op.name} is called with {len(node.input_tensors)} inputs"
+        if _functional(op) is not None and (reason := unfactorable_reason(op)):
+            return reason
     return None
 
 
@@ -353,17 +350,23 @@ def applied_at_positions(model: keras.Model) -> bool:
     """Whether a layer with weights of a factorable model is applied at several
     positions of an example (outputs with axes besides batch and features:
     convolutions, Dense on sequences, embeddings of several ids)."""
-    for nodes in _functional(model)._nodes_by_depth.values():
+    for node in _weighted_calls(_functional(model)):
+        if _functional(node.operation) is not None:
+            if applied_at_positions(node.operation):
+                return True
+        elif any(len(t.shape) > 2 for t in node.outputs):
+            return True
+    return False
+
+
+def _weighted_calls(functional: keras.Model):
+    """The calls (graph nodes) of a functional model's layers with trainable
+    weights, at its own level (a nested functional model is one call)."""
+    for nodes in functional._nodes_by_depth.values():
         for node in nodes:
             op = node.operation
-            if not op or node.is_input or not getattr(op, "trainable_variables", None):
-                continue
-            if _functional(op) is not None:
-                if applied_at_positions(op):
-                    return True
-            elif any(len(t.shape) > 2 for t in node.outputs):
-                return True
-    return False
+            if op and not node.is_input and getattr(op, "trainable_variables", None):
+                yield node
 
 
 def _raise(op):

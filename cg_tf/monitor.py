@@ -220,5 +220,5 @@ class Monitor:
                 (learned if ok else not_learned).append(eid.decode())
         for name, ids in ((LEARNED_IDS, learned), (NOT_LEARNED_IDS, not_learned)):
             files.write_atomically(os.path.join(model_dir, name),
-                              lambda f, ids=ids: f.write("".join(i + "\n" for i in ids)))
+                                   lambda f, ids=ids: f.write("".join(i + "\n" for i in ids)))
         return {"learned": len(learned), "not_learned": len(not_learned)}

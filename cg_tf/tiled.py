@@ -66,15 +66,21 @@ def _padded(values: PerExample, rows: int) -> PerExample:
     return Stacked(tf.pad(g, [[0, 0], [0, rows - have], [0, 0]]))
 
 
+def _formed_by_matmul(values: PerExample) -> bool:
+    """Whether a tile's values come out of a matmul over positions (a convolution),
+    which XLA materializes, rather than from a product it fuses into each use."""
+    return isinstance(values, Outer) and values.x.shape[1] > 1
+
+
 def _tile(values: PerExample, start, size: int) -> list[tf.Tensor]:
     """Per-example values of rows [start, start + size), one [size, columns]
     tensor per example (formed per example: XLA fuses each into its consumers)."""
     n = values.count
     if isinstance(values, Outer):
         x = tf.slice(values.x, [0, 0, start], [n, values.x.shape[1], size])
-        if x.shape[1] == 1:
-            return [x[i, 0, :, None] * values.d[i, 0, None, :] for i in range(n)]
-        return tf.unstack(tf.einsum("bti,bto->bio", x, values.d))
+        if _formed_by_matmul(values):
+            return tf.unstack(tf.einsum("bti,bto->bio", x, values.d))
+        return [x[i, 0, :, None] * values.d[i, 0, None, :] for i in range(n)]
     g = tf.reshape(values.g, [n, _layout(values)[0], -1])
     return tf.unstack(tf.slice(g, [0, start, 0], [n, size, g.shape[2]]))
 
@@ -194,12 +200,6 @@ def _tiling(rows: int, cols: int) -> tuple[int, int]:
     (a 512x10 kernel at n = 128; 7 s and 3 ms as two tiles)."""
     tiles = max(min(rows, 2), -(-rows // max(1, min(rows, TILE // max(cols, 1)))))
     return tiles, -(-rows // tiles)
-
-
-def _formed_by_matmul(values: PerExample) -> bool:
-    """Whether a tile's values come out of a matmul over positions (a convolution),
-    which XLA materializes, rather than from a product it fuses into each use."""
-    return isinstance(values, Outer) and values.x.shape[1] > 1
 
 
 def robust_variable(values: PerExample, kind: str, c: int) -> tf.Tensor:
