@@ -100,8 +100,8 @@ def cross_eval_stage(train: TrainConfig) -> Stage:
         results = {}
         for trained_on in SETS:
             model_dir = inputs[f"runs/{trained_on}"]["outputs"]["model_dir"]
-            net = stages.restore_net(dataclasses.replace(train, data_dir=data[trained_on],
-                                                         model_dir=model_dir))
+            net = stages.restore_net(dataclasses.replace(train, model_dir=model_dir),
+                                     readers[trained_on])
             results[trained_on] = {f"{d}/{s}": stages.accuracy_on(net, readers[d], s)
                                    for d, s in EVALUATIONS}
         return {"accuracy": results}

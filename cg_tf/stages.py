@@ -59,13 +59,13 @@ def train_stage(name: str, data_stage: str, config: TrainConfig,
     return Stage(name, "train", params, run, (data_stage,), resumable=True)
 
 
-def restore_net(config: TrainConfig) -> keras.Model:
-    """The final network of a training run: built as the run built it and given
-    the weights of its last checkpoint (nothing else of the run is built)."""
+def restore_net(config: TrainConfig, reader: Reader) -> keras.Model:
+    """The final network of a training run: built as the run built it (for the
+    image shape and classes of `reader`, a reader of its dataset) and given the
+    weights of its last checkpoint (nothing else of the run is built)."""
     path = tf.train.latest_checkpoint(os.path.join(config.model_dir, CHECKPOINTS))
     if path is None:
         raise ValueError(f"no checkpoint in {config.model_dir}")
-    reader = evaluation_reader(config.data_dir, config.image_size)
     net = build_model(config.model, reader.image_shape, reader.num_classes, config.fc_widths)
     # The run's checkpoint holds the net as model.net, beside what this leaves out.
     model = tf.Module()

@@ -96,11 +96,12 @@ def test_a_dataset_without_pristine_examples_trains(tmp_path):
 
 def test_restore_net_gives_the_final_weights_of_a_run(digits_dir, tmp_path):
     cfg = config(digits_dir, tmp_path / "run", model="small_cnn", steps=3)
+    reader = stages.evaluation_reader(cfg.data_dir)
     with pytest.raises(ValueError, match="no checkpoint in"):
-        stages.restore_net(cfg)
+        stages.restore_net(cfg, reader)
     trainer = Trainer(cfg)
     trainer.run()
-    net = stages.restore_net(cfg)
+    net = stages.restore_net(cfg, reader)
     assert len(net.weights) == len(trainer.net.weights)
     for a, b in zip(net.weights, trainer.net.weights):  # BatchNorm's moving statistics too
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
