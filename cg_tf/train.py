@@ -13,11 +13,14 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
-from cg_tf import common_flags, gradients, robust_model, trainer, verify
+from cg_tf import common_flags
 from cg_tf.common_flags import SEED
-from cg_tf.models import MODELS
-from cg_tf.monitor import MonitorConfig
-from cg_tf.strategies import STRATEGIES
+from cg_tf.data import verify
+from cg_tf.measure.monitor import MonitorConfig
+from cg_tf.robust import gradients
+from cg_tf.training import robust_model, trainer
+from cg_tf.training.models import MODELS
+from cg_tf.training.strategies import STRATEGIES
 
 DEMO_DATA_DIR = "data/digits_noisy50"
 
@@ -95,9 +98,9 @@ def config_from_flags() -> trainer.TrainConfig:
 
 def ensure_demo_data(data_dir: str) -> None:
     """Builds the default noisy digits dataset with the pipeline on first use."""
-    from cg_tf import build, records
-    from cg_tf.noise import NoiseSpec
-    from cg_tf.sources import make_source
+    from cg_tf.data import build, records
+    from cg_tf.data.noise import NoiseSpec
+    from cg_tf.data.sources import make_source
     if os.path.exists(os.path.join(data_dir, records.INFO_FILE)):
         return
     logging.info("building the demo dataset in %s (first use)", data_dir)
@@ -108,7 +111,7 @@ def ensure_demo_data(data_dir: str) -> None:
 def setup_devices() -> None:
     """--num_cpu_devices: split the CPU before TensorFlow initializes."""
     if FLAGS.num_cpu_devices:
-        from cg_tf.strategies import split_cpu
+        from cg_tf.training.strategies import split_cpu
         split_cpu(FLAGS.num_cpu_devices)
 
 

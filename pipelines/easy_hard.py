@@ -14,9 +14,11 @@ resume as in pipelines.sweep (--overwrite, --only); other flags go to Beam.
 
 from absl import flags
 
-from cg_tf import common_flags, easy_hard, report
+from cg_tf import common_flags
 from cg_tf import train as trainer_flags
 from cg_tf.common_flags import SEED
+from cg_tf.experiments import easy_hard
+from cg_tf.measure import report
 from pipelines import shared_flags
 
 _FIRST_EPOCHS = flags.DEFINE_integer("first_epochs", 2, "Epochs of the SGD run that sorts "

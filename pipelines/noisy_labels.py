@@ -11,9 +11,10 @@ import sys
 
 from absl import app, flags, logging
 
-from cg_tf import build, common_flags
+from cg_tf import common_flags
 from cg_tf.common_flags import SEED
-from cg_tf.sources import SourceError
+from cg_tf.data import build
+from cg_tf.data.sources import SourceError
 from pipelines import shared_flags
 
 _NOISE_RATE = flags.DEFINE_float("noise_rate", 0.0,

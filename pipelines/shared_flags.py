@@ -9,9 +9,10 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from cg_tf import build, components
-from cg_tf.noise import NOISE_MODES, NoiseSpec
-from cg_tf.sources import SOURCE_KINDS, Source, SourceError, make_source
+from cg_tf.data import build
+from cg_tf.data.noise import NOISE_MODES, NoiseSpec
+from cg_tf.data.sources import SOURCE_KINDS, Source, SourceError, make_source
+from cg_tf.experiments import runner
 
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory (local or gs://).")
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace what an earlier run with other "
@@ -71,14 +72,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
-def run_pipeline(make_stages: Callable[[], list[components.Stage]]) -> dict[str, dict]:
+def run_pipeline(make_stages: Callable[[], list[runner.Stage]]) -> dict[str, dict]:
     """Runs the stages a main asks for under --output_dir (required), with
     --overwrite and --only; returns their manifests. A bad flag (a ValueError
     naming it) ends the program with its message, before any work."""
     if not OUTPUT_DIR.value:
         raise app.UsageError("--output_dir is required")
     try:
-        return components.run_stages(OUTPUT_DIR.value, make_stages(), OVERWRITE.value,
+        return runner.run_stages(OUTPUT_DIR.value, make_stages(), OVERWRITE.value,
                                      ONLY.value)
     except (ValueError, SourceError) as e:
         logging.error("%s", e)

@@ -18,9 +18,11 @@ just the matching stages (e.g. --only='runs/winsorized_c4*' on one machine).
 
 from absl import flags
 
-from cg_tf import common_flags, report, sweep
+from cg_tf import common_flags
 from cg_tf import train as trainer_flags
 from cg_tf.common_flags import SEED
+from cg_tf.experiments import sweep
+from cg_tf.measure import report
 from pipelines import shared_flags
 
 _NOISE_RATES = flags.DEFINE_list("noise_rates", ["0.5"], "Noise rates of the grid.")

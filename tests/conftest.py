@@ -19,8 +19,8 @@ tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
 from cg_tf import build  # noqa: E402
-from cg_tf.noise import NoiseSpec  # noqa: E402
-from cg_tf.sources import make_source  # noqa: E402
+from cg_tf.data.noise import NoiseSpec  # noqa: E402
+from cg_tf.data.sources import make_source  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -65,7 +65,7 @@ def digits_dir(tmp_path_factory):
 
 def read_split(data_dir, split):
     """{example_id: record features as numpy} for every record of a split."""
-    from cg_tf import records
+    from cg_tf.data import records
     info = records.load_info(str(data_dir))
     ds = tf.data.TFRecordDataset(info.shard_paths(str(data_dir), split),
                                  compression_type=info.compression or "")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cg_tf import aggregators as agg
+from cg_tf.robust import order_stats as agg
 
 
 def np_winsorized(x, c):

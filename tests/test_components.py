@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from cg_tf import components, rundir
-from cg_tf.components import Stage, StageError
+from cg_tf.experiments import runner
+from cg_tf.experiments.runner import Stage, StageError
+from cg_tf.storage import rundir
 
 
 def toy(calls, name, params, inputs=(), resumable=False, fail=False):
@@ -30,39 +31,39 @@ def pipeline(calls, x=1, y=2, fail_b=False):
 
 def test_runs_in_order_then_skips_what_is_complete(tmp_path):
     calls = []
-    out = components.run_stages(str(tmp_path), pipeline(calls))
+    out = runner.run_stages(str(tmp_path), pipeline(calls))
     assert calls == ["a", "b", "c"] and out["c"]["outputs"]["value"] == 4
     assert out["b"]["inputs"] == {"a": out["a"]["fingerprint"]}
-    again = components.run_stages(str(tmp_path), pipeline(calls))
+    again = runner.run_stages(str(tmp_path), pipeline(calls))
     assert calls == ["a", "b", "c"]  # nothing ran twice
     assert again == out
 
 
 def test_other_parameters_are_refused_before_anything_runs(tmp_path):
     calls = []
-    components.run_stages(str(tmp_path), pipeline(calls))
+    runner.run_stages(str(tmp_path), pipeline(calls))
     with pytest.raises(StageError, match=r"b was made with other parameters \(params.x: 2 -> 5\)"):
-        components.run_stages(str(tmp_path), pipeline(calls, y=5))
+        runner.run_stages(str(tmp_path), pipeline(calls, y=5))
     assert calls == ["a", "b", "c"]
     # --overwrite rebuilds the changed stage and what reads it, not what it reads.
-    out = components.run_stages(str(tmp_path), pipeline(calls, y=5), overwrite=True)
+    out = runner.run_stages(str(tmp_path), pipeline(calls, y=5), overwrite=True)
     assert calls == ["a", "b", "c", "b", "c"] and out["c"]["outputs"]["value"] == 7
     assert (tmp_path / "b" / "out.txt").read_text() == '{"x": 5}'  # emptied first
 
 
 def test_an_upstream_change_reaches_downstream_fingerprints(tmp_path):
-    components.run_stages(str(tmp_path), pipeline([]))
+    runner.run_stages(str(tmp_path), pipeline([]))
     with pytest.raises(StageError, match="a was made with other parameters"):
-        components.run_stages(str(tmp_path), pipeline([], x=7))
+        runner.run_stages(str(tmp_path), pipeline([], x=7))
 
 
 def test_interrupted_stages_restart_cleanly(tmp_path):
     calls = []
     with pytest.raises(RuntimeError, match="b failed"):
-        components.run_stages(str(tmp_path), pipeline(calls, fail_b=True))
-    assert components.read_manifest(str(tmp_path / "b"))["status"] == "running"
-    assert components.read_manifest(str(tmp_path / "a"))["status"] == "complete"
-    components.run_stages(str(tmp_path), pipeline(calls))
+        runner.run_stages(str(tmp_path), pipeline(calls, fail_b=True))
+    assert runner.read_manifest(str(tmp_path / "b"))["status"] == "running"
+    assert runner.read_manifest(str(tmp_path / "a"))["status"] == "complete"
+    runner.run_stages(str(tmp_path), pipeline(calls))
     assert calls == ["a", "b", "b", "c"]
     # Not resumable: restarted from an empty directory.
     assert (tmp_path / "b" / "out.txt").read_text() == '{"x": 2}'
@@ -72,25 +73,25 @@ def test_a_resumable_stage_continues_in_place(tmp_path):
     calls = []
     stages = [toy(calls, "train", {"x": 1}, resumable=True, fail=True)]
     with pytest.raises(RuntimeError):
-        components.run_stages(str(tmp_path), stages)
-    components.run_stages(str(tmp_path), [toy(calls, "train", {"x": 1}, resumable=True)])
+        runner.run_stages(str(tmp_path), stages)
+    runner.run_stages(str(tmp_path), [toy(calls, "train", {"x": 1}, resumable=True)])
     assert (tmp_path / "train" / "out.txt").read_text() == '{"x": 1}{"x": 1}'
 
 
 def test_only_runs_matching_stages_whose_inputs_are_complete(tmp_path):
     calls = []
     with pytest.raises(StageError, match=r"stage 'b' needs \['a'\] complete first"):
-        components.run_stages(str(tmp_path), pipeline(calls), only="b")
-    components.run_stages(str(tmp_path), pipeline(calls), only="a")
-    components.run_stages(str(tmp_path), pipeline(calls), only="b")
+        runner.run_stages(str(tmp_path), pipeline(calls), only="b")
+    runner.run_stages(str(tmp_path), pipeline(calls), only="a")
+    runner.run_stages(str(tmp_path), pipeline(calls), only="b")
     assert calls == ["a", "b"]
 
 
 def test_bad_pipelines():
     with pytest.raises(StageError, match="two stages are named 'a'"):
-        components.plan("/nonexistent", [toy([], "a", {}), toy([], "a", {})])
+        runner.plan("/nonexistent", [toy([], "a", {}), toy([], "a", {})])
     with pytest.raises(StageError, match=r"reads \['z'\], which no earlier stage makes"):
-        components.plan("/nonexistent", [toy([], "a", {}, ["z"])])
+        runner.plan("/nonexistent", [toy([], "a", {}, ["z"])])
 
 
 def test_a_folder_without_a_manifest_is_refused_and_kept(tmp_path):
@@ -103,7 +104,7 @@ def test_a_folder_without_a_manifest_is_refused_and_kept(tmp_path):
         with pytest.raises(StageError, match=rf"^{tmp_path / 'b'} is not empty and has no "
                                              r"manifest.json, so no stage made it \(it holds "
                                              r"'notes.txt'\); move it away"):
-            components.run_stages(str(tmp_path), pipeline(calls), overwrite=overwrite)
+            runner.run_stages(str(tmp_path), pipeline(calls), overwrite=overwrite)
     assert calls == []  # refused before anything ran
     assert os.listdir(tmp_path / "b") == ["notes.txt"]
     assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
@@ -114,10 +115,10 @@ def test_a_stage_another_process_runs_is_refused_naming_it(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         calls = []
-        components.run_stages(str(tmp_path), pipeline(calls, fail_b=False)[:1])
+        runner.run_stages(str(tmp_path), pipeline(calls, fail_b=False)[:1])
         write_lock(tmp_path / "b", pid=proc.pid, purpose="stage b")
         with pytest.raises(rundir.Busy, match=rf"b is in use: stage b by pid {proc.pid} on "):
-            components.run_stages(str(tmp_path), pipeline(calls))
+            runner.run_stages(str(tmp_path), pipeline(calls))
         assert calls == ["a"]
     finally:
         proc.kill()

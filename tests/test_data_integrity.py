@@ -16,8 +16,9 @@ import pytest
 import tensorflow as tf
 from conftest import read_split, run_build, run_main, write_idx
 
-from cg_tf import build, records, rundir
-from cg_tf.input import InputConfig, Reader
+from cg_tf.data import build, records
+from cg_tf.data.reader import InputConfig, Reader
+from cg_tf.storage import rundir
 
 SHARD = records.shard_name("train", 1, 3)
 
@@ -249,7 +250,7 @@ def test_truncated_gzip_idx_gives_rejected_records(tmp_path):
 
 
 def test_truncated_gzip_idx_header_is_a_source_error(tmp_path):
-    from cg_tf.sources import SourceError, make_source
+    from cg_tf.data.sources import SourceError, make_source
     src, _ = truncated_gz_idx(tmp_path, keep_fraction=0.0)
     (src / "train-images-idx3-ubyte.gz").write_bytes(
         gzip.compress(b"\x00\x00\x08\x03\x00\x00\x00\x28")[:15])

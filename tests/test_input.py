@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 from conftest import read_split, two_replicas
 
-from cg_tf import records
-from cg_tf.input import InputConfig, Reader, distribute
+from cg_tf.data import records
+from cg_tf.data.reader import InputConfig, Reader, distribute
 
 B = 32
 

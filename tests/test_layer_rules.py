@@ -9,10 +9,11 @@ import pytest
 import tensorflow as tf
 from conftest import two_replicas
 
-from cg_tf import models, tiled
-from cg_tf.gradients import GradientSource
-from cg_tf.layer_rules import Outer, Stacked
-from cg_tf.robust_model import AGGREGATORS, AggregatorConfig, Collectives, RobustModel
+from cg_tf.robust import tiled
+from cg_tf.robust.gradients import GradientSource
+from cg_tf.robust.layer_rules import Outer, Stacked
+from cg_tf.training import models
+from cg_tf.training.robust_model import AGGREGATORS, AggregatorConfig, Collectives, RobustModel
 
 C = 3
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cg_tf import metrics
+from cg_tf.measure import metrics
 
 
 def test_eval_schedule_is_log_spaced_then_every_epoch():

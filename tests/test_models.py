@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cg_tf import models
-from cg_tf.robust_model import AggregatorConfig, RobustModel
+from cg_tf.training import models
+from cg_tf.training.robust_model import AggregatorConfig, RobustModel
 
 
 @pytest.mark.parametrize("name,shape", [

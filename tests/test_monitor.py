@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from cg_tf import metrics, report, tags
-from cg_tf.monitor import LEARNED_IDS, LEARNING_EVENTS, NOT_LEARNED_IDS, MonitorConfig
-from cg_tf.robust_model import AggregatorConfig
-from cg_tf.trainer import TrainConfig, Trainer
+from cg_tf.measure import metrics, report, tags
+from cg_tf.measure.monitor import LEARNED_IDS, LEARNING_EVENTS, NOT_LEARNED_IDS, MonitorConfig
+from cg_tf.training.robust_model import AggregatorConfig
+from cg_tf.training.trainer import TrainConfig, Trainer
 
 
 def train(data_dir, model_dir, **monitor):

@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from cg_tf import hashing, noise
+from cg_tf.data import hashing, noise
 
 IDS = [f"ex-{i}" for i in range(20_000)]
 C = 10

@@ -9,9 +9,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from conftest import REPO
 
-from cg_tf.beam.noisy_labels import BuildNoisyDataset
-from cg_tf.noise import NoiseSpec
-from cg_tf.sources import make_source
+from cg_tf.data.beam.noisy_labels import BuildNoisyDataset
+from cg_tf.data.noise import NoiseSpec
+from cg_tf.data.sources import make_source
 
 
 def test_sdist_holds_every_package(tmp_path):
@@ -22,9 +22,10 @@ def test_sdist_holds_every_package(tmp_path):
     (sdist,) = tmp_path.glob("cg_tf-*.tar.gz")
     tar = tarfile.open(sdist)
     names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for module in ("cg_tf/__init__.py", "cg_tf/records.py", "cg_tf/noise.py", "cg_tf/hashing.py",
-                   "cg_tf/images.py", "cg_tf/build.py", "cg_tf/beam/noisy_labels.py",
-                   "cg_tf/sources/idx.py", "cg_tf/sources/imagefolder.py", "setup.py"):
+    for module in ("cg_tf/__init__.py", "cg_tf/data/records.py", "cg_tf/data/noise.py",
+                   "cg_tf/data/hashing.py", "cg_tf/data/images.py", "cg_tf/data/build.py",
+                   "cg_tf/data/beam/noisy_labels.py", "cg_tf/data/sources/idx.py",
+                   "cg_tf/data/sources/imagefolder.py", "cg_tf/storage/files.py", "setup.py"):
         assert module in names, module
     # Workers install only cg_tf: nothing under a generic name such as tools or pipelines.
     (top_level,) = [n for n in tar.getnames() if n.endswith("egg-info/top_level.txt")]

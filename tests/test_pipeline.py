@@ -9,9 +9,9 @@ import pytest
 from absl import flags
 from conftest import decode_png, read_split, run_build, run_main, write_idx
 
-from cg_tf import build, noise, records
-from cg_tf.input import InputConfig, Reader
-from cg_tf.sources import digits
+from cg_tf.data import build, noise, records
+from cg_tf.data.reader import InputConfig, Reader
+from cg_tf.data.sources import digits
 
 
 def shard_bytes(data_dir):
@@ -185,7 +185,7 @@ def test_command_line_prints_summary(tmp_path):
 
 
 def test_train_examples_keeps_the_lowest_hashing_ids(tmp_path):
-    from cg_tf import hashing
+    from cg_tf.data import hashing
     info = run_build(tmp_path / "sub", train_examples=300, seed=3)
     train = read_split(tmp_path / "sub", "train")
     assert info.splits["train"].num_examples == len(train) == 300

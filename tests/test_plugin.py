@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing import data_provider, plugin_event_mul
 from tensorboard.plugins import base_plugin
 from werkzeug import test as werkzeug_test
 
-from cg_tf import tags
-from cg_tf.monitor import write_run_config
+from cg_tf.measure import tags
+from cg_tf.measure.monitor import write_run_config
 from cg_tf.tensorboard_plugin.plugin import MemorizationPlugin
 
 BASE = "/data/plugin/memorization"

@@ -4,10 +4,10 @@ regression: dL/dW = x (p - onehot(y))^T, dL/db = p - onehot(y))."""
 import numpy as np
 import pytest
 
-from cg_tf import tags
-from cg_tf.models import fc
-from cg_tf.probes import Probe, probe_cut
-from cg_tf.robust_model import AggregatorConfig
+from cg_tf.measure import tags
+from cg_tf.measure.probe import Probe, probe_cut
+from cg_tf.training.models import fc
+from cg_tf.training.robust_model import AggregatorConfig
 
 M, D, C = 10, 6, 4
 

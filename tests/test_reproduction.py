@@ -14,7 +14,8 @@ import time
 import pytest
 from conftest import REPO, parsed_flags, read_split, run_main
 
-from cg_tf import components, records
+from cg_tf.data import records
+from cg_tf.experiments import runner
 
 TINY = ["--source=digits", "--fc_widths=32", "--batch_size=25", "--learning_rate=0.5",
         "--eval_sample_size=100", "--probe_size=10", "--checkpoint_every=10", "--num_shards=2"]
@@ -24,7 +25,7 @@ RUNS = [f"{s}_noise0.5_seed{seed}" for s in ("mean", "winsorized_c2") for seed i
 
 
 def manifest(root, stage):
-    return components.read_manifest(os.path.join(root, stage))
+    return runner.read_manifest(os.path.join(root, stage))
 
 
 def stage_lines(stdout):
@@ -91,8 +92,9 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
 
 
 def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
-    from cg_tf import report, sweep, tags
-    from cg_tf.robust_model import AggregatorConfig
+    from cg_tf.experiments import sweep
+    from cg_tf.measure import report, tags
+    from cg_tf.training.robust_model import AggregatorConfig
     points = sweep.grid([AggregatorConfig("mean")], [0.5], [0, 1, 2])
     manifests = {f"runs/{p.name}": {"outputs": {"test_accuracy": 0.5, "steps": 30}}
                  for p in points[:2]}  # the third run has not finished

@@ -18,8 +18,9 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, parsed_flags, run_main
 
-from cg_tf import rundir, train
-from cg_tf.trainer import Trainer
+from cg_tf import train
+from cg_tf.storage import rundir
+from cg_tf.training.trainer import Trainer
 
 
 def snapshot(directory):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import FASHION_MNIST, decode_png, jpeg, read_split, run_build, run_main, write_idx
 
-from cg_tf import records
-from cg_tf.input import InputConfig, Reader
-from cg_tf.sources import SourceError, make_source
+from cg_tf.data import records
+from cg_tf.data.reader import InputConfig, Reader
+from cg_tf.data.sources import SourceError, make_source
 
 
 @pytest.mark.parametrize("gz", [False, True])

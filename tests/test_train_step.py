@@ -8,10 +8,10 @@ import pytest
 import tensorflow as tf
 from conftest import two_replicas
 
-from cg_tf import aggregators as agg
-from cg_tf import models
-from cg_tf.gradients import GradientSource
-from cg_tf.robust_model import AGGREGATORS, AggregatorConfig, Collectives, RobustModel
+from cg_tf.robust import order_stats as agg
+from cg_tf.robust.gradients import GradientSource
+from cg_tf.training import models
+from cg_tf.training.robust_model import AGGREGATORS, AggregatorConfig, Collectives, RobustModel
 
 B, C, SHAPE = 12, 3, (4, 4, 1)
 
@@ -102,7 +102,7 @@ def test_batch_stats_mode_normalizes_with_the_batch_statistics():
     conv = net.get_layer("conv")(data["image"])
     mean = tf.reduce_mean(conv, [0, 1, 2]).numpy()
     np.testing.assert_allclose(bn.moving_mean.numpy(), 0.99 * before + 0.01 * mean, atol=1e-6)
-    from cg_tf.gradients import example_losses
+    from cg_tf.robust.gradients import example_losses
     bn.moving_mean.assign(before)  # The batched forward uses batch statistics anyway.
     batched = example_losses(data["label"], net(data["image"], training=True))
     np.testing.assert_allclose(losses, batched, rtol=1e-4, atol=1e-5)

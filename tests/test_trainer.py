@@ -15,9 +15,11 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, jpeg, parsed_flags, run_build, run_main, write_idx
 
-from cg_tf import records, stages, train
-from cg_tf.robust_model import AggregatorConfig
-from cg_tf.trainer import NonFiniteLoss, TrainConfig, Trainer
+from cg_tf import train
+from cg_tf.data import records
+from cg_tf.experiments import stages
+from cg_tf.training.robust_model import AggregatorConfig
+from cg_tf.training.trainer import NonFiniteLoss, TrainConfig, Trainer
 
 
 def config(data_dir, model_dir, **kw):

@@ -97,8 +97,8 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool) -> list
     import keras
     import tensorflow as tf
 
-    from cg_tf import models
-    from cg_tf.robust_model import AggregatorConfig, RobustModel
+    from cg_tf.training import models
+    from cg_tf.training.robust_model import AggregatorConfig, RobustModel
 
     model_name, widths, shape, batch, chunk, default_steps = SETUPS[name]
     steps = steps or default_steps

@@ -12,9 +12,10 @@ import time
 import tensorflow as tf
 from absl import flags
 
-from cg_tf import build, common_flags, noise, records
-from cg_tf.beam import noisy_labels
-from cg_tf.sources import Source, make_source
+from cg_tf import common_flags
+from cg_tf.data import build, noise, records
+from cg_tf.data.beam import noisy_labels
+from cg_tf.data.sources import Source, make_source
 
 _SOURCE = flags.DEFINE_string("source", "idx:/usr/share/datasets/fashion-mnist", "--source spec.")
 _RATE = flags.DEFINE_float("noise_rate", 0.5, "Noise rate.")

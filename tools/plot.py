@@ -12,7 +12,8 @@ import sys
 
 from absl import app, flags, logging
 
-from cg_tf import common_flags, report
+from cg_tf import common_flags
+from cg_tf.measure import report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("logdir", None, "Directory holding the runs (e.g. runs/).")

@@ -1,7 +1,7 @@
 """TensorBoard's Memorization tab: the papers' curves for several runs side by side.
 
 Reads only through TensorBoard's data provider: the scalars and histograms a
-run writes (names in cg_tf.tags) and its configuration (a tensor summary under
+run writes (names in cg_tf.measure.tags) and its configuration (a tensor summary under
 this plugin's name, whose presence makes the tab active). Every query parameter
 is checked against the data (400 with a message otherwise); static files are
 served from this package's `static/` only.
@@ -18,7 +18,7 @@ from tensorboard.data import provider
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from cg_tf import report, tags
+from cg_tf.measure import report, tags
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 # One file name: letters, digits, '_', '-', '.'; no separator, null byte or control character.

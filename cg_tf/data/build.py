@@ -1,0 +1,227 @@
+"""Builds a noisy-label dataset directory: checks, the Beam run, dataset_info.json.
+
+Everything that can be wrong with the request (the source, the noise flags, the
+output directory) is checked before the pipeline starts. dataset_info.json is
+written last, only after the run succeeded and the rejects are within bounds,
+so an interrupted or failed run never looks complete to a reader.
+
+Before the run, build_manifest.json lists every name the build may create in
+the directory (its shards, info and rejects files, its work folder and itself);
+--overwrite deletes exactly those, and refuses a directory holding anything
+else.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from cg_tf.data import records
+from cg_tf.data.beam import noisy_labels
+from cg_tf.data.noise import NoiseSpec
+from cg_tf.data.sources import Source
+from cg_tf.storage import rundir
+
+MANIFEST_FILE = "build_manifest.json"
+
+
+class BuildError(ValueError):
+    """A build request that cannot be carried out; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    output_dir: str
+    noise: NoiseSpec = NoiseSpec()
+    num_shards: int = 4
+    max_reject_fraction: float = 0.0
+    compression: str | None = None
+    overwrite: bool = False
+    train_examples: int | None = None  # keep this many training examples (stable choice)
+
+    def __post_init__(self):
+        if self.num_shards < 1:
+            raise BuildError(f"--num_shards must be at least 1, got {self.num_shards}")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise BuildError(f"--max_reject_fraction must be in [0, 1], got "
+                             f"{self.max_reject_fraction}")
+        if self.compression not in (None, "GZIP"):
+            raise BuildError(f"compression must be None or 'GZIP', got {self.compression!r}")
+        if self.train_examples is not None and self.train_examples < 1:
+            raise BuildError(f"--train_examples must be positive, got {self.train_examples}")
+
+
+def build_files(splits: tuple[str, ...], num_shards: int, compression: str | None) -> list[str]:
+    """Every name a build creates in its output directory (the manifest lists them)."""
+    shards = [records.shard_name(s, i, num_shards, compression)
+              for s in splits for i in range(num_shards)]
+    return [*shards, records.INFO_FILE, records.INFO_FILE + ".tmp", noisy_labels.REJECTED_FILE,
+            noisy_labels.WORK_DIR, MANIFEST_FILE]
+
+
+def write_manifest(path: str, names: list[str]) -> None:
+    with tf.io.gfile.GFile(os.path.join(path, MANIFEST_FILE), "w") as f:
+        json.dump({"files": names}, f, indent=1)
+
+
+def built_names(path: str) -> set[str]:
+    """The names in `path` a build made: those its manifest lists or, in a
+    dataset built before manifests, its info file, shards and rejects file."""
+    manifest = os.path.join(path, MANIFEST_FILE)
+    info = os.path.join(path, records.INFO_FILE)
+    try:
+        if tf.io.gfile.exists(manifest):
+            with tf.io.gfile.GFile(manifest) as f:
+                return set(json.load(f)["files"])
+        if tf.io.gfile.exists(info):
+            with tf.io.gfile.GFile(info) as f:
+                old = records.DatasetInfo.from_json(json.load(f))
+            return {records.INFO_FILE, noisy_labels.REJECTED_FILE} | {
+                os.path.basename(p) for s in old.splits for p in old.shard_paths(path, s)}
+    except (ValueError, KeyError, TypeError) as e:
+        raise BuildError(f"--output_dir={path}: cannot tell which files an earlier build "
+                         f"made ({e!r}); refusing to --overwrite it") from e
+    return set()
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> None:
+    """Makes `path` an empty directory, refusing to clobber anything by accident:
+    --overwrite deletes only what an earlier build made (`built_names`)."""
+    if not tf.io.gfile.exists(path):
+        tf.io.gfile.makedirs(path)
+        return
+    if not tf.io.gfile.isdir(path):
+        raise BuildError(f"--output_dir={path} is a file, not a directory")
+    entries = rundir.entries(path)
+    if not entries:
+        return
+    if not overwrite:
+        what = ("a dataset" if records.INFO_FILE in entries
+                else "files of an interrupted or failed earlier run")
+        raise BuildError(f"--output_dir={path} already holds {what}; pass --overwrite to "
+                         "replace it")
+    foreign = sorted(set(entries) - built_names(path))
+    if foreign:
+        raise BuildError(f"--output_dir={path} holds files that are not part of a dataset "
+                         f"(e.g. {foreign[0]!r}); refusing to --overwrite it")
+    # The info file goes first, so the directory never looks complete mid-delete,
+    # and the manifest last, so an interrupted delete still knows what is ours.
+    entries.sort(key=lambda e: (e != records.INFO_FILE, e == MANIFEST_FILE))
+    for e in entries:
+        p = os.path.join(path, e)
+        (tf.io.gfile.rmtree if tf.io.gfile.isdir(p) else tf.io.gfile.remove)(p)
+
+
+def beam_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam options from pass-through flags; local FnApiRunner unless --runner is given.
+
+    (Beam's default DirectRunner first tries to download the Prism runner binary.)
+    """
+    args = list(beam_args)
+    if not any(a.startswith("--runner") for a in args):
+        args.append("--runner=FnApiRunner")
+    opts = PipelineOptions(args)
+    direct = opts.get_all_options()
+    if (direct.get("direct_num_workers") or 1) > 1 and not any(
+            a.startswith("--direct_running_mode") for a in args):
+        args.append("--direct_running_mode=multi_processing")
+        opts = PipelineOptions(args)
+    return opts
+
+
+def build_dataset(source: Source, config: BuildConfig,
+                  options: PipelineOptions | None = None) -> records.DatasetInfo:
+    """Runs the noisy-label pipeline and writes dataset_info.json, holding the
+    output directory's lock; returns it."""
+    with rundir.lock(config.output_dir, "dataset build"):
+        return _build(source, config, options)
+
+
+def _build(source: Source, config: BuildConfig,
+           options: PipelineOptions | None) -> records.DatasetInfo:
+    out = config.output_dir
+    prepare_output_dir(out, config.overwrite)
+    write_manifest(out, build_files(source.splits, config.num_shards, config.compression))
+    work = os.path.join(out, noisy_labels.WORK_DIR)
+    tf.io.gfile.makedirs(work)
+    options = options or beam_options([])
+    logging.info("building %s from %s (noise %s, rate %.3g, seed %d) with %s", out, source.spec,
+                 config.noise.mode, config.noise.rate, config.noise.seed,
+                 options.get_all_options().get("runner"))
+    start = time.monotonic()
+    pipeline = beam.Pipeline(options=options)
+    _ = pipeline | noisy_labels.BuildNoisyDataset(
+        source, out, config.noise, config.num_shards, config.compression,
+        config.train_examples)
+    result = pipeline.run()
+    result.wait_until_finish()
+    with tf.io.gfile.GFile(os.path.join(work, noisy_labels.STATS_FILE)) as f:
+        stats = json.load(f)
+    tf.io.gfile.rename(os.path.join(work, noisy_labels.REJECTED_FILE),
+                       os.path.join(out, noisy_labels.REJECTED_FILE), overwrite=True)
+    tf.io.gfile.rmtree(work)
+    info = make_info(source, config, stats)
+    check_rejects(info, config.max_reject_fraction, out)
+    records.write_info(out, info)
+    logging.info("built %s in %.1f s", out, time.monotonic() - start)
+    return info
+
+
+def make_info(source: Source, config: BuildConfig, stats: dict) -> records.DatasetInfo:
+    def shards(split):
+        names = (records.shard_name(split, i, config.num_shards, config.compression)
+                 for i in range(config.num_shards))
+        return {n: records.ShardInfo(**stats["shards"][n]) for n in names}
+
+    return records.DatasetInfo(
+        num_classes=source.num_classes,
+        image_shape=tuple(source.image_shape),
+        splits={s: records.SplitInfo(num_shards=config.num_shards, shards=shards(s), **c)
+                for s, c in stats["splits"].items()},
+        noise=dataclasses.asdict(config.noise),
+        noise_matrix=stats["noise_matrix"],
+        rejected=stats["rejected"],
+        source=source.spec,
+        source_fingerprint=source.fingerprint(),
+        class_names=tuple(source.class_names),
+        compression=config.compression,
+        eval_split=source.eval_split,
+    )
+
+
+def check_rejects(info: records.DatasetInfo, max_fraction: float, out: str) -> None:
+    rejected = info.rejected["count"]
+    total = rejected + sum(s.num_examples for s in info.splits.values())
+    if rejected and rejected > max_fraction * total:
+        reasons = ", ".join(f"{k}: {n}" for k, n in sorted(info.rejected["by_reason"].items()))
+        raise BuildError(
+            f"{rejected} of {total} records were rejected ({reasons}), more than "
+            f"--max_reject_fraction={max_fraction}; see "
+            f"{os.path.join(out, noisy_labels.REJECTED_FILE)}. The directory is left "
+            "incomplete (no dataset_info.json).")
+
+
+def format_summary(info: records.DatasetInfo) -> str:
+    """Counts per split, realized noise rate and the noise matrix, as text."""
+    lines = [f"source {info.source}: {info.num_classes} classes, images {list(info.image_shape)}"]
+    for name, s in info.splits.items():
+        lines.append(f"  {name:<11} {s.num_examples:>8,} examples  {s.num_corrupt:>7,} corrupt"
+                     f"  in {s.num_shards} shards")
+    train = info.splits.get(records.TRAIN_SPLIT)
+    if train and train.num_examples:
+        lines.append(f"noise {info.noise['mode']} at rate {info.noise['rate']:g}: realized "
+                     f"{train.num_corrupt / train.num_examples:.4f} of train labels changed")
+    lines.append(f"rejected records: {info.rejected['count']} {info.rejected['by_reason'] or ''}")
+    m = np.asarray(info.noise_matrix)
+    width = max(5, len(str(m.max())) + 1)
+    lines.append("noise matrix (rows: true label, columns: training label):")
+    lines.append("      " + "".join(f"{j:>{width}}" for j in range(len(m))))
+    for i, row in enumerate(m):
+        lines.append(f"{i:>5} " + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""Label-noise assignment: pure functions of (seed, example_id, label).
+
+Modes:
+  uniform        with probability `rate` the label is redrawn uniformly over all
+                 classes (it may come out unchanged; then it is not corrupt);
+  uniform_other  with probability `rate` the label is replaced by a uniformly
+                 chosen *different* class;
+  permute        the labels of the selected examples (probability `rate`) are
+                 shuffled among themselves, preserving the class marginal.
+"""
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from cg_tf.data import hashing
+
+NOISE_MODES = ("uniform", "uniform_other", "permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSpec:
+    """How to corrupt the labels of the training split."""
+
+    mode: str = "uniform"
+    rate: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in NOISE_MODES:
+            raise ValueError(
+                f"noise_mode must be one of {', '.join(NOISE_MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"noise_rate must be in [0, 1], got {self.rate}")
+
+
+def is_selected(spec: NoiseSpec, example_id: str) -> bool:
+    """Whether the example is chosen for relabelling (probability spec.rate)."""
+    return spec.rate > 0 and hashing.stable_uniform(spec.seed, example_id, "select") < spec.rate
+
+
+def pointwise_label(spec: NoiseSpec, example_id: str, label: int, num_classes: int) -> int:
+    """The training label under the `uniform` or `uniform_other` modes."""
+    if spec.mode == "permute":
+        raise ValueError("permute noise needs all selected labels: use permuted_labels")
+    if not is_selected(spec, example_id):
+        return label
+    if spec.mode == "uniform":
+        return hashing.stable_randint(spec.seed, example_id, "label", num_classes)
+    offset = 1 + hashing.stable_randint(spec.seed, example_id, "label", num_classes - 1)
+    return (label + offset) % num_classes
+
+
+def permuted_labels(spec: NoiseSpec, selected: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """New labels for the selected (example_id, label) pairs: a random permutation.
+
+    The labels listed in one hash order are handed out in another hash order, so
+    the result is a uniformly random permutation that depends only on the seed
+    and the set of selected ids, not on the order they arrive in.
+    """
+    items = sorted(selected, key=lambda kv: (hashing.stable_hash64(spec.seed, kv[0], "perm_a"), kv[0]))
+    labels = [label for _, label in items]
+    receivers = sorted((eid for eid, _ in items),
+                       key=lambda eid: (hashing.stable_hash64(spec.seed, eid, "perm_b"), eid))
+    return dict(zip(receivers, labels))
+
+
+def noise_matrix(pairs: Iterable[tuple[int, int]], num_classes: int) -> np.ndarray:
+    """Counts[true_label, training_label] over (true, training) label pairs."""
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for true, noisy in pairs:
+        m[true, noisy] += 1
+    return m
+
+
+def expected_corrupt_fraction(spec: NoiseSpec, num_classes: int,
+                              class_counts: Mapping[int, int] | None = None) -> float:
+    """The expected fraction of training examples whose label changes."""
+    if spec.mode == "uniform":
+        return spec.rate * (num_classes - 1) / num_classes
+    if spec.mode == "uniform_other":
+        return spec.rate
+    if class_counts is None:
+        raise ValueError("permute needs the class counts")
+    p = np.array(list(class_counts.values()), dtype=np.float64)
+    p /= p.sum()
+    return spec.rate * (1.0 - float(np.sum(p * p)))

@@ -1,0 +1,176 @@
+"""Pipeline components that cache and resume, in the manner of TFX.
+
+A `Stage` declares its kind, its parameters (JSON) and the stages it reads,
+and owns one artifact directory `<root>/<name>` with a `manifest.json`:
+
+  {"kind", "params", "inputs": {stage: fingerprint}, "fingerprint",
+   "status": "running" | "complete", "outputs", "seconds"}
+
+The fingerprint hashes the kind, the parameters and the inputs' fingerprints,
+so it is known for every stage before anything runs. `run_stages` first checks
+every stage's directory against it (a directory made with other parameters is
+refused, naming what differs, unless `overwrite`), then runs the stages in
+order: a complete stage with a matching manifest is skipped; an interrupted one
+("running") is restarted, in place if it is `resumable` (training continues
+from its checkpoints) and from an emptied directory otherwise. The manifest is
+written atomically, and "complete" only after the stage's work is done.
+
+A stage runs holding its directory's lock (cg_tf.storage.rundir), so two processes
+never run one stage; a directory another process holds is refused, naming it.
+Only what a stage made is ever deleted: a non-empty directory without a
+manifest is refused up front (with or without `overwrite`), contents kept, as
+pipelines.noisy_labels refuses a non-empty output directory.
+"""
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from cg_tf.storage import files, rundir
+
+MANIFEST = "manifest.json"
+
+
+class StageError(ValueError):
+    """A stage that cannot run as asked (the message says why and what to do)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str  # the artifact directory, relative to the pipeline's root
+    kind: str
+    params: dict
+    run: Callable[[str, dict[str, dict]], dict]  # (artifact dir, input manifests) -> outputs
+    inputs: tuple[str, ...] = ()
+    resumable: bool = False
+
+
+def fingerprint(kind: str, params: dict, inputs: dict[str, str]) -> str:
+    blob = json.dumps({"kind": kind, "params": params, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_manifest(directory: str) -> dict | None:
+    return files.read_json(os.path.join(directory, MANIFEST))
+
+
+def write_manifest(directory: str, manifest: dict) -> None:
+    files.write_json(os.path.join(directory, MANIFEST), manifest, sort_keys=True)
+
+
+def _clear(directory: str) -> None:
+    """Empties a stage's directory (its lock kept), the manifest last, so an
+    interrupted clear still shows a directory this pipeline made."""
+    for e in sorted(rundir.entries(directory), key=lambda e: e == MANIFEST):
+        path = os.path.join(directory, e)
+        (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+
+
+def _check_directory(directory: str, found: dict | None, want: dict, overwrite: bool) -> None:
+    """Refuses a stage directory that no stage made, or one made with other
+    parameters (unless `overwrite`)."""
+    if found is None:
+        foreign = rundir.entries(directory)
+        if foreign:
+            raise StageError(
+                f"{directory} is not empty and has no {MANIFEST}, so no stage made it (it "
+                f"holds {', '.join(map(repr, foreign[:3]))}{', ...' if len(foreign) > 3 else ''}"
+                f"); move it away or use another --output_dir (nothing in it was changed)")
+    elif found.get("fingerprint") != want["fingerprint"] and not overwrite:
+        keys = ("kind", "params", "inputs")
+        diff = rundir.differences({k: found.get(k) for k in keys}, {k: want[k] for k in keys})
+        raise StageError(
+            f"{directory} was made with other parameters ({'; '.join(diff[:5]) or 'unknown'}); "
+            f"use another --output_dir, or --overwrite to rebuild it and everything after it")
+
+
+def plan(root: str, stages: list[Stage], overwrite: bool = False) -> dict[str, dict]:
+    """Each stage's expected manifest header; checks names, inputs and existing
+    artifact directories before anything runs."""
+    expected = {}
+    for stage in stages:
+        if stage.name in expected:
+            raise StageError(f"two stages are named {stage.name!r}")
+        missing = [i for i in stage.inputs if i not in expected]
+        if missing:
+            raise StageError(f"stage {stage.name!r} reads {missing}, which no earlier stage makes")
+        inputs = {i: expected[i]["fingerprint"] for i in stage.inputs}
+        expected[stage.name] = {"kind": stage.kind, "params": stage.params, "inputs": inputs,
+                                "fingerprint": fingerprint(stage.kind, stage.params, inputs)}
+        directory = os.path.join(root, stage.name)
+        _check_directory(directory, read_manifest(directory), expected[stage.name], overwrite)
+    return expected
+
+
+def progress(message: str) -> None:
+    """Stage progress, to the log and the terminal."""
+    logging.info("%s", message)
+    print(message, flush=True)
+
+
+def _is_complete(found: dict | None, want: dict) -> bool:
+    return bool(found) and found["fingerprint"] == want["fingerprint"] \
+        and found["status"] == "complete"
+
+
+def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: str | None = None,
+               log: Callable[[str], None] = progress) -> dict[str, dict]:
+    """Runs what is not done yet; returns every stage's manifest.
+
+    `only` (a glob on stage names) runs just the matching stages, whose inputs
+    must be complete: e.g. one training run of a grid per machine.
+    """
+    expected = plan(root, stages, overwrite)
+    manifests = {}
+    for n, stage in enumerate(stages, 1):
+        directory = os.path.join(root, stage.name)
+        found = read_manifest(directory)
+        if _is_complete(found, expected[stage.name]):
+            log(f"[{n}/{len(stages)}] {stage.name}: complete, skipped")
+            manifests[stage.name] = found
+            continue
+        if only and not fnmatch.fnmatch(stage.name, only):
+            manifests[stage.name] = found
+            continue
+        not_ready = [i for i in stage.inputs
+                     if (manifests.get(i) or {}).get("status") != "complete"]
+        if not_ready:
+            raise StageError(f"stage {stage.name!r} needs {not_ready} complete first")
+        with rundir.lock(directory, f"stage {stage.name}") as held:
+            manifests[stage.name] = _run_stage(
+                stage, directory, expected[stage.name], {i: manifests[i] for i in stage.inputs},
+                overwrite, held, lambda what: log(f"[{n}/{len(stages)}] {stage.name}: {what}"))
+    return manifests
+
+
+def _run_stage(stage: Stage, directory: str, want: dict, inputs: dict[str, dict],
+               overwrite: bool, held: rundir.RunDirLock, say: Callable[[str], None]) -> dict:
+    """Runs one stage whose directory this process holds; returns its manifest."""
+    found = read_manifest(directory)  # again: another process may have run it meanwhile
+    if _is_complete(found, want):
+        say("complete, skipped")
+        return found
+    _check_directory(directory, found, want, overwrite)
+    if found is None or found["fingerprint"] != want["fingerprint"] or not stage.resumable:
+        _clear(directory)
+        how = "starting" if found is None else "restarting" if found["fingerprint"] == \
+            want["fingerprint"] else "rebuilding (--overwrite)"
+    else:
+        how = "resuming"
+    say(how)
+    manifest = {**want, "status": "running", "outputs": {}}
+    write_manifest(directory, manifest)
+    start = time.monotonic()
+    outputs = stage.run(directory, inputs)
+    held.check()
+    manifest.update(status="complete", outputs=outputs, seconds=round(time.monotonic() - start, 1))
+    write_manifest(directory, manifest)
+    say(f"complete in {manifest['seconds']:.0f} s")
+    return manifest

@@ -1,0 +1,180 @@
+"""The noise sweep (Coherent Gradients, Figure 2 and its tables): one noisy
+dataset per noise rate, one training run per (aggregator setting, noise rate,
+seed), and a report: summary.csv, summary.md and figure.png.
+
+Layout under the output directory:
+  data/noise_<rate>/   dataset stages (the dataset in data/)
+  runs/<setting>_noise<rate>_seed<seed>/   training stages = model dirs (one logdir)
+  summary.csv, summary.md, figure.png
+"""
+
+import csv
+import dataclasses
+import itertools
+import os
+
+import numpy as np
+
+from cg_tf.data import build
+from cg_tf.data.sources import Source
+from cg_tf.experiments.runner import Stage
+from cg_tf.experiments.stages import dataset_stage, train_stage
+from cg_tf.measure import report, tags
+from cg_tf.training.robust_model import AggregatorConfig
+from cg_tf.training.trainer import TrainConfig
+
+PARAMETER = {"winsorized": "c", "trimmed": "c", "median_of_means": "groups"}
+RESULTS = ("pristine_accuracy", "corrupt_accuracy", "corrupt_true_label_accuracy",
+           "test_accuracy", "adjusted_overfit")
+# Averaged over seeds with the final RESULTS: the best test accuracy a run's
+# evaluations saw (memorization arrives after generalization, so it can be
+# well above the final one).
+PEAK = "peak_test_accuracy"
+
+
+def parse_setting(spec: str, base: AggregatorConfig) -> AggregatorConfig:
+    """`name` or `name:value` (winsorized:4 = c 4, median_of_means:3 = 3 groups)."""
+    name, _, value = spec.partition(":")
+    # Only the setting's own parameter varies; the others keep their defaults.
+    config = AggregatorConfig(name, chunk=base.chunk, bn_mode=base.bn_mode,
+                              weight_decay=base.weight_decay)
+    if value:
+        if name not in PARAMETER:
+            raise ValueError(f"--aggregators: {name} takes no parameter, got {spec!r}")
+        try:
+            config = dataclasses.replace(config, **{PARAMETER[name]: int(value)})
+        except ValueError:
+            raise ValueError(f"--aggregators: {spec!r} needs an integer after ':'") from None
+    elif name in PARAMETER:
+        raise ValueError(f"--aggregators: {name} needs its parameter, e.g. {name}:4")
+    return config
+
+
+def setting_name(config: AggregatorConfig) -> str:
+    key = PARAMETER.get(config.name)
+    if key is None:
+        return config.name
+    return f"{config.name}_{'c' if key == 'c' else 'k'}{getattr(config, key)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One run of the grid."""
+    aggregator: AggregatorConfig
+    noise_rate: float
+    seed: int
+
+    @property
+    def setting(self) -> str:
+        return f"{setting_name(self.aggregator)}_noise{self.noise_rate:g}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}_seed{self.seed}"
+
+
+def grid(settings: list[AggregatorConfig], noise_rates: list[float], seeds: list[int]
+         ) -> list[Point]:
+    return [Point(a, r, s) for r, a, s in itertools.product(noise_rates, settings, seeds)]
+
+
+def data_stage_name(rate: float) -> str:
+    return f"data/noise_{rate:g}"
+
+
+def stages(source: Source, build_config: build.BuildConfig, beam_args: list[str],
+           train: TrainConfig, points: list[Point]) -> list[Stage]:
+    """Dataset stages for every noise rate, then a training stage per point;
+    each point checked (with the batch size) before anything runs."""
+    out = []
+    for rate in sorted({p.noise_rate for p in points}):
+        config = dataclasses.replace(build_config,
+                                     noise=dataclasses.replace(build_config.noise, rate=rate))
+        out.append(dataset_stage(data_stage_name(rate), source, config, beam_args))
+    for p in points:
+        p.aggregator.check(train.batch_size, 1, train.momentum)
+        out.append(train_stage(f"runs/{p.name}", data_stage_name(p.noise_rate),
+                               dataclasses.replace(train, aggregator=p.aggregator, seed=p.seed)))
+    return out
+
+
+def peak(series: list[tuple[int, float]] | None) -> tuple[int | None, float | None]:
+    """(step, value) of the highest value of a scalar series (the earliest
+    step if it repeats); (None, None) for a missing or empty series."""
+    if not series:
+        return None, None
+    step, value = max(series, key=lambda sv: (sv[1], -sv[0]))
+    return step, value
+
+
+def rows(points: list[Point], manifests: dict[str, dict],
+         runs: dict[str, report.Run] | None = None) -> list[dict]:
+    """One row per finished run: its setting, final results, and the step and
+    value of its peak test accuracy (from the run's evaluations in `runs`, by
+    name: the same test sample as the final value)."""
+    runs = runs or {}
+    out = []
+    for p in points:
+        outputs = (manifests.get(f"runs/{p.name}") or {}).get("outputs") or {}
+        if not outputs:
+            continue
+        key = PARAMETER.get(p.aggregator.name)
+        out.append({"run": p.name, "setting": p.setting, "aggregator": p.aggregator.name,
+                    "parameter": getattr(p.aggregator, key) if key else None,
+                    "noise_rate": p.noise_rate, "seed": p.seed,
+                    **{k: outputs.get(k) for k in RESULTS},
+                    **dict(zip(("peak_test_step", PEAK), peak(
+                        runs[p.name].scalars.get(tags.ACCURACY_CURVES["test"])
+                        if p.name in runs else None))),
+                    "steps": outputs.get("steps"), "wall_seconds": outputs.get("wall_seconds")})
+    return out
+
+
+def over_seeds(table: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds of each setting's results."""
+    out = []
+    for setting in dict.fromkeys(r["setting"] for r in table):
+        group = [r for r in table if r["setting"] == setting]
+        row = {k: group[0][k] for k in ("setting", "aggregator", "parameter", "noise_rate")}
+        row["seeds"] = len(group)
+        for k in (*RESULTS, PEAK):
+            values = np.array([r[k] for r in group if r[k] is not None], float)
+            row[k] = float(values.mean()) if len(values) else None
+            row[f"{k}_std"] = float(values.std()) if len(values) else None
+        out.append(row)
+    return out
+
+
+def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]) -> dict:
+    """summary.csv, summary.md and figure.png in `output_dir`; returns their paths."""
+    by_name = {r.name: r for r in report.load_runs(os.path.join(output_dir, "runs"))}
+    table = rows(points, manifests, by_name)
+    paths = {k: os.path.join(output_dir, f) for k, f in
+             (("csv", "summary.csv"), ("md", "summary.md"), ("figure", "figure.png"))}
+    with report.open_file(paths["csv"], "w") as f:
+        if table:
+            writer = csv.DictWriter(f, list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    means = over_seeds(table)
+    shown = [{k: r[k] for k in ("setting", "seeds")} | {
+        k.replace("_accuracy", ""): _pm(r[k], r[f"{k}_std"]) for k in (*RESULTS, PEAK)}
+        for r in means]
+    with report.open_file(paths["md"], "w") as f:
+        f.write("# Noise sweep\n\n## Mean and spread over seeds\n\n")
+        f.write(report.markdown(shown))
+        f.write("\n## Every run\n\n")
+        f.write(report.markdown([{k: v for k, v in r.items() if k != "setting"} for r in table]))
+    panels = {}
+    for p in points:
+        if p.name in by_name:
+            panels.setdefault(p.setting, []).append(by_name[p.name])
+    if panels:
+        report.accuracy_figure(panels, paths["figure"])
+    return paths
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.3f}" if not std else f"{mean:.3f} ± {std:.3f}"

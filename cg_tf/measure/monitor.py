@@ -1,0 +1,225 @@
+"""What a run measures besides training: the memorization metrics of
+the README's memorization metrics on the reader's fixed subsets, on the evaluation
+schedule, written as tf.summary data with explicit steps (names in
+cg_tf.measure.tags); and, at the end, the learning events and learned-example exports.
+
+Evaluation (forward passes over the subsets) runs at every scheduled step. The
+probe (per-example gradients of a fixed sample: coherence, f_p, aggregator
+diagnostics) is skipped at a scheduled step while its time so far exceeds
+`probe_max_share` of the run's time, so its cost stays bounded whatever the
+model; both shares are written as `cost/*` scalars and into summary.json.
+"""
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from cg_tf.data.reader import Reader
+from cg_tf.measure import metrics, tags
+from cg_tf.measure.probe import Probe
+from cg_tf.storage import files
+from cg_tf.training.robust_model import AggregatorConfig
+
+LEARNED_IDS = "learned_ids.txt"
+NOT_LEARNED_IDS = "not_learned_ids.txt"
+LEARNING_EVENTS = "learning_events.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+    eval_every: int | None = None  # steps between evaluations; None: every epoch
+    eval_log_spaced: bool = True  # also at steps 1, 2, 4, ... before the first
+    probe_size: int | None = None  # None: the batch size; 0: no probe
+    probe_max_share: float = 0.1
+    export_learned: bool = True
+
+    def check(self) -> None:
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"--eval_every must be positive, got {self.eval_every}")
+        if self.probe_size is not None and self.probe_size < 0:
+            raise ValueError(f"--probe_size must be >= 0, got {self.probe_size}")
+        if not 0 < self.probe_max_share <= 1:
+            raise ValueError(f"--probe_max_share must be in (0, 1], got {self.probe_max_share}")
+
+
+def write_run_config(writer, config: dict) -> None:
+    """A run's configuration as JSON text under the plugin's name at step 0; it
+    is also what makes TensorBoard show the Memorization tab."""
+    meta = tf.compat.v1.SummaryMetadata()
+    meta.plugin_data.plugin_name = tags.PLUGIN_NAME
+    meta.data_class = summary_pb2.DATA_CLASS_TENSOR  # readable by the data provider
+    with writer.as_default():
+        tf.summary.write(tags.RUN_CONFIG, tf.constant(json.dumps(config)), step=0,
+                         metadata=meta)
+
+
+class LearningEvents(tf.Module):
+    """Per tracked example (the pristine and corrupt subsets): the first step it
+    was classified as its training label, and whether it stayed so since.
+    Checkpointed with the run, so a resumed run keeps its history."""
+
+    def __init__(self, sizes: dict[str, int]):
+        super().__init__(name="learning_events")
+        self.first = {g: tf.Variable(tf.fill([n], tf.constant(metrics.NOT_LEARNED, tf.int64)),
+                                     trainable=False, name=f"first_{g}")
+                      for g, n in sizes.items()}
+        self.stayed = {g: tf.Variable(tf.zeros([n], tf.bool), trainable=False,
+                                      name=f"stayed_{g}") for g, n in sizes.items()}
+
+    def update(self, group: str, correct: np.ndarray, step: int) -> None:
+        first, stayed = metrics.update_learning_events(
+            self.first[group].numpy(), self.stayed[group].numpy(), correct, step)
+        self.first[group].assign(first)
+        self.stayed[group].assign(stayed)
+
+
+def _collect(ds: tf.data.Dataset, key: str) -> np.ndarray:
+    parts = [b[key].numpy() for b in ds]
+    return np.concatenate(parts) if parts else np.zeros([0])
+
+
+def _probe_sample(mixed: tf.data.Dataset, size: int) -> dict[str, tf.Tensor] | None:
+    batch = next(iter(mixed.unbatch().batch(size)), None)
+    if batch is None or int(batch["label"].shape[0]) < size:
+        return None
+    return batch
+
+
+class Monitor:
+    def __init__(self, net, reader: Reader, aggregator: AggregatorConfig, batch_size: int,
+                 config: MonitorConfig, writer):
+        config.check()
+        self.net, self.reader, self.config, self.writer = net, reader, config, writer
+        subsets = reader.eval_subsets()
+        self.top5 = reader.num_classes > 10
+        ids = {g: _collect(subsets[g], "example_id") for g in tags.GROUPS if g in subsets}
+        self.ids = {g: i for g, i in ids.items() if len(i)}  # a clean dataset has no corrupt
+        self.subsets = {k: v for k, v in subsets.items() if k not in ids or k in self.ids}
+        self.events = LearningEvents({g: len(ids) for g, ids in self.ids.items()})
+        self.probe = None
+        size = batch_size if config.probe_size is None else config.probe_size
+        sample = _probe_sample(self.subsets["mixed"], size) if size else None
+        if sample is not None:
+            self.probe = Probe(net, aggregator, sample, batch_size, aggregator.chunk)
+        elif size:
+            logging.warning("no probe: the mixed subset has fewer than %d examples", size)
+        self.seconds = {"eval": 0.0, "probe": 0.0}
+        self._latest: tuple[int, dict] | None = None  # (step, results) of the last observe
+        self._probe_traced = False  # the first probe traces the graph: outside the budget
+        self._run_config = {"aggregator": dataclasses.asdict(aggregator),
+                            "noise": reader.info.noise, "num_classes": reader.num_classes,
+                            "batch_size": batch_size, "probe_size": size if sample is not None else 0}
+
+    def schedule(self, total_steps: int) -> list[int]:
+        return metrics.eval_schedule(total_steps, self.reader.steps_per_epoch,
+                                     self.config.eval_every, self.config.eval_log_spaced)
+
+    def write_run_config(self, extra: dict) -> None:
+        write_run_config(self.writer, {**self._run_config, **extra})
+
+    # -- evaluations ------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, dict]:
+        return {name: metrics.evaluate(self.net, ds, self.top5)
+                for name, ds in self.subsets.items()}
+
+    def results_at(self, step: int) -> dict[str, dict]:
+        """The evaluation of the model at `step`: that of the scheduled
+        evaluation if it was the last one, else a new one."""
+        if self._latest and self._latest[0] == step:
+            return self._latest[1]
+        return self.evaluate()
+
+    def adjusted_overfit(self, results: dict[str, dict]) -> float:
+        if "test" not in results:
+            return float("nan")
+        return metrics.adjusted_overfit(results["mixed"]["accuracy"], results["test"]["accuracy"],
+                                        float(self.reader.info.noise.get("rate", 0.0)),
+                                        self.reader.num_classes)
+
+    def observe(self, step: int, train_seconds: float) -> dict[str, dict]:
+        """Evaluates at `step`, updates the learning events, probes if within
+        budget, and writes it all."""
+        start = time.monotonic()
+        results = self.evaluate()
+        self._latest = (step, results)
+        for group in self.ids:
+            self.events.update(group, results[group]["correct"], step)
+        self.seconds["eval"] += time.monotonic() - start
+        probe = {}
+        if self.probe and self._probe_share(train_seconds) <= self.config.probe_max_share:
+            start = time.monotonic()
+            probe = self.probe.measure()
+            if self._probe_traced:
+                self.seconds["probe"] += time.monotonic() - start
+            self._probe_traced = True
+        with self.writer.as_default(step=step):
+            self._write_eval(results)
+            self._write_learning()
+            shares = self.cost_shares(train_seconds)
+            for tag, value in {**probe, tags.EVAL_SHARE: shares["eval"],
+                               tags.PROBE_SHARE: shares["probe"]}.items():
+                tf.summary.scalar(tag, value)
+        return results
+
+    def _probe_share(self, train_seconds: float) -> float:
+        total = train_seconds + self.seconds["eval"] + self.seconds["probe"]
+        return self.seconds["probe"] / total if total > 0 else 0.0
+
+    def cost_shares(self, train_seconds: float) -> dict[str, float]:
+        """Shares of the run's time spent evaluating and probing."""
+        total = max(train_seconds + sum(self.seconds.values()), 1e-9)
+        return {"eval": self.seconds["eval"] / total, "probe": self.seconds["probe"] / total}
+
+    def _write_eval(self, results: dict[str, dict]) -> None:
+        for name, r in results.items():
+            for metric in ("accuracy", "true_label_accuracy", "loss", "top5"):
+                if metric in r:
+                    tf.summary.scalar(tags.eval_tag(name, metric), r[metric])
+        overfit = self.adjusted_overfit(results)
+        if not np.isnan(overfit):
+            tf.summary.scalar(tags.ADJUSTED_OVERFIT, overfit)
+
+    def _write_learning(self) -> None:
+        for group in self.ids:
+            first, stayed = self.events.first[group].numpy(), self.events.stayed[group].numpy()
+            if not len(first):
+                continue
+            learned = first[first != metrics.NOT_LEARNED]
+            tf.summary.scalar(tags.learned_fraction_tag(group), len(learned) / len(first))
+            tf.summary.scalar(tags.stayed_fraction_tag(group), stayed.mean())
+            if len(learned):
+                tf.summary.histogram(tags.first_learned_tag(group), learned.astype(np.float64),
+                                     buckets=30)
+
+    # -- end of the run ------------------------------------------------------------
+
+    def export(self, model_dir: str) -> dict[str, int]:
+        """Writes the tracked examples' learning events, and (if configured) the
+        ids of every training example the model classifies as its training label
+        (learned) and of the others; returns the counts."""
+        rows = [(eid.decode(), group, int(f), int(s))
+                for group in self.ids
+                for eid, f, s in zip(self.ids[group], self.events.first[group].numpy(),
+                                     self.events.stayed[group].numpy())]
+        files.write_atomically(os.path.join(model_dir, LEARNING_EVENTS), lambda f: (
+            csv.writer(f).writerows([("example_id", "group", "first_learned_step",
+                                      "stayed_learned"), *rows])))
+        if not self.config.export_learned:
+            return {}
+        learned, not_learned = [], []
+        for batch in self.reader.examples():
+            correct = metrics.evaluate(self.net, [batch])["correct"]
+            for eid, ok in zip(batch["example_id"].numpy(), correct):
+                (learned if ok else not_learned).append(eid.decode())
+        for name, ids in ((LEARNED_IDS, learned), (NOT_LEARNED_IDS, not_learned)):
+            files.write_atomically(os.path.join(model_dir, name),
+                                   lambda f, ids=ids: f.write("".join(i + "\n" for i in ids)))
+        return {"learned": len(learned), "not_learned": len(not_learned)}

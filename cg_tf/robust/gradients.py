@@ -1,0 +1,194 @@
+"""Gradient sources for the robust train step: per example, per group, per step.
+
+Per-example gradients of a functional model come factored by layer
+(`layer_rules`): one batched forward and one backward, then a rule per layer.
+A model the rules cannot run (not functional, a layer with several inputs)
+runs statelessly inside `tf.vectorized_map`, one example at a time, as does
+`--bn_mode=exact`. BatchNormalization cannot normalize one example alone,
+so two semantics are offered:
+
+  batch_stats (default)  each example is normalized with the statistics of the
+                         whole global batch (synchronized across replicas), held
+                         constant: every example sees the same normalization the
+                         batch forward uses, but gradients do not flow through
+                         the statistics. The moving averages are updated once.
+  exact                  per-example gradients are rows of the jacobian of the
+                         per-example losses of the ordinary batched forward, so
+                         they include the coupling through the batch statistics
+                         and sum exactly to the batch gradient (B backward passes
+                         over the replica's batch: slow; statistics per replica).
+
+Models without BatchNormalization get the same gradients either way.
+"""
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from cg_tf.robust import layer_rules
+from cg_tf.robust.layer_rules import PerExample, Stacked
+
+BN_MODES = ("batch_stats", "exact")
+
+
+def example_losses(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Per-example softmax cross-entropy of integer labels and logits (float32)."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+
+
+def chunk_size(chunk: int | None, batch: int) -> int:
+    """Examples per chunk of per-example gradients: `chunk`, or the whole batch
+    when it is unset or larger."""
+    return min(chunk or batch, batch)
+
+
+def _bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    return [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+
+
+class GradientSource:
+    """Computes gradients of one model for the robust train step."""
+
+    def __init__(self, model: keras.Model, bn_mode: str = "batch_stats"):
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"--bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
+        self.model = model
+        self.bn_mode = bn_mode
+        self.bn = _bn_layers(model)
+        self._bn_probe = None
+        if self.bn and bn_mode == "batch_stats":
+            try:  # A functional model exposes the BN layers' inputs.
+                self._bn_probe = keras.Model(model.inputs, [l.input for l in self.bn])
+            except (AttributeError, ValueError, TypeError) as e:
+                raise ValueError("--bn_mode=batch_stats needs a functional Keras model; "
+                                 "use --bn_mode=exact") from e
+        reason = ("--bn_mode=exact" if self.bn and bn_mode == "exact"
+                  else layer_rules.unfactorable_reason(model))
+        if reason:
+            logging.info("per-example gradients by tf.vectorized_map: %s", reason)
+        self.factored = reason is None
+        self.positions = self.factored and layer_rules.applied_at_positions(model)
+
+    @property
+    def variables(self) -> list:
+        return self.model.trainable_variables
+
+    # -- ordinary backward passes ---------------------------------------------
+
+    def summed(self, x: tf.Tensor, y: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+        """Gradient of the summed loss over x, per-example losses, and logits."""
+        with tf.GradientTape() as tape:
+            logits = self.model(x, training=True)
+            losses = example_losses(y, logits)
+            total = tf.reduce_sum(losses)
+        return tape.gradient(total, self.variables), losses, logits
+
+    # -- per-example gradients --------------------------------------------------
+
+    def _batch_bn_stats(self, x: tf.Tensor, sync) -> list[tuple[tf.Tensor, tf.Tensor]]:
+        """Mean and variance of each BN layer's input over the global batch; also
+        advances the layers' moving averages, as one training forward would."""
+        inputs = self._bn_probe(x, training=True)
+        if len(self.bn) == 1:
+            inputs = [inputs]
+        return [layer_rules.global_moments(layer, inp, sync)
+                for layer, inp in zip(self.bn, inputs)]
+
+    def _per_example_fn(self, x: tf.Tensor, sync, frozen_bn: bool = False):
+        """A function of a chunk (x, y) -> per-example gradients [m, *shape] per
+        variable, losses [m], logits [m, C]; BN statistics are those of x (all
+        replicas) and the moving averages advance once, here; with `frozen_bn`
+        BN uses its moving averages and nothing changes (for measurements)."""
+        overrides = {}
+        if self.bn and not frozen_bn:
+            for layer, (mean, var) in zip(self.bn, self._batch_bn_stats(x, sync)):
+                overrides[id(layer.moving_mean)] = mean
+                overrides[id(layer.moving_variance)] = var
+        trainable = [tf.convert_to_tensor(v) for v in self.model.trainable_variables]
+        non_trainable = [overrides.get(id(v), tf.convert_to_tensor(v))
+                         for v in self.model.non_trainable_variables]
+
+        def one(example):
+            xi, yi = example
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                # Inference mode: BN uses the (overridden) statistics, no updates.
+                logits, _ = self.model.stateless_call(trainable, non_trainable, xi[None],
+                                                      training=False)
+                loss = example_losses(yi[None], logits)[0]
+            return tape.gradient(loss, trainable), loss, logits[0]
+
+        return lambda xc, yc: tf.vectorized_map(one, (xc, yc))
+
+    def fold_per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync, init, step,
+                         frozen_bn: bool = False):
+        """Folds `step(state, i, labels, grads, losses, logits)` over the chunks
+        of m examples of the replica's batch (i = chunk index; grads are
+        per-example [m, *shape] per variable), starting from `init`.
+
+        Chunks run in a tf.while_loop, so memory holds one chunk's per-example
+        gradients and the graph holds one copy of the computation. `sync`
+        (robust_model.Collectives) sums BatchNorm statistics over replicas.
+        With `frozen_bn`, BatchNorm uses its moving averages (inference
+        statistics) and no state changes: gradients for measurements.
+        """
+        b = x.shape[0]
+        m = chunk_size(chunk, b)
+        if b % m:
+            raise ValueError(f"--per_example_chunk={m} does not divide the per-replica batch of {b}")
+        n = b // m
+        if self.bn and self.bn_mode == "exact" and not frozen_bn:
+            state = init
+            for i, (grads, losses, logits) in enumerate(self._jacobian_chunks(x, y, m)):
+                state = step(state, i, y[i * m:(i + 1) * m], grads, losses, logits)
+            return state
+        per_example = self._per_example_fn(x, sync, frozen_bn)
+        if n == 1:
+            return step(init, 0, y, *per_example(x, y))
+        xs = tf.reshape(x, [n, m, *x.shape[1:]])
+        ys = tf.reshape(y, [n, m])
+
+        def body(i, state):
+            return i + 1, step(state, i, ys[i], *per_example(xs[i], ys[i]))
+
+        return tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), init))[1]
+
+    def per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync
+                    ) -> tuple[list[PerExample], tf.Tensor, tf.Tensor]:
+        """Per-example values of every variable for the replica's batch, the
+        per-example losses and the logits. Factored by layer where the model
+        allows; otherwise per-example gradients in chunks of `chunk` examples."""
+        if self.factored:
+            with tf.GradientTape() as tape:
+                logits, recordings = layer_rules.record_forward(self.model, x, sync)
+                losses = example_losses(y, logits)
+                total = tf.reduce_sum(losses)
+            grads = tape.gradient(total, [r.watched for r in recordings])
+            return (layer_rules.per_example_values(self.variables, recordings, grads),
+                    losses, logits)
+        n = x.shape[0] // chunk_size(chunk, x.shape[0])
+
+        def step(state, i, labels, grads, losses, logits):
+            arrays, losses_array, logits_array = state
+            return ([a.write(i, g) for a, g in zip(arrays, grads)], losses_array.write(i, losses),
+                    logits_array.write(i, logits))
+
+        init = ([tf.TensorArray(v.dtype, size=n) for v in self.variables],
+                tf.TensorArray(tf.float32, size=n), tf.TensorArray(tf.float32, size=n))
+        arrays, losses, logits = self.fold_per_example(x, y, chunk, sync, init, step)
+        return ([Stacked(tf.reshape(a.concat(), [x.shape[0], *v.shape]))
+                 for a, v in zip(arrays, self.variables)], losses.concat(), logits.concat())
+
+    def _jacobian_chunks(self, x, y, chunk):
+        with tf.GradientTape(persistent=True) as tape:
+            logits = self.model(x, training=True)
+            losses = example_losses(y, logits)
+            parts = [(losses[s:s + chunk], logits[s:s + chunk])
+                     for s in range(0, x.shape[0], chunk)]
+        for part, part_logits in parts:
+            grads = tape.jacobian(part, self.variables, experimental_use_pfor=True)
+            yield ([tf.zeros((part.shape[0], *v.shape), v.dtype) if g is None else g
+                    for g, v in zip(grads, self.variables)], part, part_logits)
+        del tape
+

@@ -1,0 +1,318 @@
+"""The training loop: strategy, data, model, checkpoints, summaries, summary.json.
+
+`train(config)` resumes from the last checkpoint in `config.model_dir` if there
+is one (model, optimizer, aggregator state and step), so a killed run rerun
+with the same command continues; with `deterministic` it ends with the same
+weights as an uninterrupted run.
+
+A run holds its directory's lock (cg_tf.storage.rundir) from its first write to its
+last, and records at the start, in config.json, what makes its result: the
+config without its execution-only fields (`EXECUTION_FIELDS`: where and how
+fast it runs; the pipeline's stage fingerprints leave out the same) and what
+its dataset is. A resume with another such configuration is refused, naming
+every differing field, unless `overwrite`, which starts the run over (deleting
+only what a run writes). A finished run (summary.json written) is left exactly
+as it is: `run()` returns its summary and sets `complete`.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cg_tf.data import records
+from cg_tf.data.reader import InputConfig, Reader, distribute
+from cg_tf.measure import monitor, tags
+from cg_tf.measure.monitor import Monitor, MonitorConfig
+from cg_tf.storage import files, rundir
+from cg_tf.training.models import build_model
+from cg_tf.training.robust_model import AggregatorConfig, RobustModel
+from cg_tf.training.strategies import get_strategy
+
+LR_SCHEDULES = ("constant", "step", "cosine")
+OPTIMIZERS = ("sgd",)
+# Where and how fast a run goes, not what it computes: these may change on resume.
+EXECUTION_FIELDS = ("data_dir", "model_dir", "strategy", "tpu", "checkpoint_every", "log_every",
+                    "jit_compile")
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
+EVENT_FILES = "events.out.tfevents.*"  # tf.summary's names
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str
+    model_dir: str
+    model: str = "fc"
+    fc_widths: tuple[int, ...] = (2048,)
+    aggregator: AggregatorConfig = AggregatorConfig()
+    batch_size: int = 100
+    epochs: int = 10
+    steps: int | None = None
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.0
+    lr_schedule: str = "constant"
+    lr_decay_epochs: tuple[int, ...] = ()
+    lr_decay_factor: float = 0.1
+    seed: int = 0
+    strategy: str = "default"
+    tpu: str | None = None
+    jit_compile: bool = False
+    mixed_precision: bool = False
+    deterministic: bool = False
+    image_size: tuple[int, int] | None = None
+    augment: str = "none"
+    checkpoint_every: int = 200
+    log_every: int = 50
+    eval_sample_size: int = 1000
+    monitor: MonitorConfig = MonitorConfig()
+
+    def check(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
+        if self.lr_schedule == "step" and not self.lr_decay_epochs:
+            raise ValueError("--lr_schedule=step needs --lr_decay_epochs")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if (self.steps or self.epochs) <= 0:
+            raise ValueError("--epochs (or --steps) must be positive")
+        self.monitor.check()
+
+
+def run_params(config: TrainConfig) -> dict:
+    """The parts of a training config that change its result (JSON values)."""
+    d = json.loads(json.dumps(dataclasses.asdict(config)))
+    return {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
+
+
+def dataset_identity(info: records.DatasetInfo) -> dict:
+    """What a dataset is, wherever it (or its source) lies."""
+    return {"source_fingerprint": info.source_fingerprint, "noise": info.noise,
+            "examples": {k: v.num_examples for k, v in info.splits.items()}}
+
+
+def start_over(model_dir: str) -> None:
+    """Deletes what a run writes to `model_dir`, nothing else; its config.json
+    last, so an interrupted start-over is refused (and redone) like the run."""
+    names = [SUMMARY_FILE, monitor.LEARNING_EVENTS, monitor.LEARNED_IDS,
+             monitor.NOT_LEARNED_IDS, CHECKPOINTS]
+    paths = [os.path.join(model_dir, n) for n in names]
+    paths += tf.io.gfile.glob(os.path.join(model_dir, EVENT_FILES))
+    for path in [*paths, os.path.join(model_dir, CONFIG_FILE)]:
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        elif tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int, total_steps: int):
+    lr = config.learning_rate
+    if config.lr_schedule == "constant":
+        return lr
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, total_steps)
+    boundaries = [e * steps_per_epoch for e in config.lr_decay_epochs]
+    values = [lr * config.lr_decay_factor ** i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def _reader(config: TrainConfig, batch_size: int) -> Reader:
+    try:
+        return Reader(InputConfig(config.data_dir, batch_size, seed=config.seed,
+                                  image_size=config.image_size, augment=config.augment,
+                                  eval_sample_size=config.eval_sample_size))
+    except records.DatasetError as e:
+        raise ValueError(f"--data_dir: {e}") from e
+
+
+class Trainer:
+    """Builds everything a run needs (writing nothing); `run()` trains to the end."""
+
+    def __init__(self, config: TrainConfig, overwrite: bool = False):
+        config.check()
+        self.config, self.overwrite = config, overwrite
+        self.complete = False  # set by run() if the run had finished before
+        # First: multi-worker collectives must be configured before any TF op runs.
+        self.strategy = get_strategy(config.strategy, config.tpu)
+        keras.utils.set_random_seed(config.seed)
+        if config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.mixed_precision.set_global_policy(
+            "mixed_bfloat16" if config.mixed_precision else "float32")
+        replicas = self.strategy.num_replicas_in_sync
+        config.aggregator.check(config.batch_size, replicas, config.momentum)
+        self.reader = _reader(config, config.batch_size)
+        spe = self.reader.steps_per_epoch
+        self.total_steps = config.steps or config.epochs * spe
+        with self.strategy.scope():
+            net = build_model(config.model, self.reader.image_shape, self.reader.num_classes,
+                              config.fc_widths)
+            self.model = RobustModel(net, config.aggregator, config.batch_size)
+            self.optimizer = keras.optimizers.SGD(
+                learning_rate(config, spe, self.total_steps), momentum=config.momentum)
+            self.model.compile(optimizer=self.optimizer, jit_compile=config.jit_compile)
+            self.optimizer.build(net.trainable_variables)
+        # Host-side counters, outside the strategy (no replicas to mirror them on).
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_seconds")
+        self.train_seconds = 0.0  # in train steps, since this process started
+        self.writer = None  # opened by run(), holding the directory
+        self.monitor = Monitor(net, self.reader, config.aggregator, config.batch_size,
+                               config.monitor, self.writer)
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                              step=self.step, wall_seconds=self.wall,
+                                              learning_events=self.monitor.events)
+        self.manager: tf.train.CheckpointManager | None = None  # by restore()
+
+        model, strategy = self.model, self.strategy
+
+        @tf.function(jit_compile=config.jit_compile or None, reduce_retracing=True)
+        def train_step(batch):
+            out = strategy.run(model.train_step, args=(batch,))
+            # Every replica returns the same global values.
+            return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
+
+        self._train_step = train_step
+
+    @property
+    def net(self) -> keras.Model:
+        return self.model.net
+
+    def restore(self) -> int:
+        """Restores the directory's last checkpoint, if any; returns its step."""
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self.config.model_dir, CHECKPOINTS), max_to_keep=2)
+        if self.manager.latest_checkpoint:
+            self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+            logging.info("resumed from %s at step %d", self.manager.latest_checkpoint,
+                         int(self.step))
+        return int(self.step)
+
+    def run(self) -> dict:
+        """Trains to the end holding the run directory; returns the summary (a
+        finished run's as it is, with `complete` set)."""
+        with rundir.lock(self.config.model_dir, "training") as held:
+            finished = self._claim_directory()
+            if finished is not None:
+                self.complete = True
+                logging.info("%s is complete; nothing to do", self.config.model_dir)
+                return finished
+            return self._train(held)
+
+    def _claim_directory(self) -> dict | None:
+        """Checks the directory's recorded configuration against this one (and
+        records it if new); returns the summary of a finished run."""
+        model_dir = self.config.model_dir
+        record = {**run_params(self.config), "dataset": dataset_identity(self.reader.info)}
+        path = os.path.join(model_dir, CONFIG_FILE)
+        recorded = files.read_json(path)
+        diff = rundir.differences(recorded, record) if recorded is not None else []
+        if diff and not self.overwrite:
+            raise rundir.RunDirError(
+                f"{model_dir} holds a run with another configuration ({'; '.join(diff)}); "
+                f"use another --model_dir, or --overwrite to start it over")
+        if diff:
+            logging.warning("--overwrite: starting %s over (%s)", model_dir, "; ".join(diff))
+            start_over(model_dir)
+            recorded = None
+        summary = files.read_json(os.path.join(model_dir, SUMMARY_FILE))
+        if summary is not None:
+            return summary
+        if recorded is None:
+            files.write_json(path, record)
+        return None
+
+    def _train(self, held: rundir.RunDirLock) -> dict:
+        cfg = self.config
+        self.writer = self.monitor.writer = tf.summary.create_file_writer(cfg.model_dir)
+        start = self.restore()
+        schedule = set(self.monitor.schedule(self.total_steps))
+        data = distribute(self.reader.train_dataset(start, self.total_steps - start),
+                          self.strategy, cfg.batch_size)
+        if start == 0:
+            self.monitor.write_run_config({"model": cfg.model, "learning_rate": cfg.learning_rate,
+                                           "data_dir": cfg.data_dir})
+        begin, last_log, loss = time.monotonic(), time.monotonic(), float("nan")
+        wall0 = float(self.wall)
+        logging.info("training %s with %s for %d steps (%d per epoch) on %d replica(s)",
+                     cfg.model, cfg.aggregator.name, self.total_steps,
+                     self.reader.steps_per_epoch, self.strategy.num_replicas_in_sync)
+        step = start
+        for batch in data:
+            step_start = time.monotonic()
+            logs = self._train_step(batch)
+            step += 1
+            loss = float(logs["loss"])
+            self.train_seconds += time.monotonic() - step_start
+            if not math.isfinite(loss):
+                last = self.manager.latest_checkpoint or "none yet"
+                raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped. The last good "
+                                    f"checkpoint ({last}) is intact.")
+            self.step.assign(step)
+            self.wall.assign(wall0 + time.monotonic() - begin)
+            if step % cfg.log_every == 0 or step == self.total_steps:
+                rate = cfg.log_every / max(time.monotonic() - last_log, 1e-9)
+                last_log = time.monotonic()
+                logging.info("step %d/%d  loss %.4f  accuracy %.3f  (%.1f steps/s)", step,
+                             self.total_steps, loss, float(logs["accuracy"]), rate)
+                with self.writer.as_default(step=step):
+                    tf.summary.scalar(tags.TRAIN_LOSS, loss)
+                    tf.summary.scalar(tags.TRAIN_ACCURACY, float(logs["accuracy"]))
+                    tf.summary.scalar(tags.LEARNING_RATE,
+                                      float(tf.convert_to_tensor(self.optimizer.learning_rate)))
+            if step in schedule:
+                self.monitor.observe(step, self.train_seconds)
+            if step % cfg.checkpoint_every == 0 or step == self.total_steps:
+                held.check()
+                self.manager.save(checkpoint_number=step)
+        self.writer.flush()
+        held.check()
+        return self.finish(loss)
+
+    def finish(self, final_loss: float) -> dict:
+        results = self.monitor.results_at(int(self.step))  # the last step is scheduled
+        summary = {
+            # A group absent from the data (every label corrupt, or none): None below.
+            "pristine_accuracy": results.get("pristine", {}).get("accuracy", float("nan")),
+            "corrupt_accuracy": results.get("corrupt", {}).get("accuracy", float("nan")),
+            "corrupt_true_label_accuracy":
+                results.get("corrupt", {}).get("true_label_accuracy", float("nan")),
+            "mixed_accuracy": results["mixed"]["accuracy"],
+            "test_accuracy": results.get("test", {}).get("accuracy", float("nan")),
+            "test_top5_accuracy": results.get("test", {}).get("top5", float("nan")),
+            "adjusted_overfit": self.monitor.adjusted_overfit(results),
+            "final_loss": final_loss,
+            "steps": int(self.step),
+            "wall_seconds": float(self.wall),
+            "aggregator": dataclasses.asdict(self.config.aggregator),
+            "model": self.config.model,
+            "data_dir": self.config.data_dir,
+            "subset_sizes": {k: v["count"] for k, v in results.items()},
+            "learned_examples": self.monitor.export(self.config.model_dir),
+            "time_shares": self.monitor.cost_shares(self.train_seconds),
+        }
+        summary = {k: (None if isinstance(v, float) and np.isnan(v) else v)
+                   for k, v in summary.items()}
+        files.write_json(os.path.join(self.config.model_dir, SUMMARY_FILE), summary)
+        return summary
+
+
+def train(config: TrainConfig, overwrite: bool = False) -> dict:
+    return Trainer(config, overwrite).run()
