@@ -18,7 +18,7 @@ _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
-from cg_tf import build  # noqa: E402
+from cg_tf.data import build  # noqa: E402
 from cg_tf.data.noise import NoiseSpec  # noqa: E402
 from cg_tf.data.sources import make_source  # noqa: E402
 
