@@ -1,3 +1,31 @@
-"""cg_tf: Coherent Gradients experiments in Keras 3 / TensorFlow."""
+"""cg_tf: Coherent Gradients in Keras 3 / TensorFlow.
+
+The library face (imported on first use, so that `import cg_tf.data...` in a
+Beam worker does not load Keras):
+
+    from cg_tf import RobustModel, Winsorized, MemorizationCallback, Reader
+
+Aggregators: Mean, Winsorized, Trimmed, Median, MedianOfMeans, RM3, RA3, and
+`parse("winsorized:4")`. The package's layers are listed in the README.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_FACE = {
+    "RobustModel": "cg_tf.training.robust_model",
+    "MemorizationCallback": "cg_tf.measure.callback",
+    "MonitorConfig": "cg_tf.measure.monitor",
+    "Reader": "cg_tf.data.reader",
+    **{name: "cg_tf.robust.aggregators" for name in (
+        "Aggregator", "Mean", "Winsorized", "Trimmed", "Median", "MedianOfMeans", "RM3", "RA3",
+        "parse", "register")},
+}
+__all__ = sorted(_FACE)
+
+
+def __getattr__(name: str):
+    if name in _FACE:
+        return getattr(importlib.import_module(_FACE[name]), name)
+    raise AttributeError(f"module 'cg_tf' has no attribute {name!r}")

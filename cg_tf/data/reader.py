@@ -77,6 +77,12 @@ class Reader:
         self._cached = {}  # Decoded splits, in-memory tensors, evaluation subsets.
         verify.verify_dataset(config.data_dir, self.info)  # Once, before any batch.
 
+    @classmethod
+    def open(cls, data_dir: str, batch_size: int = 100, **options) -> "Reader":
+        """The reader of `data_dir` for global batches of `batch_size` (other
+        InputConfig options by name)."""
+        return cls(InputConfig(data_dir, batch_size, **options))
+
     def _output_shape(self) -> tuple[int, int, int]:
         h, w, c = self.info.image_shape
         size = self.config.image_size
@@ -198,8 +204,11 @@ class Reader:
     # -- evaluation -----------------------------------------------------------
 
     def examples(self, split: str = records.TRAIN_SPLIT) -> tf.data.Dataset:
-        """A whole split, batched, in file order, unaugmented (for exports)."""
-        return self._decoded(split).map(self._to_float).batch(self.config.eval_batch_size)
+        """A whole split, batched, in file order, unaugmented (for exports and
+        evaluation; its length is known, as Keras' evaluate likes)."""
+        batches = -(-self.info.splits[split].num_examples // self.config.eval_batch_size)
+        return (self._decoded(split).map(self._to_float).batch(self.config.eval_batch_size)
+                .apply(tf.data.experimental.assert_cardinality(batches)))
 
     def eval_subsets(self, sample_size: int | None = None) -> dict[str, tf.data.Dataset]:
         """The fixed evaluation subsets, batched, unshuffled and unaugmented.

@@ -1,0 +1,150 @@
+"""The library face: RobustModel with Keras' compile/fit/evaluate on any
+tf.data dataset, under a strategy scope, and the memorization callback; the
+README's "your own model" lines, run exactly as printed."""
+
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO, two_replicas
+
+from cg_tf.measure import metrics, report, tags
+from cg_tf.measure.callback import MemorizationCallback
+from cg_tf.measure.monitor import LEARNING_EVENTS, MonitorConfig
+from cg_tf.robust.aggregators import Mean, Median, Winsorized
+from cg_tf.training.robust_model import RobustModel
+
+B, C, D = 12, 3, 5
+
+
+def net(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((D,)), keras.layers.Dense(8, activation="relu"),
+                             keras.layers.Dense(C)])
+
+
+def data(seed=0, n=B):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, D)).astype(np.float32), rng.integers(0, C, n).astype(np.int32))
+
+
+def manual_steps(aggregator, batches, lr=0.1):
+    """Weights after one train_step per batch on one replica, from seed-0 weights."""
+    model = RobustModel(net(), aggregator)
+    model.compile(optimizer=keras.optimizers.SGD(lr))
+    for x, y in batches:
+        model.train_step({"image": tf.constant(x), "label": tf.constant(y)})
+    return [v.numpy() for v in model.net.trainable_variables]
+
+
+@pytest.mark.parametrize("aggregator", [Mean(), Winsorized(c=2), Median()], ids=str)
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_fit_runs_the_robust_update(aggregator, replicas):
+    batches = [data(s) for s in range(3)]
+    strategy = two_replicas() if replicas == 2 else tf.distribute.get_strategy()
+    with strategy.scope():
+        model = RobustModel(net(), aggregator)
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+    xs, ys = (np.concatenate(a) for a in zip(*batches))
+    ds = tf.data.Dataset.from_tensor_slices((xs, ys)).batch(B, drop_remainder=True)
+    history = model.fit(ds, epochs=1, verbose=0)
+    assert set(history.history) >= {"loss", "accuracy"}
+    for got, want in zip(model.net.trainable_variables, manual_steps(aggregator, batches)):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_takes_the_readers_dicts_and_evaluate_averages_the_whole_set():
+    x, y = data(0, 4 * B)
+    dicts = tf.data.Dataset.from_tensor_slices({"image": x, "label": y, "example_id": y})
+    model = RobustModel(net(), Winsorized(c=1))
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.fit(dicts.batch(B, drop_remainder=True), epochs=2, verbose=0)
+    got = model.evaluate(dicts.batch(5), return_dict=True, verbose=0)  # a ragged last batch
+    logits = model.net(x)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits)
+    assert got["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert got["accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == y)))
+    assert model.predict(dicts.batch(5), verbose=0).shape == (4 * B, C)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda ds: ds.batch(B), "batch size is not static; batch it with drop_remainder=True"),
+    (lambda ds: ds.batch(4, drop_remainder=True),
+     re.escape("--aggregator=winsorized:2: need 0 <= 2c < --batch_size=4")),
+])
+def test_fit_refuses_what_the_aggregator_cannot_run_before_training(make, message):
+    x, y = data(0, 4 * B)
+    model = RobustModel(net(), Winsorized(c=2))
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    before = [v.numpy() for v in model.net.trainable_variables]
+    with pytest.raises(ValueError, match=message):
+        model.fit(make(tf.data.Dataset.from_tensor_slices((x, y))), epochs=1, verbose=0)
+    for a, v in zip(before, model.net.trainable_variables):
+        np.testing.assert_array_equal(a, v.numpy())
+
+
+def test_an_aggregator_must_be_an_object():
+    with pytest.raises(TypeError, match="aggregators.parse"):
+        RobustModel(net(), "winsorized:4")
+
+
+def test_memorization_callback_writes_what_the_tab_reads(digits_dir, tmp_path):
+    from cg_tf.data.reader import Reader
+    reader = Reader.open(digits_dir, batch_size=50, eval_sample_size=100)
+    keras.utils.set_random_seed(0)
+    mine = keras.Sequential([keras.Input(reader.image_shape), keras.layers.Flatten(),
+                             keras.layers.Dense(32, activation="relu"),
+                             keras.layers.Dense(reader.num_classes)])
+    model = RobustModel(mine, Winsorized(c=2))
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    log_dir = str(tmp_path / "runs" / "mine")
+    callback = MemorizationCallback(reader, log_dir, MonitorConfig(probe_size=20), log_every=5)
+    model.fit(reader.train_dataset(), epochs=2, steps_per_epoch=reader.steps_per_epoch,
+              callbacks=[callback], verbose=0)
+    total = 2 * reader.steps_per_epoch
+    (run,) = report.load_runs(str(tmp_path / "runs"))
+    assert run.config["aggregator"] == {"name": "winsorized", "c": 2}
+    curve = run.scalars[tags.ACCURACY_CURVES["corrupt"]]
+    # The trainer's schedule: log-spaced steps, every epoch, the last step.
+    assert [s for s, _ in curve] == metrics.eval_schedule(total, reader.steps_per_epoch)
+    assert curve[-1][1] == pytest.approx(callback.results["corrupt"]["accuracy"])
+    assert tags.COHERENCE in run.scalars and tags.TRAIN_LOSS in run.scalars
+    assert tags.clipped_fraction_tag("corrupt") in run.scalars  # the winsorized probe
+    with open(os.path.join(log_dir, LEARNING_EVENTS)) as f:
+        assert len(f.readlines()) == 1 + 200  # header, 100 pristine and 100 corrupt
+
+
+def test_memorization_callback_needs_the_number_of_steps(digits_dir, tmp_path):
+    from cg_tf.data.reader import Reader
+    reader = Reader.open(digits_dir, batch_size=50, eval_sample_size=100)
+    model = keras.Sequential([keras.Input(reader.image_shape), keras.layers.Flatten(),
+                              keras.layers.Dense(reader.num_classes)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    ds = reader.train_dataset(num_steps=3).map(lambda b: (b["image"], b["label"]))
+    with pytest.raises(ValueError, match="pass steps_per_epoch to fit"):
+        model.fit(ds, epochs=1, verbose=0,
+                  callbacks=[MemorizationCallback(reader, str(tmp_path / "run"))])
+
+
+def readme_example() -> str:
+    """The Python block of the README's "Your own model" section."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text[text.index("## Your own model"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_runs_as_printed(digits_dir, tmp_path, monkeypatch, capsys):
+    code = readme_example()
+    assert len(code.strip().splitlines()) <= 12
+    os.makedirs(tmp_path / "data")
+    os.symlink(digits_dir, tmp_path / "data" / "digits_noisy50")  # what the first command builds
+    monkeypatch.chdir(tmp_path)
+    names = {}
+    exec(compile(code, "README.md", "exec"), names)
+    assert names["results"]["accuracy"] > 0.8  # test accuracy of the winsorized net
+    assert "test accuracy" in capsys.readouterr().out
+    (run,) = report.load_runs(str(tmp_path / "runs"))
+    assert run.name == "my_model" and tags.ACCURACY_CURVES["corrupt"] in run.scalars
