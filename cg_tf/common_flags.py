@@ -1,6 +1,11 @@
 """Flags shared by several command-line programs (defined once per process)."""
 
+import dataclasses
 import sys
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any
 
 from absl import app, flags
 
@@ -22,3 +27,83 @@ def run(main, **kwargs) -> None:
         if e.code == 1 and any(a.split("=")[0] in HELP for a in sys.argv[1:]):
             sys.exit(0)
         raise
+
+
+# -- flags derived from a configuration dataclass (cg_tf.options) ------------------
+
+
+def _is_optional(tp) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _nested(f: dataclasses.Field) -> bool:
+    """Whether a field is a configuration dataclass of its own (whose fields are flags)."""
+    return dataclasses.is_dataclass(f.type) and "help" not in f.metadata
+
+
+def _flag_fields(cls, skip: Iterable[str]) -> list[dataclasses.Field]:
+    """The fields of `cls` that are flags, those of nested dataclasses inlined."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if _nested(f):
+            out.extend(_flag_fields(f.type, skip))
+        else:
+            out.append(f)
+    return out
+
+
+def define(cls, defaults: dict | None = None, skip: Iterable[str] = ()) -> None:
+    """Defines a flag per field of the dataclass `cls` (and of its nested
+    dataclasses), named like the field, with its help text and default
+    (`defaults` overrides the dataclass's, e.g. a program's demo settings)."""
+    defaults = defaults or {}
+    for f in _flag_fields(cls, skip):
+        default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+        meta = f.metadata
+        tp, _ = _is_optional(f.type)
+        if meta.get("parse"):
+            flags.DEFINE_string(f.name, meta["show"](default), meta["help"])
+        elif typing.get_origin(tp) is tuple:
+            flags.DEFINE_list(f.name, [str(v) for v in default or ()], meta["help"])
+        else:
+            define_flag = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+                           float: flags.DEFINE_float, str: flags.DEFINE_string}[tp]
+            define_flag(f.name, default, meta["help"])
+
+
+def _value(f: dataclasses.Field, value):
+    """A flag's value as the field's type."""
+    tp, optional = _is_optional(f.type)
+    if f.metadata.get("parse"):
+        return f.metadata["parse"](value)
+    if typing.get_origin(tp) is tuple:
+        kind = typing.get_args(tp)[0]
+        try:
+            items = tuple(kind(v) for v in value)
+        except ValueError:
+            raise ValueError(f"--{f.name}: {','.join(value)} is not a list of "
+                             f"{kind.__name__}") from None
+        return items or (None if optional else ())
+    return value
+
+
+def from_flags(cls, overrides: dict | None = None):
+    """An instance of `cls` from the flags `define` made (and `overrides`);
+    raises ValueError naming a bad flag."""
+    overrides = overrides or {}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in overrides:
+            kwargs[f.name] = overrides[f.name]
+        elif _nested(f):
+            kwargs[f.name] = from_flags(f.type, overrides)
+        else:
+            kwargs[f.name] = _value(f, flags.FLAGS[f.name].value)
+    return cls(**kwargs)

@@ -37,7 +37,6 @@ flags.adopt_module_key_flags(trainer_flags)
 def make_stages(beam_args: list[str]) -> list:
     """The experiment these flags ask for; raises ValueError naming a bad flag."""
     train = trainer_flags.config_from_flags()
-    train.check()
     for flag in (_FIRST_EPOCHS, _TRAIN_SIZE, _HELDOUT_SIZE):
         if flag.value is not None and flag.value < 1:
             raise ValueError(f"--{flag.name} must be positive, got {flag.value}")

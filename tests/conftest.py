@@ -6,6 +6,7 @@ import gzip
 import io
 import os
 import sys
+from collections.abc import Iterable, Mapping
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -113,3 +114,43 @@ def jpeg(rng, h, w, mode="RGB"):
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode).save(
         buf, format="JPEG")
     return buf.getvalue()
+
+
+def make_aggregator(name: str, c: int = 2, k: int = 3):
+    """The registered aggregator `name`, with c (or k groups) where it takes one."""
+    from cg_tf.robust import aggregators
+    cls = aggregators.REGISTRY[name]
+    return cls(**({cls.parameter: {"c": c, "k": k}[cls.parameter]} if cls.parameter else {}))
+
+
+def np_winsorized(x, c):
+    """NumPy reference: per coordinate, the mean with c values per side clipped."""
+    s = np.sort(x, axis=0)
+    return np.clip(x, s[c], s[len(x) - 1 - c]).mean(axis=0)
+
+
+def np_trimmed(x, c):
+    """NumPy reference: per coordinate, the mean of the B - 2c middle values."""
+    return np.sort(x, axis=0)[c:len(x) - c].mean(axis=0)
+
+
+def noise_matrix(pairs: Iterable[tuple[int, int]], num_classes: int) -> np.ndarray:
+    """Counts[true_label, training_label] over (true, training) label pairs."""
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for true, noisy in pairs:
+        m[true, noisy] += 1
+    return m
+
+
+def expected_corrupt_fraction(spec, num_classes: int,
+                              class_counts: Mapping[int, int] | None = None) -> float:
+    """The expected fraction of training examples whose label changes."""
+    if spec.mode == "uniform":
+        return spec.rate * (num_classes - 1) / num_classes
+    if spec.mode == "uniform_other":
+        return spec.rate
+    if class_counts is None:
+        raise ValueError("permute needs the class counts")
+    p = np.array(list(class_counts.values()), dtype=np.float64)
+    p /= p.sum()
+    return spec.rate * (1.0 - float(np.sum(p * p)))

@@ -4,21 +4,9 @@ the mergeable summary against the direct formula for every chunking."""
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import np_trimmed, np_winsorized
 
 from cg_tf.robust import order_stats as agg
-
-
-def np_winsorized(x, c):
-    s = np.sort(x, axis=0)
-    return np.clip(x, s[c], s[len(x) - 1 - c]).mean(axis=0)
-
-
-def np_trimmed(x, c):
-    return np.sort(x, axis=0)[c:len(x) - c].mean(axis=0)
-
-
-def np_median_of_means(x, k):
-    return np.median(x.reshape(k, len(x) // k, *x.shape[1:]).mean(axis=1), axis=0)
 
 
 def random_gradients(kind, b, rng, shape=(7, 3)):
@@ -49,7 +37,6 @@ def test_reference_functions(kind, b, c):
     close(agg.winsorized_mean(tf.constant(x), c), np_winsorized(x, c))
     close(agg.trimmed_mean(tf.constant(x), c), np_trimmed(x, c))
     close(agg.median(tf.constant(x)), np.median(x, axis=0))
-    close(agg.mean(tf.constant(x)), x.mean(axis=0))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -78,18 +65,6 @@ def test_winsorized_c0_is_mean_and_outliers_do_not_cost_precision():
     x[3] = 1e9  # One example with an enormous gradient.
     got = agg.winsorized_from_stats(agg.order_stats(tf.constant(x), 2), 1, 20).numpy()
     np.testing.assert_allclose(got, np_winsorized(x.astype(np.float64), 1), rtol=1e-5, atol=1e-9)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("b,k", [(3, 3), (6, 3), (12, 4), (10, 5), (8, 1)])
-def test_median_of_means(kind, b, k):
-    x = random_gradients(kind, b, np.random.default_rng(b + k))
-    close(agg.median_of_means(tf.constant(x), k), np_median_of_means(x, k))
-
-
-def test_median_of_means_needs_dividing_groups():
-    with pytest.raises(ValueError, match="3 groups do not divide the batch of 10"):
-        agg.median_of_means(tf.zeros([10, 2]), 3)
 
 
 def test_median3():

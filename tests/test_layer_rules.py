@@ -7,13 +7,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import two_replicas
+from conftest import make_aggregator, np_trimmed, np_winsorized, two_replicas
 
 from cg_tf.robust import tiled
+from cg_tf.robust.aggregators import REGISTRY
+from cg_tf.robust.collectives import Collectives
 from cg_tf.robust.gradients import GradientSource
 from cg_tf.robust.layer_rules import Outer, Stacked
 from cg_tf.training import models
-from cg_tf.training.robust_model import AGGREGATORS, AggregatorConfig, Collectives, RobustModel
+from cg_tf.training.robust_model import RobustModel
 
 C = 3
 
@@ -116,15 +118,6 @@ def test_layers_applied_at_positions(kind, positions):
     assert GradientSource(model).positions is positions
 
 
-def np_winsorized(x, c):
-    s = np.sort(x, axis=0)
-    return np.clip(x, s[c], s[len(x) - 1 - c]).mean(axis=0)
-
-
-def np_trimmed(x, c):
-    return np.sort(x, axis=0)[c:len(x) - c].mean(axis=0)
-
-
 def test_sorting_network_sorts_every_zero_one_input():
     """The 0-1 principle: a comparator network that sorts every 0/1 input sorts
     every input."""
@@ -187,7 +180,7 @@ def run_step(name, jit, strategy=None):
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         model = net("norm")
-        robust = RobustModel(model, AggregatorConfig(name, c=2, groups=2), 8)
+        robust = RobustModel(model, make_aggregator(name, c=2, k=2))
         robust.compile(optimizer=keras.optimizers.SGD(0.1))
     step = tf.function(lambda b: strategy.run(robust.train_step, args=(b,)), jit_compile=jit)
     for s in range(3 if name in ("rm3", "ra3") else 1):
@@ -198,7 +191,7 @@ def run_step(name, jit, strategy=None):
     return [v.numpy() for v in model.trainable_variables]
 
 
-@pytest.mark.parametrize("name", AGGREGATORS)
+@pytest.mark.parametrize("name", REGISTRY)
 def test_every_aggregator_compiles_with_xla_to_the_same_update(name):
     for a, b in zip(run_step(name, False), run_step(name, True)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cg_tf.robust.aggregators import Mean
 from cg_tf.training import models
-from cg_tf.training.robust_model import AggregatorConfig, RobustModel
+from cg_tf.training.robust_model import RobustModel
 
 
 @pytest.mark.parametrize("name,shape", [
@@ -16,7 +17,7 @@ def test_model_trains_one_step(name, shape):
     keras.utils.set_random_seed(0)
     net = models.build_model(name, shape, 7, widths=(32, 16))
     assert net.output_shape == (None, 7)
-    model = RobustModel(net, AggregatorConfig("mean"), 4)
+    model = RobustModel(net, Mean())
     model.compile(optimizer=keras.optimizers.SGD(0.01))
     before = [v.numpy() for v in net.trainable_variables]
     data = {"image": tf.random.uniform([4, *shape]), "label": tf.constant([0, 1, 2, 6])}

@@ -9,13 +9,13 @@ import pytest
 
 from cg_tf.measure import metrics, report, tags
 from cg_tf.measure.monitor import LEARNED_IDS, LEARNING_EVENTS, NOT_LEARNED_IDS, MonitorConfig
-from cg_tf.training.robust_model import AggregatorConfig
+from cg_tf.robust.aggregators import Winsorized
 from cg_tf.training.trainer import TrainConfig, Trainer
 
 
 def train(data_dir, model_dir, **monitor):
     cfg = TrainConfig(data_dir=str(data_dir), model_dir=str(model_dir), fc_widths=(32,),
-                      aggregator=AggregatorConfig("winsorized", c=2), batch_size=50, epochs=2,
+                      aggregator=Winsorized(c=2), batch_size=50, epochs=2,
                       learning_rate=0.5, eval_sample_size=200,
                       monitor=MonitorConfig(**monitor))
     trainer = Trainer(cfg)

@@ -4,6 +4,7 @@ import collections
 
 import numpy as np
 import pytest
+from conftest import expected_corrupt_fraction, noise_matrix
 
 from cg_tf.data import hashing, noise
 
@@ -39,8 +40,8 @@ def test_uniform_rate_and_matrix(rate):
     noisy = {e: noise.pointwise_label(spec, e, y, C) for e, y in true.items()}
     changed = sum(noisy[e] != true[e] for e in IDS)
     assert binomial_ok(changed, len(IDS), rate * (C - 1) / C)
-    assert noise.expected_corrupt_fraction(spec, C) == pytest.approx(rate * (C - 1) / C)
-    m = noise.noise_matrix(((true[e], noisy[e]) for e in IDS), C)
+    assert expected_corrupt_fraction(spec, C) == pytest.approx(rate * (C - 1) / C)
+    m = noise_matrix(((true[e], noisy[e]) for e in IDS), C)
     assert m.sum() == len(IDS)
     # Each off-diagonal cell holds about rate/C of its row.
     for i in range(C):
@@ -74,7 +75,7 @@ def test_permute_preserves_marginal_and_ignores_order():
     assert noise.permuted_labels(spec, list(reversed(selected))) == new
     changed = sum(new[e] != y for e, y in selected)
     counts = collections.Counter(true.values())
-    assert binomial_ok(changed, len(IDS), noise.expected_corrupt_fraction(spec, C, counts))
+    assert binomial_ok(changed, len(IDS), expected_corrupt_fraction(spec, C, counts))
 
 
 def test_seed_changes_choice():

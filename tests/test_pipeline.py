@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 from absl import flags
-from conftest import decode_png, read_split, run_build, run_main, write_idx
+from conftest import (decode_png, expected_corrupt_fraction, read_split, run_build, run_main,
+                      write_idx)
 
 from cg_tf.data import build, noise, records
 from cg_tf.data.reader import InputConfig, Reader
@@ -67,7 +68,7 @@ def test_noise_mode_statistics(mode, tmp_path):
     n = len(train)
     m = np.asarray(info.noise_matrix)
     counts = dict(enumerate(m.sum(axis=1)))
-    p = noise.expected_corrupt_fraction(noise.NoiseSpec(mode, rate), 10, counts)
+    p = expected_corrupt_fraction(noise.NoiseSpec(mode, rate), 10, counts)
     k = info.splits["train"].num_corrupt
     assert abs(k - n * p) <= 4 * np.sqrt(n * p * (1 - p)), (k, n * p)
     if mode == "permute":

@@ -98,8 +98,8 @@ def test_histograms_are_the_latest(client):
 def test_table_has_final_values(client):
     rows = json.loads(get(client, "/table").get_data())["rows"]
     by_run = {r["run"]: r for r in rows}
-    assert by_run["winsorized_c4"]["aggregator"] == "winsorized"
-    assert by_run["winsorized_c4"]["c"] == 4 and by_run["mean"]["c"] is None
+    assert by_run["winsorized_c4"]["aggregator"] == "winsorized:4"
+    assert by_run["mean"]["aggregator"] == "mean"
     assert by_run["winsorized_c4"]["corrupt accuracy"] == pytest.approx(0.05)
     assert by_run["mean"]["test accuracy"] == pytest.approx(0.8)
     assert by_run["mean"]["adjusted overfit"] == pytest.approx(0.45)

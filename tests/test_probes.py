@@ -3,11 +3,12 @@ regression: dL/dW = x (p - onehot(y))^T, dL/db = p - onehot(y))."""
 
 import numpy as np
 import pytest
+from conftest import make_aggregator
 
 from cg_tf.measure import tags
-from cg_tf.measure.probe import Probe, probe_cut
+from cg_tf.measure.probe import Probe
+from cg_tf.robust.aggregators import Mean, Median, Trimmed, Winsorized
 from cg_tf.training.models import fc
-from cg_tf.training.robust_model import AggregatorConfig
 
 M, D, C = 10, 6, 4
 
@@ -60,9 +61,9 @@ def reference(grads, corrupt, name, c):
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_probe_matches_closed_form(problem, name, c, chunk):
     net, sample, grads = problem
-    config = AggregatorConfig(name, c=c)
-    got = Probe(net, config, sample, batch_size=M, chunk=chunk).measure()
-    cut = probe_cut(config, M, M)
+    aggregator = make_aggregator(name, c=c)
+    got = Probe(net, aggregator, sample, batch_size=M, chunk=chunk).measure()
+    cut = aggregator.probe_cut(M, M)
     want = reference(grads, sample["is_corrupt"], "mean" if name == "rm3" else name, cut)
     for tag, value in want.items():
         assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
@@ -77,12 +78,12 @@ def test_probe_matches_closed_form(problem, name, c, chunk):
 
 
 def test_probe_cut_scales_c_to_the_probe():
-    assert probe_cut(AggregatorConfig("winsorized", c=4), 100, 100) == 4
-    assert probe_cut(AggregatorConfig("winsorized", c=4), 50, 100) == 2
-    assert probe_cut(AggregatorConfig("trimmed", c=1), 10, 100) == 1
-    assert probe_cut(AggregatorConfig("median"), 10, 100) == 4
-    assert probe_cut(AggregatorConfig("median"), 9, 100) == 4
-    assert probe_cut(AggregatorConfig("mean"), 9, 100) is None
+    assert Winsorized(c=4).probe_cut(100, 100) == 4
+    assert Winsorized(c=4).probe_cut(50, 100) == 2
+    assert Trimmed(c=1).probe_cut(10, 100) == 1
+    assert Median().probe_cut(10, 100) == 4
+    assert Median().probe_cut(9, 100) == 4
+    assert Mean().probe_cut(9, 100) is None
 
 
 def test_probe_changes_no_state():
@@ -96,7 +97,7 @@ def test_probe_changes_no_state():
               "label": rng.integers(0, C, M).astype(np.int32),
               "is_corrupt": np.zeros(M, np.int32)}
     before = [v.numpy().copy() for v in net.variables]
-    out = Probe(net, AggregatorConfig("winsorized", c=1), sample, batch_size=M).measure()
+    out = Probe(net, Winsorized(c=1), sample, batch_size=M).measure()
     for a, v in zip(before, net.variables):
         np.testing.assert_array_equal(a, v.numpy())
     assert {tags.layer_coherence_tag(n) for n in ("d", "bn", "logits")} <= out.keys()

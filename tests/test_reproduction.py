@@ -78,9 +78,8 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
     assert "| winsorized_c2_noise0.5 | 2 |" in md and "±" in md and "| peak_test |" in md
     assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
     m = manifest(out, "runs/" + RUNS[3])
-    assert m["params"]["aggregator"] == {"name": "winsorized", "c": 2, "groups": 3,
-                                         "chunk": None, "bn_mode": "batch_stats",
-                                         "weight_decay": 0.0}
+    assert m["params"]["aggregator"] == {"name": "winsorized", "c": 2}
+    assert (m["params"]["per_example_chunk"], m["params"]["bn_mode"]) == (None, "batch_stats")
     assert m["params"]["seed"] == 1 and m["inputs"] == {
         "data/noise_0.5": manifest(out, "data/noise_0.5")["fingerprint"]}
     # Other parameters are refused, naming the difference; nothing changes.
@@ -94,8 +93,8 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
 def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
     from cg_tf.experiments import sweep
     from cg_tf.measure import report, tags
-    from cg_tf.training.robust_model import AggregatorConfig
-    points = sweep.grid([AggregatorConfig("mean")], [0.5], [0, 1, 2])
+    from cg_tf.robust.aggregators import Mean
+    points = sweep.grid([Mean()], [0.5], [0, 1, 2])
     manifests = {f"runs/{p.name}": {"outputs": {"test_accuracy": 0.5, "steps": 30}}
                  for p in points[:2]}  # the third run has not finished
     test = tags.ACCURACY_CURVES["test"]
@@ -113,10 +112,12 @@ def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--aggregators=winsorized"], "winsorized needs its parameter"),
-    (["--aggregators=mean:3"], "mean takes no parameter"),
-    (["--aggregators=winsorized:x"], "needs an integer after ':'"),
-    (["--aggregators=winsorized:60"], "--winsorize_c=60"),
+    (["--aggregators=winsorized"], "--aggregators=winsorized: winsorized needs its c"),
+    (["--aggregators=mean:3"], "--aggregators=mean:3: mean takes no parameter"),
+    (["--aggregators=winsorized:x"], "--aggregators=winsorized:x: c must be an integer"),
+    (["--aggregators=winsorized:60"], "--aggregators=winsorized:60: need 0 <= 2c < "
+     "--batch_size=100"),
+    (["--aggregators=krum"], "--aggregators=krum: unknown aggregator 'krum'"),
     (["--noise_rates=1.5"], "noise_rate must be in"),
     (["--learning_rate=-1"], "--learning_rate must be positive"),
 ])

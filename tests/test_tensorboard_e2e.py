@@ -19,8 +19,7 @@ from conftest import REPO, run_main
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = os.path.join(REPO, "test-artifacts", "memorization_tab.png")
-RUNS = {"mean": ["--aggregator=mean"], "winsorized_c4": ["--aggregator=winsorized",
-                                                         "--winsorize_c=4"]}
+RUNS = {"mean": ["--aggregator=mean"], "winsorized_c4": ["--aggregator=winsorized:4"]}
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import two_replicas
+from conftest import make_aggregator, two_replicas
 
 from cg_tf.robust import order_stats as agg
+from cg_tf.robust.aggregators import (REGISTRY, RM3, Mean, Median, MedianOfMeans, Trimmed,
+                                      Winsorized, from_json, parse)
+from cg_tf.robust.collectives import Collectives
 from cg_tf.robust.gradients import GradientSource
 from cg_tf.training import models
-from cg_tf.training.robust_model import AGGREGATORS, AggregatorConfig, Collectives, RobustModel
+from cg_tf.training.robust_model import RobustModel, check_layout
 
 B, C, SHAPE = 12, 3, (4, 4, 1)
 
@@ -111,7 +114,7 @@ def test_batch_stats_mode_normalizes_with_the_batch_statistics():
 def test_mean_aggregator_is_the_batch_gradient():
     net = make_net("cnn")
     data = batch()
-    model = RobustModel(net, AggregatorConfig("mean"), B)
+    model = RobustModel(net, Mean())
     grads, _ = model.aggregated_gradient(data["image"], data["label"])
     with tf.GradientTape() as tape:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
@@ -128,28 +131,31 @@ def test_per_example_aggregators_against_reference():
               "trimmed": lambda x: agg.trimmed_mean(x, 2),
               "median": agg.median}
     for name, ref in expect.items():
-        model = RobustModel(net, AggregatorConfig(name, c=2, chunk=4), B)
+        model = RobustModel(net, make_aggregator(name, c=2), per_example_chunk=4)
         grads, _ = model.aggregated_gradient(data["image"], data["label"])
         for g, p in zip(grads, per):
             np.testing.assert_allclose(g, ref(p), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_median_of_means_is_the_median_of_group_gradients():
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 12])
+def test_median_of_means_is_the_median_of_group_gradients(k):
     net = make_net("fc")
     data = batch()
-    model = RobustModel(net, AggregatorConfig("median_of_means", groups=3), B)
+    model = RobustModel(net, MedianOfMeans(k=k))
     grads, _ = model.aggregated_gradient(data["image"], data["label"])
-    src = GradientSource(net)
-    groups = [src.summed(data["image"][i:i + 4], data["label"][i:i + 4])[0] for i in (0, 4, 8)]
+    src, size = GradientSource(net), B // k
+    groups = [src.summed(data["image"][i:i + size], data["label"][i:i + size])[0]
+              for i in range(0, B, size)]
     for g, parts in zip(grads, zip(*groups)):
-        np.testing.assert_allclose(g, agg.median(tf.stack(parts) / 4), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(g, np.median(np.stack(parts) / size, axis=0),
+                                   rtol=1e-5, atol=1e-6)
 
 
-def run_steps(strategy, config, kind, batches, lr=0.1):
+def run_steps(strategy, aggregator, kind, batches, lr=0.1, chunk=None):
     """Weights after one train step per batch, starting from seed-0 weights."""
     with strategy.scope():
         net = make_net(kind)
-        model = RobustModel(net, config, B)
+        model = RobustModel(net, aggregator, per_example_chunk=chunk)
         model.compile(optimizer=keras.optimizers.SGD(lr))
     step = tf.function(lambda b: strategy.run(model.train_step, args=(b,)))
     for data in batches:
@@ -158,9 +164,9 @@ def run_steps(strategy, config, kind, batches, lr=0.1):
     return [v.numpy() for v in net.trainable_variables]
 
 
-@pytest.mark.parametrize("name", AGGREGATORS)
+@pytest.mark.parametrize("name", REGISTRY)
 def test_one_and_two_replicas_give_the_same_update(name):
-    config = AggregatorConfig(name, c=2, groups=3)
+    config = make_aggregator(name, c=2, k=3)
     batches = [batch(s) for s in range(4 if name in ("rm3", "ra3") else 1)]
     one = run_steps(tf.distribute.get_strategy(), config, "fc", batches)
     two = run_steps(two_replicas(), config, "fc", batches)
@@ -172,7 +178,7 @@ def test_one_and_two_replicas_give_the_same_update(name):
 
 @pytest.mark.parametrize("name", ["winsorized", "median"])
 def test_batchnorm_statistics_are_global_for_per_example_aggregators(name):
-    config = AggregatorConfig(name, c=1)
+    config = make_aggregator(name, c=1)
     data = [batch(0, shape=(6, 6, 2))]
     for a, b in zip(run_steps(tf.distribute.get_strategy(), config, "bn", data),
                     run_steps(two_replicas(), config, "bn", data)):
@@ -182,10 +188,10 @@ def test_batchnorm_statistics_are_global_for_per_example_aggregators(name):
 @pytest.mark.parametrize("name", ["winsorized", "trimmed", "median"])
 def test_chunk_size_does_not_change_the_update(name):
     data = [batch(1)]
-    whole = run_steps(tf.distribute.get_strategy(), AggregatorConfig(name, c=3), "cnn", data)
+    whole = run_steps(tf.distribute.get_strategy(), make_aggregator(name, c=3), "cnn", data)
     for chunk in (1, 4):
-        chunked = run_steps(tf.distribute.get_strategy(),
-                            AggregatorConfig(name, c=3, chunk=chunk), "cnn", data)
+        chunked = run_steps(tf.distribute.get_strategy(), make_aggregator(name, c=3), "cnn", data,
+                            chunk=chunk)
         for a, b in zip(whole, chunked):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -195,7 +201,7 @@ def test_chunk_size_does_not_change_the_update(name):
 def test_temporal_ring_buffer(name, combine, tmp_path):
     lr = 0.5
     net = make_net("softmax")
-    model = RobustModel(net, AggregatorConfig(name), B)
+    model = RobustModel(net, make_aggregator(name))
     model.compile(optimizer=keras.optimizers.SGD(lr))
     w0 = [v.numpy() for v in net.trainable_variables]
     src = GradientSource(net)
@@ -210,10 +216,10 @@ def test_temporal_ring_buffer(name, combine, tmp_path):
     path = ckpt.save(str(tmp_path / "ckpt"))
     # A fresh model restored from the checkpoint continues exactly.
     net2 = make_net("softmax", seed=1)
-    model2 = RobustModel(net2, AggregatorConfig(name), B)
+    model2 = RobustModel(net2, make_aggregator(name))
     model2.compile(optimizer=keras.optimizers.SGD(lr))
     tf.train.Checkpoint(model=model2).restore(path).assert_existing_objects_matched()
-    assert int(model2.history_count) == 2
+    assert int(model2.aggregator_state.count) == 2
     data = batch(2)
     g3 = [g.numpy() / B for g in src.summed(data["image"], data["label"])[0]]
     model2.train_step(data)
@@ -222,17 +228,34 @@ def test_temporal_ring_buffer(name, combine, tmp_path):
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("config,batch_size,replicas,momentum,message", [
-    (AggregatorConfig("sgd"), 100, 1, 0, "--aggregator must be one of"),
-    (AggregatorConfig("winsorized", c=50), 100, 1, 0, "--winsorize_c=50: need 0 <= 2c <"),
-    (AggregatorConfig("trimmed", c=-1), 100, 1, 0, "--trim_c=-1"),
-    (AggregatorConfig("median_of_means", groups=3), 100, 1, 0, "--mom_groups=3 does not divide"),
-    (AggregatorConfig("rm3"), 100, 1, 0.9, "--aggregator=rm3 refuses --momentum=0.9"),
-    (AggregatorConfig("mean"), 101, 2, 0, "--batch_size=101 is not divisible by the 2"),
-    (AggregatorConfig("mean", bn_mode="magic"), 100, 1, 0, "--bn_mode must be one of"),
-    (AggregatorConfig("median", chunk=7), 100, 2, 0,
-     "--per_example_chunk=7 does not divide the per-replica batch of 50"),
+@pytest.mark.parametrize("aggregator,batch_size,replicas,momentum,chunk,message", [
+    (Winsorized(c=50), 100, 1, 0, None, r"--aggregator=winsorized:50: need 0 <= 2c <"),
+    (Trimmed(c=-1), 100, 1, 0, None, r"--aggregator=trimmed:-1: need 0 <= 2c"),
+    (MedianOfMeans(k=3), 100, 1, 0, None, r"--aggregator=median_of_means:3: 3 groups do not "
+     "divide"),
+    (RM3(), 100, 1, 0.9, None, r"--aggregator=rm3: refuses --momentum=0.9"),
+    (Mean(), 101, 2, 0, None, r"--batch_size=101 is not divisible by the 2"),
+    (Median(), 100, 2, 0, 7, r"--per_example_chunk=7 does not divide the per-replica batch of 50"),
 ])
-def test_bad_configurations(config, batch_size, replicas, momentum, message):
+def test_bad_layouts(aggregator, batch_size, replicas, momentum, chunk, message):
     with pytest.raises(ValueError, match=message):
-        config.check(batch_size, replicas, momentum)
+        check_layout(aggregator, batch_size, replicas, momentum, chunk)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("sgd", r"--aggregator=sgd: unknown aggregator 'sgd'; one of mean, winsorized"),
+    ("winsorized", r"--aggregator=winsorized: winsorized needs its c, e.g. winsorized:4"),
+    ("winsorized:x", r"--aggregator=winsorized:x: c must be an integer"),
+    ("median:3", r"--aggregator=median:3: median takes no parameter"),
+])
+def test_bad_aggregator_names(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse(spec)
+
+
+def test_names_read_back():
+    for name in REGISTRY:
+        a = make_aggregator(name, c=3, k=4)
+        assert parse(a.spec) == a and from_json(a.to_json()) == a
+    assert Winsorized(c=4).spec == "winsorized:4" and Winsorized(c=4).setting == "winsorized_c4"
+    assert MedianOfMeans(k=3).setting == "median_of_means_k3" and Median().spec == "median"

@@ -18,7 +18,8 @@ from conftest import REPO, jpeg, parsed_flags, run_build, run_main, write_idx
 from cg_tf import train
 from cg_tf.data import records
 from cg_tf.experiments import stages
-from cg_tf.training.robust_model import AggregatorConfig
+from cg_tf.measure.monitor import MonitorConfig
+from cg_tf.robust.aggregators import RM3, Mean, MedianOfMeans, Winsorized
 from cg_tf.training.trainer import NonFiniteLoss, TrainConfig, Trainer
 
 
@@ -30,18 +31,49 @@ def config(data_dir, model_dir, **kw):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"model": "transformer"}, "--model must be one of"),
-    ({"aggregator": AggregatorConfig("krum")}, "--aggregator must be one of"),
-    ({"aggregator": AggregatorConfig("winsorized", c=50)}, "--winsorize_c=50"),
-    ({"aggregator": AggregatorConfig("median_of_means", groups=7)}, "--mom_groups=7"),
-    ({"aggregator": AggregatorConfig("rm3"), "momentum": 0.9}, "refuses --momentum"),
-    ({"lr_schedule": "step"}, "--lr_schedule=step needs --lr_decay_epochs"),
+    ({"aggregator": Winsorized(c=50)}, "--aggregator=winsorized:50: need 0 <= 2c"),
+    ({"aggregator": MedianOfMeans(k=7)}, "--aggregator=median_of_means:7: 7 groups do not"),
+    ({"aggregator": RM3(), "momentum": 0.9}, "--aggregator=rm3: refuses --momentum=0.9"),
     ({"batch_size": 100_000}, "--batch_size=100000 is larger"),
 ])
 def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         Trainer(config(digits_dir, tmp_path / "run", **overrides))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model": "transformer"}, "--model must be one of"),
+    ({"lr_schedule": "step"}, "--lr_schedule=step needs --lr_decay_epochs"),
+    ({"bn_mode": "magic"}, "--bn_mode must be one of"),
+    ({"per_example_chunk": 0}, "--per_example_chunk must be positive"),
+    ({"momentum": 1.0}, r"--momentum must be in \[0, 1\)"),
+])
+def test_bad_options_fail_when_the_config_is_made(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, tmp_path / "run", **overrides)
+    with pytest.raises(ValueError, match="--eval_every must be positive"):
+        MonitorConfig(eval_every=0)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--aggregator=krum"], "--aggregator=krum: unknown aggregator 'krum'"),
+    (["--aggregator=winsorized"], "--aggregator=winsorized: winsorized needs its c"),
+    (["--fc_widths=8,x"], "--fc_widths: 8,x is not a list of int"),
+    (["--image_size="], None),
+])
+def test_flags_are_read_into_the_config(args, message):
+    if message:
+        with pytest.raises(ValueError, match=message):
+            with parsed_flags("train", *args):
+                train.config_from_flags()
+        return
+    with parsed_flags("train", "--aggregator=median_of_means:4", "--fc_widths=8,4",
+                      "--image_size=", "--eval_every=7", "--seed=3"):
+        got = train.config_from_flags()
+    assert got.aggregator == MedianOfMeans(k=4) and got.fc_widths == (8, 4)
+    assert got.image_size is None and got.monitor.eval_every == 7 and got.seed == 3
+    assert got.model_dir == "runs/demo"  # the demo's default
 
 
 def test_missing_or_incomplete_dataset(digits_dir, tmp_path):
@@ -208,10 +240,9 @@ def test_every_config_holds_the_papers_settings(path, monkeypatch):
     monkeypatch.chdir(REPO)  # Configs name their base flagfiles relative to the checkout.
     name = os.path.basename(path)
     paper = parse_config(path)
-    paper.check()
     if "imagenet" in name:
         assert (paper.batch_size, paper.epochs, paper.learning_rate, paper.momentum,
-                paper.aggregator.weight_decay, paper.augment, paper.lr_decay_epochs) == (
+                paper.weight_decay, paper.augment, paper.lr_decay_epochs) == (
                     256, 90, 0.1, 0, 0, "none", (30, 60, 80))
         assert paper.model == {"resnet": "resnet50", "inception": "inception_v3",
                                "vgg": "vgg16"}[name.split("_")[0]]
@@ -221,20 +252,20 @@ def test_every_config_holds_the_papers_settings(path, monkeypatch):
     # of MNIST), c in {0, 1, 2, 4, 8}; both lr 0.1, batch 100, no momentum.
     if name.startswith(("label_noise_", "winsorize_")):
         assert (paper.model, paper.batch_size, paper.learning_rate, paper.momentum,
-                paper.aggregator.weight_decay, paper.lr_schedule) == (
+                paper.weight_decay, paper.lr_schedule) == (
                     "fc", 100, 0.1, 0, 0, "constant")
     if name.startswith("label_noise_"):
-        assert paper.aggregator == AggregatorConfig("mean")
+        assert paper.aggregator == Mean()
         assert (paper.fc_widths, paper.steps) == ((2048,), 100_000)
         assert "permute50" in paper.data_dir  # the data its comment builds
     if name.startswith("winsorize_"):
         c = int(name.rsplit("_c", 1)[1].split(".")[0]) if "_c" in name else 0
         assert c in (0, 1, 2, 4, 8)
-        assert paper.aggregator == AggregatorConfig("winsorized", c=c)
+        assert paper.aggregator == Winsorized(c=c)
         assert (paper.fc_widths, paper.steps) == ((256, 256, 256), 60_000)
         assert "noisy50" in paper.data_dir
     if name == "cifar10_resnet_m3.flags":
-        assert paper.aggregator.name == "median_of_means" and paper.aggregator.groups == 3
+        assert paper.aggregator == MedianOfMeans(k=3)
         assert paper.batch_size == 3 * 128 and paper.momentum == 0
 
 
@@ -284,8 +315,7 @@ def test_winsorization_suppresses_memorization_on_noisy_digits(digits_dir, tmp_p
     starts memorizing the corrupt examples; winsorized gradients (c = 4) do not,
     while pristine and test accuracy hold."""
     results = {}
-    for name, aggregator in (("mean", AggregatorConfig("mean")),
-                             ("winsorized", AggregatorConfig("winsorized", c=4))):
+    for name, aggregator in (("mean", Mean()), ("winsorized", Winsorized(c=4))):
         cfg = config(digits_dir, tmp_path / name, aggregator=aggregator, fc_widths=(256,),
                      learning_rate=0.5, batch_size=25, epochs=30, steps=None,
                      deterministic=True, eval_sample_size=1000, log_every=500)
@@ -313,7 +343,7 @@ def test_two_workers_match_two_replicas_on_one_worker(digits_dir, tmp_path):
     ends with exactly the weights of MirroredStrategy on two logical CPUs."""
     import json
     args = ["-m", "cg_tf.train", f"--data_dir={digits_dir}", "--steps=10", "--fc_widths=32",
-            "--aggregator=winsorized", "--winsorize_c=2", "--deterministic",
+            "--aggregator=winsorized:2", "--deterministic",
             "--eval_sample_size=50", "--checkpoint_every=10"]
     ports = free_ports(2)
     workers = []

@@ -27,8 +27,9 @@ from cg_tf import common_flags
 _MODELS = flags.DEFINE_list("models", ["fc", "fc3", "small_cnn", "cifar_resnet18"],
                             "Models to time.")
 _AGGREGATORS = flags.DEFINE_list(
-    "aggregators", ["mean", "winsorized", "trimmed", "median", "median_of_means", "rm3", "ra3"],
-    "Aggregators to time (mean is plain SGD, the reference).")
+    "aggregators", ["mean", "winsorized:4", "trimmed:4", "median", "median_of_means:4", "rm3",
+                    "ra3"],
+    "Aggregators to time, name or name:value (mean is plain SGD, the reference).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Timed rounds (0: a per-model default).")
 _JSON = flags.DEFINE_string("json", None, "Write the results here too.")
 _JIT = flags.DEFINE_bool("jit", True, "Also time each aggregator with jit_compile=True.")
@@ -97,8 +98,9 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool) -> list
     import keras
     import tensorflow as tf
 
+    from cg_tf.robust import aggregators as registry
     from cg_tf.training import models
-    from cg_tf.training.robust_model import AggregatorConfig, RobustModel
+    from cg_tf.training.robust_model import RobustModel
 
     model_name, widths, shape, batch, chunk, default_steps = SETUPS[name]
     steps = steps or default_steps
@@ -106,17 +108,16 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool) -> list
     data = {"image": tf.constant(rng.random((batch, *shape), np.float32)),
             "label": tf.constant(rng.integers(0, 10, batch).astype(np.int32))}
     rows, timed = [], []
-    for agg in aggregators:
-        groups = 4 if batch % 3 else 3  # M3 needs 3 | batch; 128 takes 4 groups.
-        row = {"model": LABELS.get(name, name), "batch": batch, "aggregator": agg,
-               "detail": {"winsorized": "c=4", "trimmed": "c=4",
-                          "median_of_means": f"k={groups}"}.get(agg, ""),
-               "chunk": chunk if agg in ("winsorized", "trimmed", "median") else None,
+    for spec in aggregators:
+        agg = registry.parse(spec, "--aggregators")
+        row = {"model": LABELS.get(name, name), "batch": batch, "aggregator": agg.name,
+               "detail": f"{agg.parameter}={agg.value}" if agg.parameter else "",
+               "chunk": chunk if isinstance(agg, registry.OrderStatistic) else None,
                "step_seconds": [], "jit_step_seconds": []}
         for compiled in (False, True) if jit else (False,):
             keras.utils.set_random_seed(0)
             net = models.build_model(model_name, shape, 10, widths or (2048,))
-            model = RobustModel(net, AggregatorConfig(agg, c=4, groups=groups, chunk=chunk), batch)
+            model = RobustModel(net, agg, per_example_chunk=row["chunk"])
             model.compile(optimizer=keras.optimizers.SGD(0.01))
             step = tf.function(model.train_step, jit_compile=compiled)
             for _ in range(2):
@@ -128,7 +129,7 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool) -> list
                 row["peak_mb"] = memory.peak / 2**20
             timed.append((row["jit_step_seconds" if compiled else "step_seconds"], step))
         rows.append(row)
-        print(f"  {name} {agg}: ready", file=sys.stderr, flush=True)
+        print(f"  {name} {spec}: ready", file=sys.stderr, flush=True)
     for _ in range(steps):
         for times, step in timed:
             times.append(_one_step(step, data))
@@ -145,6 +146,12 @@ def main(_):
     if _ONE.value:
         print(json.dumps(time_model(_ONE.value, _AGGREGATORS.value, _STEPS.value, _JIT.value)))
         return
+    from cg_tf.robust import aggregators
+    try:
+        for spec in _AGGREGATORS.value:
+            aggregators.parse(spec, "--aggregators")
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     rows = []
     for name in _MODELS.value:
         if name not in SETUPS:

@@ -10,9 +10,8 @@ Modes:
 """
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
-import numpy as np
 
 from cg_tf.data import hashing
 
@@ -64,25 +63,3 @@ def permuted_labels(spec: NoiseSpec, selected: Iterable[tuple[str, int]]) -> dic
     receivers = sorted((eid for eid, _ in items),
                        key=lambda eid: (hashing.stable_hash64(spec.seed, eid, "perm_b"), eid))
     return dict(zip(receivers, labels))
-
-
-def noise_matrix(pairs: Iterable[tuple[int, int]], num_classes: int) -> np.ndarray:
-    """Counts[true_label, training_label] over (true, training) label pairs."""
-    m = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for true, noisy in pairs:
-        m[true, noisy] += 1
-    return m
-
-
-def expected_corrupt_fraction(spec: NoiseSpec, num_classes: int,
-                              class_counts: Mapping[int, int] | None = None) -> float:
-    """The expected fraction of training examples whose label changes."""
-    if spec.mode == "uniform":
-        return spec.rate * (num_classes - 1) / num_classes
-    if spec.mode == "uniform_other":
-        return spec.rate
-    if class_counts is None:
-        raise ValueError("permute needs the class counts")
-    p = np.array(list(class_counts.values()), dtype=np.float64)
-    p /= p.sum()
-    return spec.rate * (1.0 - float(np.sum(p * p)))

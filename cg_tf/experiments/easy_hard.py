@@ -14,7 +14,6 @@ Stages under the output directory:
 and summary.csv, summary.md, figure.png.
 """
 
-import csv
 import dataclasses
 import os
 
@@ -26,7 +25,8 @@ from cg_tf.experiments import stages
 from cg_tf.experiments.runner import Stage
 from cg_tf.measure import report
 from cg_tf.measure.monitor import LEARNED_IDS, NOT_LEARNED_IDS
-from cg_tf.training.robust_model import AggregatorConfig
+from cg_tf.robust.aggregators import Mean
+from cg_tf.storage import files
 from cg_tf.training.trainer import TrainConfig
 
 SETS = ("easy", "hard")
@@ -65,8 +65,7 @@ def select(ids: list[str], train: int, heldout: int, seed: int, name: str) -> di
 
 
 def _read_ids(path: str) -> list[str]:
-    with report.open_file(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in files.read_text(path).splitlines() if line.strip()]
 
 
 def split_stage(sizes: Sizes, seed: int, num_shards: int, beam_args: list[str]) -> Stage:
@@ -118,9 +117,7 @@ def pipeline(source: Source, build_config: build.BuildConfig, beam_args: list[st
     and `first_epochs`) the first training."""
     clean = dataclasses.replace(build_config,
                                 noise=dataclasses.replace(build_config.noise, rate=0.0))
-    first = dataclasses.replace(train, aggregator=AggregatorConfig("mean"), epochs=first_epochs,
-                                steps=None)
-    first.check()
+    first = dataclasses.replace(train, aggregator=Mean(), epochs=first_epochs, steps=None)
     return [stages.dataset_stage("data/clean", source, clean, beam_args),
             stages.train_stage("first_training", "data/clean", first),
             split_stage(sizes, build_config.noise.seed, build_config.num_shards, beam_args),
@@ -145,19 +142,15 @@ def write_report(output_dir: str, manifests: dict[str, dict]) -> dict:
     first = manifests["first_training"]["outputs"]
     paths = {k: os.path.join(output_dir, f) for k, f in
              (("csv", "summary.csv"), ("md", "summary.md"), ("figure", "figure.png"))}
-    with report.open_file(paths["csv"], "w") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with report.open_file(paths["md"], "w") as f:
-        f.write("# Easy and hard examples\n\n")
-        f.write(f"After {first['steps']} steps of SGD, {split['available']['easy']} training "
-                f"examples were classified correctly (easy) and {split['available']['hard']} "
-                f"not (hard). Each set: {split['train_size']} for training, "
-                f"{split['heldout_size']} held out.\n\n")
-        f.write("Accuracy of the model trained on each set (rows) on the held-out part of "
-                "each set and on the original test set (columns):\n\n")
-        f.write(report.markdown(rows))
+    report.write_table(paths["csv"], rows)
+    files.write_text(paths["md"], (
+        "# Easy and hard examples\n\n"
+        f"After {first['steps']} steps of SGD, {split['available']['easy']} training "
+        f"examples were classified correctly (easy) and {split['available']['hard']} "
+        f"not (hard). Each set: {split['train_size']} for training, "
+        f"{split['heldout_size']} held out.\n\n"
+        "Accuracy of the model trained on each set (rows) on the held-out part of "
+        "each set and on the original test set (columns):\n\n" + report.markdown(rows)))
     _figure(rows, report.load_runs(os.path.join(output_dir, "runs")), paths["figure"])
     return paths
 

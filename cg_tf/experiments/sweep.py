@@ -8,7 +8,6 @@ Layout under the output directory:
   summary.csv, summary.md, figure.png
 """
 
-import csv
 import dataclasses
 import itertools
 import os
@@ -20,10 +19,11 @@ from cg_tf.data.sources import Source
 from cg_tf.experiments.runner import Stage
 from cg_tf.experiments.stages import dataset_stage, train_stage
 from cg_tf.measure import report, tags
-from cg_tf.training.robust_model import AggregatorConfig
+from cg_tf.robust.aggregators import Aggregator
+from cg_tf.storage import files
+from cg_tf.training.robust_model import check_layout
 from cg_tf.training.trainer import TrainConfig
 
-PARAMETER = {"winsorized": "c", "trimmed": "c", "median_of_means": "groups"}
 RESULTS = ("pristine_accuracy", "corrupt_accuracy", "corrupt_true_label_accuracy",
            "test_accuracy", "adjusted_overfit")
 # Averaged over seeds with the final RESULTS: the best test accuracy a run's
@@ -32,48 +32,23 @@ RESULTS = ("pristine_accuracy", "corrupt_accuracy", "corrupt_true_label_accuracy
 PEAK = "peak_test_accuracy"
 
 
-def parse_setting(spec: str, base: AggregatorConfig) -> AggregatorConfig:
-    """`name` or `name:value` (winsorized:4 = c 4, median_of_means:3 = 3 groups)."""
-    name, _, value = spec.partition(":")
-    # Only the setting's own parameter varies; the others keep their defaults.
-    config = AggregatorConfig(name, chunk=base.chunk, bn_mode=base.bn_mode,
-                              weight_decay=base.weight_decay)
-    if value:
-        if name not in PARAMETER:
-            raise ValueError(f"--aggregators: {name} takes no parameter, got {spec!r}")
-        try:
-            config = dataclasses.replace(config, **{PARAMETER[name]: int(value)})
-        except ValueError:
-            raise ValueError(f"--aggregators: {spec!r} needs an integer after ':'") from None
-    elif name in PARAMETER:
-        raise ValueError(f"--aggregators: {name} needs its parameter, e.g. {name}:4")
-    return config
-
-
-def setting_name(config: AggregatorConfig) -> str:
-    key = PARAMETER.get(config.name)
-    if key is None:
-        return config.name
-    return f"{config.name}_{'c' if key == 'c' else 'k'}{getattr(config, key)}"
-
-
 @dataclasses.dataclass(frozen=True)
 class Point:
     """One run of the grid."""
-    aggregator: AggregatorConfig
+    aggregator: Aggregator
     noise_rate: float
     seed: int
 
     @property
     def setting(self) -> str:
-        return f"{setting_name(self.aggregator)}_noise{self.noise_rate:g}"
+        return f"{self.aggregator.setting}_noise{self.noise_rate:g}"
 
     @property
     def name(self) -> str:
         return f"{self.setting}_seed{self.seed}"
 
 
-def grid(settings: list[AggregatorConfig], noise_rates: list[float], seeds: list[int]
+def grid(settings: list[Aggregator], noise_rates: list[float], seeds: list[int]
          ) -> list[Point]:
     return [Point(a, r, s) for r, a, s in itertools.product(noise_rates, settings, seeds)]
 
@@ -92,7 +67,8 @@ def stages(source: Source, build_config: build.BuildConfig, beam_args: list[str]
                                      noise=dataclasses.replace(build_config.noise, rate=rate))
         out.append(dataset_stage(data_stage_name(rate), source, config, beam_args))
     for p in points:
-        p.aggregator.check(train.batch_size, 1, train.momentum)
+        check_layout(p.aggregator, train.batch_size, 1, train.momentum,
+                     train.per_example_chunk, flag="--aggregators")
         out.append(train_stage(f"runs/{p.name}", data_stage_name(p.noise_rate),
                                dataclasses.replace(train, aggregator=p.aggregator, seed=p.seed)))
     return out
@@ -118,9 +94,8 @@ def rows(points: list[Point], manifests: dict[str, dict],
         outputs = (manifests.get(f"runs/{p.name}") or {}).get("outputs") or {}
         if not outputs:
             continue
-        key = PARAMETER.get(p.aggregator.name)
         out.append({"run": p.name, "setting": p.setting, "aggregator": p.aggregator.name,
-                    "parameter": getattr(p.aggregator, key) if key else None,
+                    "parameter": p.aggregator.value,
                     "noise_rate": p.noise_rate, "seed": p.seed,
                     **{k: outputs.get(k) for k in RESULTS},
                     **dict(zip(("peak_test_step", PEAK), peak(
@@ -151,20 +126,15 @@ def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict
     table = rows(points, manifests, by_name)
     paths = {k: os.path.join(output_dir, f) for k, f in
              (("csv", "summary.csv"), ("md", "summary.md"), ("figure", "figure.png"))}
-    with report.open_file(paths["csv"], "w") as f:
-        if table:
-            writer = csv.DictWriter(f, list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+    report.write_table(paths["csv"], table)
     means = over_seeds(table)
     shown = [{k: r[k] for k in ("setting", "seeds")} | {
         k.replace("_accuracy", ""): _pm(r[k], r[f"{k}_std"]) for k in (*RESULTS, PEAK)}
         for r in means]
-    with report.open_file(paths["md"], "w") as f:
-        f.write("# Noise sweep\n\n## Mean and spread over seeds\n\n")
-        f.write(report.markdown(shown))
-        f.write("\n## Every run\n\n")
-        f.write(report.markdown([{k: v for k, v in r.items() if k != "setting"} for r in table]))
+    files.write_text(paths["md"], "# Noise sweep\n\n## Mean and spread over seeds\n\n"
+                     + report.markdown(shown) + "\n## Every run\n\n"
+                     + report.markdown([{k: v for k, v in r.items() if k != "setting"}
+                                        for r in table]))
     panels = {}
     for p in points:
         if p.name in by_name:

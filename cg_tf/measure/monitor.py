@@ -24,8 +24,9 @@ from tensorflow.core.framework import summary_pb2
 from cg_tf.data.reader import Reader
 from cg_tf.measure import metrics, tags
 from cg_tf.measure.probe import Probe
+from cg_tf.options import option
+from cg_tf.robust.aggregators import Aggregator
 from cg_tf.storage import files
-from cg_tf.training.robust_model import AggregatorConfig
 
 LEARNED_IDS = "learned_ids.txt"
 NOT_LEARNED_IDS = "not_learned_ids.txt"
@@ -34,13 +35,18 @@ LEARNING_EVENTS = "learning_events.csv"
 
 @dataclasses.dataclass(frozen=True)
 class MonitorConfig:
-    eval_every: int | None = None  # steps between evaluations; None: every epoch
-    eval_log_spaced: bool = True  # also at steps 1, 2, 4, ... before the first
-    probe_size: int | None = None  # None: the batch size; 0: no probe
-    probe_max_share: float = 0.1
-    export_learned: bool = True
+    eval_every: int | None = option(None, "Steps between evaluations (default: every epoch).")
+    eval_log_spaced: bool = option(True, "Also evaluate at steps 1, 2, 4, ... before that.")
+    probe_size: int | None = option(
+        None, "Examples of the gradient probe (coherence, f_p, aggregator diagnostics); "
+        "default: the batch size; 0: no probe.")
+    probe_max_share: float = option(0.1, "Skip a probe while probing has taken more than "
+                                    "this share of the run's time.")
+    export_learned: bool = option(True, "At the end, write the ids of the training examples "
+                                  "the model classifies as their training label, and of the "
+                                  "others.")
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"--eval_every must be positive, got {self.eval_every}")
         if self.probe_size is not None and self.probe_size < 0:
@@ -93,9 +99,9 @@ def _probe_sample(mixed: tf.data.Dataset, size: int) -> dict[str, tf.Tensor] | N
 
 
 class Monitor:
-    def __init__(self, net, reader: Reader, aggregator: AggregatorConfig, batch_size: int,
-                 config: MonitorConfig, writer):
-        config.check()
+    def __init__(self, net, reader: Reader, aggregator: Aggregator, batch_size: int,
+                 config: MonitorConfig, writer, bn_mode: str = "batch_stats",
+                 chunk: int | None = None):
         self.net, self.reader, self.config, self.writer = net, reader, config, writer
         subsets = reader.eval_subsets()
         self.top5 = reader.num_classes > 10
@@ -107,13 +113,13 @@ class Monitor:
         size = batch_size if config.probe_size is None else config.probe_size
         sample = _probe_sample(self.subsets["mixed"], size) if size else None
         if sample is not None:
-            self.probe = Probe(net, aggregator, sample, batch_size, aggregator.chunk)
+            self.probe = Probe(net, aggregator, sample, batch_size, chunk, bn_mode)
         elif size:
             logging.warning("no probe: the mixed subset has fewer than %d examples", size)
         self.seconds = {"eval": 0.0, "probe": 0.0}
         self._latest: tuple[int, dict] | None = None  # (step, results) of the last observe
         self._probe_traced = False  # the first probe traces the graph: outside the budget
-        self._run_config = {"aggregator": dataclasses.asdict(aggregator),
+        self._run_config = {"aggregator": aggregator.to_json(),
                             "noise": reader.info.noise, "num_classes": reader.num_classes,
                             "batch_size": batch_size, "probe_size": size if sample is not None else 0}
 

@@ -12,7 +12,7 @@ to its moving statistics, so measuring changes nothing):
   the share of gradient mass (L1) removed, for pristine vs corrupt examples.
 
 The thresholds are the exact per-coordinate order statistics of the probe
-(aggregators.OrderStats); the per-example contributions need them, so the
+(order_stats.OrderStats); the per-example contributions need them, so the
 aggregators with thresholds take a second pass over the probe. Ties at a
 nonzero threshold count as kept (for trimmed means and the median a tied value
 that the aggregator drops is attributed to no example). M3, RM3 and RA3 have
@@ -23,23 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 from cg_tf.measure import metrics, tags
-from cg_tf.robust import order_stats as agg
+from cg_tf.robust import order_stats
+from cg_tf.robust.aggregators import Aggregator
 from cg_tf.robust.gradients import GradientSource, chunk_size
-from cg_tf.training.robust_model import AggregatorConfig
-
-THRESHOLD_AGGREGATORS = ("winsorized", "trimmed", "median")
-
-
-def probe_cut(config: AggregatorConfig, probe_size: int, batch_size: int) -> int | None:
-    """Values cut per side per coordinate on the probe: the run's c scaled to the
-    probe size (at least 1 if c > 0), (m+1)//2 - 1 for the median, None if the
-    aggregator has no thresholds."""
-    if config.name == "median":
-        return (probe_size + 1) // 2 - 1
-    if config.name in ("winsorized", "trimmed"):
-        c = round(config.c * probe_size / batch_size)
-        return min(max(c, 1 if config.c else 0), (probe_size - 1) // 2)
-    return None
 
 
 def layer_of(variable, net_name: str) -> str:
@@ -51,21 +37,22 @@ def layer_of(variable, net_name: str) -> str:
 
 
 class Probe:
-    """Measures the probe sample `x, y, is_corrupt` for `net` trained with `config`."""
+    """Measures the probe sample `x, y, is_corrupt` for `net` trained with `aggregator`."""
 
-    def __init__(self, net, config: AggregatorConfig, sample: dict[str, tf.Tensor],
-                 batch_size: int, chunk: int | None = None):
+    def __init__(self, net, aggregator: Aggregator, sample: dict[str, tf.Tensor],
+                 batch_size: int, chunk: int | None = None, bn_mode: str = "batch_stats"):
         self.x = tf.convert_to_tensor(sample["image"])
         self.y = tf.convert_to_tensor(sample["label"])
         self.pristine = 1.0 - tf.cast(sample["is_corrupt"], tf.float32)
         self.size = int(self.x.shape[0])
-        self.config = config
+        self.aggregator = aggregator
         self.chunk = chunk if chunk and self.size % chunk == 0 else None
-        self.source = GradientSource(net, config.bn_mode)
+        self.source = GradientSource(net, bn_mode)
         self.layers = sorted({layer_of(v, net.name) for v in self.source.variables})
         self._layer_index = [self.layers.index(layer_of(v, net.name))
                              for v in self.source.variables]
-        self.cut = probe_cut(config, self.size, batch_size)
+        # Values cut per side per coordinate on the probe, or None (no thresholds).
+        self.cut = aggregator.probe_cut(self.size, batch_size)
         self._measure = tf.function(self._graph)
 
     def _chunk_pristine(self, i, m):
@@ -93,16 +80,11 @@ class Probe:
             return ([t + tf.reduce_sum(g, 0) for t, g in zip(total, grads)],
                     [s + tf.tensordot(p, g, 1) for s, g in zip(pristine, grads)],
                     norms,
-                    [agg.add(s, g) for s, g in zip(stats, grads)] if k else stats)
+                    [order_stats.add(s, g) for s, g in zip(stats, grads)] if k else stats)
 
         zeros = [tf.zeros(v.shape) for v in variables]
-        stats = [agg.empty_stats(v.shape, k) for v in variables] if k else []
+        stats = [order_stats.empty_stats(v.shape, k) for v in variables] if k else []
         return self._fold((zeros, zeros, tf.zeros([len(self.layers)]), stats), step)
-
-    def _aggregate(self, stats):
-        if self.config.name == "winsorized":
-            return [agg.winsorized_from_stats(s, self.cut, self.size) for s in stats]
-        return [agg.trimmed_from_stats(s, self.cut, self.size) for s in stats]
 
     def _second_pass(self, stats):
         """The pristine examples' contributions to the robust update, and per
@@ -113,7 +95,6 @@ class Probe:
             hi = s.top[self.cut]
             bounds.append((tf.where(tf.math.is_inf(s.bottom[self.cut]), hi,
                                     s.bottom[self.cut]), hi))
-        winsorize = self.config.name == "winsorized"
 
         def step(state, p, grads):
             contrib_p, cut, removed, mass = state
@@ -121,7 +102,7 @@ class Probe:
             new_contrib = []
             for c_p, g, (lo, hi) in zip(contrib_p, grads, bounds):
                 beyond = (g < lo) | (g > hi)
-                kept = tf.clip_by_value(g, lo, hi) if winsorize else tf.where(beyond, 0.0, g)
+                kept = self.aggregator.kept(g, lo, hi)
                 axes = list(range(1, g.shape.rank))
                 per_example = tf.stack([tf.reduce_sum(tf.cast(beyond, tf.float32), axes),
                                         tf.reduce_sum(tf.abs(g - kept), axes),
@@ -141,9 +122,10 @@ class Probe:
                "layer_sum_sq": tf.math.unsorted_segment_sum(
                    tf.stack([tf.reduce_sum(tf.square(t)) for t in total]),
                    self._layer_index, len(self.layers))}
-        if self.config.name in THRESHOLD_AGGREGATORS:
+        if self.cut is not None:
             contrib_p, cut, removed, mass = self._second_pass(stats)
-            out.update(update=self._aggregate(stats), contrib_p=contrib_p, cut=cut,
+            update = [self.aggregator.from_stats(s, self.cut, self.size) for s in stats]
+            out.update(update=update, contrib_p=contrib_p, cut=cut,
                        removed=removed, mass=mass)
         return out
 
@@ -158,7 +140,7 @@ class Probe:
         out[tags.update_share_tag("mean", "pristine")] = f_p
         out[tags.update_share_tag("mean", "corrupt")] = 1 - f_p
         if "update" in r:
-            denom = self.size if self.config.name == "winsorized" else self.size - 2 * self.cut
+            denom = self.aggregator.kept_count(self.size, self.cut)
             f_p = metrics.update_share(flat(r["update"]), flat(r["contrib_p"]) / denom)
             out[tags.update_share_tag("aggregate", "pristine")] = f_p
             out[tags.update_share_tag("aggregate", "corrupt")] = 1 - f_p

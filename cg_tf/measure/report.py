@@ -11,12 +11,7 @@ import json
 import math
 
 from cg_tf.measure import tags
-
-
-def open_file(path: str, mode: str = "r"):
-    """A local or gs:// file (tf.io.gfile, imported only when needed)."""
-    import tensorflow as tf
-    return tf.io.gfile.GFile(path, mode)
+from cg_tf.robust import aggregators
 
 
 @dataclasses.dataclass
@@ -72,15 +67,23 @@ def load_runs(logdir: str) -> list[Run]:
                      context.RequestContext())
 
 
+def aggregator_spec(record: dict | None) -> str | None:
+    """`name` or `name:value` of a run's recorded aggregator (as recorded, if
+    this version does not know it)."""
+    if not record:
+        return None
+    try:
+        return aggregators.from_json(record).spec
+    except (KeyError, TypeError):
+        return record.get("name")
+
+
 def table(runs: list[Run]) -> list[dict]:
     """A row per run: its setting, its last step and the last value of each column."""
     rows = []
     for run in runs:
-        aggregator = run.config.get("aggregator", {})
         rows.append({
-            "run": run.name, "aggregator": aggregator.get("name"),
-            "c": aggregator.get("c") if aggregator.get("name") in ("winsorized", "trimmed")
-            else None,
+            "run": run.name, "aggregator": aggregator_spec(run.config.get("aggregator")),
             "noise_rate": run.config.get("noise", {}).get("rate"),
             "step": max((s[-1][0] for s in run.scalars.values() if s), default=None),
             **{column: run.last(tag) for column, tag in tags.TABLE_COLUMNS.items()}})
@@ -100,13 +103,26 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_csv(runs: list[Run], path: str) -> None:
-    """Every scalar of every run, one row per (run, tag, step)."""
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["run", "tag", "step", "value"])
-        for run in runs:
-            for tag in sorted(run.scalars):
-                out.writerows((run.name, tag, step, value) for step, value in run.scalars[tag])
+    """Every scalar of every run, one row per (run, tag, step) (local or gs://)."""
+    write_table(path, [{"run": run.name, "tag": tag, "step": step, "value": value}
+                       for run in runs for tag in sorted(run.scalars)
+                       for step, value in run.scalars[tag]],
+                ["run", "tag", "step", "value"])
+
+
+def write_table(path: str, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Rows as CSV with a header (the first row's keys unless `columns`),
+    written atomically to a local or gs:// path."""
+    from cg_tf.storage import files
+    columns = columns or (list(rows[0]) if rows else [])
+
+    def write(f):
+        if columns:
+            writer = csv.DictWriter(f, columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    files.write_atomically(path, write)
 
 
 CURVE_STYLES = {"pristine": ("pristine (train)", "-", "#1f77b4"),
@@ -159,14 +175,15 @@ def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -
 def save_figure(fig, path: str) -> None:
     """Saves a matplotlib figure as PNG to a local or gs:// path and closes it."""
     import matplotlib.pyplot as plt
-    with open_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
+
+    from cg_tf.storage import files
+    files.write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
     plt.close(fig)
 
 
 def print_outputs(paths: dict[str, str], logdir: str) -> None:
     """A pipeline's closing words: its Markdown summary and where things are."""
-    with open_file(paths["md"]) as f:
-        print(f.read())
+    from cg_tf.storage import files
+    print(files.read_text(paths["md"]))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     print(f"TensorBoard: tensorboard --logdir {logdir}")

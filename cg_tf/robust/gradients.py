@@ -129,7 +129,7 @@ class GradientSource:
 
         Chunks run in a tf.while_loop, so memory holds one chunk's per-example
         gradients and the graph holds one copy of the computation. `sync`
-        (robust_model.Collectives) sums BatchNorm statistics over replicas.
+        (collectives.Collectives) sums BatchNorm statistics over replicas.
         With `frozen_bn`, BatchNorm uses its moving averages (inference
         statistics) and no state changes: gradients for measurements.
         """

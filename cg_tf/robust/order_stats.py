@@ -1,28 +1,23 @@
-"""Robust aggregation of gradients, coordinate-wise (the README's aggregator table).
+"""Order statistics of per-example values along the batch axis, per coordinate.
 
-Two forms of each per-example aggregator:
-
-* reference functions of the stacked gradients `x` of shape [B, ...] (sorting
-  along the batch axis), used for median and median of means, and by the tests;
-* for winsorized and trimmed means, an exact *mergeable* summary of the batch,
-  `OrderStats`: per coordinate the k = c+1 largest values, the k smallest of the
-  rest, and the sum of everything else. Values stream in (`add`) through a
-  bubble pass of elementwise max/min, exact with ties, with no sort or
-  transpose; summaries of chunks or replicas merge into the summary of their
-  union, so the global result needs no gather of per-example gradients and
-  does not depend on chunk size or replica count. Outliers never enter a sum,
-  so removing them loses no precision.
+* Sorting forms of the winsorized mean, trimmed mean and median of stacked
+  values x [B, ...]: the tiled aggregation uses them for small variables and
+  for batches too large for its selection network.
+* `OrderStats`, an exact *mergeable* summary: per coordinate the k = c+1
+  largest values, the k smallest of the rest, and the sum of everything else.
+  Values stream in (`add`) through a bubble pass of elementwise max/min, exact
+  with ties, with no sort or transpose; summaries of chunks merge into the
+  summary of their union, so the result does not depend on the chunking. The
+  gradient probe uses it for its thresholds. Outliers never enter a sum, so
+  removing them loses no precision.
+* `median3`, the elementwise median of three tensors (RM3).
 """
 
 from typing import NamedTuple
 
 import tensorflow as tf
 
-# -- reference functions of stacked gradients ----------------------------------
-
-
-def mean(x: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_mean(x, axis=0)
+# -- sorting forms ------------------------------------------------------------------
 
 
 def _sorted(x: tf.Tensor) -> tf.Tensor:
@@ -47,14 +42,6 @@ def median(x: tf.Tensor) -> tf.Tensor:
     b = x.shape[0]
     s = _sorted(x)
     return (s[(b - 1) // 2] + s[b // 2]) / 2
-
-
-def median_of_means(x: tf.Tensor, k: int) -> tf.Tensor:
-    """Splits the batch into k equal consecutive groups; median of the group means."""
-    b = x.shape[0]
-    if b % k:
-        raise ValueError(f"median_of_means: {k} groups do not divide the batch of {b}")
-    return median(tf.reduce_mean(tf.reshape(x, [k, b // k, *x.shape[1:]]), axis=1))
 
 
 def median3(a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) -> tf.Tensor:

@@ -10,10 +10,11 @@ from typing import Callable, TextIO
 import tensorflow as tf
 
 
-def write_atomically(path: str, write: Callable[[TextIO], object]) -> None:
-    """Calls `write` on a temporary file beside `path`, then renames it to `path`."""
+def write_atomically(path: str, write: Callable[[TextIO], object], mode: str = "w") -> None:
+    """Calls `write` on a temporary file beside `path` (opened with `mode`, "wb"
+    for bytes), then renames it to `path`."""
     tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
+    with tf.io.gfile.GFile(tmp, mode) as f:
         write(f)
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
@@ -21,6 +22,15 @@ def write_atomically(path: str, write: Callable[[TextIO], object]) -> None:
 def write_json(path: str, obj: dict, sort_keys: bool = False) -> None:
     """Writes `obj` as indented JSON, atomically."""
     write_atomically(path, lambda f: json.dump(obj, f, indent=1, sort_keys=sort_keys))
+
+
+def write_text(path: str, text: str) -> None:
+    write_atomically(path, lambda f: f.write(text))
+
+
+def read_text(path: str) -> str:
+    with tf.io.gfile.GFile(path) as f:
+        return f.read()
 
 
 def read_json(path: str) -> dict | None:

@@ -27,13 +27,17 @@ import numpy as np
 import tensorflow as tf
 
 from cg_tf.data import records
-from cg_tf.data.reader import InputConfig, Reader, distribute
+from cg_tf.data.reader import AUGMENTATIONS, InputConfig, Reader, distribute
 from cg_tf.measure import monitor, tags
 from cg_tf.measure.monitor import Monitor, MonitorConfig
+from cg_tf.options import option
+from cg_tf.robust import aggregators
+from cg_tf.robust.aggregators import Aggregator, Mean
+from cg_tf.robust.gradients import BN_MODES
 from cg_tf.storage import files, rundir
-from cg_tf.training.models import build_model
-from cg_tf.training.robust_model import AggregatorConfig, RobustModel
-from cg_tf.training.strategies import get_strategy
+from cg_tf.training.models import MODELS, build_model
+from cg_tf.training.robust_model import RobustModel, check_layout
+from cg_tf.training.strategies import STRATEGIES, get_strategy
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd",)
@@ -52,34 +56,52 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    data_dir: str
-    model_dir: str
-    model: str = "fc"
-    fc_widths: tuple[int, ...] = (2048,)
-    aggregator: AggregatorConfig = AggregatorConfig()
-    batch_size: int = 100
-    epochs: int = 10
-    steps: int | None = None
-    optimizer: str = "sgd"
-    learning_rate: float = 0.1
-    momentum: float = 0.0
-    lr_schedule: str = "constant"
-    lr_decay_epochs: tuple[int, ...] = ()
-    lr_decay_factor: float = 0.1
-    seed: int = 0
-    strategy: str = "default"
-    tpu: str | None = None
-    jit_compile: bool = False
-    mixed_precision: bool = False
-    deterministic: bool = False
-    image_size: tuple[int, int] | None = None
-    augment: str = "none"
-    checkpoint_every: int = 200
-    log_every: int = 50
-    eval_sample_size: int = 1000
+    """A training run: every option of `python -m cg_tf.train` (its flags are
+    these fields; the monitor's fields are flags too)."""
+
+    data_dir: str = option(help="Dataset made by pipelines.noisy_labels.")
+    model_dir: str = option(help="Checkpoints, event files, config.json and summary.json; "
+                            "one process at a time.")
+    model: str = option("fc", f"One of {', '.join(MODELS)}.")
+    fc_widths: tuple[int, ...] = option((2048,), "Hidden layer widths of the fc model.")
+    aggregator: Aggregator = option(
+        Mean(), "How the batch's gradients are aggregated: name or name:value, one of "
+        f"{', '.join(aggregators.REGISTRY)} (winsorized:4 clips 4 values per side, "
+        "trimmed:4 drops them, median_of_means:3 is M3).",
+        parse=aggregators.parse, show=lambda a: a.spec)
+    per_example_chunk: int | None = option(
+        None, "Per-example gradients computed this many at a time (memory bound).")
+    bn_mode: str = option("batch_stats", f"One of {', '.join(BN_MODES)}.")
+    weight_decay: float = option(0.0, "L2 weight decay added to the gradient.")
+    batch_size: int = option(100, "Global batch size.")
+    epochs: int = option(10, "Training epochs (ignored if --steps is set).")
+    steps: int | None = option(None, "Training steps (overrides --epochs).")
+    optimizer: str = option("sgd", f"One of {', '.join(OPTIMIZERS)}.")
+    learning_rate: float = option(0.1, "Base learning rate (never rescaled).")
+    momentum: float = option(0.0, "SGD momentum.")
+    lr_schedule: str = option("constant", f"One of {', '.join(LR_SCHEDULES)}.")
+    lr_decay_epochs: tuple[int, ...] = option((), "Epochs at which the step schedule decays.")
+    lr_decay_factor: float = option(0.1, "Decay factor of the step schedule.")
+    seed: int = option(0, "Seed of the weights and the data order.")
+    strategy: str = option("default", f"One of {', '.join(STRATEGIES)}.")
+    tpu: str | None = option(None, "TPU name or address for --strategy=tpu.")
+    jit_compile: bool = option(False, "XLA-compile the train step.")
+    mixed_precision: bool = option(False, "Compute in bfloat16 (variables stay float32).")
+    deterministic: bool = option(False, "Seeded op determinism (reproducible resume).")
+    image_size: tuple[int, int] | None = option(
+        None, "HEIGHT,WIDTH to resize images to (needed for image folders).")
+    augment: str = option("none", f"One of {', '.join(AUGMENTATIONS)}.")
+    checkpoint_every: int = option(200, "Steps between checkpoints.")
+    log_every: int = option(50, "Steps between training logs and summaries.")
+    eval_sample_size: int = option(1000, "Examples per evaluation subset.")
     monitor: MonitorConfig = MonitorConfig()
 
-    def check(self) -> None:
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, "
+                             f"got {self.strategy!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -93,12 +115,21 @@ class TrainConfig:
             raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
         if (self.steps or self.epochs) <= 0:
             raise ValueError("--epochs (or --steps) must be positive")
-        self.monitor.check()
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"--bn_mode must be one of {', '.join(BN_MODES)}, "
+                             f"got {self.bn_mode!r}")
+        if self.per_example_chunk is not None and self.per_example_chunk < 1:
+            raise ValueError(f"--per_example_chunk must be positive, got "
+                             f"{self.per_example_chunk}")
+        for name in ("batch_size", "checkpoint_every", "log_every", "eval_sample_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
 
 
 def run_params(config: TrainConfig) -> dict:
     """The parts of a training config that change its result (JSON values)."""
-    d = json.loads(json.dumps(dataclasses.asdict(config)))
+    d = json.loads(json.dumps({**dataclasses.asdict(config),
+                               "aggregator": config.aggregator.to_json()}))
     return {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
 
 
@@ -146,7 +177,6 @@ class Trainer:
     """Builds everything a run needs (writing nothing); `run()` trains to the end."""
 
     def __init__(self, config: TrainConfig, overwrite: bool = False):
-        config.check()
         self.config, self.overwrite = config, overwrite
         self.complete = False  # set by run() if the run had finished before
         # First: multi-worker collectives must be configured before any TF op runs.
@@ -157,14 +187,17 @@ class Trainer:
         keras.mixed_precision.set_global_policy(
             "mixed_bfloat16" if config.mixed_precision else "float32")
         replicas = self.strategy.num_replicas_in_sync
-        config.aggregator.check(config.batch_size, replicas, config.momentum)
+        check_layout(config.aggregator, config.batch_size, replicas, config.momentum,
+                     config.per_example_chunk)
         self.reader = _reader(config, config.batch_size)
         spe = self.reader.steps_per_epoch
         self.total_steps = config.steps or config.epochs * spe
         with self.strategy.scope():
             net = build_model(config.model, self.reader.image_shape, self.reader.num_classes,
                               config.fc_widths)
-            self.model = RobustModel(net, config.aggregator, config.batch_size)
+            self.model = RobustModel(net, config.aggregator,
+                                     per_example_chunk=config.per_example_chunk,
+                                     bn_mode=config.bn_mode, weight_decay=config.weight_decay)
             self.optimizer = keras.optimizers.SGD(
                 learning_rate(config, spe, self.total_steps), momentum=config.momentum)
             self.model.compile(optimizer=self.optimizer, jit_compile=config.jit_compile)
@@ -175,7 +208,8 @@ class Trainer:
         self.train_seconds = 0.0  # in train steps, since this process started
         self.writer = None  # opened by run(), holding the directory
         self.monitor = Monitor(net, self.reader, config.aggregator, config.batch_size,
-                               config.monitor, self.writer)
+                               config.monitor, self.writer, bn_mode=config.bn_mode,
+                               chunk=config.per_example_chunk)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step, wall_seconds=self.wall,
                                               learning_events=self.monitor.events)
@@ -252,7 +286,7 @@ class Trainer:
         begin, last_log, loss = time.monotonic(), time.monotonic(), float("nan")
         wall0 = float(self.wall)
         logging.info("training %s with %s for %d steps (%d per epoch) on %d replica(s)",
-                     cfg.model, cfg.aggregator.name, self.total_steps,
+                     cfg.model, cfg.aggregator.spec, self.total_steps,
                      self.reader.steps_per_epoch, self.strategy.num_replicas_in_sync)
         step = start
         for batch in data:
@@ -301,7 +335,7 @@ class Trainer:
             "final_loss": final_loss,
             "steps": int(self.step),
             "wall_seconds": float(self.wall),
-            "aggregator": dataclasses.asdict(self.config.aggregator),
+            "aggregator": self.config.aggregator.to_json(),
             "model": self.config.model,
             "data_dir": self.config.data_dir,
             "subset_sizes": {k: v["count"] for k, v in results.items()},

@@ -114,7 +114,7 @@ function histogramChart(parent, run, hist) {
 function table(parent, rows, colorOf) {
   const t = el("table", {class: "runs"}, parent);
   const head = el("tr", {}, el("thead", {}, t));
-  const columns = ["run", "aggregator", "c", "noise_rate", "step", "pristine accuracy",
+  const columns = ["run", "aggregator", "noise_rate", "step", "pristine accuracy",
                    "corrupt accuracy", "test accuracy", "adjusted overfit"];
   for (const c of columns) el("th", {}, head, c.replace("_", " "));
   const body = el("tbody", {}, t);

@@ -1,0 +1,398 @@
+"""The aggregators: one small class each, one interface, one registry.
+
+An aggregator turns a train step's batch into the update direction, over the
+examples of the *global* batch, the same on every replica:
+
+  Mean()              the ordinary batch gradient
+  Winsorized(c)       per coordinate, the mean with the c largest and c smallest
+                      values clipped to the (c+1)-th (exact with ties)
+  Trimmed(c)          per coordinate, the mean of the B - 2c middle values
+  Median()            per coordinate, the median (mean of the two middle values)
+  MedianOfMeans(k)    the batch in k consecutive groups; per coordinate, the
+                      median of the group means (k = 3: M3)
+  RM3(), RA3()        the median (mean) of this step's batch gradient and the
+                      two before; no update on the first two steps
+
+Their names and parameters read and print as `name` or `name:value`
+(`winsorized:4`, `median_of_means:3`): `parse`, `Aggregator.spec`. Adding an
+aggregator is one class and its `@register` line.
+
+The per-example aggregators get their values from the layer rules, gathered
+from all replicas as factors, and reduce them tile by tile (`tiled`);
+Winsorized, Trimmed and Median also tell the gradient probe what they cut
+(`probe_cut`, `from_stats`, `kept`).
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import tensorflow as tf
+
+from cg_tf.robust import order_stats, tiled
+from cg_tf.robust.collectives import Collectives, tally
+from cg_tf.robust.gradients import GradientSource
+from cg_tf.robust.layer_rules import PerExample, Stacked
+
+REGISTRY: dict[str, type["Aggregator"]] = {}
+
+
+def register(cls: type["Aggregator"]) -> type["Aggregator"]:
+    """Class decorator: makes `cls` known by its `name` to `parse` and `from_json`."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def global_batch(x: tf.Tensor, sync: Collectives) -> int:
+    """The number of examples in the global batch of which x is a replica's part."""
+    if x.shape[0] is None:
+        raise ValueError("the batch size must be static: batch the dataset with "
+                         "drop_remainder=True")
+    return x.shape[0] * sync.replicas
+
+
+def mean_gradient(source: GradientSource, x, y, sync: Collectives):
+    """The global batch's mean gradient and this replica's tally."""
+    g, losses, logits = source.summed(x, y)
+    n = global_batch(x, sync)
+    return [s / n for s in sync.sum(g)], tally(y, losses, logits)
+
+
+def global_values(source: GradientSource, x, y, sync: Collectives, chunk: int | None
+                  ) -> tuple[list[PerExample], tf.Tensor]:
+    """Per-example values of the global batch (replicas gather the factors,
+    not the per-example gradients, in replica order), and this replica's tally."""
+    values, losses, logits = source.per_example(x, y, chunk, sync)
+    if sync.replicas > 1:
+        values = tf.nest.pack_sequence_as(values, sync.gather(tf.nest.flatten(values)))
+    return values, tally(y, losses, logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Aggregator:
+    """The interface (and the ordinary mean's behaviour where a subclass keeps it).
+
+    name            what `parse`, the command lines and the run records call it
+    parameter       the attribute that `name:value` sets, or None
+    per_example     whether it needs per-example gradients
+    allows_momentum whether SGD momentum may be used with it
+    """
+
+    name: ClassVar[str]
+    parameter: ClassVar[str | None] = None
+    per_example: ClassVar[bool] = False
+    allows_momentum: ClassVar[bool] = True
+
+    # -- names -------------------------------------------------------------------
+
+    @property
+    def value(self) -> int | None:
+        return getattr(self, self.parameter) if self.parameter else None
+
+    @property
+    def spec(self) -> str:
+        """`name` or `name:value`, the form `parse` reads."""
+        return self.name if self.parameter is None else f"{self.name}:{self.value}"
+
+    @property
+    def setting(self) -> str:
+        """The spec as part of a file name (`winsorized_c4`)."""
+        return self.name if self.parameter is None else f"{self.name}_{self.parameter}{self.value}"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, **({self.parameter: self.value} if self.parameter else {})}
+
+    # -- checks ------------------------------------------------------------------
+
+    def check(self, global_batch: int, replicas: int = 1, momentum: float = 0.0) -> None:
+        """Raises ValueError for a batch layout or optimizer it cannot run with (the
+        caller names the flag that chose this aggregator)."""
+        if global_batch % replicas:
+            raise ValueError(f"--batch_size={global_batch} is not divisible by the "
+                             f"{replicas} replicas")
+        if momentum and not self.allows_momentum:
+            raise ValueError(f"refuses --momentum={momentum}: the papers found momentum "
+                             "unstable with it; use --momentum=0")
+
+    # -- the train step ----------------------------------------------------------
+
+    def build(self, model, variables: list) -> tf.Module | None:
+        """State kept across steps (checkpointed with `model`), or None."""
+        return None
+
+    def gradient(self, source: GradientSource, x, y, sync: Collectives,
+                 chunk: int | None = None) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """The global aggregated gradient of the batch (x, y) of which each
+        replica holds its part, and this replica's tally [sum of losses, correct]."""
+        return mean_gradient(source, x, y, sync)
+
+    def finish(self, grads: list[tf.Tensor], state: tf.Module | None) -> list[tf.Tensor]:
+        """The update direction from this step's gradient (weight decay added)."""
+        return grads
+
+    # -- the gradient probe --------------------------------------------------------
+
+    def probe_cut(self, probe_size: int, batch_size: int) -> int | None:
+        """Values cut per side per coordinate on a probe of `probe_size` examples,
+        or None if this aggregator has no thresholds."""
+        return None
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Mean(Aggregator):
+    name: ClassVar[str] = "mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderStatistic(Aggregator):
+    """Per-coordinate thresholds x_(c+1), x_(B-c) over the per-example values,
+    computed tile by tile (`tiled`); kept values summed per example."""
+
+    per_example: ClassVar[bool] = True
+
+    @property
+    def cut(self) -> int:
+        """Values cut per side per coordinate (c)."""
+        raise NotImplementedError
+
+    def gradient(self, source, x, y, sync, chunk=None):
+        values, counts = global_values(source, x, y, sync, chunk)
+        return tiled.aggregate(values, self.name, self.cut, source.variables), counts
+
+    def probe_cut(self, probe_size: int, batch_size: int) -> int:
+        """The run's c scaled to the probe size (at least 1 if c > 0)."""
+        c = round(self.cut * probe_size / batch_size)
+        return min(max(c, 1 if self.cut else 0), (probe_size - 1) // 2)
+
+    def from_stats(self, stats: order_stats.OrderStats, cut: int, count: int) -> tf.Tensor:
+        """The aggregate of the `count` values that `stats` summarizes."""
+        return order_stats.trimmed_from_stats(stats, cut, count)
+
+    def kept(self, g: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor) -> tf.Tensor:
+        """What remains of per-example values g between the thresholds."""
+        return tf.where((g < lo) | (g > hi), tf.zeros_like(g), g)
+
+    def kept_count(self, count: int, cut: int) -> int:
+        """The divisor of the kept values' sum."""
+        return count - 2 * cut
+
+
+def _check_cut(aggregator: OrderStatistic, global_batch: int) -> None:
+    if not 0 <= 2 * aggregator.cut < global_batch:
+        raise ValueError(f"need 0 <= 2c < --batch_size={global_batch}")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Winsorized(OrderStatistic):
+    c: int
+    name: ClassVar[str] = "winsorized"
+    parameter: ClassVar[str] = "c"
+
+    @property
+    def cut(self) -> int:
+        return self.c
+
+    def check(self, global_batch, replicas=1, momentum=0.0):
+        super().check(global_batch, replicas, momentum)
+        _check_cut(self, global_batch)
+
+    def from_stats(self, stats, cut, count):
+        return order_stats.winsorized_from_stats(stats, cut, count)
+
+    def kept(self, g, lo, hi):
+        return tf.clip_by_value(g, lo, hi)
+
+    def kept_count(self, count, cut):
+        return count
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Trimmed(OrderStatistic):
+    c: int
+    name: ClassVar[str] = "trimmed"
+    parameter: ClassVar[str] = "c"
+
+    @property
+    def cut(self) -> int:
+        return self.c
+
+    def check(self, global_batch, replicas=1, momentum=0.0):
+        super().check(global_batch, replicas, momentum)
+        _check_cut(self, global_batch)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Median(OrderStatistic):
+    """The trimmed mean of the one or two middle values."""
+
+    name: ClassVar[str] = "median"
+    cut: ClassVar[int] = 0  # tiled's median needs no c; the probe's is below
+
+    def probe_cut(self, probe_size, batch_size):
+        return (probe_size + 1) // 2 - 1
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class MedianOfMeans(Aggregator):
+    """The median of the means of k consecutive groups of the global batch.
+
+    When every layer with weights sees one position per example, the group
+    gradients come from one forward and backward through the layer rules (a
+    group's Dense gradient is one matmul of its rows). Otherwise k ordinary
+    passes: with positions (convolutions) a group's gradient from patches
+    costs more than a native backward (on small_cnn 1.33x SGD against 0.99x),
+    and with BatchNorm each group keeps its own statistics, as the authors'
+    consecutive mini-batches do.
+    """
+
+    k: int = 3
+    name: ClassVar[str] = "median_of_means"
+    parameter: ClassVar[str] = "k"
+    per_example: ClassVar[bool] = True
+    allows_momentum: ClassVar[bool] = False
+
+    def check(self, global_batch, replicas=1, momentum=0.0):
+        super().check(global_batch, replicas, momentum)
+        if self.k < 1 or global_batch % self.k:
+            raise ValueError(f"{self.k} groups do not divide --batch_size={global_batch}")
+
+    def gradient(self, source, x, y, sync, chunk=None):
+        if not source.factored or source.bn or source.positions:
+            return self._by_passes(source, x, y, sync)
+        values, counts = global_values(source, x, y, sync, chunk)
+        # The k group sums as k examples: their median, by tiles, over the group size.
+        medians = tiled.aggregate([v.groups(self.k) for v in values], "median", 0,
+                                  source.variables)
+        return [m / (global_batch(x, sync) // self.k) for m in medians], counts
+
+    def _by_passes(self, source, x, y, sync):
+        """Each replica sums the gradients of its part of each global group (an
+        ordinary backward pass per part); the sums are all-reduced."""
+        b = x.shape[0]
+        size = global_batch(x, sync) // self.k
+        r = tf.get_static_value(sync.ctx.replica_id_in_sync_group)
+        if r is None and sync.replicas > 1:
+            raise ValueError("median_of_means needs a static replica id (one device or "
+                             "MirroredStrategy)")
+        r = r or 0
+        sums, counts = [], tf.zeros([2])
+        for j in range(self.k):
+            lo, hi = max(j * size - r * b, 0), min((j + 1) * size - r * b, b)
+            if hi > lo:
+                g, losses, logits = source.summed(x[lo:hi], y[lo:hi])
+                counts += tally(y[lo:hi], losses, logits)
+            else:
+                g = [tf.zeros_like(v) for v in source.variables]
+            sums.append(g)
+        group_sums = sync.sum([tf.stack(parts) for parts in zip(*sums)])
+        medians = tiled.aggregate([Stacked(s) for s in group_sums], "median", 0,
+                                  source.variables)
+        return [m / size for m in medians], counts
+
+
+class History(tf.Module):
+    """The gradients of the previous step and the one before, and the step count
+    (a tf.Module: Keras' own lists are invisible to tf.train.Checkpoint)."""
+
+    def __init__(self, variables: list):
+        super().__init__(name="history")
+        self.previous = [self._zeros(v, f"history_1_{j}") for j, v in enumerate(variables)]
+        self.before = [self._zeros(v, f"history_2_{j}") for j, v in enumerate(variables)]
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="history_count",
+                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    @staticmethod
+    def _zeros(v, name: str) -> tf.Variable:
+        return tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=name,
+                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+@dataclasses.dataclass(frozen=True)
+class Temporal(Aggregator):
+    """A combination of this step's mean gradient and the two stored ones."""
+
+    allows_momentum: ClassVar[bool] = False
+
+    @staticmethod
+    def combine(gs: list, older: list, oldest: list, ready: tf.Tensor) -> list:
+        raise NotImplementedError
+
+    def build(self, model, variables):
+        return History(variables)
+
+    def finish(self, grads, state: History):
+        ready = state.count >= 2
+        out = self.combine(grads, [tf.convert_to_tensor(h) for h in state.previous],
+                           [tf.convert_to_tensor(h) for h in state.before], ready)
+        for g, h1, h2 in zip(grads, state.previous, state.before):
+            # Assigning a tensor shares its buffer: the shift copies nothing.
+            h2.assign(h1)
+            h1.assign(g)
+        state.count.assign_add(1)
+        return out
+
+
+# RM3 / RA3 run beside an ordinary step: one fused XLA computation for all
+# variables (five separate kernels per variable cost 1.5x a plain SGD step on
+# the 784-2048-10 net).
+
+@tf.function(jit_compile=True)
+def median3_after_two(gs: list, older: list, oldest: list, ready: tf.Tensor) -> list:
+    """median3 of each (g, older, oldest) once `ready` (two stored steps), else zeros."""
+    return [tf.where(ready, order_stats.median3(g, a, b), tf.zeros_like(g))
+            for g, a, b in zip(gs, older, oldest)]
+
+
+@tf.function(jit_compile=True)
+def mean3_after_two(gs: list, older: list, oldest: list, ready: tf.Tensor) -> list:
+    """The mean of each (g, older, oldest) once `ready` (two stored steps), else zeros."""
+    return [tf.where(ready, (g + a + b) / 3, tf.zeros_like(g))
+            for g, a, b in zip(gs, older, oldest)]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RM3(Temporal):
+    name: ClassVar[str] = "rm3"
+    combine = staticmethod(median3_after_two)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RA3(Temporal):
+    name: ClassVar[str] = "ra3"
+    combine = staticmethod(mean3_after_two)
+
+
+# -- names ------------------------------------------------------------------------
+
+
+def parse(spec: str, flag: str = "--aggregator") -> Aggregator:
+    """The aggregator `spec` names (`name` or `name:value`); a ValueError naming
+    `flag` (the flag the user typed) for an unknown name or a bad parameter."""
+    name, colon, value = spec.strip().partition(":")
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"{flag}={spec}: unknown aggregator {name!r}; one of "
+                         f"{', '.join(REGISTRY)}")
+    if cls.parameter is None:
+        if colon:
+            raise ValueError(f"{flag}={spec}: {name} takes no parameter")
+        return cls()
+    if not colon:
+        raise ValueError(f"{flag}={spec}: {name} needs its {cls.parameter}, e.g. {name}:4")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{flag}={spec}: {cls.parameter} must be an integer") from None
+    return cls(**{cls.parameter: number})
+
+
+def from_json(record: dict) -> Aggregator:
+    """The aggregator of a run record (`Aggregator.to_json`)."""
+    cls = REGISTRY[record["name"]]
+    return cls(**({cls.parameter: record[cls.parameter]} if cls.parameter else {}))
