@@ -1,6 +1,7 @@
 """What a Dataflow worker gets: the sdist built from setup.py, and a pipeline
 that builds and validates with Dataflow options (without network)."""
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -48,3 +49,47 @@ def test_dataflow_pipeline_builds_and_validates(tmp_path):
     transforms = {t.unique_name for t in result.job.proto_pipeline.components.transforms.values()}
     for name in ("Read", "Validate", "WriteShards", "Permute", "WriteStats", "WriteRejected"):
         assert any(name in t for t in transforms), name
+
+
+# The README's layout, top to bottom: a module may import from its own layer and below.
+LAYERS = [("cg_tf.train", "cg_tf.common_flags", "cg_tf.tensorboard_plugin", "pipelines", "tools"),
+          ("cg_tf.experiments",), ("cg_tf.training",), ("cg_tf.measure",), ("cg_tf.robust",),
+          ("cg_tf.data",), ("cg_tf.storage", "cg_tf.options")]
+
+
+def layer_of(module: str) -> int | None:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
+
+def imported_modules(path: str) -> set[str]:
+    """The project modules a file imports (anywhere in it, functions included)."""
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return {m for m in out if m.split(".")[0] in ("cg_tf", "pipelines", "tools")}
+
+
+def test_every_import_points_down():
+    """Each module of the package imports only from its layer or those below."""
+    wrong = []
+    for folder in ("cg_tf", "pipelines", "tools"):
+        for root, _, names in os.walk(os.path.join(REPO, folder)):
+            for name in names:
+                if not name.endswith(".py") or name == "__init__.py" and root.endswith("cg_tf"):
+                    continue
+                path = os.path.join(root, name)
+                module = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+                module = module.removesuffix(".__init__")
+                own = layer_of(module)
+                assert own is not None, f"{module} is in no layer of the README's layout"
+                for target in imported_modules(path):
+                    if layer_of(target) is not None and layer_of(target) < own:
+                        wrong.append(f"{module} imports {target}")
+    assert not wrong, wrong

@@ -116,7 +116,7 @@ def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
     (["--aggregators=mean:3"], "--aggregators=mean:3: mean takes no parameter"),
     (["--aggregators=winsorized:x"], "--aggregators=winsorized:x: c must be an integer"),
     (["--aggregators=winsorized:60"], "--aggregators=winsorized:60: need 0 <= 2c < "
-     "--batch_size=100"),
+     "--batch_size="),
     (["--aggregators=krum"], "--aggregators=krum: unknown aggregator 'krum'"),
     (["--noise_rates=1.5"], "noise_rate must be in"),
     (["--learning_rate=-1"], "--learning_rate must be positive"),
@@ -128,10 +128,12 @@ def test_sweep_bad_flags_are_named(tmp_path, monkeypatch, args, message):
 
 
 def test_bad_flags_fail_before_any_work(tmp_path):
-    for main, args in (("pipelines.sweep", ["--aggregators=winsorized:60"]),
-                       ("pipelines.easy_hard", ["--heldout_size=0"])):
-        done = run_main(main, f"--output_dir={tmp_path / 'x'}", *TINY, "--steps=5", *args)
-        assert done.returncode != 0 and "error: " in done.stderr, done.stderr[-2000:]
+    for main, arg, message in (
+            ("pipelines.sweep", "--aggregators=winsorized:60", "--aggregators=winsorized:60: "),
+            ("pipelines.easy_hard", "--heldout_size=0", "--heldout_size must be positive"),
+            ("pipelines.easy_hard", "--aggregator=trimmed:60", "--aggregator=trimmed:60: ")):
+        done = run_main(main, f"--output_dir={tmp_path / 'x'}", *TINY, "--steps=5", arg)
+        assert done.returncode != 0 and f"error: {message}" in done.stderr, done.stderr[-2000:]
         assert not (tmp_path / "x").exists()
 
 
@@ -253,7 +255,7 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
             "rate": 0.5, "mode": "uniform", "seed": 0}
         for s in trains:
             p = s.params
-            assert (p["model"], p["learning_rate"], p["momentum"], p["aggregator"]["weight_decay"],
+            assert (p["model"], p["learning_rate"], p["momentum"], p["weight_decay"],
                     p["lr_schedule"], p["lr_decay_epochs"], p["epochs"], p["augment"]) == (
                         "small_cnn", 0.1, 0.0, 0.0, "step", [50, 75], 100, "none")
     if name == "sweep_rm3_small_cnn_fashion_mnist.flags":
@@ -265,8 +267,8 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
         # Plain SGD on the same batches: the control for the number of updates.
         assert sorted(stages) == ["data/noise_0.5", "runs/mean_noise0.5_seed0",
                                   "runs/median_of_means_k3_noise0.5_seed0"]
-        assert stages["runs/median_of_means_k3_noise0.5_seed0"].params["aggregator"][
-            "groups"] == 3
+        assert stages["runs/median_of_means_k3_noise0.5_seed0"].params["aggregator"] == {
+            "name": "median_of_means", "k": 3}
         assert all(s.params["batch_size"] == 3 * 128 for s in trains)
     if name == "easy_hard_imagenet.flags":
         assert stages["first_training"].params["epochs"] == 2

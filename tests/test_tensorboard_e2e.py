@@ -38,7 +38,7 @@ def test_plot_draws_the_figure_and_exports_every_metric(logdir, tmp_path):
     done = run_main("tools.plot", f"--logdir={logdir}", f"--out={out}", f"--csv={table}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
-    assert "| mean | mean |" in done.stdout and "| winsorized_c4 | winsorized | 4 |" in done.stdout
+    assert "| mean | mean |" in done.stdout and "| winsorized_c4 | winsorized:4 |" in done.stdout
     with open(table) as f:
         rows = list(csv.DictReader(f))
     for run in RUNS:
