@@ -12,7 +12,6 @@ Modes:
 import dataclasses
 from collections.abc import Iterable
 
-
 from cg_tf.data import hashing
 
 NOISE_MODES = ("uniform", "uniform_other", "permute")

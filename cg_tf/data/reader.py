@@ -195,6 +195,8 @@ class Reader:
               .skip(skip))
         if num_steps is not None:
             ds = ds.take(num_steps)
+        else:  # said, for `distribute`
+            ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
         if self._augment is not None:
             augment = self._augment
             ds = ds.map(lambda b: dict(b, image=augment(b["image"], training=True)),
@@ -243,11 +245,21 @@ def distribute(ds: tf.data.Dataset, strategy: tf.distribute.Strategy, global_bat
     examples a replica sees, and hence the update, are the same for one or many
     workers (tf.data's auto-sharding would give workers different batches).
     """
+    endless = int(ds.cardinality()) == tf.data.INFINITE_CARDINALITY
+
     def per_pipeline(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         size = global_batch_size // ctx.num_input_pipelines
         start = ctx.input_pipeline_id * size
         mine = ds.map(lambda b: {k: v[start:start + size] for k, v in b.items()})
-        return mine.rebatch(ctx.get_per_replica_batch_size(global_batch_size))
+        # Static batch shapes for a graph that takes the iterator, as Keras' fit
+        # does (drop_remainder changes nothing: the slices divide evenly); and an
+        # endless dataset said to be one (rebatch forgets it), for which
+        # multi-worker strategies do not relax the batch dimension.
+        out = mine.rebatch(ctx.get_per_replica_batch_size(global_batch_size),
+                           drop_remainder=True)
+        if endless:
+            out = out.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+        return out
 
     options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
     return strategy.distribute_datasets_from_function(per_pipeline, options)

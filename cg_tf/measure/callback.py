@@ -1,17 +1,19 @@
-"""The memorization metrics as a Keras callback, for any `fit`.
+"""The memorization metrics as Keras callbacks, for any `fit`.
 
-    reader = Reader(InputConfig("data/digits_noisy50", batch_size=100))
+    reader = Reader.open("data/digits_noisy50", batch_size=100)
     model.fit(reader.train_dataset(), epochs=60, steps_per_epoch=reader.steps_per_epoch,
               callbacks=[MemorizationCallback(reader, "runs/mine")])
 
-On the evaluation schedule of the CLI trainer (log-spaced steps, then every
-epoch or `eval_every` steps, and the last step) it evaluates the reader's
-fixed subsets (pristine, corrupt, mixed, test), tracks when each example is
-learned, probes the gradients, and writes the same summaries to `log_dir`
-(so the Memorization tab shows the run beside the CLI's); at the end it
-writes the learning events and the learned-example exports there. Works with
-a RobustModel (its net is measured, its aggregator probed) or any Keras model
-that outputs logits (measured as plain SGD).
+On the evaluation schedule (log-spaced steps, then every epoch or
+`eval_every` steps, and the last step) a Monitor evaluates the reader's fixed
+subsets (pristine, corrupt, mixed, test), tracks when each example is
+learned, probes the gradients, and writes the summaries the Memorization tab
+reads. `MonitorCallback` drives a given Monitor (the CLI trainer's, whose
+learning events its checkpoints hold); `MemorizationCallback` builds one for
+the model being fit and, at the end, writes the learning events and the
+learned-example exports. Either works with a RobustModel (its net is measured,
+its aggregator probed) or any Keras model that outputs logits (measured as
+plain SGD).
 """
 
 import time
@@ -25,7 +27,44 @@ from cg_tf.measure.monitor import Monitor, MonitorConfig
 from cg_tf.robust.aggregators import Mean
 
 
-class MemorizationCallback(keras.callbacks.Callback):
+class MonitorCallback(keras.callbacks.Callback):
+    """Drives `monitor` from fit, for a run of `total_steps` global steps that
+    starts at `start_step` (a resumed run): the training loss, accuracy and
+    learning rate every `log_every` steps, the monitor's observations at its
+    scheduled steps. `train_seconds` is the time fit spent in train steps."""
+
+    def __init__(self, monitor: Monitor | None = None, total_steps: int | None = None,
+                 start_step: int = 0, log_every: int = 50):
+        super().__init__()
+        self.log_every = log_every
+        if monitor is not None:
+            self.attach(monitor, total_steps, start_step)
+
+    def attach(self, monitor: Monitor, total_steps: int, start_step: int = 0) -> None:
+        self.monitor, self.total_steps = monitor, total_steps
+        self.schedule = set(monitor.schedule(total_steps))
+        self.step, self.train_seconds = start_step, 0.0
+        self.results: dict[str, dict] = {}  # of the last evaluation
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._started = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.train_seconds += time.monotonic() - self._started
+        self.step += 1
+        logs = logs or {}
+        if self.step % self.log_every == 0 or self.step == self.total_steps:
+            with self.monitor.writer.as_default(step=self.step):
+                for tag, key in ((tags.TRAIN_LOSS, "loss"), (tags.TRAIN_ACCURACY, "accuracy")):
+                    if key in logs:
+                        tf.summary.scalar(tag, float(logs[key]))
+                tf.summary.scalar(tags.LEARNING_RATE, float(
+                    tf.convert_to_tensor(self.model.optimizer.learning_rate)))
+        if self.step in self.schedule:
+            self.results = self.monitor.observe(self.step, self.train_seconds)
+
+
+class MemorizationCallback(MonitorCallback):
     """Writes the memorization metrics of the model being fit to `log_dir`.
 
     reader:     the dataset's reader (its evaluation subsets and batch size)
@@ -36,10 +75,8 @@ class MemorizationCallback(keras.callbacks.Callback):
 
     def __init__(self, reader: Reader, log_dir: str, config: MonitorConfig = MonitorConfig(),
                  log_every: int = 50):
-        super().__init__()
-        self.reader, self.log_dir, self.config, self.log_every = reader, log_dir, config, log_every
-        self.monitor: Monitor | None = None
-        self.results: dict[str, dict] = {}  # of the last evaluation
+        super().__init__(log_every=log_every)
+        self.reader, self.log_dir, self.config = reader, log_dir, config
 
     def on_train_begin(self, logs=None):
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
@@ -48,34 +85,16 @@ class MemorizationCallback(keras.callbacks.Callback):
                              "steps_per_epoch to fit (reader.steps_per_epoch for a reader's "
                              "endless train_dataset())")
         net = getattr(self.model, "net", self.model)
-        aggregator = getattr(self.model, "aggregator", Mean())
-        self.writer = tf.summary.create_file_writer(self.log_dir)
-        self.monitor = Monitor(net, self.reader, aggregator, self.reader.config.batch_size,
-                               self.config, self.writer,
-                               chunk=getattr(self.model, "per_example_chunk", None))
-        self.total_steps = epochs * steps
-        self.schedule = set(self.monitor.schedule(self.total_steps))
-        self.monitor.write_run_config({"model": net.name})
-        self.step, self.train_seconds = 0, 0.0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._started = time.monotonic()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.train_seconds += time.monotonic() - self._started
-        self.step += 1
-        logs = logs or {}
-        if self.step % self.log_every == 0 and "loss" in logs:
-            with self.writer.as_default(step=self.step):
-                tf.summary.scalar(tags.TRAIN_LOSS, float(logs["loss"]))
-                if "accuracy" in logs:
-                    tf.summary.scalar(tags.TRAIN_ACCURACY, float(logs["accuracy"]))
-        if self.step in self.schedule:
-            self.results = self.monitor.observe(self.step, self.train_seconds)
+        monitor = Monitor(net, self.reader, getattr(self.model, "aggregator", Mean()),
+                          self.reader.config.batch_size, self.config,
+                          tf.summary.create_file_writer(self.log_dir),
+                          chunk=getattr(self.model, "per_example_chunk", None))
+        monitor.write_run_config({"model": net.name})
+        self.attach(monitor, epochs * steps)
 
     def on_train_end(self, logs=None):
         if self.step and self.step not in self.schedule:  # stopped early: measure the end
             self.results = self.monitor.observe(self.step, self.train_seconds)
         if self.step:
             self.monitor.export(self.log_dir)
-        self.writer.flush()
+        self.monitor.writer.flush()

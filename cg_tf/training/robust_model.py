@@ -49,6 +49,17 @@ def check_layout(aggregator: Aggregator, global_batch: int, replicas: int, momen
                          f"per-replica batch of {global_batch // replicas}")
 
 
+def _reducible(logs: dict) -> dict:
+    """A step's scalar outputs, shaped so that Keras 3 can combine them: under
+    a multi-worker strategy its fit averages them along an axis 0, which a
+    scalar lacks (a known incompatibility of Keras 3 with tf.distribute)."""
+    strategy = tf.distribute.get_strategy()
+    if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode()):
+        return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+    return logs
+
+
 class RobustModel(keras.Model):
     """Wraps a network; `fit` and the CLI trainer run the robust update.
 
@@ -80,6 +91,8 @@ class RobustModel(keras.Model):
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
 
     def call(self, x, training=False):
+        if isinstance(x, dict):  # the reader's batch
+            x = x["image"]
         return self.net(x, training=training)
 
     def check(self, global_batch: int, replicas: int, momentum: float = 0.0) -> None:
@@ -120,14 +133,14 @@ class RobustModel(keras.Model):
         # Every replica holds the global values: its share of the trackers' sums
         # is the same, so their means are right.
         self._track(total_loss, total_correct, n)
-        return {"loss": total_loss / n, "accuracy": total_correct / n}
+        return _reducible({"loss": total_loss / n, "accuracy": total_correct / n})
 
     def test_step(self, data):
         x, y = features_and_labels(data)
         logits = self(x, training=False)
         loss, correct = tf.unstack(tally(y, example_losses(y, logits), logits))
         self._track(loss, correct, tf.cast(tf.shape(x)[0], tf.float32))
-        return {m.name: m.result() for m in self.metrics}
+        return _reducible({m.name: m.result() for m in self.metrics})
 
     def predict_step(self, data):
         return super().predict_step(data["image"] if isinstance(data, dict) else data)
@@ -155,4 +168,14 @@ class RobustModel(keras.Model):
             replicas = self.distribute_strategy.num_replicas_in_sync
             momentum = float(getattr(self.optimizer, "momentum", 0.0) or 0.0)
             self.check(batch, replicas, momentum)
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.net.trainable_variables)
         return super().fit(x, *args, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras builds a model under a strategy on a batch averaged over the
+        replicas, which fails for a batch of dicts under MultiWorkerMirrored; a
+        built net and an optimizer that fit built need nothing of it."""
+        if not self.net.built:
+            super()._maybe_symbolic_build(iterator, data_batch)

@@ -28,7 +28,8 @@ import tensorflow as tf
 
 from cg_tf.data import records
 from cg_tf.data.reader import AUGMENTATIONS, InputConfig, Reader, distribute
-from cg_tf.measure import monitor, tags
+from cg_tf.measure import monitor
+from cg_tf.measure.callback import MonitorCallback
 from cg_tf.measure.monitor import Monitor, MonitorConfig
 from cg_tf.options import option
 from cg_tf.robust import aggregators
@@ -173,6 +174,51 @@ def _reader(config: TrainConfig, batch_size: int) -> Reader:
         raise ValueError(f"--data_dir: {e}") from e
 
 
+class RunCounters(keras.callbacks.Callback):
+    """A run's step and wall-clock counters (checkpointed), a stop at a
+    non-finite loss that keeps the last good checkpoint, and a log line every
+    `log_every` steps."""
+
+    def __init__(self, trainer: "Trainer", start: int):
+        super().__init__()
+        self.trainer, self.step, self.loss = trainer, start, float("nan")
+
+    def on_train_begin(self, logs=None):
+        self.begin = self.last_log = time.monotonic()
+        self.wall0 = float(self.trainer.wall)
+
+    def on_train_batch_end(self, batch, logs=None):
+        t, cfg = self.trainer, self.trainer.config
+        step = self.step = self.step + 1
+        self.loss = float(logs["loss"])
+        if not math.isfinite(self.loss):
+            last = t.manager.latest_checkpoint or "none yet"
+            raise NonFiniteLoss(f"loss is {self.loss} at step {step}; stopped. The last good "
+                                f"checkpoint ({last}) is intact.")
+        t.step.assign(step)
+        t.wall.assign(self.wall0 + time.monotonic() - self.begin)
+        if step % cfg.log_every == 0 or step == t.total_steps:
+            rate = cfg.log_every / max(time.monotonic() - self.last_log, 1e-9)
+            self.last_log = time.monotonic()
+            logging.info("step %d/%d  loss %.4f  accuracy %.3f  (%.1f steps/s)", step,
+                         t.total_steps, self.loss, float(logs["accuracy"]), rate)
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """A checkpoint every `checkpoint_every` steps and at the last, while the
+    run still holds its directory."""
+
+    def __init__(self, trainer: "Trainer", counters: RunCounters, held: rundir.RunDirLock):
+        super().__init__()
+        self.trainer, self.counters, self.held = trainer, counters, held
+
+    def on_train_batch_end(self, batch, logs=None):
+        t, step = self.trainer, self.counters.step
+        if step % t.config.checkpoint_every == 0 or step == t.total_steps:
+            self.held.check()
+            t.manager.save(checkpoint_number=step)
+
+
 class Trainer:
     """Builds everything a run needs (writing nothing); `run()` trains to the end."""
 
@@ -205,7 +251,7 @@ class Trainer:
         # Host-side counters, outside the strategy (no replicas to mirror them on).
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_seconds")
-        self.train_seconds = 0.0  # in train steps, since this process started
+        self.train_seconds = 0.0  # in train steps, since this process started (by _train)
         self.writer = None  # opened by run(), holding the directory
         self.monitor = Monitor(net, self.reader, config.aggregator, config.batch_size,
                                config.monitor, self.writer, bn_mode=config.bn_mode,
@@ -214,16 +260,6 @@ class Trainer:
                                               step=self.step, wall_seconds=self.wall,
                                               learning_events=self.monitor.events)
         self.manager: tf.train.CheckpointManager | None = None  # by restore()
-
-        model, strategy = self.model, self.strategy
-
-        @tf.function(jit_compile=config.jit_compile or None, reduce_retracing=True)
-        def train_step(batch):
-            out = strategy.run(model.train_step, args=(batch,))
-            # Every replica returns the same global values.
-            return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
-
-        self._train_step = train_step
 
     @property
     def net(self) -> keras.Model:
@@ -274,51 +310,29 @@ class Trainer:
         return None
 
     def _train(self, held: rundir.RunDirLock) -> dict:
+        """Keras' fit from the restored step to the end, with the run's callbacks:
+        its counters and log lines (and a stop at a non-finite loss), the
+        monitor, the checkpoints."""
         cfg = self.config
         self.writer = self.monitor.writer = tf.summary.create_file_writer(cfg.model_dir)
         start = self.restore()
-        schedule = set(self.monitor.schedule(self.total_steps))
-        data = distribute(self.reader.train_dataset(start, self.total_steps - start),
-                          self.strategy, cfg.batch_size)
         if start == 0:
             self.monitor.write_run_config({"model": cfg.model, "learning_rate": cfg.learning_rate,
                                            "data_dir": cfg.data_dir})
-        begin, last_log, loss = time.monotonic(), time.monotonic(), float("nan")
-        wall0 = float(self.wall)
         logging.info("training %s with %s for %d steps (%d per epoch) on %d replica(s)",
                      cfg.model, cfg.aggregator.spec, self.total_steps,
                      self.reader.steps_per_epoch, self.strategy.num_replicas_in_sync)
-        step = start
-        for batch in data:
-            step_start = time.monotonic()
-            logs = self._train_step(batch)
-            step += 1
-            loss = float(logs["loss"])
-            self.train_seconds += time.monotonic() - step_start
-            if not math.isfinite(loss):
-                last = self.manager.latest_checkpoint or "none yet"
-                raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped. The last good "
-                                    f"checkpoint ({last}) is intact.")
-            self.step.assign(step)
-            self.wall.assign(wall0 + time.monotonic() - begin)
-            if step % cfg.log_every == 0 or step == self.total_steps:
-                rate = cfg.log_every / max(time.monotonic() - last_log, 1e-9)
-                last_log = time.monotonic()
-                logging.info("step %d/%d  loss %.4f  accuracy %.3f  (%.1f steps/s)", step,
-                             self.total_steps, loss, float(logs["accuracy"]), rate)
-                with self.writer.as_default(step=step):
-                    tf.summary.scalar(tags.TRAIN_LOSS, loss)
-                    tf.summary.scalar(tags.TRAIN_ACCURACY, float(logs["accuracy"]))
-                    tf.summary.scalar(tags.LEARNING_RATE,
-                                      float(tf.convert_to_tensor(self.optimizer.learning_rate)))
-            if step in schedule:
-                self.monitor.observe(step, self.train_seconds)
-            if step % cfg.checkpoint_every == 0 or step == self.total_steps:
-                held.check()
-                self.manager.save(checkpoint_number=step)
+        run = RunCounters(self, start)
+        measure = MonitorCallback(self.monitor, self.total_steps, start, cfg.log_every)
+        if start < self.total_steps:
+            # Endless: fit takes the steps it is told to.
+            data = distribute(self.reader.train_dataset(start), self.strategy, cfg.batch_size)
+            self.model.fit(data, epochs=1, steps_per_epoch=self.total_steps - start, verbose=0,
+                           callbacks=[run, measure, Checkpoints(self, run, held)])
+        self.train_seconds = measure.train_seconds
         self.writer.flush()
         held.check()
-        return self.finish(loss)
+        return self.finish(run.loss)
 
     def finish(self, final_loss: float) -> dict:
         results = self.monitor.results_at(int(self.step))  # the last step is scheduled
