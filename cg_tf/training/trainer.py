@@ -328,6 +328,7 @@ class Trainer:
             # Endless: fit takes the steps it is told to.
             data = distribute(self.reader.train_dataset(start), self.strategy, cfg.batch_size)
             self.model.fit(data, epochs=1, steps_per_epoch=self.total_steps - start, verbose=0,
+                           shuffle=False,  # the reader orders the batches
                            callbacks=[run, measure, Checkpoints(self, run, held)])
         self.train_seconds = measure.train_seconds
         self.writer.flush()
