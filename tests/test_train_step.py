@@ -259,3 +259,53 @@ def test_names_read_back():
         assert parse(a.spec) == a and from_json(a.to_json()) == a
     assert Winsorized(c=4).spec == "winsorized:4" and Winsorized(c=4).setting == "winsorized_c4"
     assert MedianOfMeans(k=3).setting == "median_of_means_k3" and Median().spec == "median"
+
+
+class Mix(keras.layers.Layer):
+    """A layer with a weight called on two tensors: the whole model falls back
+    to vectorized_map."""
+
+    def build(self, shapes):
+        self.w = self.add_weight(shape=shapes[0][-1:], initializer="ones")
+
+    def call(self, inputs):
+        a, b = inputs
+        return a * self.w + b
+
+
+def two_bn_fallback_net():
+    """Dense -> BN -> ReLU -> Dense -> BN, mixed with a weighted two-input layer."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    inputs = keras.Input((5,))
+    h = L.ReLU()(L.BatchNormalization(name="bn1")(L.Dense(6, name="d1")(inputs)))
+    g = L.BatchNormalization(name="bn2")(L.Dense(6, name="d2")(h))
+    return keras.Model(inputs, L.Dense(C, name="logits")(Mix(name="mix")([g, h])))
+
+
+def bn_state(net):
+    return [v.numpy() for l in net.layers if isinstance(l, keras.layers.BatchNormalization)
+            for v in (l.moving_mean, l.moving_variance)]
+
+
+def test_batch_stats_on_the_fallback_path_are_global_and_advance_once():
+    """batch_stats on a model the layer rules cannot run: each BatchNorm's
+    statistics are those of the global batch with the layers before it
+    normalized by theirs (a training forward over the whole batch), and the
+    moving averages advance once per step, for any replica count."""
+    rng = np.random.default_rng(0)
+    data = {"image": tf.constant(rng.normal(size=(B, 5)).astype(np.float32) * 3 + 1),
+            "label": tf.constant(rng.integers(0, C, B).astype(np.int32))}
+    reference = two_bn_fallback_net()
+    assert not GradientSource(reference).factored
+    reference(data["image"], training=True)  # one training forward of the global batch
+    for strategy in (tf.distribute.get_strategy(), two_replicas()):
+        with strategy.scope():
+            net = two_bn_fallback_net()
+            model = RobustModel(net, Median())
+            model.compile(optimizer=keras.optimizers.SGD(0.0))
+        step = tf.function(lambda b: strategy.run(model.train_step, args=(b,)))
+        for b in strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(data)):
+            step(b)
+        for got, want in zip(bn_state(net), bn_state(reference)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

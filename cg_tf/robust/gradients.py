@@ -87,13 +87,26 @@ class GradientSource:
     # -- per-example gradients --------------------------------------------------
 
     def _batch_bn_stats(self, x: tf.Tensor, sync) -> list[tuple[tf.Tensor, tf.Tensor]]:
-        """Mean and variance of each BN layer's input over the global batch; also
-        advances the layers' moving averages, as one training forward would."""
-        inputs = self._bn_probe(x, training=True)
-        if len(self.bn) == 1:
-            inputs = [inputs]
-        return [layer_rules.global_moments(layer, inp, sync)
-                for layer, inp in zip(self.bn, inputs)]
+        """Mean and variance of each BN layer's input over the global batch, the
+        layers before it normalizing with theirs (as one training forward of
+        the global batch would); advances each layer's moving averages once.
+
+        A forward of the inputs per BN layer, in order, in inference mode with
+        the earlier layers' statistics put in place of their moving averages
+        (a training-mode forward would normalize with each replica's own
+        statistics and advance the moving averages a second time)."""
+        probe = self._bn_probe
+        trainable = [tf.convert_to_tensor(v) for v in probe.trainable_variables]
+        overrides, stats = {}, []
+        for k, layer in enumerate(self.bn):
+            non_trainable = [overrides.get(id(v), tf.convert_to_tensor(v))
+                             for v in probe.non_trainable_variables]
+            inputs, _ = probe.stateless_call(trainable, non_trainable, x, training=False)
+            inp = inputs[k] if len(self.bn) > 1 else inputs
+            mean, var = layer_rules.global_moments(layer, inp, sync)
+            overrides[id(layer.moving_mean)], overrides[id(layer.moving_variance)] = mean, var
+            stats.append((mean, var))
+        return stats
 
     def _per_example_fn(self, x: tf.Tensor, sync, frozen_bn: bool = False):
         """A function of a chunk (x, y) -> per-example gradients [m, *shape] per
