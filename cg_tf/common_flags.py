@@ -9,6 +9,8 @@ from typing import Any
 
 from absl import app, flags
 
+from cg_tf import console
+
 SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice (label noise; weights and "
                             "data order in training).")
 
@@ -21,8 +23,12 @@ def run(main, **kwargs) -> None:
     which a script or CI reads as a failure). A main module lists the flags it
     shares with other programs in its --help by adopting their modules
     (`flags.adopt_module_key_flags(common_flags)`)."""
+    def configured(argv):
+        console.configure()
+        return main(argv)
+
     try:
-        app.run(main, **kwargs)
+        app.run(configured, **kwargs)
     except SystemExit as e:
         if e.code == 1 and any(a.split("=")[0] in HELP for a in sys.argv[1:]):
             sys.exit(0)

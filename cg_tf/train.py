@@ -10,12 +10,13 @@ net, winsorized gradients.
 import os
 import sys
 
+from cg_tf import common_flags  # isort: skip (first: it quiets TensorFlow before it loads)
 import tensorflow as tf
 from absl import app, flags, logging
 
-from cg_tf import common_flags
 from cg_tf.common_flags import SEED
 from cg_tf.data import verify
+from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Winsorized
 from cg_tf.training import trainer
 from cg_tf.training.trainer import TrainConfig
@@ -75,6 +76,40 @@ def storage_failure(e: Exception) -> str | None:
     return None
 
 
+# The accuracies of a run's summary, as the table of its end shows them.
+SUMMARY_ROWS = (("pristine_accuracy", "pristine training examples"),
+                ("corrupt_accuracy", "corrupt ones, against their noisy label"),
+                ("corrupt_true_label_accuracy", "corrupt ones, against their true label"),
+                ("test_accuracy", "test"),
+                ("test_top5_accuracy", "test, top 5"),
+                ("adjusted_overfit", "adjusted overfit"))
+
+
+def summary_text(summary: dict, model_dir: str) -> str:
+    """A run's summary as a person reads it: the setting, the accuracies rounded,
+    and what they say about memorization."""
+    noise = summary.get("noise") or {}
+    aggregator = aggregators.from_json(summary["aggregator"]).spec
+    steps = f"{summary['steps']} steps"
+    if summary.get("steps_per_epoch"):
+        steps += f" ({summary['steps'] / summary['steps_per_epoch']:g} epochs)"
+    data = summary["data_dir"]
+    if noise.get("rate"):
+        data += f" ({noise['rate']:.0%} {noise['mode']} label noise)"
+    lines = [f"{model_dir}: {summary['model']} with {aggregator}, batch "
+             f"{summary.get('batch_size', '?')}, {steps}, {summary['wall_seconds']:.0f} s",
+             f"data: {data}"]
+    rows = [(label, summary[key]) for key, label in SUMMARY_ROWS if summary.get(key) is not None]
+    width = max(len(label) for label, _ in rows)
+    lines += ["", "accuracy", *(f"  {label:<{width}}  {value:6.3f}" for label, value in rows)]
+    corrupt, true = summary.get("corrupt_accuracy"), summary.get("corrupt_true_label_accuracy")
+    if corrupt is not None and true is not None:
+        lines += ["", f"It fits {corrupt:.0%} of the corrupt training examples to their noisy "
+                      f"label (memorization) and classifies {true:.0%} of them as their true "
+                      "class."]
+    return "\n".join(lines)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -86,16 +121,13 @@ def main(argv):
         run = trainer.Trainer(config, FLAGS.overwrite)
         summary = run.run()
     except (ValueError, trainer.NonFiniteLoss) as e:
-        logging.error("%s", e)
         sys.exit(f"error: {e}")
     except (OSError, tf.errors.OpError) as e:
         if (message := storage_failure(e)) is None:
             raise
-        logging.error("%s", message)
         sys.exit(f"error: cannot write {FLAGS.model_dir}: {message} (the checkpoints "
                  "written before are intact; free space and rerun the command to resume)")
-    print("\n".join(f"{k:>28}: {v}" for k, v in summary.items()
-                    if not isinstance(v, dict)))
+    print(summary_text(summary, config.model_dir))
     if run.complete:
         print(f"\n{config.model_dir} was already complete ({summary['steps']} steps): "
               "nothing was changed")

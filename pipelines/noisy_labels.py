@@ -9,7 +9,7 @@ Flags this program does not define pass through to Beam (--runner,
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from cg_tf import common_flags
 from cg_tf.common_flags import SEED
@@ -36,7 +36,6 @@ def main(beam_args: list[str]) -> None:
                                    build.beam_options(beam_args))
     except (ValueError, SourceError) as e:
         # NoiseSpec, BuildConfig, sources and the build raise ValueErrors naming the flag.
-        logging.error("%s", e)
         sys.exit(f"error: {e}")
     print(build.format_summary(info))
     print(f"dataset written to {out}")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from absl import app, flags, logging
+from absl import app, flags
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from cg_tf.data import build
@@ -82,5 +82,4 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]]) -> dict[str, dic
         return runner.run_stages(OUTPUT_DIR.value, make_stages(), OVERWRITE.value,
                                      ONLY.value)
     except (ValueError, SourceError) as e:
-        logging.error("%s", e)
         sys.exit(f"error: {e}")

@@ -9,10 +9,10 @@ import os
 import tempfile
 import time
 
+from cg_tf import common_flags  # isort: skip (first: it quiets TensorFlow before it loads)
 import tensorflow as tf
 from absl import flags
 
-from cg_tf import common_flags
 from cg_tf.data import build, noise, records
 from cg_tf.data.beam import noisy_labels
 from cg_tf.data.sources import Source, make_source

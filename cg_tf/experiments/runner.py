@@ -26,7 +26,6 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -110,8 +109,7 @@ def plan(root: str, stages: list[Stage], overwrite: bool = False) -> dict[str, d
 
 
 def progress(message: str) -> None:
-    """Stage progress, to the log and the terminal."""
-    logging.info("%s", message)
+    """Stage progress, to the terminal."""
     print(message, flush=True)
 
 

@@ -92,10 +92,15 @@ def _collect(ds: tf.data.Dataset, key: str) -> np.ndarray:
 
 
 def _probe_sample(mixed: tf.data.Dataset, size: int) -> dict[str, tf.Tensor] | None:
-    batch = next(iter(mixed.unbatch().batch(size)), None)
-    if batch is None or int(batch["label"].shape[0]) < size:
+    """The first `size` examples of the (cached) mixed subset, or None if it has
+    fewer. Reads it through: a cached dataset read in part throws away what it
+    cached, and TensorFlow warns of it."""
+    first = None
+    for batch in mixed.unbatch().batch(size):
+        first = batch if first is None else first
+    if first is None or int(first["label"].shape[0]) < size:
         return None
-    return batch
+    return first
 
 
 class Monitor:

@@ -200,8 +200,9 @@ class RunCounters(keras.callbacks.Callback):
         if step % cfg.log_every == 0 or step == t.total_steps:
             rate = cfg.log_every / max(time.monotonic() - self.last_log, 1e-9)
             self.last_log = time.monotonic()
-            logging.info("step %d/%d  loss %.4f  accuracy %.3f  (%.1f steps/s)", step,
-                         t.total_steps, self.loss, float(logs["accuracy"]), rate)
+            logging.info("step %d/%d: batch loss %.3f, batch accuracy %.3f (against the "
+                         "training labels), %.1f steps/s", step, t.total_steps, self.loss,
+                         float(logs["accuracy"]), rate)
 
 
 class Checkpoints(keras.callbacks.Callback):
@@ -353,6 +354,9 @@ class Trainer:
             "aggregator": self.config.aggregator.to_json(),
             "model": self.config.model,
             "data_dir": self.config.data_dir,
+            "noise": self.reader.info.noise,
+            "batch_size": self.config.batch_size,
+            "steps_per_epoch": self.reader.steps_per_epoch,
             "subset_sizes": {k: v["count"] for k, v in results.items()},
             "learned_examples": self.monitor.export(self.config.model_dir),
             "time_shares": self.monitor.cost_shares(self.train_seconds),

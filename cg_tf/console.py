@@ -1,0 +1,71 @@
+"""What the command lines print.
+
+By default: the programs' own progress and results, and every warning and
+error, each once, as `HH:MM:SS message`. TensorFlow's, XLA's, Beam's and
+absl's informational lines are silenced at their source. `--verbosity=1`
+(absl's flag) brings them back, with absl's full prefixes.
+
+Every program imports this module before anything loads TensorFlow, whose
+C++ log level is read from the environment once, when it loads.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+
+def verbose(argv: list[str]) -> bool:
+    """Whether the command line asks for --verbosity (or -v) of 1 or more."""
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name not in ("--verbosity", "-verbosity", "-v", "--v"):
+            continue
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        try:
+            return int(value) >= 1
+        except ValueError:
+            return False
+    return False
+
+
+# Python loggers of other libraries and the least level they print by default.
+THIRD_PARTY = {
+    "tensorflow": std_logging.WARNING,        # e.g. the checkpoint saver's timings
+    "apache_beam": std_logging.WARNING,       # e.g. "Renamed 1 shards", cache sizes
+    "apache_beam.io.gcp": std_logging.ERROR,  # optional GCP clients missing, at import
+}
+
+QUIET = not verbose(sys.argv[1:])
+if QUIET:
+    # TensorFlow's C++ INFO lines (CPU features, XLA service, oneDNN); warnings stay.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    for _name, _level in THIRD_PARTY.items():  # before the libraries load and log
+        std_logging.getLogger(_name).setLevel(_level)
+
+
+# The project's code: the package and, beside it in a checkout, the programs.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("cg_tf", "pipelines", "tools"))
+
+
+class _Short(std_logging.Formatter):
+    def format(self, record):
+        return f"{self.formatTime(record, '%H:%M:%S')} {record.getMessage()}"
+
+
+def _shown(record: std_logging.LogRecord) -> bool:
+    """Warnings and errors, and the project's own informational lines (other
+    libraries log through absl too, e.g. TensorFlow's checkpoint timings)."""
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(OURS)
+
+
+def configure() -> None:
+    """Unless verbose, absl's handler (which every Python log line goes through)
+    shows `HH:MM:SS message` and only what `_shown` keeps (call from main, once
+    absl has set its handler up)."""
+    if QUIET:
+        from absl import logging
+        handler = logging.get_absl_handler()
+        handler.setFormatter(_Short())
+        handler.addFilter(_shown)
