@@ -12,22 +12,21 @@ import sys
 
 from cg_tf import common_flags  # isort: skip (first: it quiets TensorFlow before it loads)
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import app, flags
 
 from cg_tf.common_flags import SEED
-from cg_tf.data import verify
+from cg_tf.data import build, verify
 from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Winsorized
 from cg_tf.training import trainer
 from cg_tf.training.trainer import TrainConfig
 
-DEMO_DATA_DIR = "data/digits_noisy50"
 
 FLAGS = flags.FLAGS
 # A flag per TrainConfig field (its help text and validation live there); the
 # defaults below are the demo's (configs/demo.flags holds the same values).
-DEMO = {"data_dir": DEMO_DATA_DIR, "model_dir": "runs/demo", "fc_widths": (256,),
-        "aggregator": Winsorized(c=4), "epochs": 60}
+DEMO = {"data_dir": build.DEMO_DATA_DIR, "model_dir": "runs/train_demo",
+        "fc_widths": (256,), "aggregator": Winsorized(c=4), "epochs": 60}
 common_flags.define(TrainConfig, DEMO, skip=("seed",))
 flags.adopt_module_key_flags(common_flags)  # those and --seed in --help
 # pipelines.shared_flags defines --overwrite too (for --output_dir): one flag, either meaning.
@@ -39,18 +38,6 @@ flags.DEFINE_integer("num_cpu_devices", None, "Split the CPU into N logical devi
 def config_from_flags() -> TrainConfig:
     """The run the flags ask for; raises ValueError naming a bad flag."""
     return common_flags.from_flags(TrainConfig, {"seed": SEED.value})
-
-
-def ensure_demo_data(data_dir: str) -> None:
-    """Builds the default noisy digits dataset with the pipeline on first use."""
-    from cg_tf.data import build, records
-    from cg_tf.data.noise import NoiseSpec
-    from cg_tf.data.sources import make_source
-    if os.path.exists(os.path.join(data_dir, records.INFO_FILE)):
-        return
-    logging.info("building the demo dataset in %s (first use)", data_dir)
-    build.build_dataset(make_source("digits"), build.BuildConfig(
-        data_dir, NoiseSpec("uniform", 0.5, 0), num_shards=4, overwrite=True))
 
 
 def setup_devices() -> None:
@@ -116,8 +103,8 @@ def main(argv):
     setup_devices()
     try:
         config = config_from_flags()
-        if config.data_dir == DEMO_DATA_DIR:
-            ensure_demo_data(config.data_dir)
+        if config.data_dir == build.DEMO_DATA_DIR:
+            build.ensure_demo_dataset()
         run = trainer.Trainer(config, FLAGS.overwrite)
         summary = run.run()
     except (ValueError, trainer.NonFiniteLoss) as e:

@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from cg_tf.data import records
 from cg_tf.data.beam import noisy_labels
 from cg_tf.data.noise import NoiseSpec
-from cg_tf.data.sources import Source
+from cg_tf.data.sources import Source, make_source
 from cg_tf.storage import rundir
 
 MANIFEST_FILE = "build_manifest.json"
@@ -133,6 +133,19 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
         args.append("--direct_running_mode=multi_processing")
         opts = PipelineOptions(args)
     return opts
+
+
+# The embedded default: scikit-learn's 8x8 digits with 50% uniform label noise.
+DEMO_DATA_DIR = "data/digits_noisy50"
+
+
+def ensure_demo_dataset(data_dir: str = DEMO_DATA_DIR) -> None:
+    """Builds the default noisy digits dataset with the pipeline on first use."""
+    if os.path.exists(os.path.join(data_dir, records.INFO_FILE)):
+        return
+    logging.info("building the demo dataset in %s (first use)", data_dir)
+    build_dataset(make_source("digits"), BuildConfig(
+        data_dir, NoiseSpec("uniform", 0.5, 0), num_shards=4, overwrite=True))
 
 
 def build_dataset(source: Source, config: BuildConfig,
