@@ -36,12 +36,22 @@ THIRD_PARTY = {
     "apache_beam.io.gcp": std_logging.ERROR,  # optional GCP clients missing, at import
 }
 
+
+
+def _not_beam_chatter(record: std_logging.LogRecord) -> bool:
+    """Beam logs some notices on the root logger itself, as it loads (e.g. that
+    the optional GCP clients are missing)."""
+    return record.levelno >= std_logging.ERROR or f"{os.sep}apache_beam{os.sep}" not in \
+        record.pathname
+
+
 QUIET = not verbose(sys.argv[1:])
 if QUIET:
     # TensorFlow's C++ INFO lines (CPU features, XLA service, oneDNN); warnings stay.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     for _name, _level in THIRD_PARTY.items():  # before the libraries load and log
         std_logging.getLogger(_name).setLevel(_level)
+    std_logging.getLogger().addFilter(_not_beam_chatter)
 
 
 # The project's code: the package and, beside it in a checkout, the programs.

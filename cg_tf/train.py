@@ -21,7 +21,6 @@ from cg_tf.robust.aggregators import Winsorized
 from cg_tf.training import trainer
 from cg_tf.training.trainer import TrainConfig
 
-
 FLAGS = flags.FLAGS
 # A flag per TrainConfig field (its help text and validation live there); the
 # defaults below are the demo's (configs/demo.flags holds the same values).
