@@ -37,7 +37,6 @@ THIRD_PARTY = {
 }
 
 
-
 def _not_beam_chatter(record: std_logging.LogRecord) -> bool:
     """Beam logs some notices on the root logger itself, as it loads (e.g. that
     the optional GCP clients are missing)."""

@@ -19,6 +19,7 @@ from absl import app, flags
 
 from cg_tf.common_flags import SEED
 from cg_tf.data import build
+from cg_tf.measure import report
 from cg_tf.robust.aggregators import Mean, Winsorized
 from cg_tf.training.trainer import TrainConfig, Trainer
 
@@ -33,19 +34,16 @@ flags.adopt_module_key_flags(common_flags)
 RUNS = {"sgd": ("plain SGD", Mean()), "winsorized_c4": ("winsorized, c = 4", Winsorized(c=4))}
 SETTINGS = {"model": "fc", "fc_widths": (1024,), "batch_size": 50, "learning_rate": 0.5,
             "epochs": 100, "log_every": 500}
-ROWS = (("pristine_accuracy", "pristine training examples"),
-        ("corrupt_accuracy", "corrupt ones, against their noisy label"),
-        ("corrupt_true_label_accuracy", "corrupt ones, against their true label"),
-        ("test_accuracy", "test"),
-        ("adjusted_overfit", "adjusted overfit"))
 
 
 def side_by_side(summaries: dict[str, dict]) -> str:
     """The runs' accuracies in columns, and what they say."""
     labels = [RUNS[name][0] for name in summaries]
-    width = max(len(label) for _, label in ROWS)
+    rows = [(key, label) for key, label in report.RESULT_ROWS
+            if any(s.get(key) is not None for s in summaries.values())]
+    width = max(len(label) for _, label in rows)
     lines = [" " * (width + 2) + "".join(f"{label:>20}" for label in labels)]
-    for key, label in ROWS:
+    for key, label in rows:
         cells = "".join(f"{s[key]:>20.3f}" if s.get(key) is not None else f"{'-':>20}"
                         for s in summaries.values())
         lines.append(f"{label:<{width}}  {cells}")

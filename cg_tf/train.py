@@ -16,7 +16,7 @@ from absl import app, flags
 
 from cg_tf.common_flags import SEED
 from cg_tf.data import build, verify
-from cg_tf.robust import aggregators
+from cg_tf.measure import report
 from cg_tf.robust.aggregators import Winsorized
 from cg_tf.training import trainer
 from cg_tf.training.trainer import TrainConfig
@@ -62,40 +62,6 @@ def storage_failure(e: Exception) -> str | None:
     return None
 
 
-# The accuracies of a run's summary, as the table of its end shows them.
-SUMMARY_ROWS = (("pristine_accuracy", "pristine training examples"),
-                ("corrupt_accuracy", "corrupt ones, against their noisy label"),
-                ("corrupt_true_label_accuracy", "corrupt ones, against their true label"),
-                ("test_accuracy", "test"),
-                ("test_top5_accuracy", "test, top 5"),
-                ("adjusted_overfit", "adjusted overfit"))
-
-
-def summary_text(summary: dict, model_dir: str) -> str:
-    """A run's summary as a person reads it: the setting, the accuracies rounded,
-    and what they say about memorization."""
-    noise = summary.get("noise") or {}
-    aggregator = aggregators.from_json(summary["aggregator"]).spec
-    steps = f"{summary['steps']} steps"
-    if summary.get("steps_per_epoch"):
-        steps += f" ({summary['steps'] / summary['steps_per_epoch']:g} epochs)"
-    data = summary["data_dir"]
-    if noise.get("rate"):
-        data += f" ({noise['rate']:.0%} {noise['mode']} label noise)"
-    lines = [f"{model_dir}: {summary['model']} with {aggregator}, batch "
-             f"{summary.get('batch_size', '?')}, {steps}, {summary['wall_seconds']:.0f} s",
-             f"data: {data}"]
-    rows = [(label, summary[key]) for key, label in SUMMARY_ROWS if summary.get(key) is not None]
-    width = max(len(label) for label, _ in rows)
-    lines += ["", "accuracy", *(f"  {label:<{width}}  {value:6.3f}" for label, value in rows)]
-    corrupt, true = summary.get("corrupt_accuracy"), summary.get("corrupt_true_label_accuracy")
-    if corrupt is not None and true is not None:
-        lines += ["", f"It fits {corrupt:.0%} of the corrupt training examples to their noisy "
-                      f"label (memorization) and classifies {true:.0%} of them as their true "
-                      "class."]
-    return "\n".join(lines)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -113,7 +79,7 @@ def main(argv):
             raise
         sys.exit(f"error: cannot write {FLAGS.model_dir}: {message} (the checkpoints "
                  "written before are intact; free space and rerun the command to resume)")
-    print(summary_text(summary, config.model_dir))
+    print(report.summary_text(summary, config.model_dir))
     if run.complete:
         print(f"\n{config.model_dir} was already complete ({summary['steps']} steps): "
               "nothing was changed")

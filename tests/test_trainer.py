@@ -18,6 +18,7 @@ from conftest import REPO, jpeg, parsed_flags, run_build, run_main, write_idx
 from cg_tf import train
 from cg_tf.data import records
 from cg_tf.experiments import stages
+from cg_tf.measure import report
 from cg_tf.measure.monitor import MonitorConfig
 from cg_tf.robust.aggregators import RM3, Mean, MedianOfMeans, Winsorized
 from cg_tf.training.trainer import NonFiniteLoss, TrainConfig, Trainer
@@ -347,7 +348,7 @@ def test_a_run_summary_reads_as_a_table():
                "pristine_accuracy": 0.94471, "corrupt_accuracy": 0.0174,
                "corrupt_true_label_accuracy": 0.8954, "test_accuracy": 0.9012,
                "test_top5_accuracy": None, "adjusted_overfit": 0.0594}
-    text = train.summary_text(summary, "runs/x")
+    text = report.summary_text(summary, "runs/x")
     assert text.splitlines()[0] == "runs/x: fc with winsorized:4, batch 100, 840 steps (60 " \
         "epochs), 61 s"
     assert "data/x (50% uniform label noise)" in text

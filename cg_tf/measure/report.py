@@ -90,6 +90,40 @@ def table(runs: list[Run]) -> list[dict]:
     return rows
 
 
+# A run's results (summary.json keys), as the tables of its end show them.
+RESULT_ROWS = (("pristine_accuracy", "pristine training examples"),
+               ("corrupt_accuracy", "corrupt ones, against their noisy label"),
+               ("corrupt_true_label_accuracy", "corrupt ones, against their true label"),
+               ("test_accuracy", "test"),
+               ("test_top5_accuracy", "test, top 5"),
+               ("adjusted_overfit", "adjusted overfit"))
+
+
+def summary_text(summary: dict, model_dir: str) -> str:
+    """A run's summary as a person reads it: the setting, the accuracies rounded,
+    and what they say about memorization."""
+    noise = summary.get("noise") or {}
+    aggregator = aggregators.from_json(summary["aggregator"]).spec
+    steps = f"{summary['steps']} steps"
+    if summary.get("steps_per_epoch"):
+        steps += f" ({summary['steps'] / summary['steps_per_epoch']:g} epochs)"
+    data = summary["data_dir"]
+    if noise.get("rate"):
+        data += f" ({noise['rate']:.0%} {noise['mode']} label noise)"
+    lines = [f"{model_dir}: {summary['model']} with {aggregator}, batch "
+             f"{summary.get('batch_size', '?')}, {steps}, {summary['wall_seconds']:.0f} s",
+             f"data: {data}"]
+    rows = [(label, summary[key]) for key, label in RESULT_ROWS if summary.get(key) is not None]
+    width = max(len(label) for label, _ in rows)
+    lines += ["", "accuracy", *(f"  {label:<{width}}  {value:6.3f}" for label, value in rows)]
+    corrupt, true = summary.get("corrupt_accuracy"), summary.get("corrupt_true_label_accuracy")
+    if corrupt is not None and true is not None:
+        lines += ["", f"It fits {corrupt:.0%} of the corrupt training examples to their noisy "
+                      f"label (memorization) and classifies {true:.0%} of them as their true "
+                      "class."]
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table (numbers to 3 decimals, missing as -)."""
     if not rows:
