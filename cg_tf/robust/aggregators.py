@@ -177,16 +177,11 @@ class OrderStatistic(Aggregator):
         return count - 2 * cut
 
 
-def _check_cut(aggregator: OrderStatistic, global_batch: int) -> None:
-    if not 0 <= 2 * aggregator.cut < global_batch:
-        raise ValueError(f"need 0 <= 2c < --batch_size={global_batch}")
-
-
-@register
 @dataclasses.dataclass(frozen=True)
-class Winsorized(OrderStatistic):
+class CutAtC(OrderStatistic):
+    """An order statistic that cuts c values per side, c its parameter."""
+
     c: int
-    name: ClassVar[str] = "winsorized"
     parameter: ClassVar[str] = "c"
 
     @property
@@ -195,7 +190,14 @@ class Winsorized(OrderStatistic):
 
     def check(self, global_batch, replicas=1, momentum=0.0):
         super().check(global_batch, replicas, momentum)
-        _check_cut(self, global_batch)
+        if not 0 <= 2 * self.c < global_batch:
+            raise ValueError(f"need 0 <= 2c < --batch_size={global_batch}")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Winsorized(CutAtC):
+    name: ClassVar[str] = "winsorized"
 
     def from_stats(self, stats, cut, count):
         return order_stats.winsorized_from_stats(stats, cut, count)
@@ -209,18 +211,8 @@ class Winsorized(OrderStatistic):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Trimmed(OrderStatistic):
-    c: int
+class Trimmed(CutAtC):
     name: ClassVar[str] = "trimmed"
-    parameter: ClassVar[str] = "c"
-
-    @property
-    def cut(self) -> int:
-        return self.c
-
-    def check(self, global_batch, replicas=1, momentum=0.0):
-        super().check(global_batch, replicas, momentum)
-        _check_cut(self, global_batch)
 
 
 @register
