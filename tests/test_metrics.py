@@ -42,15 +42,36 @@ def test_update_share():
 
 
 def test_learning_events():
-    first = np.full(4, metrics.NOT_LEARNED)
-    stayed = np.zeros(4, bool)
-    first, stayed = metrics.update_learning_events(first, stayed, [1, 0, 1, 0], step=5)
+    first = since = np.full(4, metrics.NOT_LEARNED)
+    first, since = metrics.update_learning_events(first, since, [1, 0, 1, 0], step=5)
     np.testing.assert_array_equal(first, [5, -1, 5, -1])
-    np.testing.assert_array_equal(stayed, [1, 0, 1, 0])
-    first, stayed = metrics.update_learning_events(first, stayed, [1, 1, 0, 0], step=9)
+    np.testing.assert_array_equal(since, [5, -1, 5, -1])
+    first, since = metrics.update_learning_events(first, since, [1, 1, 0, 0], step=9)
     np.testing.assert_array_equal(first, [5, 9, 5, -1])
-    np.testing.assert_array_equal(stayed, [1, 1, 0, 0])
-    # Relearning keeps the first step, and the example did not stay learned.
-    first, stayed = metrics.update_learning_events(first, stayed, [1, 1, 1, 0], step=12)
+    np.testing.assert_array_equal(since, [5, 9, -1, -1])
+    # Relearning keeps the first step, starts a new streak, and the example did
+    # not stay learned.
+    first, since = metrics.update_learning_events(first, since, [1, 1, 1, 0], step=12)
     np.testing.assert_array_equal(first, [5, 9, 5, -1])
-    np.testing.assert_array_equal(stayed, [1, 1, 0, 0])
+    np.testing.assert_array_equal(since, [5, 9, 12, -1])
+    np.testing.assert_array_equal(metrics.stayed_learned(first, since), [1, 1, 0, 0])
+    first, since = metrics.update_learning_events(first, since, [0, 1, 1, 1], step=20)
+    np.testing.assert_array_equal(since, [-1, 9, 12, 20])
+    np.testing.assert_array_equal(metrics.stayed_learned(first, since), [0, 1, 0, 1])
+
+
+def test_log_histogram_counts_every_step_on_log_spaced_buckets():
+    rng = np.random.default_rng(0)
+    steps = rng.integers(1, 1741, size=500)
+    h = metrics.log_histogram(steps, 1740, bins=20)
+    assert h.shape == (20, 3)
+    assert h[0, 0] == pytest.approx(1) and h[-1, 1] == pytest.approx(1740)
+    np.testing.assert_allclose(h[1:, 0], h[:-1, 1])  # contiguous
+    np.testing.assert_allclose(h[:, 1] / h[:, 0], 1740 ** (1 / 20))  # equal ratios
+    assert h[:, 2].sum() == 500
+    for left, right, count in h[:-1]:
+        assert count == np.sum((steps >= left) & (steps < right))
+    assert h[-1, 2] == np.sum(steps >= h[-1, 0])  # the last bucket holds its right edge
+    # A one-step run still has a range; nothing learned gives zero counts.
+    assert metrics.log_histogram(np.array([1]), 1)[:, 2].sum() == 1
+    assert metrics.log_histogram(np.zeros([0], int), 100)[:, 2].sum() == 0

@@ -61,15 +61,18 @@ def test_learning_events_follow_the_evaluations(run):
     by_group = {g: [r for r in rows if r["group"] == g] for g in tags.GROUPS}
     assert len(by_group["pristine"]) == 200 and len(by_group["corrupt"]) == 200
     for r in rows:
-        first, stayed = int(r["first_learned_step"]), r["stayed_learned"] == "1"
+        first, since = int(r["first_learned_step"]), int(r["learned_for_good_step"])
+        stayed = r["stayed_learned"] == "1"
         assert first == metrics.NOT_LEARNED or first in schedule
-        assert not stayed or first != metrics.NOT_LEARNED
-    # Stayed-learned examples are classified as their training label at the end.
+        assert since == metrics.NOT_LEARNED or (since in schedule and since >= first >= 1)
+        assert stayed == (since == first != metrics.NOT_LEARNED)
+    # Examples learned for good are those classified as their training label at the end.
     final = trainer.monitor.evaluate()
     for group, ids in trainer.monitor.ids.items():
-        stayed = trainer.monitor.events.stayed[group].numpy()
+        first, since, stayed = trainer.monitor.events.of(group)
+        np.testing.assert_array_equal(since != metrics.NOT_LEARNED, final[group]["correct"])
         assert final[group]["correct"][stayed].all()
-        learned = np.mean(trainer.monitor.events.first[group].numpy() != metrics.NOT_LEARNED)
+        learned = np.mean(first != metrics.NOT_LEARNED)
         assert learned >= final[group]["accuracy"] - 1e-9
     pristine_learned = np.mean([int(r["first_learned_step"]) >= 0 for r in by_group["pristine"]])
     corrupt_learned = np.mean([int(r["first_learned_step"]) >= 0 for r in by_group["corrupt"]])

@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing import data_provider, plugin_event_mul
 from tensorboard.plugins import base_plugin
 from werkzeug import test as werkzeug_test
 
-from cg_tf.measure import tags
-from cg_tf.measure.monitor import write_run_config
+from cg_tf.measure import metrics, tags
+from cg_tf.measure.monitor import write_histogram, write_run_config
 from cg_tf.tensorboard_plugin.plugin import MemorizationPlugin
 
 BASE = "/data/plugin/memorization"
@@ -23,7 +23,8 @@ def write_runs(logdir):
     for run, (name, c, corrupt) in RUNS.items():
         writer = tf.summary.create_file_writer(str(logdir / run))
         write_run_config(writer, {"aggregator": {"name": name, "c": c},
-                                  "noise": {"rate": 0.5}, "num_classes": 10})
+                                  "noise": {"rate": 0.5}, "num_classes": 10,
+                                  "tracked": {"pristine": 30, "corrupt": 30}})
         with writer.as_default():
             for i, step in enumerate((1, 10, 20)):
                 tf.summary.scalar(tags.eval_tag("pristine", "accuracy"), 0.5 + 0.2 * i, step)
@@ -32,9 +33,8 @@ def write_runs(logdir):
                 tf.summary.scalar(tags.ADJUSTED_OVERFIT, corrupt[i] / 2, step)
                 tf.summary.scalar(tags.COHERENCE, float("nan") if i == 0 else 1.5, step)
                 for group in tags.GROUPS:
-                    tf.summary.histogram(tags.first_learned_tag(group),
-                                         np.arange(1, 5 + step, dtype=np.float64), step,
-                                         buckets=4)
+                    write_histogram(tags.learned_for_good_tag(group), metrics.log_histogram(
+                        np.arange(1, 5 + step), step, bins=4), step, "")
         writer.close()
     (logdir / "not_a_cg_tf_run").mkdir()
     with tf.summary.create_file_writer(str(logdir / "not_a_cg_tf_run")).as_default():
@@ -90,9 +90,12 @@ def test_scalars_of_several_runs(client):
 def test_histograms_are_the_latest(client):
     data = json.loads(get(client, "/histograms?run=mean").get_data())
     assert set(data) == set(tags.GROUPS)
-    assert data["pristine"]["step"] == 20
+    assert data["pristine"]["step"] == 20 and data["pristine"]["tracked"] == 30
     buckets = np.array(data["pristine"]["buckets"])
-    assert buckets.shape == (4, 3) and buckets[:, 2].sum() == 24  # values 1..24
+    # Steps 1..24 on 4 log-spaced buckets over [1, 20] (those past the end in the last).
+    np.testing.assert_allclose(buckets, metrics.log_histogram(np.arange(1, 25), 20, bins=4))
+    np.testing.assert_allclose(buckets[[0, -1], [0, 1]], [1, 20])
+    assert buckets[:, 2].sum() == 24
 
 
 def test_table_has_final_values(client):

@@ -6,6 +6,7 @@ test-artifacts/memorization_tab.png."""
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -81,7 +82,7 @@ def tensorboard(logdir):
 
 @pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_memorization_tab_in_headless_chromium(tensorboard):
+def test_memorization_tab_in_headless_chromium(tensorboard, logdir):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -93,7 +94,7 @@ def test_memorization_tab_in_headless_chromium(tensorboard):
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--window-size=1400,1700",
+                "--disable-component-update", "--disable-sync", "--window-size=1400,2300",
                 f"--user-data-dir={profile}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -115,6 +116,24 @@ def test_memorization_tab_in_headless_chromium(tensorboard):
         rows = driver.find_elements(By.CSS_SELECTOR, "table.runs tbody tr")
         assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == sorted(RUNS)
         assert len(driver.find_elements(By.CSS_SELECTOR, "path.histogram")) == 2 * len(RUNS)
+        # Every panel explains itself: a whole title, both axes labelled, a caption.
+        charts = driver.find_elements(By.CSS_SELECTOR, "div.chart")
+        assert len(charts) >= 3 + len(RUNS) + 2
+        for chart in charts:
+            title = chart.find_element(By.CLASS_NAME, "chart-title").text
+            labels = [a.text for a in chart.find_elements(By.CSS_SELECTOR, "text.axis-label")]
+            caption = chart.find_element(By.CLASS_NAME, "caption").text
+            assert title and len(labels) == 2 and all(labels) and len(caption) > 40, title
+            assert "step" in labels[0], labels
+        text = driver.find_element(By.ID, "memorization").text
+        for phrase in ("memorization", "generalization", "learned for good",
+                       "training step (log scale)", "% of tracked examples", "m-coherence"):
+            assert phrase in text, phrase
+        # The learning-time plot spans each run's length and explains its legend.
+        for run in RUNS:
+            length = json.loads((logdir / run / "summary.json").read_text())["steps"]
+            assert f"learned for good by step {length}" in text
+            assert re.search(r"pristine: \d+ of 200 tracked \(\d+%\)", text)
         driver.switch_to.default_content()
         assert "MEMORIZATION" in driver.find_element(By.TAG_NAME, "body").text.upper()
         os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)

@@ -44,17 +44,31 @@ def update_share(update: np.ndarray, part: np.ndarray) -> float:
     return float(np.dot(g, np.ravel(part))) / gg if gg > 0 else float("nan")
 
 
-def update_learning_events(first_learned: np.ndarray, stayed: np.ndarray,
+def update_learning_events(first_learned: np.ndarray, since: np.ndarray,
                            correct: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Learning events after an evaluation at `step` with per-example correctness
-    `correct`: the first step each example was classified as its training label
-    (NOT_LEARNED before), and whether it has been classified so at every
-    evaluation since. Pure: returns new arrays."""
+    `correct`: the first step each example was classified as its training label,
+    and the step since which it has been so classified at every evaluation (the
+    step it was learned for good, so far); NOT_LEARNED for none. Pure: returns
+    new arrays."""
     correct = np.asarray(correct, bool)
-    newly = (first_learned == NOT_LEARNED) & correct
-    first = np.where(newly, step, first_learned)
-    kept = np.where(newly, True, np.asarray(stayed, bool) & correct)
-    return first, kept & (first != NOT_LEARNED)
+    first = np.where((first_learned == NOT_LEARNED) & correct, step, first_learned)
+    since = np.where(correct, np.where(since == NOT_LEARNED, step, since), NOT_LEARNED)
+    return first, since
+
+
+def stayed_learned(first_learned: np.ndarray, since: np.ndarray) -> np.ndarray:
+    """Whether each example has been classified as its training label at every
+    evaluation since it was first so classified (never forgotten)."""
+    return (since == first_learned) & (first_learned != NOT_LEARNED)
+
+
+def log_histogram(steps: np.ndarray, last_step: int, bins: int = 20) -> np.ndarray:
+    """Counts of `steps` (>= 1) on `bins` log-spaced buckets over [1, last_step]:
+    rows (left, right, count), the layout of TensorBoard's histogram summaries."""
+    edges = np.geomspace(1, max(last_step, 2), bins + 1)
+    counts, _ = np.histogram(np.clip(steps, 1, edges[-1]), edges)
+    return np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
 
 
 def evaluate(net, subset: tf.data.Dataset, top5: bool = False) -> dict:

@@ -68,22 +68,38 @@ def write_run_config(writer, config: dict) -> None:
 
 class LearningEvents(tf.Module):
     """Per tracked example (the pristine and corrupt subsets): the first step it
-    was classified as its training label, and whether it stayed so since.
+    was classified as its training label, and the step since which it has been
+    so classified at every evaluation (learned for good, so far).
     Checkpointed with the run, so a resumed run keeps its history."""
 
     def __init__(self, sizes: dict[str, int]):
         super().__init__(name="learning_events")
-        self.first = {g: tf.Variable(tf.fill([n], tf.constant(metrics.NOT_LEARNED, tf.int64)),
-                                     trainable=False, name=f"first_{g}")
-                      for g, n in sizes.items()}
-        self.stayed = {g: tf.Variable(tf.zeros([n], tf.bool), trainable=False,
-                                      name=f"stayed_{g}") for g, n in sizes.items()}
+        self.first, self.since = _steps(sizes, "first"), _steps(sizes, "since")
 
     def update(self, group: str, correct: np.ndarray, step: int) -> None:
-        first, stayed = metrics.update_learning_events(
-            self.first[group].numpy(), self.stayed[group].numpy(), correct, step)
+        first, since = metrics.update_learning_events(
+            self.first[group].numpy(), self.since[group].numpy(), correct, step)
         self.first[group].assign(first)
-        self.stayed[group].assign(stayed)
+        self.since[group].assign(since)
+
+    def of(self, group: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(first learned step, learned-for-good step, stayed learned) per example."""
+        first, since = self.first[group].numpy(), self.since[group].numpy()
+        return first, since, metrics.stayed_learned(first, since)
+
+
+def _steps(sizes: dict[str, int], name: str) -> dict[str, tf.Variable]:
+    return {g: tf.Variable(tf.fill([n], tf.constant(metrics.NOT_LEARNED, tf.int64)),
+                           trainable=False, name=f"{name}_{g}") for g, n in sizes.items()}
+
+
+def write_histogram(tag: str, buckets: np.ndarray, step: int, description: str) -> None:
+    """Rows (left, right, count) as a histogram summary: TensorBoard's
+    Histograms dashboard and the Memorization tab read it (tf.summary.histogram
+    only makes equal-width buckets)."""
+    from tensorboard.plugins.histogram import metadata
+    tf.summary.write(tag, tf.constant(buckets, tf.float64), step=step,
+                     metadata=metadata.create_summary_metadata(None, description))
 
 
 def _collect(ds: tf.data.Dataset, key: str) -> np.ndarray:
@@ -126,7 +142,9 @@ class Monitor:
         self._probe_traced = False  # the first probe traces the graph: outside the budget
         self._run_config = {"aggregator": aggregator.to_json(),
                             "noise": reader.info.noise, "num_classes": reader.num_classes,
-                            "batch_size": batch_size, "probe_size": size if sample is not None else 0}
+                            "batch_size": batch_size,
+                            "probe_size": size if sample is not None else 0,
+                            "tracked": {g: len(i) for g, i in self.ids.items()}}
 
     def schedule(self, total_steps: int) -> list[int]:
         return metrics.eval_schedule(total_steps, self.reader.steps_per_epoch,
@@ -173,7 +191,7 @@ class Monitor:
             self._probe_traced = True
         with self.writer.as_default(step=step):
             self._write_eval(results)
-            self._write_learning()
+            self._write_learning(step)
             shares = self.cost_shares(train_seconds)
             for tag, value in {**probe, tags.EVAL_SHARE: shares["eval"],
                                tags.PROBE_SHARE: shares["probe"]}.items():
@@ -198,17 +216,17 @@ class Monitor:
         if not np.isnan(overfit):
             tf.summary.scalar(tags.ADJUSTED_OVERFIT, overfit)
 
-    def _write_learning(self) -> None:
+    def _write_learning(self, step: int) -> None:
         for group in self.ids:
-            first, stayed = self.events.first[group].numpy(), self.events.stayed[group].numpy()
-            if not len(first):
-                continue
-            learned = first[first != metrics.NOT_LEARNED]
-            tf.summary.scalar(tags.learned_fraction_tag(group), len(learned) / len(first))
+            first, since, stayed = self.events.of(group)
+            tf.summary.scalar(tags.learned_fraction_tag(group),
+                              np.mean(first != metrics.NOT_LEARNED))
             tf.summary.scalar(tags.stayed_fraction_tag(group), stayed.mean())
-            if len(learned):
-                tf.summary.histogram(tags.first_learned_tag(group), learned.astype(np.float64),
-                                     buckets=30)
+            for tag, steps in ((tags.first_learned_tag(group), first),
+                               (tags.learned_for_good_tag(group), since)):
+                write_histogram(tag, metrics.log_histogram(steps[steps != metrics.NOT_LEARNED],
+                                                           step), step,
+                                f"{group} tracked examples, on log-spaced steps")
 
     # -- end of the run ------------------------------------------------------------
 
@@ -216,13 +234,12 @@ class Monitor:
         """Writes the tracked examples' learning events, and (if configured) the
         ids of every training example the model classifies as its training label
         (learned) and of the others; returns the counts."""
-        rows = [(eid.decode(), group, int(f), int(s))
+        rows = [(eid.decode(), group, int(f), int(s), int(k))
                 for group in self.ids
-                for eid, f, s in zip(self.ids[group], self.events.first[group].numpy(),
-                                     self.events.stayed[group].numpy())]
+                for eid, f, s, k in zip(self.ids[group], *self.events.of(group))]
         files.write_atomically(os.path.join(model_dir, LEARNING_EVENTS), lambda f: (
             csv.writer(f).writerows([("example_id", "group", "first_learned_step",
-                                      "stayed_learned"), *rows])))
+                                      "learned_for_good_step", "stayed_learned"), *rows])))
         if not self.config.export_learned:
             return {}
         learned, not_learned = [], []

@@ -25,9 +25,15 @@ LEARNING_RATE = "train/learning_rate"
 
 
 def first_learned_tag(group: str) -> str:
-    """Histogram of the step each learned tracked example was first classified
-    as its training label."""
+    """Histogram (log-spaced steps) of the step each learned tracked example was
+    first classified as its training label."""
     return f"learning/first_learned_step/{group}"
+
+
+def learned_for_good_tag(group: str) -> str:
+    """Histogram (log-spaced steps) of the step since which each tracked example
+    classified as its training label has been so at every evaluation."""
+    return f"learning/learned_for_good_step/{group}"
 
 
 def learned_fraction_tag(group: str) -> str:

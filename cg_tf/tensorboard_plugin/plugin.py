@@ -118,18 +118,22 @@ class MemorizationPlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_histograms(self, request):
-        """?run=R: the latest learning-time histogram of pristine and corrupt
-        examples: {group: {"step": s, "buckets": [[left, right, count], ...]}}."""
+        """?run=R: the latest histogram, on log-spaced steps, of the step each
+        tracked pristine and corrupt example was learned for good, and how many
+        are tracked: {group: {"step": s, "buckets": [[left, right, count], ...],
+        "tracked": n}}."""
         def handler(where):
             run = request.args.get("run", "")
-            if run not in self._configs(where):
+            configs = self._configs(where)
+            if run not in configs:
                 raise BadRequest(f"unknown run: {run!r}")
-            wanted = [tags.first_learned_tag(g) for g in tags.GROUPS]
+            wanted = [tags.learned_for_good_tag(g) for g in tags.GROUPS]
             data = self._provider.read_tensors(
                 where["ctx"], experiment_id=where["experiment_id"], plugin_name="histograms",
                 downsample=1, run_tag_filter=provider.RunTagFilter(runs=[run], tags=wanted))
-            by_tag = data.get(run, {})
-            return {g: {"step": by_tag[t][-1].step, "buckets": by_tag[t][-1].numpy.tolist()}
+            by_tag, tracked = data.get(run, {}), configs[run].get("tracked", {})
+            return {g: {"step": by_tag[t][-1].step, "buckets": by_tag[t][-1].numpy.tolist(),
+                        "tracked": tracked.get(g)}
                     for g, t in zip(tags.GROUPS, wanted) if by_tag.get(t)}
         return self._json(request, handler)
 

@@ -1,21 +1,46 @@
 // The Memorization tab: accuracy curves (pristine, corrupt, test) of several
-// runs side by side, learning-time histograms, coherence and f_p over steps,
-// and a table of final values. Plain DOM and SVG; data from this plugin's
+// runs side by side, a table of final values, when examples were learned for
+// good, coherence and f_p over steps; every panel with axis labels and a
+// caption saying what it measures. Plain DOM and SVG; data from this plugin's
 // JSON routes (relative URLs resolve under /data/plugin/memorization/).
 
 const SVG = "http://www.w3.org/2000/svg";
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
                 "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
-const ACCURACY = [["pristine", "eval/pristine/accuracy", "Pristine training examples"],
-                  ["corrupt", "eval/corrupt/accuracy", "Corrupt training examples (noisy label)"],
-                  ["test", "eval/test/accuracy", "Test set"]];
-const PANELS = [["coherence/model", "m-coherence of the probe (whole model)", null],
-                ["update/aggregate/f_pristine", "f_p: pristine share of the robust update", null],
-                ["update/mean/f_pristine", "f_p: pristine share of the mean update", null],
-                ["aggregator/removed_mass/corrupt", "Gradient mass removed: corrupt examples",
-                 [0, 1]],
-                ["aggregator/removed_mass/pristine", "Gradient mass removed: pristine examples",
-                 [0, 1]]];
+// Each panel: [tag, title, y-axis label, y range (null: the data's), caption].
+const ACCURACY = [
+  ["eval/pristine/accuracy", "Pristine training examples", "accuracy", [0, 1],
+   "Share of the tracked pristine training examples classified as their label: " +
+   "what is learned from the signal."],
+  ["eval/corrupt/accuracy", "Corrupt training examples, against their noisy label",
+   "accuracy", [0, 1],
+   "Share of the tracked corrupt training examples classified as their wrong (noisy) " +
+   "label: memorization."],
+  ["eval/test/accuracy", "Test set", "accuracy", [0, 1],
+   "Share of the test examples classified as their label: generalization."]];
+const PANELS = [
+  ["coherence/model", "m-coherence of the per-example gradients", "m-coherence", null,
+   "||sum g_i||^2 / sum ||g_i||^2 over the probe's m examples (whole model): 1 when their " +
+   "gradients are orthogonal, m when identical. High: the examples pull together."],
+  ["update/aggregate/f_pristine", "Pristine share of the robust update (f_p)", "f_p", null,
+   "<U, K_p> / <U, U>: the part of the run's update U coming from the kept parts K_p of " +
+   "the probe's pristine gradients. The rest comes from corrupt examples."],
+  ["update/mean/f_pristine", "Pristine share of the plain SGD update (f_p)", "f_p", null,
+   "<G, G_p> / <G, G>, G the sum of the probe's per-example gradients and G_p that of its " +
+   "pristine examples: what plain SGD would take from the signal."],
+  ["aggregator/removed_mass/corrupt", "Gradient mass removed: corrupt examples",
+   "fraction removed", [0, 1],
+   "sum |g - kept| / sum |g| over the probe's corrupt examples: how much of their " +
+   "gradients the aggregator's cut discards."],
+  ["aggregator/removed_mass/pristine", "Gradient mass removed: pristine examples",
+   "fraction removed", [0, 1],
+   "The same for the probe's pristine examples: the price the cut takes from the signal."]];
+const LEARNED_CAPTION =
+    "Step from which each tracked training example has been classified as its training " +
+    "label at every evaluation up to the last (learned for good), on log-spaced bins; " +
+    "bars: share of the group's tracked examples. Pristine examples are learned early; " +
+    "corrupt ones late if at all (memorization).";
+const GROUP_COLORS = {pristine: "#1f77b4", corrupt: "#d62728"};
 
 async function getJson(path) {
   const response = await fetch(path);
@@ -37,33 +62,67 @@ function fmt(x, digits = 3) {
   return x === null || x === undefined ? "–" : Number(x).toFixed(digits);
 }
 
-// A line chart of {run: [[step, value], ...]} with one colored path per run.
-function lineChart(parent, title, seriesByRun, colorOf, yRange) {
-  const W = 360, H = 220, L = 44, R = 10, T = 24, B = 30;
+// A panel: a title (HTML, wraps), an SVG plot area with axes, a caption.
+function panel(parent, title, caption, W, H) {
   const box = el("div", {class: "chart"}, parent);
+  el("div", {class: "chart-title"}, box, title);
   const svg = el("svg:svg", {width: W, height: H, viewBox: `0 0 ${W} ${H}`}, box);
-  el("svg:text", {x: L, y: 15, class: "title"}, svg, title);
+  if (caption) el("p", {class: "caption"}, box, caption);
+  return {box, svg};
+}
+
+function axisLabels(svg, W, H, L, B, xLabel, yLabel) {
+  el("svg:text", {x: L + (W - L) / 2, y: H - 4, class: "axis-label x",
+                  "text-anchor": "middle"}, svg, xLabel);
+  el("svg:text", {x: -(H - B) / 2, y: 12, transform: "rotate(-90)", class: "axis-label y",
+                  "text-anchor": "middle"}, svg, yLabel);
+}
+
+const SIZE = {W: 380, H: 230, L: 58, R: 14, T: 10, B: 42};
+
+// Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) covering [lo, hi].
+function niceTicks(lo, hi, count = 4) {
+  const raw = (hi - lo) / count || 1;
+  const power = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * power).find((s) => s >= raw * 0.999);
+  const ticks = [Math.floor(lo / step + 1e-9) * step];
+  while (ticks.length < 2 || ticks[ticks.length - 1] < hi - step * 1e-9) {
+    ticks.push(ticks[ticks.length - 1] + step);
+  }
+  return ticks.map((t) => +t.toFixed(10));
+}
+
+function tickText(t) {
+  return String(+t.toPrecision(6));
+}
+
+// A line chart of {run: [[step, value], ...]} with one colored path per run,
+// on x from 0 to `xMax` (the longest run's last step).
+function lineChart(parent, [, title, yLabel, yRange, caption], seriesByRun, colorOf, xMax) {
+  const {W, H, L, R, T, B} = SIZE;
+  const {svg} = panel(parent, title, caption, W, H);
+  axisLabels(svg, W, H, L, B, "training step", yLabel);
   const points = Object.values(seriesByRun).flat().filter((p) => p[1] !== null);
   if (!points.length) {
-    el("svg:text", {x: L, y: H / 2, class: "empty"}, svg, "no data yet");
+    el("svg:text", {x: L + 8, y: H / 2, class: "empty"}, svg, "no data yet");
     return;
   }
-  const xMax = Math.max(...points.map((p) => p[0]), 1);
-  let [yMin, yMax] = yRange || [Math.min(...points.map((p) => p[1])),
-                                Math.max(...points.map((p) => p[1]))];
-  if (yMax === yMin) { yMax += 1; yMin -= yRange ? 0 : 1; }
+  xMax = Math.max(xMax || 0, ...points.map((p) => p[0]), 1);
+  const values = points.map((p) => p[1]);
+  const yTicks = yRange ? niceTicks(...yRange)
+                        : niceTicks(Math.min(...values), Math.max(...values) || 1);
+  const [yMin, yMax] = [yTicks[0], yTicks[yTicks.length - 1]];
   const sx = (x) => L + (x / xMax) * (W - L - R);
   const sy = (y) => T + (1 - (y - yMin) / (yMax - yMin)) * (H - T - B);
-  for (let i = 0; i <= 4; i++) {
-    const y = yMin + (i / 4) * (yMax - yMin);
+  for (const y of yTicks) {
     el("svg:line", {x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid"}, svg);
     el("svg:text", {x: L - 4, y: sy(y) + 4, class: "tick", "text-anchor": "end"}, svg,
-       fmt(y, 2));
-    const x = (i / 4) * xMax;
-    el("svg:text", {x: sx(x), y: H - B + 14, class: "tick", "text-anchor": "middle"}, svg,
-       String(Math.round(x)));
+       tickText(y));
   }
-  el("svg:text", {x: W - R, y: H - 4, class: "tick", "text-anchor": "end"}, svg, "step");
+  for (const x of niceTicks(0, xMax).filter((t) => t <= xMax)) {
+    el("svg:text", {x: sx(x), y: H - B + 14, class: "tick", "text-anchor": "middle"}, svg,
+       tickText(x));
+  }
   for (const [run, series] of Object.entries(seriesByRun)) {
     const pts = series.filter((p) => p[1] !== null);
     if (!pts.length) continue;
@@ -75,40 +134,62 @@ function lineChart(parent, title, seriesByRun, colorOf, yRange) {
   }
 }
 
-// Learning-time histograms of one run: pristine vs corrupt, as bar outlines.
-function histogramChart(parent, run, hist) {
-  const W = 360, H = 180, L = 44, R = 10, T = 24, B = 30;
-  const box = el("div", {class: "chart"}, parent);
-  const svg = el("svg:svg", {width: W, height: H, viewBox: `0 0 ${W} ${H}`}, box);
-  el("svg:text", {x: L, y: 15, class: "title"}, svg, `${run}: first step learned`);
+// Powers of ten in [1, xMax], and xMax itself.
+function logTicks(xMax) {
+  const ticks = [];
+  for (let t = 1; t <= xMax / 3; t *= 10) ticks.push(t);
+  return [...ticks, xMax];
+}
+
+// When one run's tracked examples were learned for good: per group, the share
+// of its tracked examples on each log-spaced bin of steps, from 1 to the run's
+// last evaluation.
+function learnedChart(parent, run, hist) {
+  const {W, H, L, R, T, B} = SIZE;
+  const {box, svg} = panel(parent, `${run}: when examples were learned for good`, null, W, H);
+  axisLabels(svg, W, H, L, B, "training step (log scale)", "% of tracked examples");
   const groups = Object.entries(hist);
-  const buckets = groups.flatMap(([, h]) => h.buckets);
-  if (!buckets.length) {
-    el("svg:text", {x: L, y: H / 2, class: "empty"}, svg, "nothing learned yet");
+  if (!groups.length) {
+    el("svg:text", {x: L + 8, y: H / 2, class: "empty"}, svg, "nothing learned yet");
+    el("p", {class: "caption"}, box, LEARNED_CAPTION);
     return;
   }
-  const xMin = Math.min(...buckets.map((b) => b[0]));
-  const xMax = Math.max(...buckets.map((b) => b[1]), xMin + 1);
-  const yMax = Math.max(...buckets.map((b) => b[2]), 1);
-  const sx = (x) => L + ((x - xMin) / (xMax - xMin)) * (W - L - R);
+  const xMax = Math.max(...groups.map(([, h]) => h.step), 2);
+  const share = (h, count) => 100 * count / (h.tracked || 1);
+  const yTicks = niceTicks(0, Math.max(
+      ...groups.flatMap(([, h]) => h.buckets.map((b) => share(h, b[2]))), 1));
+  const yMax = yTicks[yTicks.length - 1];
+  const sx = (x) => L + (Math.log(Math.max(x, 1)) / Math.log(xMax)) * (W - L - R);
   const sy = (y) => T + (1 - y / yMax) * (H - T - B);
-  el("svg:line", {x1: L, x2: W - R, y1: sy(0), y2: sy(0), class: "grid"}, svg);
-  el("svg:text", {x: L, y: H - B + 14, class: "tick"}, svg, String(Math.round(xMin)));
-  el("svg:text", {x: W - R, y: H - B + 14, class: "tick", "text-anchor": "end"}, svg,
-     `${Math.round(xMax)} (step)`);
-  el("svg:text", {x: L - 4, y: sy(yMax) + 4, class: "tick", "text-anchor": "end"}, svg,
-     String(Math.round(yMax)));
-  groups.forEach(([group, h], i) => {
+  for (const y of yTicks) {
+    el("svg:line", {x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid"}, svg);
+    el("svg:text", {x: L - 4, y: sy(y) + 4, class: "tick", "text-anchor": "end"}, svg,
+       tickText(y));
+  }
+  for (const t of logTicks(xMax)) {
+    el("svg:line", {x1: sx(t), x2: sx(t), y1: T, y2: H - B, class: "grid"}, svg);
+    el("svg:text", {x: sx(t), y: H - B + 14, class: "tick", "text-anchor": "middle"}, svg,
+       String(Math.round(t)));
+  }
+  const legend = el("div", {class: "legend"}, box);
+  for (const [group, h] of groups) {
     let d = `M${sx(h.buckets[0][0]).toFixed(1)},${sy(0)}`;
     for (const [left, right, count] of h.buckets) {
-      d += `L${sx(left).toFixed(1)},${sy(count).toFixed(1)}L${sx(right).toFixed(1)},` +
-           `${sy(count).toFixed(1)}`;
+      const y = sy(share(h, count)).toFixed(1);
+      d += `L${sx(left).toFixed(1)},${y}L${sx(right).toFixed(1)},${y}`;
     }
     d += `L${sx(h.buckets[h.buckets.length - 1][1]).toFixed(1)},${sy(0)}`;
-    el("svg:path", {d, class: `histogram ${group}`, "data-run": run}, svg);
-    el("svg:text", {x: W - R - 90, y: T + 12 + 14 * i, class: `legend ${group}`}, svg,
-       `${group} (${h.buckets.reduce((a, b) => a + b[2], 0).toFixed(0)})`);
-  });
+    el("svg:path", {d, class: `histogram ${group}`, "data-run": run,
+                    stroke: GROUP_COLORS[group], fill: GROUP_COLORS[group]}, svg);
+    const learned = h.buckets.reduce((a, b) => a + b[2], 0);
+    const item = el("span", {class: "legend-item"}, legend);
+    el("span", {class: "swatch", style: `background:${GROUP_COLORS[group]}`}, item);
+    item.appendChild(document.createTextNode(h.tracked
+        ? `${group}: ${learned} of ${h.tracked} tracked ` +
+          `(${Math.round(share(h, learned))}%) learned for good by step ${h.step}`
+        : `${group}: ${learned} learned for good by step ${h.step}`));
+  }
+  el("p", {class: "caption"}, box, LEARNED_CAPTION);
 }
 
 function table(parent, rows, colorOf) {
@@ -131,17 +212,19 @@ function table(parent, rows, colorOf) {
 
 const STYLE = `
   body { font-family: Roboto, sans-serif; font-size: 13px; margin: 16px; color: #212121; }
-  h2 { font-size: 15px; font-weight: 500; margin: 20px 0 8px; }
+  h2 { font-size: 15px; font-weight: 500; margin: 20px 0 4px; }
+  .section-caption { color: #616161; margin: 0 0 8px; max-width: 1170px; }
   .charts { display: flex; flex-wrap: wrap; gap: 12px; }
-  .chart { border: 1px solid #e0e0e0; border-radius: 4px; background: #fff; }
-  .title { font-size: 12px; font-weight: 500; }
+  .chart { border: 1px solid #e0e0e0; border-radius: 4px; background: #fff; width: 380px;
+           padding: 8px 0 6px; }
+  .chart-title { font-size: 12px; font-weight: 500; padding: 0 10px 4px; }
+  .caption, .legend { font-size: 11px; color: #616161; padding: 0 10px; margin: 4px 0 0; }
+  .legend-item { display: block; }
   .tick, .empty { font-size: 10px; fill: #616161; }
+  .axis-label { font-size: 11px; fill: #424242; }
   .grid { stroke: #eee; }
   .curve { fill: none; stroke-width: 2; }
   .histogram { stroke-width: 1.5; fill-opacity: 0.15; }
-  .histogram.pristine, .legend.pristine { stroke: #1f77b4; fill: #1f77b4; }
-  .histogram.corrupt, .legend.corrupt { stroke: #d62728; fill: #d62728; }
-  .legend { font-size: 11px; stroke: none; }
   .runs-picker label { margin-right: 14px; white-space: nowrap; }
   .swatch { display: inline-block; width: 12px; height: 4px; margin: 0 4px 2px 2px; }
   table.runs { border-collapse: collapse; }
@@ -190,24 +273,37 @@ async function draw(content, runs, colorOf) {
   const has = (tag) => runs.some((r) => r.tags.includes(tag));
   const scalars = (tag) => getJson(`scalars?tag=${encodeURIComponent(tag)}` +
                                    `&runs=${encodeURIComponent(names)}`);
+  const section = (title, caption) => {
+    el("h2", {}, content, title);
+    if (caption) el("p", {class: "section-caption"}, content, caption);
+  };
+  const rows = (await getJson(`table?runs=${encodeURIComponent(names)}`)).rows;
+  const xMax = Math.max(...rows.map((r) => r.step || 0));
 
-  el("h2", {}, content, "Accuracy against the training label");
+  section("Accuracy against the training label",
+          "On fixed samples of the training set (pristine: label kept; corrupt: label " +
+          "replaced by the noise) and of the test set, at each evaluation.");
   const acc = el("div", {class: "charts"}, content);
-  const accData = await Promise.all(ACCURACY.map(([, tag]) => has(tag) ? scalars(tag) : {}));
-  ACCURACY.forEach(([, , title], i) => lineChart(acc, title, accData[i], colorOf, [0, 1]));
+  const accData = await Promise.all(ACCURACY.map(([tag]) => has(tag) ? scalars(tag) : {}));
+  ACCURACY.forEach((spec, i) => lineChart(acc, spec, accData[i], colorOf, xMax));
 
-  el("h2", {}, content, "Final values");
-  table(content, (await getJson(`table?runs=${encodeURIComponent(names)}`)).rows, colorOf);
+  section("Final values",
+          "At each run's last evaluation. Adjusted overfit: training accuracy (against " +
+          "the training labels) minus what a model that only generalizes would score, " +
+          "noise/classes + (1 - noise) x test accuracy; 0 means no memorization.");
+  table(content, rows, colorOf);
 
-  el("h2", {}, content, "When examples are first learned (tracked pristine vs corrupt)");
+  section("When examples are learned for good (tracked pristine vs corrupt)", null);
   const hist = el("div", {class: "charts"}, content);
   const hists = await Promise.all(runs.map(
       (r) => getJson(`histograms?run=${encodeURIComponent(r.name)}`)));
-  runs.forEach((r, i) => histogramChart(hist, r.name, hists[i]));
+  runs.forEach((r, i) => learnedChart(hist, r.name, hists[i]));
 
-  el("h2", {}, content, "Coherence and the update's pristine share (probe sample)");
+  section("Coherence and the update's pristine share",
+          "From the per-example gradients of a fixed probe sample of m training examples " +
+          "(pristine and corrupt), measured while the run's time budget allows.");
   const probe = el("div", {class: "charts"}, content);
-  for (const [tag, title, range] of PANELS) {
-    if (has(tag)) lineChart(probe, title, await scalars(tag), colorOf, range);
+  for (const spec of PANELS) {
+    if (has(spec[0])) lineChart(probe, spec, await scalars(spec[0]), colorOf, xMax);
   }
 }
