@@ -77,6 +77,8 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
     md = open(os.path.join(out, "summary.md")).read()
     assert "| winsorized_c2_noise0.5 | 2 |" in md and "±" in md and "| peak_test |" in md
     assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
+    assert open(os.path.join(out, "figure.pdf"), "rb").read(5) == b"%PDF-"
+    assert f"figure_pdf: {out}/figure.pdf" in done.stdout
     m = manifest(out, "runs/" + RUNS[3])
     assert m["params"]["aggregator"] == {"name": "winsorized", "c": 2}
     assert (m["params"]["per_example_chunk"], m["params"]["bn_mode"]) == (None, "batch_stats")
@@ -178,6 +180,8 @@ def test_easy_hard_end_to_end(tmp_path):
     assert accuracy["hard"]["clean/test"]["count"] == len(read_split(
         manifest(out, "data/clean")["outputs"]["data_dir"], "test"))
     assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
+    assert open(os.path.join(out, "figure.pdf"), "rb").read(5) == b"%PDF-"
+    assert f"figure_pdf: {out}/figure.pdf" in done.stdout
     again = run_main(*args)
     assert all(line.endswith("complete, skipped") for line in stage_lines(again.stdout))
 

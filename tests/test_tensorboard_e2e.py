@@ -18,6 +18,8 @@ import urllib.request
 import pytest
 from conftest import REPO, run_main
 
+from cg_tf.measure import report
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = os.path.join(REPO, "test-artifacts", "memorization_tab.png")
 RUNS = {"mean": ["--aggregator=mean"], "winsorized_c4": ["--aggregator=winsorized:4"]}
@@ -39,11 +41,18 @@ def test_plot_draws_the_figure_and_exports_every_metric(logdir, tmp_path):
     done = run_main("tools.plot", f"--logdir={logdir}", f"--out={out}", f"--csv={table}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    pdf = tmp_path / "figure.pdf"  # the vector copy, beside it
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000
+    assert f"figure: {out}\nfigure_pdf: {pdf}" in done.stdout
     assert "| mean | mean |" in done.stdout and "| winsorized_c4 | winsorized:4 |" in done.stdout
     with open(table) as f:
         rows = list(csv.DictReader(f))
+    configs = {r.name: r.config for r in report.load_runs(str(logdir))}
     for run in RUNS:
         summary = json.loads((logdir / run / "summary.json").read_text())
+        # What the figure's caption and epoch axis read from the run's config.
+        assert configs[run]["source"] == "digits"
+        assert configs[run]["steps_per_epoch"] == summary["steps_per_epoch"] > 0
         last = [r for r in rows if r["run"] == run and r["tag"] == "eval/test/accuracy"][-1]
         assert int(last["step"]) == summary["steps"]
         assert float(last["value"]) == pytest.approx(summary["test_accuracy"], abs=1e-6)

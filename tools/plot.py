@@ -2,9 +2,10 @@
 
   python -m tools.plot --logdir runs --out figure.png [--csv metrics.csv]
 
-Draws pristine / corrupt / test accuracy against step, one panel per run,
-prints the table of final values (Markdown), and with --csv exports every
-scalar of every run.
+Draws pristine / corrupt / test accuracy against step (epoch when the runs'
+steps per epoch differ), one panel per run titled by what sets it apart, with a
+caption of what all runs share, as figure.png and figure.pdf; prints the table
+of final values (Markdown), and with --csv exports every scalar of every run.
 """
 
 import os
@@ -17,7 +18,7 @@ from cg_tf.measure import report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("logdir", None, "Directory holding the runs (e.g. runs/).")
-flags.DEFINE_string("out", None, "PNG file of the figure.")
+flags.DEFINE_string("out", None, "PNG file of the figure; a PDF is written beside it.")
 flags.DEFINE_string("csv", None, "Also write every scalar of every run to this CSV file.")
 flags.DEFINE_integer("columns", 3, "Panels per row.")
 flags.mark_flags_as_required(["logdir", "out"])
@@ -32,9 +33,12 @@ def main(argv):
     runs = report.load_runs(FLAGS.logdir)
     if not runs:
         sys.exit(f"error: no cg_tf runs under --logdir={FLAGS.logdir}")
-    report.accuracy_figure({r.name: [r] for r in runs}, FLAGS.out, FLAGS.columns)
+    # A run at the logdir itself is named ".": its panel takes the directory's name.
+    here = os.path.basename(os.path.abspath(FLAGS.logdir))
+    figure = report.accuracy_figure({r.name if r.name != "." else here: [r] for r in runs},
+                                    FLAGS.out, FLAGS.columns)
     print(report.markdown(report.table(runs)))
-    print(f"figure: {FLAGS.out}")
+    print("\n".join(f"{k}: {v}" for k, v in figure.items()))
     if FLAGS.csv:
         report.write_csv(runs, FLAGS.csv)
         print(f"metrics: {FLAGS.csv}")

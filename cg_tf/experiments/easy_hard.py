@@ -11,7 +11,7 @@ Stages under the output directory:
                   with splits train and heldout
   runs/easy, runs/hard   fresh models trained on each set (one logdir)
   cross_eval/     accuracy of each model on each held-out set and the test set
-and summary.csv, summary.md, figure.png.
+and summary.csv, summary.md, figure.png and figure.pdf.
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ from cg_tf.data.sources import Source
 from cg_tf.data.sources.records_source import RecordsSource, write_selection
 from cg_tf.experiments import stages
 from cg_tf.experiments.runner import Stage
-from cg_tf.measure import report
+from cg_tf.measure import report, tags
 from cg_tf.measure.monitor import LEARNED_IDS, NOT_LEARNED_IDS
 from cg_tf.robust.aggregators import Mean
 from cg_tf.storage import files
@@ -143,7 +143,7 @@ def write_report(output_dir: str, manifests: dict[str, dict]) -> dict:
     split = manifests["split"]["outputs"]
     first = manifests["first_training"]["outputs"]
     paths = {k: os.path.join(output_dir, f) for k, f in
-             (("csv", "summary.csv"), ("md", "summary.md"), ("figure", "figure.png"))}
+             (("csv", "summary.csv"), ("md", "summary.md"))}
     report.write_table(paths["csv"], rows)
     files.write_text(paths["md"], (
         "# Easy and hard examples\n\n"
@@ -153,35 +153,43 @@ def write_report(output_dir: str, manifests: dict[str, dict]) -> dict:
         f"{split['heldout_size']} held out.\n\n"
         "Accuracy of the model trained on each set (rows) on the held-out part of "
         "each set and on the original test set (columns):\n\n" + report.markdown(rows)))
-    _figure(rows, report.load_runs(os.path.join(output_dir, "runs")), paths["figure"])
-    return paths
+    # The runs' datasets are made from the clean one's records: name it instead.
+    source = manifests["data/clean"]["params"]["source"]
+    runs = [dataclasses.replace(r, config={**r.config, "source": source})
+            for r in report.load_runs(os.path.join(output_dir, "runs"))]
+    return paths | _figure(rows, runs, os.path.join(output_dir, "figure.png"))
 
 
-def _figure(rows: list[dict], runs: list[report.Run], path: str) -> None:
-    """Bars: each model on each evaluation set; curves: held-out accuracy in training."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(10, 3.6))
-    columns = [f"{d} {s}" for d, s in EVALUATIONS]
-    width = 0.38
-    for i, row in enumerate(rows):
-        xs = [j + (i - 0.5) * width for j in range(len(columns))]
-        drawn = bars.bar(xs, [row[c] for c in columns], width,
-                         label=f"trained on {row['trained_on']}")
-        bars.bar_label(drawn, fmt="%.2f", fontsize=8)
-    bars.set_xticks(range(len(columns)), columns)
-    bars.set_ylim(0, 1.05)
-    bars.set_ylabel("accuracy")
-    bars.legend(fontsize=8, loc="lower left")
-    for run in runs:
-        series = run.scalars.get("eval/test/accuracy")
-        if series:
-            steps, values = zip(*series)
-            curves.plot(steps, values, label=f"{run.name}: own held-out set")
-    curves.set_xlabel("step")
-    curves.set_ylim(0, 1.05)
-    curves.grid(alpha=0.3)
-    curves.legend(fontsize=8)
-    fig.tight_layout()
-    report.save_figure(fig, path)
+def _figure(rows: list[dict], runs: list[report.Run], path: str) -> dict[str, str]:
+    """Bars: each model on each evaluation set; curves: each model's accuracy
+    on its own held-out set in training. One legend, under the caption of the
+    runs' shared setting; PNG and PDF."""
+    plt = report.pyplot()
+    colors = dict(zip(SETS, ("#1f77b4", "#ff7f0e")))
+    label = {s: f"trained on {s}" for s in SETS}
+    with plt.rc_context(report.FIGURE_STYLE):
+        fig, (bars, curves) = plt.subplots(1, 2, figsize=(7.2, 3.2), layout="constrained")
+        width = 0.38
+        for i, row in enumerate(rows):
+            xs = [j + (i - 0.5) * width for j in range(len(EVALUATIONS))]
+            drawn = bars.bar(xs, [row[f"{d} {s}"] for d, s in EVALUATIONS], width,
+                             color=colors[row["trained_on"]], label=label[row["trained_on"]])
+            bars.bar_label(drawn, fmt="%.2f", fontsize=7)
+        bars.set_xticks(range(len(EVALUATIONS)),
+                        [f"{d} {s}".replace("heldout", "held-out") for d, s in EVALUATIONS])
+        bars.set_title("final accuracy")
+        x_label, scale = report.x_axis(runs)
+        for run in runs:
+            series = run.scalars.get(tags.ACCURACY_CURVES["test"])  # its held-out set
+            if series:
+                steps, values = zip(*series)
+                curves.plot([s * scale[run.name] for s in steps], values,
+                            color=colors.get(run.name), label=label.get(run.name, run.name))
+        curves.set_title("accuracy on its own held-out set")
+        curves.set_xlabel(x_label)
+        curves.grid(alpha=0.3)
+        for ax in (bars, curves):
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel("accuracy")
+        report.legend(fig, (bars, curves), report.caption(runs))
+    return report.save_figure(fig, path)

@@ -1,11 +1,11 @@
 """The noise sweep (Coherent Gradients, Figure 2 and its tables): one noisy
 dataset per noise rate, one training run per (aggregator setting, noise rate,
-seed), and a report: summary.csv, summary.md and figure.png.
+seed), and a report: summary.csv, summary.md and figure.png / figure.pdf.
 
 Layout under the output directory:
   data/noise_<rate>/   dataset stages (the dataset in data/)
   runs/<setting>_noise<rate>_seed<seed>/   training stages = model dirs (one logdir)
-  summary.csv, summary.md, figure.png
+  summary.csv, summary.md, figure.png, figure.pdf
 """
 
 import dataclasses
@@ -121,11 +121,12 @@ def over_seeds(table: list[dict]) -> list[dict]:
 
 
 def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]) -> dict:
-    """summary.csv, summary.md and figure.png in `output_dir`; returns their paths."""
+    """summary.csv, summary.md and (once a run has begun) figure.png and
+    figure.pdf in `output_dir`; returns their paths."""
     by_name = {r.name: r for r in report.load_runs(os.path.join(output_dir, "runs"))}
     table = rows(points, manifests, by_name)
     paths = {k: os.path.join(output_dir, f) for k, f in
-             (("csv", "summary.csv"), ("md", "summary.md"), ("figure", "figure.png"))}
+             (("csv", "summary.csv"), ("md", "summary.md"))}
     report.write_table(paths["csv"], table)
     means = over_seeds(table)
     shown = [{k: r[k] for k in ("setting", "seeds")} | {
@@ -140,7 +141,11 @@ def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict
         if p.name in by_name:
             panels.setdefault(p.setting, []).append(by_name[p.name])
     if panels:
-        report.accuracy_figure(panels, paths["figure"])
+        # With several settings and noise rates: a row per rate, the settings across.
+        settings = {p.aggregator.setting for p in points}
+        rates = {p.noise_rate for p in points}
+        columns = len(settings) if len(settings) > 1 and len(rates) > 1 else 3
+        paths |= report.accuracy_figure(panels, os.path.join(output_dir, "figure.png"), columns)
     return paths
 
 

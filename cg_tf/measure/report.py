@@ -9,6 +9,8 @@ import csv
 import dataclasses
 import json
 import math
+import posixpath
+import textwrap
 
 from cg_tf.measure import tags
 from cg_tf.robust import aggregators
@@ -163,56 +165,176 @@ CURVE_STYLES = {"pristine": ("pristine (train)", "-", "#1f77b4"),
                 "corrupt": ("corrupt (train, noisy label)", "--", "#d62728"),
                 "test": ("test", ":", "#2ca02c")}
 
+# Matplotlib settings of the figures: sizes that stay legible at a paper
+# column's width.
+FIGURE_STYLE = {"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9.5,
+                "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 9,
+                "axes.spines.top": False, "axes.spines.right": False}
 
-def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -> None:
-    """The papers' figure: one panel per setting (title: its runs, e.g. the
-    seeds of one setting), with accuracy on pristine and corrupt training
-    examples and on the test set against step; panels share their axes."""
+
+def dataset_name(config: dict) -> str | None:
+    """The dataset a run trained on as a reader names it: its source (`digits`,
+    the folder of `idx:DIR`, the NAME of `tfds:NAME`), else the name of its
+    directory (also for a dataset made from another's records)."""
+    kind, _, arg = (config.get("source") or "").partition(":")
+    if kind and kind != "records":
+        return posixpath.basename(arg.rstrip("/")) or kind
+    data_dir = (config.get("data_dir") or "").rstrip("/")
+    return posixpath.basename(data_dir) or None
+
+
+# The phrases of `describe`, in the order titles and captions give them.
+PHRASES = ("aggregator", "data", "model", "noise", "noise_mode", "batch", "learning_rate")
+
+
+def describe(config: dict) -> dict[str, str]:
+    """What a run's configuration says about its setting, as short phrases
+    (`PHRASES`; those it does not record left out)."""
+    record, noise = config.get("aggregator"), config.get("noise") or {}
+    rate = noise.get("rate")
+    phrases = {
+        "aggregator": record and " ".join([record.get("name", "?"), *(
+            f"{k}={v}" for k, v in record.items() if k != "name")]),
+        "data": dataset_name(config),
+        "model": config.get("model") and f"model {config['model']}",
+        "noise": rate is not None and (f"{rate * 100:g}% noise" if rate else "no noise"),
+        "noise_mode": rate and noise.get("mode") and f"{noise['mode']} noise",
+        "batch": config.get("batch_size") and f"batch {config['batch_size']}",
+        "learning_rate": config.get("learning_rate") and f"lr {config['learning_rate']:g}"}
+    return {k: v for k, v in phrases.items() if v}
+
+
+def _shared(described: list[dict[str, str]]) -> dict[str, str]:
+    """The phrases alike in every one of `described` that has them (a run
+    without noise has no noise mode)."""
+    values = {k: {d[k] for d in described if k in d} for k in PHRASES}
+    return {k: v.pop() for k, v in values.items() if len(v) == 1}
+
+
+def caption(runs: list[Run]) -> str:
+    """The setting every run shares (dataset, model, noise, batch, ...): the
+    line over a figure; what differs goes in the panel titles."""
+    shared = _shared([describe(r.config) for r in runs])
+    if "noise_mode" in shared and "noise" in shared:  # "50% noise", "uniform noise"
+        shared["noise"] = shared["noise"].replace("noise", shared.pop("noise_mode"))
+    if "aggregator" in shared:  # named, and last: "digits, ..., aggregator mean"
+        shared["aggregator"] = f"aggregator {shared.pop('aggregator')}"
+    return ", ".join(shared.values())
+
+
+def panel_titles(panels: dict[str, list[Run]]) -> dict[str, str]:
+    """A short title per panel: the phrases of `describe` that differ between
+    panels (and are the same within one), e.g. "winsorized c=4, 50% noise".
+    Where those do not tell every panel apart (runs differing in what their
+    config does not record), the last part of each key, else the keys."""
+    described = {key: [describe(r.config) for r in runs] for key, runs in panels.items()}
+    shared = _shared([d for ds in described.values() for d in ds])
+    from_config = {key: ", ".join(v for k, v in _shared(ds).items() if k not in shared)
+                   for key, ds in described.items()}
+    for titles in (from_config, {key: posixpath.basename(key.rstrip("/")) for key in panels}):
+        if all(titles.values()) and len(set(titles.values())) == len(titles):
+            return titles
+    return {key: key for key in panels}
+
+
+def x_axis(runs: list[Run]) -> tuple[str, dict[str, float]]:
+    """The x axis of runs' curves: ("epoch", {run: 1 / its steps per epoch})
+    when their steps per epoch differ (other batch or dataset sizes, so a step
+    means other things) and every run records it; else ("step", {run: 1})."""
+    per_epoch = {r.name: r.config.get("steps_per_epoch") for r in runs}
+    if all(per_epoch.values()) and len(set(per_epoch.values())) > 1:
+        return "epoch", {name: 1 / steps for name, steps in per_epoch.items()}
+    return "step", {r.name: 1.0 for r in runs}
+
+
+def pyplot():
+    """matplotlib.pyplot without a display (Agg)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -> dict[str, str]:
+    """The papers' figure: one panel per setting (e.g. the seeds of one
+    setting), with accuracy on pristine and corrupt training examples and on
+    the test set against step (or epoch, see `x_axis`). Panels share their
+    axes and each shows its ticks; titles say what differs (`panel_titles`), a
+    caption what all share, one legend the curves. Written as PNG and PDF
+    (`save_figure`); returns their paths."""
     if not panels:
         raise ValueError("no cg_tf runs to plot")
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+    runs = [r for rs in panels.values() for r in rs]
+    titles, (x_label, scale) = panel_titles(panels), x_axis(runs)
     columns = min(columns, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows),
-                             sharex=True, sharey=True, squeeze=False)
-    for ax, (title, runs) in zip(axes.flat, panels.items()):
-        for i, run in enumerate(runs):
-            for key, tag in tags.ACCURACY_CURVES.items():
-                label, style, color = CURVE_STYLES[key]
-                if run.scalars.get(tag):
-                    steps, values = zip(*run.scalars[tag])
-                    ax.plot(steps, values, style, color=color, label=None if i else label,
-                            linewidth=1.8 if len(runs) == 1 else 1.0)
-        ax.set_title(title, fontsize=10)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy")
-    # One legend for every curve drawn (the first panel may lack one, e.g.
-    # no corrupt curve at 0% noise).
-    legend = {}
-    for ax in axes.flat:
+    with plt.rc_context(FIGURE_STYLE):
+        fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.5 * rows + 0.7),
+                                 sharex=True, sharey=True, squeeze=False, layout="constrained")
+        for ax, (key, panel) in zip(axes.flat, panels.items()):
+            for run in panel:
+                for curve, tag in tags.ACCURACY_CURVES.items():
+                    label, style, color = CURVE_STYLES[curve]
+                    if run.scalars.get(tag):
+                        steps, values = zip(*run.scalars[tag])
+                        ax.plot([s * scale[run.name] for s in steps], values, style,
+                                color=color, label=label,
+                                linewidth=1.6 if len(panel) == 1 else 1.0)
+            ax.set_title(titles[key])
+            ax.set_ylim(0, 1.02)
+            ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1])
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelbottom=True, labelleft=True)  # sharing hides them
+            ax.xaxis.set_major_locator(MaxNLocator("auto", integer=True, steps=[1, 2, 5, 10]))
+        for ax in axes.flat[len(panels):]:
+            ax.axis("off")
+        fig.supxlabel(x_label, fontsize=9.5)
+        fig.supylabel("accuracy", fontsize=9.5)
+        text, sizes = caption(runs), {len(rs) for rs in panels.values()}
+        if len(sizes) == 1 and sizes != {1}:  # e.g. the seeds of each setting
+            text += f", {sizes.pop()} runs per panel"
+        legend(fig, axes.flat, text, [label for label, _, _ in CURVE_STYLES.values()])
+    return save_figure(fig, path)
+
+
+def legend(fig, axes, text: str, order: list[str] | None = None) -> None:
+    """Above the panels, the caption `text` and under it one legend for every
+    curve label drawn in `axes` (the first panel may lack one, e.g. no corrupt
+    curve at 0% noise). One artist, so the layout keeps the two apart."""
+    handles = {}
+    for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    labels = [label for label, _, _ in CURVE_STYLES.values() if label in legend]
-    axes.flat[0].legend([legend[k] for k in labels], labels, fontsize=8, loc="center right")
-    fig.tight_layout()
-    save_figure(fig, path)
+            handles.setdefault(label, handle)
+    labels = [k for k in order if k in handles] if order else list(handles)
+    # About 14 characters an inch; entries side by side if they fit, else stacked.
+    inches = fig.get_figwidth()
+    title = textwrap.fill(text, int(inches * 14)) or None
+    in_a_row = sum(len(k) / 14 + 0.7 for k in labels) <= inches
+    drawn = fig.legend([handles[k] for k in labels], labels, loc="outside upper center",
+                       ncols=max(len(labels), 1) if in_a_row else 1, frameon=False,
+                       title=title, title_fontsize=9.5)
+    drawn.get_title().set_multialignment("center")
 
 
-def save_figure(fig, path: str) -> None:
-    """Saves a matplotlib figure as PNG to a local or gs:// path and closes it."""
-    import matplotlib.pyplot as plt
+def figure_paths(path: str) -> dict[str, str]:
+    """The files of the figure `path` names: a PNG and a PDF with its stem."""
+    stem = posixpath.splitext(path)[0]
+    return {"figure": stem + ".png", "figure_pdf": stem + ".pdf"}
 
+
+def save_figure(fig, path: str) -> dict[str, str]:
+    """Saves a matplotlib figure as PNG and PDF (`figure_paths`) to local or
+    gs:// paths, closes it and returns the paths."""
     from cg_tf.storage import files
-    files.write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
+    plt, paths = pyplot(), figure_paths(path)
+    with plt.rc_context({"pdf.fonttype": 42}):  # TrueType in the PDF, as publishers ask
+        for key, fmt in (("figure", "png"), ("figure_pdf", "pdf")):
+            files.write_atomically(paths[key], lambda f: fig.savefig(f, format=fmt, dpi=200),
+                                   mode="wb")
     plt.close(fig)
+    return paths
 
 
 def print_outputs(paths: dict[str, str], logdir: str) -> None:

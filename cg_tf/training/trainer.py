@@ -318,8 +318,12 @@ class Trainer:
         self.writer = self.monitor.writer = tf.summary.create_file_writer(cfg.model_dir)
         start = self.restore()
         if start == 0:
+            # The dataset's source names it in figures; steps per epoch put
+            # runs of other batch sizes on one (epoch) axis.
             self.monitor.write_run_config({"model": cfg.model, "learning_rate": cfg.learning_rate,
-                                           "data_dir": cfg.data_dir})
+                                           "data_dir": cfg.data_dir,
+                                           "source": self.reader.info.source,
+                                           "steps_per_epoch": self.reader.steps_per_epoch})
         logging.info("training %s with %s for %d steps (%d per epoch) on %d replica(s)",
                      cfg.model, cfg.aggregator.spec, self.total_steps,
                      self.reader.steps_per_epoch, self.strategy.num_replicas_in_sync)

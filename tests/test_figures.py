@@ -1,0 +1,120 @@
+"""The papers' figure from runs built by hand: short panel titles, the caption
+of what the runs share, epochs when steps mean other things, ticks on every
+panel, and the PNG and PDF files."""
+
+import pytest
+
+from cg_tf.measure import report, tags
+
+
+def config(aggregator=None, batch=25, steps_per_epoch=40, rate=0.5, **extra):
+    return {"aggregator": aggregator or {"name": "mean"}, "batch_size": batch,
+            "steps_per_epoch": steps_per_epoch, "noise": {"mode": "uniform", "rate": rate},
+            "model": "fc", "learning_rate": 0.1, "source": "idx:/data/fashion-mnist/",
+            "data_dir": "out/data/noise_0.5", **extra}
+
+
+def run(name, cfg, steps=(1, 20, 40)):
+    return report.Run(name, cfg, {tag: [(s, 0.5) for s in steps]
+                                  for tag in tags.ACCURACY_CURVES.values()})
+
+
+WINSORIZED = {"name": "winsorized", "c": 4}
+# Two aggregators at two batch sizes, on 1,000 examples: 40 and 20 steps per epoch.
+RUNS = [run("sweep/runs/mean_b25", config()),
+        run("sweep/runs/mean_b50", config(batch=50, steps_per_epoch=20), steps=(1, 10, 20)),
+        run("sweep/runs/winsorized_b25", config(WINSORIZED)),
+        run("sweep/runs/winsorized_b50", config(WINSORIZED, 50, 20), steps=(1, 10, 20))]
+
+
+def test_a_config_read_as_phrases():
+    described = report.describe(config(WINSORIZED, rate=0.125))
+    assert described == {"aggregator": "winsorized c=4", "data": "fashion-mnist",
+                         "model": "model fc", "noise": "12.5% noise",
+                         "noise_mode": "uniform noise", "batch": "batch 25",
+                         "learning_rate": "lr 0.1"}
+    assert tuple(described) == report.PHRASES  # every phrase in titles and captions
+    assert report.describe({"noise": {"mode": "uniform", "rate": 0.0}}) == {"noise": "no noise"}
+
+
+def test_titles_say_what_differs_and_the_caption_what_all_share():
+    titles = report.panel_titles({r.name: [r] for r in RUNS})
+    assert list(titles.values()) == ["mean, batch 25", "mean, batch 50",
+                                     "winsorized c=4, batch 25", "winsorized c=4, batch 50"]
+    assert report.caption(RUNS) == "fashion-mnist, model fc, 50% uniform noise, lr 0.1"
+    # A shared aggregator is named, last; no noise is said so.
+    clean = [run("a", config(rate=0.0)), run("b", config(rate=0.0, batch=50))]
+    assert report.caption(clean) == ("fashion-mnist, model fc, no noise, lr 0.1, "
+                                     "aggregator mean")
+
+
+def test_panels_of_seeds_are_titled_by_their_setting():
+    # The sweep: a panel per setting, its seeds' runs (configs alike) in it.
+    panels = {f"{a}_noise{rate:g}": [run(f"{a}_noise{rate:g}_seed{s}",
+                                         config(agg, rate=rate)) for s in (0, 1)]
+              for a, agg in (("mean", None), ("winsorized_c4", WINSORIZED))
+              for rate in (0.0, 0.5)}
+    assert list(report.panel_titles(panels).values()) == [
+        "mean, no noise", "mean, 50% noise", "winsorized c=4, no noise",
+        "winsorized c=4, 50% noise"]
+    # The noise's mode is that of every noisy run.
+    assert report.caption([r for rs in panels.values() for r in rs]) == (
+        "fashion-mnist, model fc, uniform noise, batch 25, lr 0.1")
+
+
+def test_titles_fall_back_to_the_run_names_where_configs_do_not_tell_panels_apart():
+    seeds = {f"runs/mean_seed{s}": [run(f"runs/mean_seed{s}", config())] for s in (0, 1)}
+    assert list(report.panel_titles(seeds).values()) == ["mean_seed0", "mean_seed1"]
+    same_names = {f"{d}/runs/mean": [run(f"{d}/runs/mean", config())] for d in ("a", "b")}
+    assert list(report.panel_titles(same_names).values()) == ["a/runs/mean", "b/runs/mean"]
+    # One panel: nothing differs, so its run's name.
+    assert report.panel_titles({"runs/x": RUNS[:1]}) == {"runs/x": "x"}
+
+
+def test_the_dataset_is_named_by_its_source_else_its_directory():
+    assert report.dataset_name({"source": "digits", "data_dir": "data/d50"}) == "digits"
+    assert report.dataset_name({"source": "tfds:mnist"}) == "mnist"
+    assert report.dataset_name({"source": "idx:gs://b/fashion-mnist"}) == "fashion-mnist"
+    # Records of another dataset (easy/hard), or an older run without a source.
+    assert report.dataset_name({"source": "records:out/data/clean/data:train",
+                                "data_dir": "out/split/easy"}) == "easy"
+    assert report.dataset_name({"data_dir": "data/digits_noisy50/"}) == "digits_noisy50"
+    assert report.dataset_name({}) is None
+
+
+def test_epochs_on_the_x_axis_when_steps_per_epoch_differ():
+    label, scale = report.x_axis(RUNS)
+    assert label == "epoch"
+    assert scale == {r.name: 1 / r.config["steps_per_epoch"] for r in RUNS}
+    # One batch size: steps. Steps per epoch unknown for a run (an older one): steps.
+    assert report.x_axis(RUNS[::2]) == ("step", {r.name: 1.0 for r in RUNS[::2]})
+    old = run("old", {k: v for k, v in config(batch=50).items() if k != "steps_per_epoch"})
+    assert report.x_axis([RUNS[0], old])[0] == "step"
+
+
+def test_the_figure_has_titles_ticks_caption_and_legend(monkeypatch, tmp_path):
+    drawn = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.update(fig=fig) or {})
+    report.accuracy_figure({r.name: [r] for r in RUNS}, str(tmp_path / "f.png"), columns=3)
+    fig = drawn["fig"]
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+    assert [ax.get_title() for ax in panels][:2] == ["mean, batch 25", "mean, batch 50"]
+    for ax in panels:  # every panel shows its tick labels, though the axes are shared
+        assert ax.xaxis.get_major_ticks()[0].label1.get_visible()
+        assert ax.yaxis.get_major_ticks()[0].label1.get_visible()
+        assert max(line.get_xdata()[-1] for line in ax.get_lines()) == pytest.approx(1.0)
+    assert fig.get_supxlabel() == "epoch"
+    (legend,) = fig.legends
+    assert legend.get_title().get_text() == report.caption(RUNS)
+    assert [t.get_text() for t in legend.get_texts()] == [
+        label for label, _, _ in report.CURVE_STYLES.values()]
+
+
+def test_save_figure_writes_a_png_and_a_pdf_beside_it(tmp_path):
+    paths = report.accuracy_figure({r.name: [r] for r in RUNS}, str(tmp_path / "fig.png"))
+    assert paths == {"figure": str(tmp_path / "fig.png"), "figure_pdf": str(tmp_path / "fig.pdf")}
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "fig.pdf").read_bytes()[:5] == b"%PDF-"
+    assert not list(tmp_path.glob("*.tmp"))
+    assert report.figure_paths("gs://b/out/figure.png") == {
+        "figure": "gs://b/out/figure.png", "figure_pdf": "gs://b/out/figure.pdf"}
