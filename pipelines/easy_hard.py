@@ -53,8 +53,8 @@ def main(beam_args: list[str]) -> None:
         print("cross_eval has not run yet (see --only); no report")
         return
     out = shared_flags.OUTPUT_DIR.value
-    paths = easy_hard.write_report(out, manifests)
-    report.print_outputs(paths, f"{out}/runs")
+    paths, text = easy_hard.write_report(out, manifests)
+    report.print_outputs(text, paths, f"{out}/runs")
 
 
 if __name__ == "__main__":

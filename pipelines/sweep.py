@@ -60,8 +60,8 @@ def main(beam_args: list[str]) -> None:
     trainer_flags.setup_devices()
     manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args))
     out = shared_flags.OUTPUT_DIR.value
-    paths = sweep.write_report(out, grid_from_flags(), manifests)
-    report.print_outputs(paths, f"{out}/runs")
+    paths, text = sweep.write_report(out, grid_from_flags(), manifests)
+    report.print_outputs(text, paths, f"{out}/runs")
 
 
 if __name__ == "__main__":

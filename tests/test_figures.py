@@ -35,6 +35,9 @@ def test_a_config_read_as_phrases():
                          "learning_rate": "lr 0.1"}
     assert tuple(described) == report.PHRASES  # every phrase in titles and captions
     assert report.describe({"noise": {"mode": "uniform", "rate": 0.0}}) == {"noise": "no noise"}
+    # The trainer records the layer sizes of an fc net: figures name them.
+    assert report.describe(config(architecture="fc 784-2048-10"))["model"] == (
+        "model fc 784-2048-10")
 
 
 def test_titles_say_what_differs_and_the_caption_what_all_share():

@@ -35,3 +35,9 @@ def test_fc_widths_set_depth_and_width():
 def test_unknown_model():
     with pytest.raises(ValueError, match="--model must be one of"):
         models.build_model("alexnet", (32, 32, 3), 10)
+
+
+def test_describe_names_an_fc_net_by_its_layer_sizes():
+    assert models.describe("fc", (8, 8, 1), 10, (1024,)) == "fc 64-1024-10"
+    assert models.describe("fc", (28, 28, 1), 10, (256, 256, 256)) == "fc 784-256-256-256-10"
+    assert models.describe("small_cnn", (28, 28, 1), 10) == "small_cnn"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import REPO, parsed_flags, read_split, run_main
 
@@ -79,6 +80,17 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
     assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
     assert open(os.path.join(out, "figure.pdf"), "rb").read(5) == b"%PDF-"
     assert f"figure_pdf: {out}/figure.pdf" in done.stdout
+    # The printed summary: what the runs share, a row per setting, what it says.
+    assert "Noise sweep: digits, model fc " in done.stdout and "| " not in done.stdout
+    by_setting = {}
+    for r in rows:
+        by_setting.setdefault(r["aggregator"], []).append(float(r["corrupt_accuracy"]))
+    mean_row = next(line for line in done.stdout.splitlines() if line.startswith("mean "))
+    assert mean_row.split()[1] == "50%"
+    mean, spread = np.mean(by_setting["mean"]), np.std(by_setting["mean"])
+    assert f"{mean:.3f}" + (f" ± {spread:.3f}" if spread else "") in mean_row
+    assert re.search(r"At 50% noise, the corrupt training examples fit to their noisy label: "
+                     r"mean \d+% \(test 0\.\d{3}\), winsorized:2 \d+%", done.stdout)
     m = manifest(out, "runs/" + RUNS[3])
     assert m["params"]["aggregator"] == {"name": "winsorized", "c": 2}
     assert (m["params"]["per_example_chunk"], m["params"]["bn_mode"]) == (None, "batch_stats")
@@ -182,6 +194,12 @@ def test_easy_hard_end_to_end(tmp_path):
     assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
     assert open(os.path.join(out, "figure.pdf"), "rb").read(5) == b"%PDF-"
     assert f"figure_pdf: {out}/figure.pdf" in done.stdout
+    assert "Easy and hard examples: digits, " in done.stdout
+    easy_row = next(line for line in done.stdout.splitlines() if line.startswith("easy "))
+    assert easy_row.split()[1:] == [f"{float(rows['easy'][c]):.3f}" for c in
+                                    ("easy heldout", "hard heldout", "clean test")]
+    assert (f"Trained on easy examples, a model scores {float(rows['easy']['clean test']):.3f} "
+            "on the test set") in done.stdout
     again = run_main(*args)
     assert all(line.endswith("complete, skipped") for line in stage_lines(again.stdout))
 

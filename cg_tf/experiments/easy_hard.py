@@ -138,7 +138,9 @@ def table(manifests: dict[str, dict]) -> list[dict]:
             for trained_on in SETS]
 
 
-def write_report(output_dir: str, manifests: dict[str, dict]) -> dict:
+def write_report(output_dir: str, manifests: dict[str, dict]) -> tuple[dict[str, str], str]:
+    """summary.csv, summary.md, figure.png and figure.pdf in `output_dir`;
+    returns their paths and the summary to print."""
     rows = table(manifests)
     split = manifests["split"]["outputs"]
     first = manifests["first_training"]["outputs"]
@@ -157,7 +159,25 @@ def write_report(output_dir: str, manifests: dict[str, dict]) -> dict:
     source = manifests["data/clean"]["params"]["source"]
     runs = [dataclasses.replace(r, config={**r.config, "source": source})
             for r in report.load_runs(os.path.join(output_dir, "runs"))]
-    return paths | _figure(rows, runs, os.path.join(output_dir, "figure.png"))
+    paths |= _figure(rows, runs, os.path.join(output_dir, "figure.png"))
+    return paths, summary_text(rows, split, first, runs)
+
+
+def summary_text(rows: list[dict], split: dict, first: dict, runs: list[report.Run]) -> str:
+    """The experiment as a person reads it: the split, each model's accuracy on
+    every evaluation set, and how the two generalize to the test set."""
+    test = {r["trained_on"]: r["clean test"] for r in rows}
+    return "\n".join([
+        f"Easy and hard examples: {report.caption(runs)}",
+        f"After {first['steps']} steps of plain SGD, {split['available']['easy']} training "
+        f"examples were classified correctly (easy) and {split['available']['hard']} not "
+        f"(hard); each set gives {split['train_size']} for training and "
+        f"{split['heldout_size']} held out.", "",
+        "accuracy of the model trained on each set:",
+        report.text_table([{"trained on": r["trained_on"]} | {
+            k: r[k] for k in (f"{d} {s}" for d, s in EVALUATIONS)} for r in rows]), "",
+        f"Trained on easy examples, a model scores {test['easy']:.3f} on the test set; "
+        f"trained on as many hard ones, {test['hard']:.3f}."])
 
 
 def _figure(rows: list[dict], runs: list[report.Run], path: str) -> dict[str, str]:

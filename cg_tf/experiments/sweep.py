@@ -120,9 +120,10 @@ def over_seeds(table: list[dict]) -> list[dict]:
     return out
 
 
-def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]) -> dict:
+def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]
+                 ) -> tuple[dict[str, str], str]:
     """summary.csv, summary.md and (once a run has begun) figure.png and
-    figure.pdf in `output_dir`; returns their paths."""
+    figure.pdf in `output_dir`; returns their paths and the summary to print."""
     by_name = {r.name: r for r in report.load_runs(os.path.join(output_dir, "runs"))}
     table = rows(points, manifests, by_name)
     paths = {k: os.path.join(output_dir, f) for k, f in
@@ -146,7 +147,35 @@ def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict
         rates = {p.noise_rate for p in points}
         columns = len(settings) if len(settings) > 1 and len(rates) > 1 else 3
         paths |= report.accuracy_figure(panels, os.path.join(output_dir, "figure.png"), columns)
-    return paths
+    return paths, summary_text(means, points, list(by_name.values()))
+
+
+SHOWN = {"pristine_accuracy": "pristine", "corrupt_accuracy": "corrupt",
+         "corrupt_true_label_accuracy": "corrupt (true label)", "test_accuracy": "test",
+         "adjusted_overfit": "adjusted overfit", PEAK: "peak test"}
+
+
+def summary_text(means: list[dict], points: list[Point], runs: list[report.Run]) -> str:
+    """The sweep as a person reads it: what the runs share, a row per setting
+    (mean ± spread over its seeds), and at each noise rate how much of the
+    corrupt labels each aggregator fit."""
+    if not means:
+        return "Noise sweep: no run has finished yet."
+    seeds = sorted({r["seeds"] for r in means})
+    spec = {p.setting: p.aggregator.spec for p in points}
+    lines = [f"Noise sweep: {report.caption(runs)}",
+             f"accuracy: mean{' ± spread' if seeds[-1] > 1 else ''} over "
+             f"{'/'.join(map(str, seeds))} seed(s)", "",
+             report.text_table([{"aggregator": spec[r["setting"]], "noise": f"{r['noise_rate']:.0%}"} | {
+                 label: _pm(r[k], r[f"{k}_std"]) for k, label in SHOWN.items()}
+                 for r in means])]
+    for rate in sorted({r["noise_rate"] for r in means if r["noise_rate"]}):
+        fits = [f"{spec[r['setting']]} {r['corrupt_accuracy']:.0%} (test {r['test_accuracy']:.3f})"
+                for r in means if r["noise_rate"] == rate and r["corrupt_accuracy"] is not None]
+        if fits:
+            lines += ["", f"At {rate:.0%} noise, the corrupt training examples fit to their "
+                          f"noisy label: {', '.join(fits)}."]
+    return "\n".join(lines)
 
 
 def _pm(mean: float | None, std: float | None) -> str:

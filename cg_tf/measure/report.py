@@ -112,7 +112,7 @@ def summary_text(summary: dict, model_dir: str) -> str:
     data = summary["data_dir"]
     if noise.get("rate"):
         data += f" ({noise['rate']:.0%} {noise['mode']} label noise)"
-    lines = [f"{model_dir}: {summary['model']} with {aggregator}, batch "
+    lines = [f"{model_dir}: {summary.get('architecture') or summary['model']} with {aggregator}, batch "
              f"{summary.get('batch_size', '?')}, {steps}, {summary['wall_seconds']:.0f} s",
              f"data: {data}"]
     rows = [(label, summary[key]) for key, label in RESULT_ROWS if summary.get(key) is not None]
@@ -126,16 +126,34 @@ def summary_text(summary: dict, model_dir: str) -> str:
     return "\n".join(lines)
 
 
+def _cell(value) -> str:
+    """A table cell: numbers to 3 decimals, missing (None, NaN) as -."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table (numbers to 3 decimals, missing as -)."""
     if not rows:
         return ""
     columns = list(rows[0])
-    cell = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else (  # noqa: E731
-        f"{v:.3f}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def text_table(rows: list[dict]) -> str:
+    """The rows as aligned plain text for a console: the first column to the
+    left, the others to the right (numbers to 3 decimals, missing as -)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    cells = [columns, *([_cell(r[c]) for c in columns] for r in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
+                     for line in cells)
 
 
 def write_csv(runs: list[Run], path: str) -> None:
@@ -191,12 +209,13 @@ def describe(config: dict) -> dict[str, str]:
     """What a run's configuration says about its setting, as short phrases
     (`PHRASES`; those it does not record left out)."""
     record, noise = config.get("aggregator"), config.get("noise") or {}
+    model = config.get("architecture") or config.get("model")
     rate = noise.get("rate")
     phrases = {
         "aggregator": record and " ".join([record.get("name", "?"), *(
             f"{k}={v}" for k, v in record.items() if k != "name")]),
         "data": dataset_name(config),
-        "model": config.get("model") and f"model {config['model']}",
+        "model": model and f"model {model}",
         "noise": rate is not None and (f"{rate * 100:g}% noise" if rate else "no noise"),
         "noise_mode": rate and noise.get("mode") and f"{noise['mode']} noise",
         "batch": config.get("batch_size") and f"batch {config['batch_size']}",
@@ -337,9 +356,8 @@ def save_figure(fig, path: str) -> dict[str, str]:
     return paths
 
 
-def print_outputs(paths: dict[str, str], logdir: str) -> None:
-    """A pipeline's closing words: its Markdown summary and where things are."""
-    from cg_tf.storage import files
-    print(files.read_text(paths["md"]))
+def print_outputs(text: str, paths: dict[str, str], logdir: str) -> None:
+    """A pipeline's closing words: its summary and where things are."""
+    print("\n" + text + "\n")
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     print(f"TensorBoard: tensorboard --logdir {logdir}")

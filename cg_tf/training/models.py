@@ -7,6 +7,7 @@
   resnet50, inception_v3, vgg16   keras.applications with weights=None
 """
 
+import math
 from collections.abc import Sequence
 
 import keras
@@ -61,6 +62,14 @@ def cifar_resnet18(input_shape, num_classes: int, width: int = 64) -> keras.Mode
 def _application(fn, input_shape, num_classes: int) -> keras.Model:
     return fn(weights=None, input_shape=tuple(input_shape), classes=num_classes,
               classifier_activation=None)
+
+
+def describe(name: str, input_shape, num_classes: int, widths: Sequence[int] = (2048,)) -> str:
+    """The model as figures and summaries name it: fc with its layer sizes
+    (e.g. fc 64-1024-10), any other by its name."""
+    if name != "fc":
+        return name
+    return "fc " + "-".join(str(n) for n in (math.prod(input_shape), *widths, num_classes))
 
 
 def build_model(name: str, input_shape, num_classes: int,

@@ -36,7 +36,7 @@ from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.gradients import BN_MODES
 from cg_tf.storage import files, rundir
-from cg_tf.training.models import MODELS, build_model
+from cg_tf.training.models import MODELS, build_model, describe
 from cg_tf.training.robust_model import RobustModel, check_layout
 from cg_tf.training.strategies import STRATEGIES, get_strategy
 
@@ -239,6 +239,8 @@ class Trainer:
         self.reader = _reader(config, config.batch_size)
         spe = self.reader.steps_per_epoch
         self.total_steps = config.steps or config.epochs * spe
+        self.architecture = describe(config.model, self.reader.image_shape,
+                                     self.reader.num_classes, config.fc_widths)
         with self.strategy.scope():
             net = build_model(config.model, self.reader.image_shape, self.reader.num_classes,
                               config.fc_widths)
@@ -320,7 +322,8 @@ class Trainer:
         if start == 0:
             # The dataset's source names it in figures; steps per epoch put
             # runs of other batch sizes on one (epoch) axis.
-            self.monitor.write_run_config({"model": cfg.model, "learning_rate": cfg.learning_rate,
+            self.monitor.write_run_config({"model": cfg.model, "architecture": self.architecture,
+                                           "learning_rate": cfg.learning_rate,
                                            "data_dir": cfg.data_dir,
                                            "source": self.reader.info.source,
                                            "steps_per_epoch": self.reader.steps_per_epoch})
@@ -357,6 +360,7 @@ class Trainer:
             "wall_seconds": float(self.wall),
             "aggregator": self.config.aggregator.to_json(),
             "model": self.config.model,
+            "architecture": self.architecture,
             "data_dir": self.config.data_dir,
             "noise": self.reader.info.noise,
             "batch_size": self.config.batch_size,
