@@ -165,7 +165,7 @@ def summary_text(means: list[dict], points: list[Point], runs: list[report.Run])
     spec = {p.setting: p.aggregator.spec for p in points}
     lines = [f"Noise sweep: {report.caption(runs)}",
              f"accuracy: mean{' ± spread' if seeds[-1] > 1 else ''} over "
-             f"{'/'.join(map(str, seeds))} seed(s)", "",
+             f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}", "",
              report.text_table([{"aggregator": spec[r["setting"]], "noise": f"{r['noise_rate']:.0%}"} | {
                  label: _pm(r[k], r[f"{k}_std"]) for k, label in SHOWN.items()}
                  for r in means])]

@@ -93,7 +93,8 @@ class TrainConfig:
         None, "HEIGHT,WIDTH to resize images to (needed for image folders).")
     augment: str = option("none", f"One of {', '.join(AUGMENTATIONS)}.")
     checkpoint_every: int = option(200, "Steps between checkpoints.")
-    log_every: int = option(50, "Steps between training logs and summaries.")
+    log_every: int = option(50, "Steps between training summaries (and progress lines, at "
+                                "most one per 10 s).")
     eval_sample_size: int = option(1000, "Examples per evaluation subset.")
     monitor: MonitorConfig = MonitorConfig()
 
@@ -176,15 +177,18 @@ def _reader(config: TrainConfig, batch_size: int) -> Reader:
 
 class RunCounters(keras.callbacks.Callback):
     """A run's step and wall-clock counters (checkpointed), a stop at a
-    non-finite loss that keeps the last good checkpoint, and a log line every
-    `log_every` steps."""
+    non-finite loss that keeps the last good checkpoint, and a progress line
+    at a multiple of `log_every` steps at most every LOG_SECONDS, and at the end."""
+
+    LOG_SECONDS = 10.0  # a line a person can follow, not one per 50 fast steps
 
     def __init__(self, trainer: "Trainer", start: int):
         super().__init__()
         self.trainer, self.step, self.loss = trainer, start, float("nan")
 
     def on_train_begin(self, logs=None):
-        self.begin = self.last_log = time.monotonic()
+        self.begin = time.monotonic()
+        self.last_log = (self.begin - self.LOG_SECONDS, self.step)  # (time, step)
         self.wall0 = float(self.trainer.wall)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -197,9 +201,11 @@ class RunCounters(keras.callbacks.Callback):
                                 f"checkpoint ({last}) is intact.")
         t.step.assign(step)
         t.wall.assign(self.wall0 + time.monotonic() - self.begin)
-        if step % cfg.log_every == 0 or step == t.total_steps:
-            rate = cfg.log_every / max(time.monotonic() - self.last_log, 1e-9)
-            self.last_log = time.monotonic()
+        now, (then, then_step) = time.monotonic(), self.last_log
+        if (step % cfg.log_every == 0 and now - then >= self.LOG_SECONDS
+                or step == t.total_steps):
+            rate = (step - then_step) / max(now - max(then, self.begin), 1e-9)
+            self.last_log = (now, step)
             logging.info("step %d/%d: batch loss %.3f, batch accuracy %.3f (against the "
                          "training labels), %.1f steps/s", step, t.total_steps, self.loss,
                          float(logs["accuracy"]), rate)

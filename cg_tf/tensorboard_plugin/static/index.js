@@ -20,17 +20,18 @@ const ACCURACY = [
    "Share of the test examples classified as their label: generalization."]];
 const PANELS = [
   ["coherence/model", "m-coherence of the per-example gradients", "m-coherence", null,
-   "||sum g_i||^2 / sum ||g_i||^2 over the probe's m examples (whole model): 1 when their " +
-   "gradients are orthogonal, m when identical. High: the examples pull together."],
+   "‖Σ gᵢ‖² / Σ ‖gᵢ‖² over the per-example gradients gᵢ of the probe's m examples " +
+   "(whole model): 1 when they are orthogonal, m when identical. High: the examples " +
+   "pull together."],
   ["update/aggregate/f_pristine", "Pristine share of the robust update (f_p)", "f_p", null,
-   "<U, K_p> / <U, U>: the part of the run's update U coming from the kept parts K_p of " +
+   "⟨U, K_p⟩ / ⟨U, U⟩: the part of the run's update U coming from the kept parts K_p of " +
    "the probe's pristine gradients. The rest comes from corrupt examples."],
   ["update/mean/f_pristine", "Pristine share of the plain SGD update (f_p)", "f_p", null,
-   "<G, G_p> / <G, G>, G the sum of the probe's per-example gradients and G_p that of its " +
+   "⟨G, G_p⟩ / ⟨G, G⟩, G the sum of the probe's per-example gradients and G_p that of its " +
    "pristine examples: what plain SGD would take from the signal."],
   ["aggregator/removed_mass/corrupt", "Gradient mass removed: corrupt examples",
    "fraction removed", [0, 1],
-   "sum |g - kept| / sum |g| over the probe's corrupt examples: how much of their " +
+   "Σ |g − kept| / Σ |g| over the probe's corrupt examples: how much of their " +
    "gradients the aggregator's cut discards."],
   ["aggregator/removed_mass/pristine", "Gradient mass removed: pristine examples",
    "fraction removed", [0, 1],
@@ -290,7 +291,7 @@ async function draw(content, runs, colorOf) {
   section("Final values",
           "At each run's last evaluation. Adjusted overfit: training accuracy (against " +
           "the training labels) minus what a model that only generalizes would score, " +
-          "noise/classes + (1 - noise) x test accuracy; 0 means no memorization.");
+          "noise/classes + (1 − noise) × test accuracy; 0 means no memorization.");
   table(content, rows, colorOf);
 
   section("When examples are learned for good (tracked pristine vs corrupt)", null);
