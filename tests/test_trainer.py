@@ -355,6 +355,19 @@ def test_a_run_summary_reads_as_a_table():
     assert "  corrupt ones, against their noisy label   0.017" in text
     assert "top 5" not in text and "None" not in text
     assert "fits 2% of the corrupt training examples to their noisy label" in text
+    # An fc net is named by its layer sizes where the run records them.
+    text = report.summary_text({**summary, "architecture": "fc 784-256-10"}, "runs/x")
+    assert text.startswith("runs/x: fc 784-256-10 with winsorized:4")
+
+
+def test_text_tables_align_and_round():
+    rows = [{"aggregator": "mean", "corrupt": 0.23312, "note": None},
+            {"aggregator": "winsorized:4", "corrupt": 0.0104, "note": float("nan")}]
+    assert report.text_table(rows).splitlines() == [
+        "aggregator    corrupt  note",
+        "mean            0.233     -",
+        "winsorized:4    0.010     -"]
+    assert report.text_table([]) == ""
 
 
 @pytest.mark.parametrize("argv,verbose", [([], False), (["--verbosity=1"], True),

@@ -166,11 +166,13 @@ def summary_text(means: list[dict], points: list[Point], runs: list[report.Run])
     lines = [f"Noise sweep: {report.caption(runs)}",
              f"accuracy: mean{' ± spread' if seeds[-1] > 1 else ''} over "
              f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}", "",
-             report.text_table([{"aggregator": spec[r["setting"]], "noise": f"{r['noise_rate']:.0%}"} | {
-                 label: _pm(r[k], r[f"{k}_std"]) for k, label in SHOWN.items()}
+             report.text_table([
+                 {"aggregator": spec[r["setting"]], "noise": f"{r['noise_rate']:.0%}"}
+                 | {label: _pm(r[k], r[f"{k}_std"]) for k, label in SHOWN.items()}
                  for r in means])]
     for rate in sorted({r["noise_rate"] for r in means if r["noise_rate"]}):
-        fits = [f"{spec[r['setting']]} {r['corrupt_accuracy']:.0%} (test {r['test_accuracy']:.3f})"
+        fits = [f"{spec[r['setting']]} {r['corrupt_accuracy']:.0%} "
+                f"(test {r['test_accuracy']:.3f})"
                 for r in means if r["noise_rate"] == rate and r["corrupt_accuracy"] is not None]
         if fits:
             lines += ["", f"At {rate:.0%} noise, the corrupt training examples fit to their "

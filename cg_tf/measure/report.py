@@ -112,7 +112,8 @@ def summary_text(summary: dict, model_dir: str) -> str:
     data = summary["data_dir"]
     if noise.get("rate"):
         data += f" ({noise['rate']:.0%} {noise['mode']} label noise)"
-    lines = [f"{model_dir}: {summary.get('architecture') or summary['model']} with {aggregator}, batch "
+    model = summary.get("architecture") or summary["model"]
+    lines = [f"{model_dir}: {model} with {aggregator}, batch "
              f"{summary.get('batch_size', '?')}, {steps}, {summary['wall_seconds']:.0f} s",
              f"data: {data}"]
     rows = [(label, summary[key]) for key, label in RESULT_ROWS if summary.get(key) is not None]
