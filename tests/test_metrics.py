@@ -63,7 +63,7 @@ def test_learning_events():
 def test_log_histogram_counts_every_step_on_log_spaced_buckets():
     rng = np.random.default_rng(0)
     steps = rng.integers(1, 1741, size=500)
-    h = metrics.log_histogram(steps, 1740, bins=20)
+    h = metrics.log_histogram(steps, np.arange(1, 1741), bins=20)  # every step evaluated
     assert h.shape == (20, 3)
     assert h[0, 0] == pytest.approx(1) and h[-1, 1] == pytest.approx(1740)
     np.testing.assert_allclose(h[1:, 0], h[:-1, 1])  # contiguous
@@ -72,6 +72,19 @@ def test_log_histogram_counts_every_step_on_log_spaced_buckets():
     for left, right, count in h[:-1]:
         assert count == np.sum((steps >= left) & (steps < right))
     assert h[-1, 2] == np.sum(steps >= h[-1, 0])  # the last bucket holds its right edge
-    # A one-step run still has a range; nothing learned gives zero counts.
-    assert metrics.log_histogram(np.array([1]), 1)[:, 2].sum() == 1
-    assert metrics.log_histogram(np.zeros([0], int), 100)[:, 2].sum() == 0
+    # Nothing learned gives zero counts.
+    assert metrics.log_histogram(np.zeros([0], int), [1, 2, 4])[:, 2].sum() == 0
+
+
+def test_log_histogram_has_no_bucket_without_an_evaluation():
+    # Evaluations at 1, 2, 4, 8, 16, then every 29 steps to 2,900: with 20 equal
+    # log buckets, some between the early evaluations could never count anything.
+    evaluated = metrics.eval_schedule(2900, 29)
+    h = metrics.log_histogram(np.array(evaluated), evaluated, bins=20)
+    assert 10 < len(h) < 20 and h[-1, 1] == pytest.approx(2900)
+    np.testing.assert_allclose(h[1:, 0], h[:-1, 1])
+    assert (h[:, 2] >= 1).all()  # each evaluation step counted once, in some bucket
+    assert h[:, 2].sum() == len(evaluated)
+    # Merged buckets keep the log-spaced edges (each a power of the ratio).
+    exponents = np.log(h[1:, 0]) / np.log(2900 ** (1 / 20))
+    np.testing.assert_allclose(exponents, np.round(exponents), atol=1e-9)

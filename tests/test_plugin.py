@@ -34,7 +34,7 @@ def write_runs(logdir):
                 tf.summary.scalar(tags.COHERENCE, float("nan") if i == 0 else 1.5, step)
                 for group in tags.GROUPS:
                     write_histogram(tags.learned_for_good_tag(group), metrics.log_histogram(
-                        np.arange(1, 5 + step), step, bins=4), step, "")
+                        np.arange(1, 5 + step), np.arange(1, step + 1), bins=4), step, "")
         writer.close()
     (logdir / "not_a_cg_tf_run").mkdir()
     with tf.summary.create_file_writer(str(logdir / "not_a_cg_tf_run")).as_default():
@@ -93,7 +93,8 @@ def test_histograms_are_the_latest(client):
     assert data["pristine"]["step"] == 20 and data["pristine"]["tracked"] == 30
     buckets = np.array(data["pristine"]["buckets"])
     # Steps 1..24 on 4 log-spaced buckets over [1, 20] (those past the end in the last).
-    np.testing.assert_allclose(buckets, metrics.log_histogram(np.arange(1, 25), 20, bins=4))
+    np.testing.assert_allclose(buckets, metrics.log_histogram(np.arange(1, 25),
+                                                              np.arange(1, 21), bins=4))
     np.testing.assert_allclose(buckets[[0, -1], [0, 1]], [1, 20])
     assert buckets[:, 2].sum() == 24
 

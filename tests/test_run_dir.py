@@ -276,3 +276,15 @@ def test_a_read_only_model_dir_ends_in_one_error_line(digits_dir, tmp_path):
         line = error_line(proc)
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert str(disk / "run") in line and "Read-only file system" in line, line
+
+
+def test_a_checkpoint_without_this_versions_state_is_refused_by_name(digits_dir, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(digits_dir, run, "--steps=4", "--checkpoint_every=2")
+    trainer(args).run()
+    os.remove(run / "summary.json")  # as if it had stopped after its last checkpoint
+    newer = trainer(args)
+    newer.checkpoint.added_state = tf.Variable(0.0)  # state the checkpoint does not hold
+    with pytest.raises(ValueError, match=r"ckpt-\d+ does not hold this version's run state "
+                                         r".*; start the run over with --overwrite"):
+        newer.run()

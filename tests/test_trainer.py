@@ -432,3 +432,30 @@ def test_two_workers_match_two_replicas_on_one_worker(digits_dir, tmp_path):
     for n in weights:
         np.testing.assert_allclose(states[0][n], states[1][n], rtol=0, atol=1e-6)
         np.testing.assert_allclose(states[0][n], states[2][n], rtol=1e-5, atol=1e-6)
+
+
+def test_progress_lines_come_at_most_every_ten_seconds(monkeypatch):
+    """At a multiple of log_every once 10 s have passed since the last line,
+    and at the last step; steps/s over the steps since the last line."""
+    import types
+
+    import tensorflow as tf
+
+    from cg_tf.training import trainer
+    clock, lines = [100.0], []
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(trainer.logging, "info", lambda fmt, *args: lines.append(args))
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(log_every=50), total_steps=420,
+                                 step=tf.Variable(0, dtype=tf.int64),
+                                 wall=tf.Variable(0.0, dtype=tf.float64), manager=None)
+    counters = trainer.RunCounters(fake, start=20)  # resumed at step 20
+    counters.on_train_begin()
+    for _ in range(400):  # steps 21..420, 1/8 s each (exact in binary)
+        clock[0] += 0.125
+        counters.on_train_batch_end(0, {"loss": 1.0, "accuracy": 0.5})
+    steps = [args[0] for args in lines]
+    # 50 (the first multiple), then the first multiples >= 10 s later, and the end.
+    assert steps == [50, 150, 250, 350, 420]
+    rates = [args[-1] for args in lines]
+    assert rates == pytest.approx([8.0] * 5)  # 30 steps in 3.75 s, 100 in 12.5 s, ...
+    assert int(fake.step) == 420

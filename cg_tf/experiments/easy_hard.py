@@ -168,7 +168,7 @@ def summary_text(rows: list[dict], split: dict, first: dict, runs: list[report.R
     every evaluation set, and how the two generalize to the test set."""
     test = {r["trained_on"]: r["clean test"] for r in rows}
     return "\n".join([
-        f"Easy and hard examples: {report.caption(runs)}",
+        ": ".join(filter(None, ["Easy and hard examples", report.caption(runs)])),
         f"After {first['steps']} steps of plain SGD, {split['available']['easy']} training "
         f"examples were classified correctly (easy) and {split['available']['hard']} not "
         f"(hard); each set gives {split['train_size']} for training and "

@@ -147,7 +147,8 @@ def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict
         rates = {p.noise_rate for p in points}
         columns = len(settings) if len(settings) > 1 and len(rates) > 1 else 3
         paths |= report.accuracy_figure(panels, os.path.join(output_dir, "figure.png"), columns)
-    return paths, summary_text(means, points, list(by_name.values()))
+    return paths, summary_text(means, points, [by_name[p.name] for p in points
+                                               if p.name in by_name])
 
 
 SHOWN = {"pristine_accuracy": "pristine", "corrupt_accuracy": "corrupt",
@@ -163,21 +164,25 @@ def summary_text(means: list[dict], points: list[Point], runs: list[report.Run])
         return "Noise sweep: no run has finished yet."
     seeds = sorted({r["seeds"] for r in means})
     spec = {p.setting: p.aggregator.spec for p in points}
-    lines = [f"Noise sweep: {report.caption(runs)}",
+    lines = [": ".join(filter(None, ["Noise sweep", report.caption(runs)])),
              f"accuracy: mean{' ± spread' if seeds[-1] > 1 else ''} over "
              f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}", "",
              report.text_table([
-                 {"aggregator": spec[r["setting"]], "noise": f"{r['noise_rate']:.0%}"}
+                 {"aggregator": spec[r["setting"]], "noise": _percent(r["noise_rate"])}
                  | {label: _pm(r[k], r[f"{k}_std"]) for k, label in SHOWN.items()}
                  for r in means])]
     for rate in sorted({r["noise_rate"] for r in means if r["noise_rate"]}):
-        fits = [f"{spec[r['setting']]} {r['corrupt_accuracy']:.0%} "
-                f"(test {r['test_accuracy']:.3f})"
+        fits = [f"{spec[r['setting']]} {r['corrupt_accuracy']:.0%}"
+                + ("" if r["test_accuracy"] is None else f" (test {r['test_accuracy']:.3f})")
                 for r in means if r["noise_rate"] == rate and r["corrupt_accuracy"] is not None]
         if fits:
-            lines += ["", f"At {rate:.0%} noise, the corrupt training examples fit to their "
-                          f"noisy label: {', '.join(fits)}."]
+            lines += ["", f"At {_percent(rate)} noise, the corrupt training examples fit to "
+                          f"their noisy label: {', '.join(fits)}."]
     return "\n".join(lines)
+
+
+def _percent(rate: float) -> str:
+    return f"{rate * 100:g}%"
 
 
 def _pm(mean: float | None, std: float | None) -> str:

@@ -63,10 +63,17 @@ def stayed_learned(first_learned: np.ndarray, since: np.ndarray) -> np.ndarray:
     return (since == first_learned) & (first_learned != NOT_LEARNED)
 
 
-def log_histogram(steps: np.ndarray, last_step: int, bins: int = 20) -> np.ndarray:
-    """Counts of `steps` (>= 1) on `bins` log-spaced buckets over [1, last_step]:
-    rows (left, right, count), the layout of TensorBoard's histogram summaries."""
-    edges = np.geomspace(1, max(last_step, 2), bins + 1)
+def log_histogram(steps: np.ndarray, evaluated: list[int], bins: int = 20) -> np.ndarray:
+    """Counts of `steps` (evaluation steps, as learning events are) on up to
+    `bins` log-spaced buckets from step 1 to the last of the `evaluated` steps:
+    rows (left, right, count), the layout of TensorBoard's histogram summaries.
+    A bucket no evaluation falls in is merged into the next, so none is empty
+    by construction (evaluations are sparse: 1, 2, 4, ..., then every epoch)."""
+    evaluated = np.asarray(evaluated)
+    edges = np.geomspace(1, max(evaluated.max(initial=1), 2), bins + 1)
+    holding = np.unique(np.clip(np.searchsorted(edges, evaluated, side="right") - 1,
+                                0, bins - 1))
+    edges = np.concatenate([[1.0], edges[holding + 1]])
     counts, _ = np.histogram(np.clip(steps, 1, edges[-1]), edges)
     return np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
 

@@ -224,8 +224,9 @@ class Monitor:
             tf.summary.scalar(tags.stayed_fraction_tag(group), stayed.mean())
             for tag, steps in ((tags.first_learned_tag(group), first),
                                (tags.learned_for_good_tag(group), since)):
-                write_histogram(tag, metrics.log_histogram(steps[steps != metrics.NOT_LEARNED],
-                                                           step), step,
+                buckets = metrics.log_histogram(steps[steps != metrics.NOT_LEARNED],
+                                                [*self.schedule(step), step])
+                write_histogram(tag, buckets, step,
                                 f"{group} tracked examples, on log-spaced steps")
 
     # -- end of the run ------------------------------------------------------------

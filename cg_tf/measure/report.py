@@ -314,7 +314,7 @@ def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -
         fig.supylabel("accuracy", fontsize=9.5)
         text, sizes = caption(runs), {len(rs) for rs in panels.values()}
         if len(sizes) == 1 and sizes != {1}:  # e.g. the seeds of each setting
-            text += f", {sizes.pop()} runs per panel"
+            text = ", ".join(filter(None, [text, f"{sizes.pop()} runs per panel"]))
         legend(fig, axes.flat, text, [label for label, _, _ in CURVE_STYLES.values()])
     return save_figure(fig, path)
 

@@ -278,8 +278,14 @@ class Trainer:
         """Restores the directory's last checkpoint, if any; returns its step."""
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self.config.model_dir, CHECKPOINTS), max_to_keep=2)
-        if self.manager.latest_checkpoint:
-            self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        latest = self.manager.latest_checkpoint
+        if latest:
+            try:
+                self.checkpoint.restore(latest).assert_existing_objects_matched()
+            except AssertionError as e:  # e.g. state an older cg_tf did not checkpoint
+                raise ValueError(
+                    f"{latest} does not hold this version's run state ({str(e)[:300]}); "
+                    "start the run over with --overwrite") from None
             logging.info("resumed from %s at step %d", self.manager.latest_checkpoint,
                          int(self.step))
         return int(self.step)

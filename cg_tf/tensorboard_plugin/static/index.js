@@ -38,8 +38,9 @@ const PANELS = [
    "The same for the probe's pristine examples: the price the cut takes from the signal."]];
 const LEARNED_CAPTION =
     "Step from which each tracked training example has been classified as its training " +
-    "label at every evaluation up to the last (learned for good), on log-spaced bins; " +
-    "bars: share of the group's tracked examples. Pristine examples are learned early; " +
+    "label at every evaluation up to the last (learned for good), on log-spaced bins " +
+    "(merged where no evaluation falls); bar height: the share of the group's tracked " +
+    "examples in the bin. Pristine examples are learned early; " +
     "corrupt ones late if at all (memorization).";
 const GROUP_COLORS = {pristine: "#1f77b4", corrupt: "#d62728"};
 
@@ -83,11 +84,12 @@ const SIZE = {W: 380, H: 230, L: 58, R: 14, T: 10, B: 42};
 
 // Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) covering [lo, hi].
 function niceTicks(lo, hi, count = 4) {
-  const raw = (hi - lo) / count || 1;
+  // A range too small to split (constant values, float noise) gets unit steps.
+  const raw = hi - lo > 1e-9 * Math.max(1, Math.abs(lo), Math.abs(hi)) ? (hi - lo) / count : 1;
   const power = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 2.5, 5, 10].map((m) => m * power).find((s) => s >= raw * 0.999);
   const ticks = [Math.floor(lo / step + 1e-9) * step];
-  while (ticks.length < 2 || ticks[ticks.length - 1] < hi - step * 1e-9) {
+  while (ticks.length < 2 || (ticks[ticks.length - 1] < hi - step * 1e-9 && ticks.length < 50)) {
     ticks.push(ticks[ticks.length - 1] + step);
   }
   return ticks.map((t) => +t.toFixed(10));
@@ -148,15 +150,19 @@ function logTicks(xMax) {
 function learnedChart(parent, run, hist) {
   const {W, H, L, R, T, B} = SIZE;
   const {box, svg} = panel(parent, `${run}: when examples were learned for good`, null, W, H);
-  axisLabels(svg, W, H, L, B, "training step (log scale)", "% of tracked examples");
   const groups = Object.entries(hist);
+  // Shares of the tracked examples; counts for a run that did not record them.
+  const tracked = groups.every(([, h]) => h.tracked);
+  axisLabels(svg, W, H, L, B, "training step (log scale)",
+             tracked ? "% of tracked examples" : "tracked examples");
   if (!groups.length) {
-    el("svg:text", {x: L + 8, y: H / 2, class: "empty"}, svg, "nothing learned yet");
+    el("svg:text", {x: L + 8, y: H / 2, class: "empty"}, svg,
+       "no learning times yet (none evaluated, or a run of an older cg_tf)");
     el("p", {class: "caption"}, box, LEARNED_CAPTION);
     return;
   }
   const xMax = Math.max(...groups.map(([, h]) => h.step), 2);
-  const share = (h, count) => 100 * count / (h.tracked || 1);
+  const share = (h, count) => tracked ? 100 * count / h.tracked : count;
   const yTicks = niceTicks(0, Math.max(
       ...groups.flatMap(([, h]) => h.buckets.map((b) => share(h, b[2]))), 1));
   const yMax = yTicks[yTicks.length - 1];
@@ -185,7 +191,7 @@ function learnedChart(parent, run, hist) {
     const learned = h.buckets.reduce((a, b) => a + b[2], 0);
     const item = el("span", {class: "legend-item"}, legend);
     el("span", {class: "swatch", style: `background:${GROUP_COLORS[group]}`}, item);
-    item.appendChild(document.createTextNode(h.tracked
+    item.appendChild(document.createTextNode(tracked
         ? `${group}: ${learned} of ${h.tracked} tracked ` +
           `(${Math.round(share(h, learned))}%) learned for good by step ${h.step}`
         : `${group}: ${learned} learned for good by step ${h.step}`));
