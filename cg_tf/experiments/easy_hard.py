@@ -148,11 +148,7 @@ def write_report(output_dir: str, manifests: dict[str, dict]) -> tuple[dict[str,
              (("csv", "summary.csv"), ("md", "summary.md"))}
     report.write_table(paths["csv"], rows)
     files.write_text(paths["md"], (
-        "# Easy and hard examples\n\n"
-        f"After {first['steps']} steps of SGD, {split['available']['easy']} training "
-        f"examples were classified correctly (easy) and {split['available']['hard']} "
-        f"not (hard). Each set: {split['train_size']} for training, "
-        f"{split['heldout_size']} held out.\n\n"
+        f"# Easy and hard examples\n\n{_split_sentence(split, first)}\n\n"
         "Accuracy of the model trained on each set (rows) on the held-out part of "
         "each set and on the original test set (columns):\n\n" + report.markdown(rows)))
     # The runs' datasets are made from the clean one's records: name it instead.
@@ -169,15 +165,19 @@ def summary_text(rows: list[dict], split: dict, first: dict, runs: list[report.R
     test = {r["trained_on"]: r["clean test"] for r in rows}
     return "\n".join([
         ": ".join(filter(None, ["Easy and hard examples", report.caption(runs)])),
-        f"After {first['steps']} steps of plain SGD, {split['available']['easy']} training "
-        f"examples were classified correctly (easy) and {split['available']['hard']} not "
-        f"(hard); each set gives {split['train_size']} for training and "
-        f"{split['heldout_size']} held out.", "",
+        _split_sentence(split, first), "",
         "accuracy of the model trained on each set:",
         report.text_table([{"trained on": r["trained_on"]} | {
             k: r[k] for k in (f"{d} {s}" for d, s in EVALUATIONS)} for r in rows]), "",
         f"Trained on easy examples, a model scores {test['easy']:.3f} on the test set; "
         f"trained on as many hard ones, {test['hard']:.3f}."])
+
+
+def _split_sentence(split: dict, first: dict) -> str:
+    return (f"After {first['steps']} steps of plain SGD, {split['available']['easy']} training "
+            f"examples were classified correctly (easy) and {split['available']['hard']} not "
+            f"(hard); each set gives {split['train_size']} for training and "
+            f"{split['heldout_size']} held out.")
 
 
 def _figure(rows: list[dict], runs: list[report.Run], path: str) -> dict[str, str]:

@@ -217,6 +217,7 @@ class Monitor:
             tf.summary.scalar(tags.ADJUSTED_OVERFIT, overfit)
 
     def _write_learning(self, step: int) -> None:
+        evaluated = [*self.schedule(step), step]  # the steps learning events can hold
         for group in self.ids:
             first, since, stayed = self.events.of(group)
             tf.summary.scalar(tags.learned_fraction_tag(group),
@@ -224,8 +225,7 @@ class Monitor:
             tf.summary.scalar(tags.stayed_fraction_tag(group), stayed.mean())
             for tag, steps in ((tags.first_learned_tag(group), first),
                                (tags.learned_for_good_tag(group), since)):
-                buckets = metrics.log_histogram(steps[steps != metrics.NOT_LEARNED],
-                                                [*self.schedule(step), step])
+                buckets = metrics.log_histogram(steps[steps != metrics.NOT_LEARNED], evaluated)
                 write_histogram(tag, buckets, step,
                                 f"{group} tracked examples, on log-spaced steps")
 

@@ -73,6 +73,16 @@ function panel(parent, title, caption, W, H) {
   return {box, svg};
 }
 
+// Horizontal grid lines at the y ticks, labelled on the left.
+function yGrid(svg, ticks, sy) {
+  const {W, L, R} = SIZE;
+  for (const y of ticks) {
+    el("svg:line", {x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid"}, svg);
+    el("svg:text", {x: L - 4, y: sy(y) + 4, class: "tick", "text-anchor": "end"}, svg,
+       tickText(y));
+  }
+}
+
 function axisLabels(svg, W, H, L, B, xLabel, yLabel) {
   el("svg:text", {x: L + (W - L) / 2, y: H - 4, class: "axis-label x",
                   "text-anchor": "middle"}, svg, xLabel);
@@ -117,11 +127,7 @@ function lineChart(parent, [, title, yLabel, yRange, caption], seriesByRun, colo
   const [yMin, yMax] = [yTicks[0], yTicks[yTicks.length - 1]];
   const sx = (x) => L + (x / xMax) * (W - L - R);
   const sy = (y) => T + (1 - (y - yMin) / (yMax - yMin)) * (H - T - B);
-  for (const y of yTicks) {
-    el("svg:line", {x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid"}, svg);
-    el("svg:text", {x: L - 4, y: sy(y) + 4, class: "tick", "text-anchor": "end"}, svg,
-       tickText(y));
-  }
+  yGrid(svg, yTicks, sy);
   for (const x of niceTicks(0, xMax).filter((t) => t <= xMax)) {
     el("svg:text", {x: sx(x), y: H - B + 14, class: "tick", "text-anchor": "middle"}, svg,
        tickText(x));
@@ -168,11 +174,7 @@ function learnedChart(parent, run, hist) {
   const yMax = yTicks[yTicks.length - 1];
   const sx = (x) => L + (Math.log(Math.max(x, 1)) / Math.log(xMax)) * (W - L - R);
   const sy = (y) => T + (1 - y / yMax) * (H - T - B);
-  for (const y of yTicks) {
-    el("svg:line", {x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid"}, svg);
-    el("svg:text", {x: L - 4, y: sy(y) + 4, class: "tick", "text-anchor": "end"}, svg,
-       tickText(y));
-  }
+  yGrid(svg, yTicks, sy);
   for (const t of logTicks(xMax)) {
     el("svg:line", {x1: sx(t), x2: sx(t), y1: T, y2: H - B, class: "grid"}, svg);
     el("svg:text", {x: sx(t), y: H - B + 14, class: "tick", "text-anchor": "middle"}, svg,
