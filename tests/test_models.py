@@ -41,3 +41,32 @@ def test_describe_names_an_fc_net_by_its_layer_sizes():
     assert models.describe("fc", (8, 8, 1), 10, (1024,)) == "fc 64-1024-10"
     assert models.describe("fc", (28, 28, 1), 10, (256, 256, 256)) == "fc 784-256-256-256-10"
     assert models.describe("small_cnn", (28, 28, 1), 10) == "small_cnn"
+
+
+@pytest.mark.parametrize("init,variance,kurtosis", [
+    # N(0, 1) x 2 / sqrt(fan_in + fan_out): variance 4 / (fan_in + fan_out), Gaussian (kurtosis 3).
+    ("authors", lambda fan_in, fan_out: 4 / (fan_in + fan_out), 3.0),
+    # Glorot uniform: U(-a, a) with a = sqrt(6 / (fan_in + fan_out)), kurtosis 9/5.
+    ("keras", lambda fan_in, fan_out: 2 / (fan_in + fan_out), 1.8)])
+def test_fc_init_moments(init, variance, kurtosis):
+    keras.utils.set_random_seed(0)
+    net = models.fc((28, 28, 1), 10, (512, 256), init=init)
+    for layer in (l for l in net.layers if isinstance(l, keras.layers.Dense)):
+        w = layer.kernel.numpy().ravel()
+        fan_in, fan_out = layer.kernel.shape
+        expected = variance(fan_in, fan_out)
+        # Sampling error of the variance is sqrt(2 / n) relative; n >= 2,560 here.
+        assert abs(w.mean()) < 4 * np.sqrt(expected / w.size), layer.name
+        assert w.var() == pytest.approx(expected, rel=6 * np.sqrt(2 / w.size)), layer.name
+        assert np.mean(w ** 4) / w.var() ** 2 == pytest.approx(kurtosis, abs=0.3), layer.name
+        assert not layer.bias.numpy().any(), layer.name
+    other = models.fc((28, 28, 1), 10, (512, 256), init=init)
+    assert not np.allclose(other.layers[2].kernel.numpy(), net.layers[2].kernel.numpy())
+
+
+def test_init_is_checked():
+    from cg_tf.training.trainer import TrainConfig
+    with pytest.raises(ValueError, match="--init must be one of keras, authors"):
+        TrainConfig(data_dir="d", model_dir="m", init="he")
+    with pytest.raises(ValueError, match="--init=authors applies to the fc model"):
+        TrainConfig(data_dir="d", model_dir="m", model="small_cnn", init="authors")

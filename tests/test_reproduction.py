@@ -249,8 +249,8 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
     if name.startswith(("sweep_winsorize_", "sweep_label_noise_")):
         for s in trains:
             p = s.params
-            assert (p["model"], p["learning_rate"], p["batch_size"], p["momentum"],
-                    p["lr_schedule"]) == ("fc", 0.1, 100, 0.0, "constant")
+            assert (p["model"], p["init"], p["learning_rate"], p["batch_size"], p["momentum"],
+                    p["lr_schedule"]) == ("fc", "authors", 0.1, 100, 0.0, "constant")
     if name.startswith("sweep_winsorize_"):
         # 784-256-256-256-10, 60,000 steps (100 epochs of MNIST), c in {0, 1, 2, 4, 8}.
         assert sorted(stages) == ["data/noise_0.5", *sorted(

@@ -67,7 +67,8 @@ def restore_net(config: TrainConfig, reader: Reader) -> keras.Model:
     path = tf.train.latest_checkpoint(os.path.join(config.model_dir, CHECKPOINTS))
     if path is None:
         raise ValueError(f"no checkpoint in {config.model_dir}")
-    net = build_model(config.model, reader.image_shape, reader.num_classes, config.fc_widths)
+    net = build_model(config.model, reader.image_shape, reader.num_classes, config.fc_widths,
+                      config.init)
     # The run's checkpoint holds the net as model.net, beside what this leaves out.
     model = tf.Module()
     model.net = net

@@ -16,12 +16,25 @@ from keras import layers
 MODELS = ("fc", "small_cnn", "cifar_resnet18", "resnet50", "inception_v3", "vgg16")
 
 
-def fc(input_shape, num_classes: int, widths: Sequence[int] = (2048,)) -> keras.Model:
+def authors_init() -> keras.initializers.Initializer:
+    """The Coherent Gradients authors' weights for their fc nets: N(0, 1) x 2 /
+    sqrt(fan_in + fan_out), i.e. variance 4 / (fan_in + fan_out), twice Glorot's."""
+    return keras.initializers.VarianceScaling(2.0, "fan_avg", "untruncated_normal")
+
+
+# --init: a fresh kernel initializer per layer (biases start at zero under both).
+FC_INITS = {"keras": keras.initializers.GlorotUniform, "authors": authors_init}
+
+
+def fc(input_shape, num_classes: int, widths: Sequence[int] = (2048,),
+       init: str = "keras") -> keras.Model:
+    kernel = FC_INITS[init]
     x = inputs = keras.Input(input_shape)
     x = layers.Flatten()(x)
     for i, w in enumerate(widths):
-        x = layers.Dense(w, activation="relu", name=f"dense_{i}")(x)
-    return keras.Model(inputs, layers.Dense(num_classes, name="logits")(x), name="fc")
+        x = layers.Dense(w, activation="relu", kernel_initializer=kernel(), name=f"dense_{i}")(x)
+    logits = layers.Dense(num_classes, kernel_initializer=kernel(), name="logits")(x)
+    return keras.Model(inputs, logits, name="fc")
 
 
 def small_cnn(input_shape, num_classes: int) -> keras.Model:
@@ -73,10 +86,11 @@ def describe(name: str, input_shape, num_classes: int, widths: Sequence[int] = (
 
 
 def build_model(name: str, input_shape, num_classes: int,
-                widths: Sequence[int] = (2048,)) -> keras.Model:
-    """The named model; raises ValueError naming --model for an unknown name."""
+                widths: Sequence[int] = (2048,), init: str = "keras") -> keras.Model:
+    """The named model; raises ValueError naming --model for an unknown name.
+    `init` (a key of FC_INITS) sets the fc nets' kernels; the others keep their own."""
     if name == "fc":
-        return fc(input_shape, num_classes, widths)
+        return fc(input_shape, num_classes, widths, init)
     if name == "small_cnn":
         return small_cnn(input_shape, num_classes)
     if name == "cifar_resnet18":

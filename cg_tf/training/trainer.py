@@ -36,7 +36,7 @@ from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.gradients import BN_MODES
 from cg_tf.storage import files, rundir
-from cg_tf.training.models import MODELS, build_model, describe
+from cg_tf.training.models import FC_INITS, MODELS, build_model, describe
 from cg_tf.training.robust_model import RobustModel, check_layout
 from cg_tf.training.strategies import STRATEGIES, get_strategy
 
@@ -65,6 +65,9 @@ class TrainConfig:
                             "one process at a time.")
     model: str = option("fc", f"One of {', '.join(MODELS)}.")
     fc_widths: tuple[int, ...] = option((2048,), "Hidden layer widths of the fc model.")
+    init: str = option("keras", "Kernel initializer of the fc model: keras (Glorot uniform) or "
+                       "authors (N(0, 1) x 2 / sqrt(fan_in + fan_out), the Coherent Gradients "
+                       "code's); biases start at zero under both.")
     aggregator: Aggregator = option(
         Mean(), "How the batch's gradients are aggregated: name or name:value, one of "
         f"{', '.join(aggregators.REGISTRY)} (winsorized:4 clips 4 values per side, "
@@ -101,6 +104,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.init not in FC_INITS:
+            raise ValueError(f"--init must be one of {', '.join(FC_INITS)}, got {self.init!r}")
+        if self.init != "keras" and self.model != "fc":
+            raise ValueError(f"--init={self.init} applies to the fc model, not {self.model}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, "
                              f"got {self.strategy!r}")
@@ -249,7 +256,7 @@ class Trainer:
                                      self.reader.num_classes, config.fc_widths)
         with self.strategy.scope():
             net = build_model(config.model, self.reader.image_shape, self.reader.num_classes,
-                              config.fc_widths)
+                              config.fc_widths, config.init)
             self.model = RobustModel(net, config.aggregator,
                                      per_example_chunk=config.per_example_chunk,
                                      bn_mode=config.bn_mode, weight_decay=config.weight_decay)
