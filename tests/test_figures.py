@@ -2,6 +2,7 @@
 of what the runs share, epochs when steps mean other things, ticks on every
 panel, and the PNG and PDF files."""
 
+import numpy as np
 import pytest
 
 from cg_tf.measure import report, tags
@@ -121,3 +122,44 @@ def test_save_figure_writes_a_png_and_a_pdf_beside_it(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     assert report.figure_paths("gs://b/out/figure.png") == {
         "figure": "gs://b/out/figure.png", "figure_pdf": "gs://b/out/figure.pdf"}
+
+
+@pytest.mark.parametrize("runs", [2, 3, 5])
+def test_band_over_runs_matches_numpy_at_the_steps_all_share(runs):
+    rng = np.random.default_rng(runs)
+    steps = [1, 2, 4, 8, 600, 1200, 1800]
+    series = [[(s, float(v)) for s, v in zip(steps, rng.uniform(size=len(steps)))]
+              for _ in range(runs)]
+    series[0] = series[0][:-1] + [(1500, 0.3)]  # a step only one run has is left out
+    series[-1] = series[-1][1:]  # as is one a run lacks
+    spread = report.band(series)
+    shared = steps[1:-1]
+    values = np.array([[dict(s)[step] for step in shared] for s in series])
+    np.testing.assert_array_equal(spread.steps, shared)
+    np.testing.assert_allclose(spread.mean, values.mean(0))
+    np.testing.assert_allclose(spread.std, values.std(0))
+    low, high = ((values.min(0), values.max(0)) if runs <= 3 else
+                 (values.mean(0) - values.std(0), values.mean(0) + values.std(0)))
+    np.testing.assert_allclose(spread.low, low)
+    np.testing.assert_allclose(spread.high, high)
+    assert spread.runs == runs
+    assert report.band([[(1, 0.5)], [(2, 0.5)]]) is None and report.band([]) is None
+
+
+def test_a_panel_of_seeds_draws_their_mean_and_band(monkeypatch, tmp_path):
+    drawn = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.update(fig=fig) or {})
+    test = tags.ACCURACY_CURVES["test"]
+    seeds = [report.Run(f"runs/mean_seed{i}", config(), {test: [(1, 0.1 * i), (20, 0.2 + i / 10),
+                                                                (40, 0.9 - i / 10)]})
+             for i in range(3)]
+    report.accuracy_figure({"mean": seeds}, str(tmp_path / "f.png"))
+    ax = drawn["fig"].axes[0]
+    (line,) = ax.get_lines()  # one mean curve, not a line per seed
+    np.testing.assert_allclose(line.get_ydata(), [0.1, 0.3, 0.8])
+    (fill,) = ax.collections
+    ys = fill.get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(0.0) and max(ys) == pytest.approx(0.9)
+    (legend,) = drawn["fig"].legends
+    assert " ".join(legend.get_title().get_text().split()).endswith(
+        "each panel the mean of 3 runs (band: min to max)")

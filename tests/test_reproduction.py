@@ -75,6 +75,23 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
         assert float(r["test_accuracy"]) <= float(r["peak_test_accuracy"]) <= 1
         assert 1 <= int(r["peak_test_step"]) <= 60
         assert r["parameter"] == ("2" if r["aggregator"] == "winsorized" else "")
+    data = records.load_info(os.path.join(out, "data", "noise_0.5", "data"))
+    assert {r["train_examples"] for r in rows} == {str(data.splits["train"].num_examples)}
+    # A row per setting over its two seeds; its curves at every evaluation.
+    with open(os.path.join(out, "settings.csv")) as f:
+        settings = {r["setting"]: r for r in csv.DictReader(f)}
+    assert list(settings) == ["mean_noise0.5", "winsorized_c2_noise0.5"]
+    for setting, r in settings.items():
+        tests = [float(row["test_accuracy"]) for row in rows if row["setting"] == setting]
+        assert r["seeds"] == "2"
+        assert float(r["test_accuracy"]) == pytest.approx(np.mean(tests))
+        assert float(r["test_accuracy_min"]) == pytest.approx(min(tests))
+    with open(os.path.join(out, "curves.csv")) as f:
+        curve_rows = list(csv.DictReader(f))
+    last_test = [r for r in curve_rows if r["curve"] == "test" and r["step"] == "60"]
+    assert [r["setting"] for r in last_test] == list(settings)
+    assert float(last_test[0]["mean"]) == pytest.approx(
+        float(settings["mean_noise0.5"]["test_accuracy"]), abs=1e-6)
     md = open(os.path.join(out, "summary.md")).read()
     assert "| winsorized_c2_noise0.5 | 2 |" in md and "±" in md and "| peak_test |" in md
     assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
@@ -109,8 +126,9 @@ def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
     from cg_tf.measure import report, tags
     from cg_tf.robust.aggregators import Mean
     points = sweep.grid([Mean()], [0.5], [0, 1, 2])
-    manifests = {f"runs/{p.name}": {"outputs": {"test_accuracy": 0.5, "steps": 30}}
+    manifests = {f"runs/{p.name}": {"outputs": {"test_accuracy": 0.5 + p.seed / 10, "steps": 30}}
                  for p in points[:2]}  # the third run has not finished
+    manifests["data/noise_0.5"] = {"outputs": {"splits": {"train": 1200, "test": 300}}}
     test = tags.ACCURACY_CURVES["test"]
     runs = {points[0].name: report.Run(points[0].name, {}, {
         test: [(1, 0.2), (10, 0.8), (20, 0.8), (30, 0.5)],
@@ -120,9 +138,30 @@ def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
     # The earliest step of the highest value; none for a run without evaluations.
     assert (rows[0]["peak_test_step"], rows[0]["peak_test_accuracy"]) == (10, 0.8)
     assert (rows[1]["peak_test_step"], rows[1]["peak_test_accuracy"]) == (None, None)
-    assert rows[0]["test_accuracy"] == 0.5
-    means = sweep.over_seeds(rows)
-    assert means[0]["peak_test_accuracy"] == 0.8 and means[0]["seeds"] == 2
+    assert rows[0]["test_accuracy"] == 0.5 and rows[0]["train_examples"] == 1200
+    (means,) = sweep.over_seeds(rows)
+    assert means["peak_test_accuracy"] == 0.8 and means["seeds"] == 2
+    assert (means["train_examples"], means["steps"]) == (1200, 30)
+    assert means["test_accuracy"] == pytest.approx(0.55)
+    assert means["test_accuracy_std"] == pytest.approx(0.05)
+    assert (means["test_accuracy_min"], means["test_accuracy_max"]) == (0.5, 0.6)
+    assert means["corrupt_accuracy"] is None  # no run recorded it
+
+
+def test_curves_give_each_settings_spread_at_every_shared_step():
+    from cg_tf.experiments import sweep
+    from cg_tf.measure import report, tags
+    test, pristine = tags.ACCURACY_CURVES["test"], tags.ACCURACY_CURVES["pristine"]
+    runs = [report.Run(f"s{i}", {}, {test: [(1, 0.1 * i), (10, 0.5), (20, 0.2 * i)],
+                                     pristine: [(20, 0.9)] if i else []}) for i in range(3)]
+    rows = sweep.curves({"mean_noise0.5": runs})
+    assert [(r["curve"], r["step"]) for r in rows] == [
+        ("pristine", 20), ("test", 1), ("test", 10), ("test", 20)]
+    last = rows[-1]
+    assert (last["runs"], last["min"], last["max"]) == (3, 0.0, 0.4)
+    assert last["mean"] == pytest.approx(0.2)
+    assert last["std"] == pytest.approx(np.std([0, 0.2, 0.4]))
+    assert rows[0]["runs"] == 2  # a run without the curve is left out of its rows
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,11 +1,17 @@
 """The noise sweep (Coherent Gradients, Figure 2 and its tables): one noisy
 dataset per noise rate, one training run per (aggregator setting, noise rate,
-seed), and a report: summary.csv, summary.md and figure.png / figure.pdf.
+seed), and a report: a row per run, a row per setting (the runs that differ
+only in their seed: mean, standard deviation, min and max), the settings' curves
+at every evaluation, and the figure (a panel per setting, the seeds' mean with
+a band).
 
 Layout under the output directory:
   data/noise_<rate>/   dataset stages (the dataset in data/)
   runs/<setting>_noise<rate>_seed<seed>/   training stages = model dirs (one logdir)
-  summary.csv, summary.md, figure.png, figure.pdf
+  summary.csv           a row per run
+  settings.csv          a row per setting, over its seeds
+  curves.csv            a row per (setting, curve, step), over its seeds
+  summary.md, figure.png, figure.pdf
 """
 
 import dataclasses
@@ -85,18 +91,21 @@ def peak(series: list[tuple[int, float]] | None) -> tuple[int | None, float | No
 
 def rows(points: list[Point], manifests: dict[str, dict],
          runs: dict[str, report.Run] | None = None) -> list[dict]:
-    """One row per finished run: its setting, final results, and the step and
-    value of its peak test accuracy (from the run's evaluations in `runs`, by
-    name: the same test sample as the final value)."""
+    """One row per finished run: its setting, seed, size (training examples,
+    steps), final results, and the step and value of its peak test accuracy
+    (from the run's evaluations in `runs`, by name: the same test sample as
+    the final value)."""
     runs = runs or {}
     out = []
     for p in points:
         outputs = (manifests.get(f"runs/{p.name}") or {}).get("outputs") or {}
         if not outputs:
             continue
+        data = (manifests.get(data_stage_name(p.noise_rate)) or {}).get("outputs") or {}
         out.append({"run": p.name, "setting": p.setting, "aggregator": p.aggregator.name,
                     "parameter": p.aggregator.value,
                     "noise_rate": p.noise_rate, "seed": p.seed,
+                    "train_examples": (data.get("splits") or {}).get("train"),
                     **{k: outputs.get(k) for k in RESULTS},
                     **dict(zip(("peak_test_step", PEAK), peak(
                         runs[p.name].scalars.get(tags.ACCURACY_CURVES["test"])
@@ -106,30 +115,59 @@ def rows(points: list[Point], manifests: dict[str, dict],
 
 
 def over_seeds(table: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds of each setting's results."""
+    """A row per setting of `rows`: its seeds, and the mean, standard
+    deviation (population, over the seeds), min and max of each result."""
     out = []
     for setting in dict.fromkeys(r["setting"] for r in table):
         group = [r for r in table if r["setting"] == setting]
-        row = {k: group[0][k] for k in ("setting", "aggregator", "parameter", "noise_rate")}
+        row = {k: group[0][k] for k in ("setting", "aggregator", "parameter", "noise_rate",
+                                        "train_examples", "steps")}
         row["seeds"] = len(group)
         for k in (*RESULTS, PEAK):
             values = np.array([r[k] for r in group if r[k] is not None], float)
-            row[k] = float(values.mean()) if len(values) else None
-            row[f"{k}_std"] = float(values.std()) if len(values) else None
+            stats = (values.mean(), values.std(), values.min(), values.max()) \
+                if len(values) else (None,) * 4
+            row |= {f"{k}{suffix}": None if v is None else float(v)
+                    for suffix, v in zip(("", "_std", "_min", "_max"), stats)}
         out.append(row)
+    return out
+
+
+def curves(panels: dict[str, list[report.Run]]) -> list[dict]:
+    """A row per (setting, accuracy curve, evaluation step): mean, standard
+    deviation, min and max over the setting's runs, at the steps all of them
+    evaluated."""
+    out = []
+    for setting, runs in panels.items():
+        for curve, tag in tags.ACCURACY_CURVES.items():
+            spread = report.band([r.scalars[tag] for r in runs if r.scalars.get(tag)])
+            if spread is None:
+                continue
+            out += [{"setting": setting, "curve": curve, "step": int(step), "runs": spread.runs,
+                     "mean": float(m), "std": float(sd), "min": float(lo), "max": float(hi)}
+                    for step, m, sd, lo, hi in zip(spread.steps, spread.mean, spread.std,
+                                                   spread.min, spread.max)]
     return out
 
 
 def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]
                  ) -> tuple[dict[str, str], str]:
-    """summary.csv, summary.md and (once a run has begun) figure.png and
-    figure.pdf in `output_dir`; returns their paths and the summary to print."""
+    """summary.csv, settings.csv, curves.csv, summary.md and (once a run has
+    begun) figure.png and figure.pdf in `output_dir`; returns their paths and
+    the summary to print."""
     by_name = {r.name: r for r in report.load_runs(os.path.join(output_dir, "runs"))}
     table = rows(points, manifests, by_name)
     paths = {k: os.path.join(output_dir, f) for k, f in
-             (("csv", "summary.csv"), ("md", "summary.md"))}
+             (("csv", "summary.csv"), ("settings", "settings.csv"), ("curves", "curves.csv"),
+              ("md", "summary.md"))}
     report.write_table(paths["csv"], table)
     means = over_seeds(table)
+    report.write_table(paths["settings"], means)
+    panels = {}
+    for p in points:
+        if p.name in by_name:
+            panels.setdefault(p.setting, []).append(by_name[p.name])
+    report.write_table(paths["curves"], curves(panels))
     shown = [{k: r[k] for k in ("setting", "seeds")} | {
         k.replace("_accuracy", ""): _pm(r[k], r[f"{k}_std"]) for k in (*RESULTS, PEAK)}
         for r in means]
@@ -137,10 +175,6 @@ def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict
                      + report.markdown(shown) + "\n## Every run\n\n"
                      + report.markdown([{k: v for k, v in r.items() if k != "setting"}
                                         for r in table]))
-    panels = {}
-    for p in points:
-        if p.name in by_name:
-            panels.setdefault(p.setting, []).append(by_name[p.name])
     if panels:
         # With several settings and noise rates: a row per rate, the settings across.
         settings = {p.aggregator.setting for p in points}

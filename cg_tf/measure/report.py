@@ -12,6 +12,8 @@ import math
 import posixpath
 import textwrap
 
+import numpy as np
+
 from cg_tf.measure import tags
 from cg_tf.robust import aggregators
 
@@ -267,6 +269,50 @@ def x_axis(runs: list[Run]) -> tuple[str, dict[str, float]]:
     return "step", {r.name: 1.0 for r in runs}
 
 
+# Up to this many runs, a band spans their lowest and highest value; with more,
+# one standard deviation either side of the mean.
+MIN_MAX_RUNS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """Series of several runs (e.g. one setting's seeds) at the steps all of
+    them have: their mean, standard deviation, min and max, and the band a
+    figure draws around the mean (`low`, `high`; see MIN_MAX_RUNS)."""
+    steps: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    runs: int
+
+    @property
+    def low(self) -> np.ndarray:
+        return self.min if self.runs <= MIN_MAX_RUNS else self.mean - self.std
+
+    @property
+    def high(self) -> np.ndarray:
+        return self.max if self.runs <= MIN_MAX_RUNS else self.mean + self.std
+
+    @staticmethod
+    def meaning(runs: int) -> str:
+        """What the band of `runs` runs spans, as a caption says it."""
+        spans = "min to max" if runs <= MIN_MAX_RUNS else "mean ± 1 standard deviation"
+        return f"each panel the mean of {runs} runs (band: {spans})"
+
+
+def band(series: list[list[tuple[int, float]]]) -> Band | None:
+    """The Band of several (step, value) series over the steps every one of
+    them has; None without such a step."""
+    common = sorted(set.intersection(*(set(s for s, _ in one) for one in series))) \
+        if series else []
+    if not common:
+        return None
+    values = np.array([[dict(one)[s] for s in common] for one in series], float)
+    return Band(np.array(common), values.mean(0), values.std(0), values.min(0), values.max(0),
+                len(series))
+
+
 def pyplot():
     """matplotlib.pyplot without a display (Agg)."""
     import matplotlib
@@ -278,9 +324,10 @@ def pyplot():
 def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -> dict[str, str]:
     """The papers' figure: one panel per setting (e.g. the seeds of one
     setting), with accuracy on pristine and corrupt training examples and on
-    the test set against step (or epoch, see `x_axis`). Panels share their
-    axes and each shows its ticks; titles say what differs (`panel_titles`), a
-    caption what all share, one legend the curves. Written as PNG and PDF
+    the test set against step (or epoch, see `x_axis`); a panel of several
+    runs draws their mean and a band (`Band`). Panels share their axes and
+    each shows its ticks; titles say what differs (`panel_titles`), a caption
+    what all share, one legend the curves. Written as PNG and PDF
     (`save_figure`); returns their paths."""
     if not panels:
         raise ValueError("no cg_tf runs to plot")
@@ -294,14 +341,8 @@ def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -
         fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.5 * rows + 0.7),
                                  sharex=True, sharey=True, squeeze=False, layout="constrained")
         for ax, (key, panel) in zip(axes.flat, panels.items()):
-            for run in panel:
-                for curve, tag in tags.ACCURACY_CURVES.items():
-                    label, style, color = CURVE_STYLES[curve]
-                    if run.scalars.get(tag):
-                        steps, values = zip(*run.scalars[tag])
-                        ax.plot([s * scale[run.name] for s in steps], values, style,
-                                color=color, label=label,
-                                linewidth=1.6 if len(panel) == 1 else 1.0)
+            for curve, tag in tags.ACCURACY_CURVES.items():
+                _plot_curve(ax, panel, tag, CURVE_STYLES[curve], scale)
             ax.set_title(titles[key])
             ax.set_ylim(0, 1.02)
             ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1])
@@ -314,9 +355,27 @@ def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -
         fig.supylabel("accuracy", fontsize=9.5)
         text, sizes = caption(runs), {len(rs) for rs in panels.values()}
         if len(sizes) == 1 and sizes != {1}:  # e.g. the seeds of each setting
-            text = ", ".join(filter(None, [text, f"{sizes.pop()} runs per panel"]))
+            text = "; ".join(filter(None, [text, Band.meaning(sizes.pop())]))
         legend(fig, axes.flat, text, [label for label, _, _ in CURVE_STYLES.values()])
     return save_figure(fig, path)
+
+
+def _plot_curve(ax, panel: list[Run], tag: str, style: tuple[str, str, str],
+                scale: dict[str, float]) -> None:
+    """One curve of a panel: a run's series, or the mean and band of several
+    runs (each run's own series where they share no step, or differ in scale)."""
+    label, line, color = style
+    drawn = [r for r in panel if r.scalars.get(tag)]
+    spread = band([r.scalars[tag] for r in drawn]) if len(drawn) > 1 else None
+    if spread is not None and len({scale[r.name] for r in drawn}) == 1:
+        x = spread.steps * scale[drawn[0].name]
+        ax.fill_between(x, spread.low, spread.high, color=color, alpha=0.2, linewidth=0)
+        ax.plot(x, spread.mean, line, color=color, label=label, linewidth=1.4)
+        return
+    for run in drawn:
+        steps, values = zip(*run.scalars[tag])
+        ax.plot([s * scale[run.name] for s in steps], values, line, color=color, label=label,
+                linewidth=1.6 if len(drawn) == 1 else 1.0)
 
 
 def legend(fig, axes, text: str, order: list[str] | None = None) -> None:
