@@ -1,0 +1,302 @@
+"""Why a robust aggregate drifts: it against the mean gradient at fixed weights, along a run.
+
+  python -m tools.drift --data_dir=DATA --output_dir=OUT [--aggregator=winsorized:4]
+      [--fc_widths=256,256,256 --init=authors --learning_rate=0.1 --batch_size=100]
+      [--steps=6000 --measure_every=500 --batches=30 --mean_layers=logits --check_steps=300]
+  python -m tools.drift --plot OUT1,OUT2,... --out=FIGURE.png
+
+Trains an fc net on a pipeline dataset with the trainer's update (RobustModel's
+aggregate; the layers in --mean_layers get the plain mean gradient instead).
+Every --measure_every steps, at the weights of that step, it averages over
+--batches fixed training batches the robust aggregate A and the mean gradient M
+of each batch, and records per layer
+
+  cosine       cos(E[A], E[M]): 1 when the aggregate points where the mean does
+  excess       ||E[A] - E[M]|| / ||E[M]||: the aggregate's bias, relative
+  norm_mean    ||E[M]||, and norm_robust ||E[A]||
+  weight_norm  the norm of the layer's kernel and bias
+  dead         (hidden layers) the share of units that output 0 on every
+               example of the pristine sample
+
+and the accuracies on the pristine, corrupt and test samples and the standard
+deviation of the logits. For the first --check_steps steps it also recomputes
+the applied aggregate independently (per-example gradients from
+tf.GradientTape.jacobian, the aggregator's NumPy reference over them) and
+records the largest difference relative to the aggregate's largest value.
+OUT/drift.csv holds one row per (step, name, value); OUT/config.json the flags.
+--plot draws several OUT folders side by side.
+"""
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+from cg_tf import common_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "Dataset made by pipelines.noisy_labels.")
+flags.DEFINE_string("output_dir", None, "Where drift.csv and config.json go.")
+flags.DEFINE_string("aggregator", "winsorized:4", "The robust aggregator (name:value).")
+flags.DEFINE_list("fc_widths", ["256", "256", "256"], "Hidden layer widths.")
+flags.DEFINE_string("init", "authors", "Kernel initializer of the fc net (keras, authors).")
+flags.DEFINE_float("learning_rate", 0.1, "SGD learning rate (no momentum).")
+flags.DEFINE_integer("batch_size", 100, "Batch size.")
+flags.DEFINE_integer("steps", 6000, "Training steps.")
+flags.DEFINE_integer("measure_every", 500, "Steps between measurements (and at step 0).")
+flags.DEFINE_integer("batches", 30, "Fixed training batches each measurement averages over.")
+flags.DEFINE_list("mean_layers", [], "Layers updated with the plain mean gradient.")
+flags.DEFINE_integer("check_steps", 0, "Steps whose aggregate is checked against NumPy.")
+flags.DEFINE_integer("eval_sample_size", 1000, "Examples per accuracy sample.")
+flags.DEFINE_list("plot", [], "Draw these output folders instead of training.")
+flags.DEFINE_string("out", None, "The figure of --plot (PNG; a PDF beside it).")
+
+
+def np_winsorized(g: np.ndarray, c: int) -> np.ndarray:
+    """Per-coordinate winsorized mean over axis 0: each value clipped to the
+    (c+1)-th smallest and (c+1)-th largest of its coordinate."""
+    s = np.sort(g, axis=0)
+    return np.clip(g, s[c], s[len(g) - 1 - c]).mean(0)
+
+
+def np_trimmed(g: np.ndarray, c: int) -> np.ndarray:
+    """Per-coordinate mean of the values left after the c smallest and c largest."""
+    return np.sort(g, axis=0)[c:len(g) - c].mean(0)
+
+
+NUMPY_REFERENCES = {"mean": lambda g, c: g.mean(0), "winsorized": np_winsorized,
+                    "trimmed": np_trimmed}
+
+
+def bias(robust: np.ndarray, mean: np.ndarray) -> dict[str, float]:
+    """How an expected aggregate differs from the expected mean gradient (flat vectors)."""
+    norm_mean, norm_robust = np.linalg.norm(mean), np.linalg.norm(robust)
+    return {"cosine": float(robust @ mean / max(norm_mean * norm_robust, 1e-30)),
+            "excess": float(np.linalg.norm(robust - mean) / max(norm_mean, 1e-30)),
+            "norm_mean": float(norm_mean), "norm_robust": float(norm_robust)}
+
+
+class Study:
+    """The net, its robust and mean update, and the measurements."""
+
+    def __init__(self, reader, aggregator, widths, init, learning_rate, mean_layers):
+        import keras
+        import tensorflow as tf
+
+        from cg_tf.measure.probe import layer_of
+        from cg_tf.robust.aggregators import Mean
+        from cg_tf.training.models import build_model
+        from cg_tf.training.robust_model import RobustModel
+        self.tf = tf
+        self.net = build_model("fc", reader.image_shape, reader.num_classes, widths, init)
+        self.robust = RobustModel(self.net, aggregator)
+        self.mean = RobustModel(self.net, Mean())
+        self.aggregator = aggregator
+        self.layers = [layer_of(v, self.net.name) for v in self.net.trainable_variables]
+        unknown = set(mean_layers) - set(self.layers)
+        if unknown:
+            raise ValueError(f"--mean_layers: no layer {sorted(unknown)} (layers: "
+                             f"{', '.join(dict.fromkeys(self.layers))})")
+        self.use_mean = [layer in mean_layers for layer in self.layers]
+        self.optimizer = keras.optimizers.SGD(learning_rate)
+        self.optimizer.build(self.net.trainable_variables)
+        self.hidden = keras.Model(self.net.inputs, [
+            l.output for l in self.net.layers if l.name.startswith("dense_")])
+        self.step = tf.function(self._step)
+        self.both = tf.function(self._both)
+        self.per_example = tf.function(self._per_example)
+
+    def _both(self, x, y):
+        robust, _ = self.robust.aggregated_gradient(x, y)
+        mean, _ = self.mean.aggregated_gradient(x, y)
+        return robust, mean
+
+    def _step(self, x, y):
+        robust, mean = self._both(x, y)
+        applied = [m if use_mean else r for r, m, use_mean in zip(robust, mean, self.use_mean)]
+        self.optimizer.apply(applied, self.net.trainable_variables)
+        return applied
+
+    def _per_example(self, x, y):
+        """Per-example gradients by a jacobian of the per-example losses
+        (independent of the factored path the aggregators use)."""
+        from cg_tf.robust.gradients import example_losses
+        with self.tf.GradientTape() as tape:
+            losses = example_losses(y, self.net(x, training=False))
+        return tape.jacobian(losses, self.net.trainable_variables)
+
+    def checked_step(self, x, y) -> float:
+        """A training step whose update is compared with the NumPy reference of
+        its aggregator over per-example gradients at the same weights; returns
+        the largest difference relative to the reference's largest value."""
+        reference = NUMPY_REFERENCES[self.aggregator.name]
+        c = self.aggregator.value or 0
+        per_example = self.per_example(x, y)
+        applied = self.step(x, y)
+        worst = 0.0
+        for g, a, use_mean in zip(per_example, applied, self.use_mean):
+            g = g.numpy().reshape(len(g), -1)
+            want = g.mean(0) if use_mean else reference(g, c)
+            a = a.numpy().ravel()
+            worst = max(worst, float(np.abs(a - want).max() / max(np.abs(want).max(), 1e-30)))
+        return worst
+
+    def measure(self, batches, samples) -> dict[str, float]:
+        """At the current weights: per layer the aggregate's bias, weight norms
+        and dead units; accuracies and the logits' spread."""
+        sums = None
+        for x, y in batches:
+            robust, mean = self.both(x, y)
+            flat = [np.concatenate([g.numpy().ravel() for g, l in zip(gs, self.layers)
+                                    if l == layer]) for gs in (robust, mean)
+                    for layer in dict.fromkeys(self.layers)]
+            sums = flat if sums is None else [s + f for s, f in zip(sums, flat)]
+        names = list(dict.fromkeys(self.layers))
+        out = {}
+        for i, layer in enumerate(names):
+            stats = bias(sums[i] / len(batches), sums[len(names) + i] / len(batches))
+            out |= {f"{k}/{layer}": v for k, v in stats.items()}
+            weights = [v.numpy().ravel() for v, l in zip(self.net.trainable_variables,
+                                                         self.layers) if l == layer]
+            out[f"weight_norm/{layer}"] = float(np.linalg.norm(np.concatenate(weights)))
+        for name, (x, y) in samples.items():
+            logits = self.net(x, training=False).numpy()
+            out[f"accuracy/{name}"] = float((logits.argmax(1) == y).mean())
+            if name == "pristine":
+                out["logits_std"] = float(logits.std())
+                for layer, h in zip((n for n in names if n.startswith("dense_")),
+                                    self.hidden(x, training=False)):
+                    out[f"dead/{layer}"] = float((h.numpy().max(0) <= 0).mean())
+        return out
+
+
+def _sample(dataset, n: int):
+    xs, ys = [], []
+    for batch in dataset:
+        xs.append(batch["image"].numpy())
+        ys.append(batch["label"].numpy())
+    return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
+
+
+def train_and_measure(output_dir: str) -> None:
+    import keras
+
+    from cg_tf.data.reader import Reader
+    from cg_tf.robust import aggregators
+    from cg_tf.storage import files
+    aggregator = aggregators.parse(FLAGS.aggregator)
+    if aggregator.name not in NUMPY_REFERENCES and FLAGS.check_steps:
+        raise ValueError(f"--check_steps: no NumPy reference of {aggregator.name}")
+    keras.utils.set_random_seed(0)
+    reader = Reader.open(FLAGS.data_dir, FLAGS.batch_size)
+    study = Study(reader, aggregator, tuple(int(w) for w in FLAGS.fc_widths), FLAGS.init,
+                  FLAGS.learning_rate, FLAGS.mean_layers)
+    # Fixed measurement batches: the first of an epoch far beyond the run.
+    fixed = [(b["image"], b["label"]) for b in reader.train_epoch(10 ** 6).take(FLAGS.batches)]
+    eval_sets = reader.eval_subsets(FLAGS.eval_sample_size)
+    samples = {k: _sample(eval_sets[k], FLAGS.eval_sample_size)
+               for k in ("pristine", "corrupt", "test") if k in eval_sets}
+    rows = []
+    files.write_json(os.path.join(output_dir, "config.json"), {
+        k: FLAGS[k].value for k in ("data_dir", "aggregator", "fc_widths", "init",
+                                    "learning_rate", "batch_size", "steps", "measure_every",
+                                    "batches", "mean_layers", "check_steps")}
+        | {"source": reader.info.source, "noise": reader.info.noise})
+    worst = 0.0
+    batches = iter(reader.train_dataset(0, FLAGS.steps))
+    for step in range(FLAGS.steps + 1):
+        if step % FLAGS.measure_every == 0 or step == FLAGS.steps:
+            values = study.measure(fixed, samples)
+            rows += [{"step": step, "name": k, "value": v} for k, v in values.items()]
+            print(f"step {step}: test {values.get('accuracy/test', float('nan')):.3f}, "
+                  f"pristine {values['accuracy/pristine']:.3f}, cosine/logits "
+                  f"{values['cosine/logits']:.3f}, weight_norm/logits "
+                  f"{values['weight_norm/logits']:.1f}", flush=True)
+            _write_rows(os.path.join(output_dir, "drift.csv"), rows)
+        if step == FLAGS.steps:
+            break
+        x, y = (batch := next(batches))["image"], batch["label"]
+        if step >= FLAGS.check_steps:
+            study.step(x, y)
+        else:
+            worst = max(worst, study.checked_step(x, y))
+            if step + 1 == FLAGS.check_steps:
+                rows.append({"step": step + 1, "name": "check/max_relative_error",
+                             "value": worst})
+                print(f"steps 1-{step + 1}: the applied aggregate differs from the NumPy "
+                      f"reference by at most {worst:.2e} of its largest value", flush=True)
+    _write_rows(os.path.join(output_dir, "drift.csv"), rows)
+
+
+def _write_rows(path: str, rows: list[dict]) -> None:
+    from cg_tf.measure import report
+    report.write_table(path, rows, ["step", "name", "value"])
+
+
+def read(output_dir: str) -> tuple[dict, dict[str, list[tuple[int, float]]]]:
+    """A drift folder's config and its series by name."""
+    import csv
+    with open(os.path.join(output_dir, "config.json")) as f:
+        config = json.load(f)
+    series = {}
+    with open(os.path.join(output_dir, "drift.csv")) as f:
+        for row in csv.DictReader(f):
+            series.setdefault(row["name"], []).append((int(row["step"]), float(row["value"])))
+    return config, series
+
+
+# The panels of --plot: (title, the series' name prefix, y axis).
+PANELS = (("test accuracy", "accuracy/test", "linear"),
+          ("pristine training accuracy", "accuracy/pristine", "linear"),
+          ("cos(E[winsorized], E[mean]), output layer", "cosine/logits", "linear"),
+          ("||E[A] - E[M]|| / ||E[M]||, output layer", "excess/logits", "log"),
+          ("weight norm, output layer", "weight_norm/logits", "log"),
+          ("dead units, last hidden layer", "dead/", "linear"))
+
+
+def label(config: dict) -> str:
+    mean = config.get("mean_layers") or []
+    parts = [os.path.basename(config["source"].rstrip("/")) or config["source"],
+             config["aggregator"] + (f" (mean on {', '.join(mean)})" if mean else ""),
+             f"lr {config['learning_rate']:g}"]
+    return ", ".join(parts)
+
+
+def plot(folders: list[str], out: str) -> None:
+    from cg_tf.measure import report
+    plt = report.pyplot()
+    runs = [read(f) for f in folders]
+    with plt.rc_context(report.FIGURE_STYLE):
+        fig, axes = plt.subplots(2, 3, figsize=(10, 5.6), sharex=True, layout="constrained")
+        for ax, (title, name, scale) in zip(axes.flat, PANELS):
+            for config, series in runs:
+                key = name if name in series else max(
+                    (k for k in series if k.startswith(name)), default=None)
+                if key:
+                    steps, values = zip(*series[key])
+                    ax.plot(steps, values, label=label(config), linewidth=1.3)
+            ax.set_title(title)
+            ax.set_yscale(scale)
+            ax.grid(alpha=0.3)
+        fig.supxlabel("step")
+        report.legend(fig, axes.flat, "")
+    report.save_figure(fig, out)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.plot:
+        if not FLAGS.out:
+            raise app.UsageError("--plot needs --out")
+        plot(FLAGS.plot, FLAGS.out)
+        return
+    if not FLAGS.data_dir or not FLAGS.output_dir:
+        raise app.UsageError("--data_dir and --output_dir are required")
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    train_and_measure(FLAGS.output_dir)
+
+
+if __name__ == "__main__":
+    common_flags.run(main)
