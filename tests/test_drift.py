@@ -1,0 +1,66 @@
+"""tools.drift: the bias of a robust aggregate against the mean gradient,
+measured along a short run, and its independent check of the applied update."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+from conftest import np_winsorized, run_main
+
+from tools import drift
+
+
+def test_bias_of_an_aggregate():
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=50)
+    assert drift.bias(mean, mean) == pytest.approx(
+        {"cosine": 1, "excess": 0, "norm_mean": np.linalg.norm(mean),
+         "norm_robust": np.linalg.norm(mean)})
+    assert drift.bias(2 * mean, mean)["excess"] == pytest.approx(1)
+    assert drift.bias(-mean, mean)["cosine"] == pytest.approx(-1)
+    g = rng.standard_t(2, size=(100, 30))
+    np.testing.assert_allclose(drift.np_winsorized(g, 4), np_winsorized(g, 4))
+
+
+def rows(folder):
+    with open(os.path.join(folder, "drift.csv")) as f:
+        out = {}
+        for r in csv.DictReader(f):
+            out.setdefault(r["name"], {})[int(r["step"])] = float(r["value"])
+    return out
+
+
+def test_drift_measures_along_a_run_and_checks_the_update(digits_dir, tmp_path):
+    common = [f"--data_dir={digits_dir}", "--fc_widths=32,32", "--steps=20",
+              "--measure_every=10", "--batches=3", "--batch_size=50"]
+    robust, mean = tmp_path / "winsorized", tmp_path / "mean"
+    # Winsorized except the output layer: the check covers both kinds of layer.
+    done = run_main("tools.drift", *common, f"--output_dir={robust}", "--aggregator=winsorized:4",
+                    "--mean_layers=logits", "--check_steps=5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = rows(robust)
+    assert measured["check/max_relative_error"][5] < 1e-4
+    for name in ("cosine/dense_0", "excess/logits", "weight_norm/logits", "dead/dense_1",
+                 "accuracy/test", "accuracy/pristine", "accuracy/corrupt", "logits_std"):
+        assert sorted(measured[name]) == [0, 10, 20], name
+    assert measured["excess/dense_0"][10] > 1e-3  # winsorized: not the mean
+    assert all(0 <= v <= 1 for v in measured["dead/dense_1"].values())
+    # The mean against itself: no bias.
+    done = run_main("tools.drift", *common, f"--output_dir={mean}", "--aggregator=mean")
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = rows(mean)
+    assert all(v == pytest.approx(1, abs=1e-5) for v in measured["cosine/logits"].values())
+    assert all(v < 1e-5 for v in measured["excess/dense_1"].values())
+    figure = tmp_path / "drift.png"
+    done = run_main("tools.drift", f"--plot={robust},{mean}", f"--out={figure}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert figure.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "drift.pdf").exists()
+
+
+def test_an_unknown_layer_is_named(digits_dir, tmp_path):
+    done = run_main("tools.drift", f"--data_dir={digits_dir}", f"--output_dir={tmp_path}",
+                    "--mean_layers=output", "--steps=1")
+    assert done.returncode != 0
+    assert "--mean_layers: no layer ['output'] (layers: dense_0, dense_1, dense_2, logits)" \
+        in done.stderr
