@@ -136,7 +136,8 @@ def test_memorization_tab_in_headless_chromium(tensorboard, logdir):
             assert "step" in labels[0], labels
         text = driver.find_element(By.ID, "memorization").text
         for phrase in ("memorization", "generalization", "learned for good",
-                       "training step (log scale)", "% of tracked examples", "m-coherence"):
+                       "training step (log scale)", "% of tracked examples", "m-coherence",
+                       "Network health", "Weight growth since the start", "Dead hidden units"):
             assert phrase in text, phrase
         # The learning-time plot spans each run's length and explains its legend.
         for run in RUNS:

@@ -101,7 +101,7 @@ class Study:
         self.use_mean = [layer in mean_layers for layer in self.layers]
         self.optimizer = keras.optimizers.SGD(learning_rate)
         self.optimizer.build(self.net.trainable_variables)
-        self.hidden = keras.Model(self.net.inputs, [
+        self.hidden = keras.Model(self.net.input, [
             l.output for l in self.net.layers if l.name.startswith("dense_")])
         self.step = tf.function(self._step)
         self.both = tf.function(self._both)

@@ -23,6 +23,7 @@ from tensorflow.core.framework import summary_pb2
 
 from cg_tf.data.reader import Reader
 from cg_tf.measure import metrics, tags
+from cg_tf.measure.health import Health
 from cg_tf.measure.probe import Probe
 from cg_tf.options import option
 from cg_tf.robust.aggregators import Aggregator
@@ -31,6 +32,7 @@ from cg_tf.storage import files
 LEARNED_IDS = "learned_ids.txt"
 NOT_LEARNED_IDS = "not_learned_ids.txt"
 LEARNING_EVENTS = "learning_events.csv"
+HEALTH_SAMPLE = 500  # the first examples of the mixed subset: health's fixed sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,8 @@ class MonitorConfig:
     export_learned: bool = option(True, "At the end, write the ids of the training examples "
                                   "the model classifies as their training label, and of the "
                                   "others.")
+    warn_growth: float = option(20.0, "Warn once per layer whose weight norm grows past this "
+                                "multiple of its start (a drifting run); 0: never.")
 
     def __post_init__(self) -> None:
         if self.eval_every is not None and self.eval_every < 1:
@@ -53,6 +57,8 @@ class MonitorConfig:
             raise ValueError(f"--probe_size must be >= 0, got {self.probe_size}")
         if not 0 < self.probe_max_share <= 1:
             raise ValueError(f"--probe_max_share must be in (0, 1], got {self.probe_max_share}")
+        if not self.warn_growth >= 0:
+            raise ValueError(f"--warn_growth must be >= 0, got {self.warn_growth}")
 
 
 def write_run_config(writer, config: dict) -> None:
@@ -107,13 +113,19 @@ def _collect(ds: tf.data.Dataset, key: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros([0])
 
 
-def _probe_sample(mixed: tf.data.Dataset, size: int) -> dict[str, tf.Tensor] | None:
-    """The first `size` examples of the (cached) mixed subset, or None if it has
-    fewer. Reads it through: a cached dataset read in part throws away what it
-    cached, and TensorFlow warns of it."""
+def _head(subset: tf.data.Dataset, size: int) -> dict[str, tf.Tensor] | None:
+    """The first `size` examples (or all, if fewer) of a cached evaluation
+    subset; None if it is empty. Reads it through: a cached dataset read in
+    part throws away what it cached, and TensorFlow warns of it."""
     first = None
-    for batch in mixed.unbatch().batch(size):
+    for batch in subset.unbatch().batch(size):
         first = batch if first is None else first
+    return first
+
+
+def _probe_sample(mixed: tf.data.Dataset, size: int) -> dict[str, tf.Tensor] | None:
+    """The first `size` examples of the mixed subset, or None if it has fewer."""
+    first = _head(mixed, size)
     if first is None or int(first["label"].shape[0]) < size:
         return None
     return first
@@ -130,6 +142,8 @@ class Monitor:
         self.ids = {g: i for g, i in ids.items() if len(i)}  # a clean dataset has no corrupt
         self.subsets = {k: v for k, v in subsets.items() if k not in ids or k in self.ids}
         self.events = LearningEvents({g: len(ids) for g, ids in self.ids.items()})
+        self.health = Health(net, _head(self.subsets["mixed"], HEALTH_SAMPLE)["image"],
+                             config.warn_growth)
         self.probe = None
         size = batch_size if config.probe_size is None else config.probe_size
         sample = _probe_sample(self.subsets["mixed"], size) if size else None
@@ -189,11 +203,12 @@ class Monitor:
             if self._probe_traced:
                 self.seconds["probe"] += time.monotonic() - start
             self._probe_traced = True
+        health = self.health.measure(step)
         with self.writer.as_default(step=step):
             self._write_eval(results)
             self._write_learning(step)
             shares = self.cost_shares(train_seconds)
-            for tag, value in {**probe, tags.EVAL_SHARE: shares["eval"],
+            for tag, value in {**probe, **health, tags.EVAL_SHARE: shares["eval"],
                                tags.PROBE_SHARE: shares["probe"]}.items():
                 tf.summary.scalar(tag, value)
         return results

@@ -66,6 +66,20 @@ def removed_mass_tag(group: str) -> str:
     return f"aggregator/removed_mass/{group}"
 
 
+def weight_norm_tag(layer: str) -> str:
+    """The norm of a layer's weights (kernel and bias together)."""
+    return f"health/weight_norm/{layer}"
+
+
+def dead_units_tag(layer: str) -> str:
+    """Share of a ReLU layer's units that output 0 on every example of the sample."""
+    return f"health/dead_units/{layer}"
+
+
+MAX_WEIGHT_GROWTH = "health/max_weight_growth"  # the largest norm / norm at the start
+LOGITS_STD = "health/logits_std"
+DEAD_UNITS = "health/dead_units"  # over every ReLU layer's units
+
 PROBE_SHARE = "cost/probe_share"
 EVAL_SHARE = "cost/eval_share"
 

@@ -274,7 +274,8 @@ class Trainer:
                                chunk=config.per_example_chunk)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step, wall_seconds=self.wall,
-                                              learning_events=self.monitor.events)
+                                              learning_events=self.monitor.events,
+                                              weight_norms_at_start=self.monitor.health.start)
         self.manager: tf.train.CheckpointManager | None = None  # by restore()
 
     @property
@@ -387,6 +388,7 @@ class Trainer:
             "subset_sizes": {k: v["count"] for k, v in results.items()},
             "learned_examples": self.monitor.export(self.config.model_dir),
             "time_shares": self.monitor.cost_shares(self.train_seconds),
+            "health": self.monitor.health.summary(int(self.step)),
         }
         summary = {k: (None if isinstance(v, float) and np.isnan(v) else v)
                    for k, v in summary.items()}

@@ -1,7 +1,7 @@
 // The Memorization tab: accuracy curves (pristine, corrupt, test) of several
 // runs side by side, a table of final values, when examples were learned for
-// good, coherence and f_p over steps; every panel with axis labels and a
-// caption saying what it measures. Plain DOM and SVG; data from this plugin's
+// good, coherence and f_p over steps, the network's health; every panel with
+// axis labels and a caption saying what it measures. Plain DOM and SVG; data from this plugin's
 // JSON routes (relative URLs resolve under /data/plugin/memorization/).
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -36,6 +36,17 @@ const PANELS = [
   ["aggregator/removed_mass/pristine", "Gradient mass removed: pristine examples",
    "fraction removed", [0, 1],
    "The same for the probe's pristine examples: the price the cut takes from the signal."]];
+const HEALTH = [
+  ["health/max_weight_growth", "Weight growth since the start", "norm / norm at start", null,
+   "The largest, over layers, of a layer's weight norm over its norm at the start. A " +
+   "run that drifts (weights growing without bound, as winsorized SGD can at length) " +
+   "climbs here long after its accuracy peaked; health/weight_norm/* has each layer."],
+  ["health/logits_std", "Spread of the logits", "standard deviation", null,
+   "Standard deviation of the logits on a fixed sample of 500 training examples: " +
+   "overconfident outputs grow it."],
+  ["health/dead_units", "Dead hidden units", "fraction of units", [0, 1],
+   "Share of the ReLU units that output 0 on every example of the fixed sample " +
+   "(channels for a conv layer); health/dead_units/* has each layer."]];
 const LEARNED_CAPTION =
     "Step from which each tracked training example has been classified as its training " +
     "label at every evaluation up to the last (learned for good), on log-spaced bins " +
@@ -314,5 +325,13 @@ async function draw(content, runs, colorOf) {
   const probe = el("div", {class: "charts"}, content);
   for (const spec of PANELS) {
     if (has(spec[0])) lineChart(probe, spec, await scalars(spec[0]), colorOf, xMax);
+  }
+
+  section("Network health",
+          "Whether the run stays sound at length: weights that grow without bound, " +
+          "logits that blow up and units that die mark a drifting run.");
+  const healthCharts = el("div", {class: "charts"}, content);
+  for (const spec of HEALTH) {
+    if (has(spec[0])) lineChart(healthCharts, spec, await scalars(spec[0]), colorOf, xMax);
   }
 }
