@@ -12,6 +12,7 @@ from cg_tf.training.robust_model import RobustModel
 
 @pytest.mark.parametrize("name,shape", [
     ("fc", (28, 28, 1)), ("small_cnn", (28, 28, 1)), ("cifar_resnet18", (32, 32, 3)),
+    ("resnet18", (32, 32, 3)), ("vgg13_bn", (32, 32, 3)),
     ("vgg16", (32, 32, 3)), ("resnet50", (32, 32, 3)), ("inception_v3", (75, 75, 3))])
 def test_model_trains_one_step(name, shape):
     keras.utils.set_random_seed(0)
@@ -30,6 +31,15 @@ def test_fc_widths_set_depth_and_width():
     net = models.fc((28, 28, 1), 10, (256, 256, 256))
     assert [l.units for l in net.layers if isinstance(l, keras.layers.Dense)] == [256, 256, 256, 10]
     assert models.fc((28, 28, 1), 10, (2048,)).count_params() == 784 * 2048 + 2048 + 2048 * 10 + 10
+
+
+@pytest.mark.parametrize("name,params", [("resnet18", 11_689_512), ("vgg13_bn", 133_053_736)])
+def test_the_authors_imagenet_nets_have_torchvisions_size(name, params):
+    """torchvision's resnet18 and vgg13_bn (the authors' models) for 1,000
+    classes at 224x224: the same trainable parameters, layer for layer."""
+    net = models.build_model(name, (224, 224, 3), 1000)
+    assert sum(int(np.prod(w.shape)) for w in net.trainable_weights) == params
+    assert net.output_shape == (None, 1000)
 
 
 def test_unknown_model():

@@ -321,16 +321,36 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
                         "small_cnn", 0.1, 0.0, 0.0, "step", [50, 75], 100, "none")
     if name == "sweep_rm3_small_cnn_fashion_mnist.flags":
         assert sorted(stages) == ["data/noise_0.5", *sorted(
-            f"runs/{s}_noise0.5_seed0" for s in ("mean", "rm3", "ra3"))]
+            f"runs/{s}_noise0.5_seed{seed}" for s in ("mean", "rm3", "ra3") for seed in range(3))]
         assert all(s.params["batch_size"] == 128 for s in trains)
     if name == "sweep_m3_small_cnn_fashion_mnist.flags":
         # The authors' M3: three batches of 128 at the same weights, one update.
         # Plain SGD on the same batches: the control for the number of updates.
-        assert sorted(stages) == ["data/noise_0.5", "runs/mean_noise0.5_seed0",
-                                  "runs/median_of_means_k3_noise0.5_seed0"]
+        assert sorted(stages) == ["data/noise_0.5", *sorted(
+            f"runs/{s}_noise0.5_seed{seed}" for s in ("mean", "median_of_means_k3")
+            for seed in range(3))]
         assert stages["runs/median_of_means_k3_noise0.5_seed0"].params["aggregator"] == {
             "name": "median_of_means", "k": 3}
         assert all(s.params["batch_size"] == 3 * 128 for s in trains)
+    if name.startswith(("sweep_rm3_imagenet_", "sweep_m3_imagenet_")):
+        # Weak and Strong Gradient Directions v2: the authors' ImageNet nets,
+        # 90 epochs, lr 0.1 decayed x0.1 at 30, 60, 80, no momentum, 50% noise.
+        model = {"resnet18.flags": "resnet18", "vgg13.flags": "vgg13_bn"}[name.split("_")[-1]]
+        assert stages["data/noise_0.5"].params["noise"]["mode"] == "uniform"
+        for s in trains:
+            p = s.params
+            assert (p["model"], p["image_size"], p["learning_rate"], p["momentum"],
+                    p["weight_decay"], p["lr_schedule"], p["lr_decay_epochs"], p["lr_decay_factor"],
+                    p["epochs"]) == (model, [224, 224], 0.1, 0.0, 0.0, "step", [30, 60, 80], 0.1,
+                                     90)
+        settings = sorted(n.split("/")[1].removesuffix("_noise0.5_seed0")
+                          for n in stages if n.startswith("runs/"))
+        if name.startswith("sweep_rm3_"):
+            assert settings == ["mean", "ra3", "rm3"]
+            assert all(s.params["batch_size"] == 256 for s in trains)
+        else:  # M3 over three batches of 256, and plain SGD on the same 768
+            assert settings == ["mean", "median_of_means_k3"]
+            assert all(s.params["batch_size"] == 3 * 256 for s in trains)
     if name == "easy_hard_imagenet.flags":
         assert stages["first_training"].params["epochs"] == 2
         assert stages["first_training"].params["aggregator"]["name"] == "mean"

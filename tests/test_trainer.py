@@ -217,7 +217,8 @@ CONFIGS = sorted(c for c in glob.glob(os.path.join(REPO, "configs", "*.flags"))
 def test_configs_exist():
     names = {os.path.basename(c) for c in CONFIGS}
     assert {"demo.flags", "resnet_imagenet.flags", "inception_imagenet.flags",
-            "vgg_imagenet.flags", "cifar10_resnet_m3.flags", "cifar10_resnet_rm3.flags"} <= names
+            "vgg_imagenet.flags", "resnet18_imagenet.flags", "vgg13_imagenet.flags",
+            "cifar10_resnet_m3.flags", "cifar10_resnet_rm3.flags"} <= names
     for ds in ("fashion_mnist", "mnist"):
         assert {f"label_noise_{ds}.flags", f"winsorize_{ds}.flags"} <= names
         assert {f"winsorize_{ds}_c{c}.flags" for c in (0, 1, 2, 4, 8)} <= names

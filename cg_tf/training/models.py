@@ -4,6 +4,8 @@
                      784-256-256-256-10: `widths` sets width and depth)
   small_cnn          two conv layers and a dense layer, no BatchNorm
   cifar_resnet18     ResNet-18 for 32x32 inputs (3x3 stem, no max-pool)
+  resnet18, vgg13_bn the ImageNet nets of Weak and Strong Gradient Directions
+                     (torchvision's resnet18 and vgg13_bn, the authors' models)
   resnet50, inception_v3, vgg16   keras.applications with weights=None
 """
 
@@ -13,7 +15,8 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-MODELS = ("fc", "small_cnn", "cifar_resnet18", "resnet50", "inception_v3", "vgg16")
+MODELS = ("fc", "small_cnn", "cifar_resnet18", "resnet18", "vgg13_bn", "resnet50",
+          "inception_v3", "vgg16")
 
 
 def authors_init() -> keras.initializers.Initializer:
@@ -60,16 +63,53 @@ def _basic_block(x, filters: int, stride: int, name: str):
     return layers.ReLU()(layers.Add()([y, shortcut]))
 
 
-def cifar_resnet18(input_shape, num_classes: int, width: int = 64) -> keras.Model:
-    x = inputs = keras.Input(input_shape)
-    x = layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.ReLU()(layers.BatchNormalization(name="stem_bn")(x))
+def _resnet18_body(x, width: int, num_classes: int):
+    """ResNet-18 after its stem: four stages of two basic blocks, global
+    average pooling, the logits."""
     for stage, mult in enumerate((1, 2, 4, 8)):
         for block in range(2):
             stride = 2 if stage > 0 and block == 0 else 1
             x = _basic_block(x, width * mult, stride, f"stage{stage}_block{block}")
     x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, layers.Dense(num_classes, name="logits")(x), name="cifar_resnet18")
+    return layers.Dense(num_classes, name="logits")(x)
+
+
+def cifar_resnet18(input_shape, num_classes: int, width: int = 64) -> keras.Model:
+    x = inputs = keras.Input(input_shape)
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.ReLU()(layers.BatchNormalization(name="stem_bn")(x))
+    return keras.Model(inputs, _resnet18_body(x, width, num_classes), name="cifar_resnet18")
+
+
+def resnet18(input_shape, num_classes: int, width: int = 64) -> keras.Model:
+    """ResNet-18 for ImageNet-sized inputs: a 7x7 stride-2 stem and a 3x3
+    stride-2 max-pool before the stages."""
+    x = inputs = keras.Input(input_shape)
+    x = layers.Conv2D(width, 7, 2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.ReLU()(layers.BatchNormalization(name="stem_bn")(x))
+    x = layers.MaxPooling2D(3, 2, padding="same")(x)
+    return keras.Model(inputs, _resnet18_body(x, width, num_classes), name="resnet18")
+
+
+# VGG-13's convolution stages (3x3 convolutions, each followed by a 2x2 max-pool).
+VGG13_STAGES = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
+
+
+def vgg13_bn(input_shape, num_classes: int, hidden: int = 4096) -> keras.Model:
+    """VGG-13 with BatchNorm after every convolution, and VGG's classifier:
+    two dense layers of `hidden` units with dropout 0.5 (on 224x224 inputs the
+    last max-pool leaves 7x7, as torchvision's adaptive pooling does)."""
+    x = inputs = keras.Input(input_shape)
+    for stage, widths in enumerate(VGG13_STAGES):
+        for i, filters in enumerate(widths):
+            x = layers.Conv2D(filters, 3, padding="same", name=f"conv{stage}_{i}")(x)
+            x = layers.ReLU()(layers.BatchNormalization(name=f"conv{stage}_{i}_bn")(x))
+        x = layers.MaxPooling2D(2, padding="same")(x)
+    x = layers.Flatten()(x)
+    for i in range(2):
+        x = layers.Dense(hidden, activation="relu", name=f"fc{i}")(x)
+        x = layers.Dropout(0.5)(x)
+    return keras.Model(inputs, layers.Dense(num_classes, name="logits")(x), name="vgg13_bn")
 
 
 def _application(fn, input_shape, num_classes: int) -> keras.Model:
@@ -91,10 +131,10 @@ def build_model(name: str, input_shape, num_classes: int,
     `init` (a key of FC_INITS) sets the fc nets' kernels; the others keep their own."""
     if name == "fc":
         return fc(input_shape, num_classes, widths, init)
-    if name == "small_cnn":
-        return small_cnn(input_shape, num_classes)
-    if name == "cifar_resnet18":
-        return cifar_resnet18(input_shape, num_classes)
+    own = {"small_cnn": small_cnn, "cifar_resnet18": cifar_resnet18, "resnet18": resnet18,
+           "vgg13_bn": vgg13_bn}
+    if name in own:
+        return own[name](input_shape, num_classes)
     apps = {"resnet50": keras.applications.ResNet50,
             "inception_v3": keras.applications.InceptionV3,
             "vgg16": keras.applications.VGG16}
