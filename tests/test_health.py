@@ -77,3 +77,16 @@ def test_a_run_writes_its_health_and_keeps_its_start_on_resume(digits_dir, tmp_p
     again.restore()
     np.testing.assert_allclose(again.monitor.health.start.numpy(), start)
     assert os.path.exists(tmp_path / "summary.json")
+
+
+def test_the_warning_threshold_is_not_part_of_what_a_run_computes(tmp_path):
+    """A run resumed (or a sweep reported) with another --warn_growth is the same run."""
+    import dataclasses
+
+    from cg_tf.measure.monitor import MonitorConfig
+    from cg_tf.training.trainer import run_params
+    cfg = TrainConfig(data_dir="d", model_dir=str(tmp_path))
+    other = dataclasses.replace(cfg, monitor=MonitorConfig(warn_growth=5))
+    assert run_params(cfg) == run_params(other)
+    assert "warn_growth" not in run_params(cfg)["monitor"]
+    assert run_params(cfg)["monitor"]["eval_every"] is None  # the rest stays

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
@@ -37,6 +38,9 @@ HEALTH_SAMPLE = 500  # the first examples of the mixed subset: health's fixed sa
 
 @dataclasses.dataclass(frozen=True)
 class MonitorConfig:
+    # What only changes what a run says, not what it computes: may change on resume.
+    EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = ("warn_growth",)
+
     eval_every: int | None = option(None, "Steps between evaluations (default: every epoch).")
     eval_log_spaced: bool = option(True, "Also evaluate at steps 1, 2, 4, ... before that.")
     probe_size: int | None = option(

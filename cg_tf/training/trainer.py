@@ -139,6 +139,8 @@ def run_params(config: TrainConfig) -> dict:
     """The parts of a training config that change its result (JSON values)."""
     d = json.loads(json.dumps({**dataclasses.asdict(config),
                                "aggregator": config.aggregator.to_json()}))
+    d["monitor"] = {k: v for k, v in d["monitor"].items()
+                    if k not in MonitorConfig.EXECUTION_FIELDS}
     return {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
 
 
