@@ -13,12 +13,16 @@ from tools import drift
 
 def test_bias_of_an_aggregate():
     rng = np.random.default_rng(0)
-    mean = rng.normal(size=50)
-    assert drift.bias(mean, mean) == pytest.approx(
+    mean, weights = rng.normal(size=50), rng.normal(size=50)
+    radial = -mean @ weights / np.linalg.norm(weights)
+    assert drift.bias(mean, mean, weights) == pytest.approx(
         {"cosine": 1, "excess": 0, "norm_mean": np.linalg.norm(mean),
-         "norm_robust": np.linalg.norm(mean)})
-    assert drift.bias(2 * mean, mean)["excess"] == pytest.approx(1)
-    assert drift.bias(-mean, mean)["cosine"] == pytest.approx(-1)
+         "norm_robust": np.linalg.norm(mean), "radial_robust": radial, "radial_mean": radial})
+    assert drift.bias(2 * mean, mean, weights)["excess"] == pytest.approx(1)
+    assert drift.bias(-mean, mean, weights)["cosine"] == pytest.approx(-1)
+    # A step against the weights' own direction grows them: radial > 0.
+    assert drift.bias(-weights, mean, weights)["radial_robust"] == pytest.approx(
+        np.linalg.norm(weights))
     g = rng.standard_t(2, size=(100, 30))
     np.testing.assert_allclose(drift.np_winsorized(g, 4), np_winsorized(g, 4))
 
@@ -42,6 +46,7 @@ def test_drift_measures_along_a_run_and_checks_the_update(digits_dir, tmp_path):
     measured = rows(robust)
     assert measured["check/max_relative_error"][5] < 1e-4
     for name in ("cosine/dense_0", "excess/logits", "weight_norm/logits", "dead/dense_1",
+                 "radial_robust/logits", "radial_mean/dense_0",
                  "accuracy/test", "accuracy/pristine", "accuracy/corrupt", "logits_std"):
         assert sorted(measured[name]) == [0, 10, 20], name
     assert measured["excess/dense_0"][10] > 1e-3  # winsorized: not the mean

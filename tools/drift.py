@@ -15,6 +15,9 @@ of each batch, and records per layer
   excess       ||E[A] - E[M]|| / ||E[M]||: the aggregate's bias, relative
   norm_mean    ||E[M]||, and norm_robust ||E[A]||
   weight_norm  the norm of the layer's kernel and bias
+  radial_robust, radial_mean  -<E[A], W> / ||W|| and the same for M: how fast
+               the expected step (per unit learning rate) grows the layer's
+               norm (negative: shrinks it)
   dead         (hidden layers) the share of units that output 0 on every
                example of the pristine sample
 
@@ -69,12 +72,15 @@ NUMPY_REFERENCES = {"mean": lambda g, c: g.mean(0), "winsorized": np_winsorized,
                     "trimmed": np_trimmed}
 
 
-def bias(robust: np.ndarray, mean: np.ndarray) -> dict[str, float]:
-    """How an expected aggregate differs from the expected mean gradient (flat vectors)."""
+def bias(robust: np.ndarray, mean: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    """How an expected aggregate differs from the expected mean gradient, and
+    how fast a descent step along each grows the weights' norm (flat vectors)."""
     norm_mean, norm_robust = np.linalg.norm(mean), np.linalg.norm(robust)
+    unit = weights / max(np.linalg.norm(weights), 1e-30)
     return {"cosine": float(robust @ mean / max(norm_mean * norm_robust, 1e-30)),
             "excess": float(np.linalg.norm(robust - mean) / max(norm_mean, 1e-30)),
-            "norm_mean": float(norm_mean), "norm_robust": float(norm_robust)}
+            "norm_mean": float(norm_mean), "norm_robust": float(norm_robust),
+            "radial_robust": float(-robust @ unit), "radial_mean": float(-mean @ unit)}
 
 
 class Study:
@@ -155,11 +161,11 @@ class Study:
         names = list(dict.fromkeys(self.layers))
         out = {}
         for i, layer in enumerate(names):
-            stats = bias(sums[i] / len(batches), sums[len(names) + i] / len(batches))
+            weights = np.concatenate([v.numpy().ravel() for v, l in zip(
+                self.net.trainable_variables, self.layers) if l == layer])
+            stats = bias(sums[i] / len(batches), sums[len(names) + i] / len(batches), weights)
             out |= {f"{k}/{layer}": v for k, v in stats.items()}
-            weights = [v.numpy().ravel() for v, l in zip(self.net.trainable_variables,
-                                                         self.layers) if l == layer]
-            out[f"weight_norm/{layer}"] = float(np.linalg.norm(np.concatenate(weights)))
+            out[f"weight_norm/{layer}"] = float(np.linalg.norm(weights))
         for name, (x, y) in samples.items():
             logits = self.net(x, training=False).numpy()
             out[f"accuracy/{name}"] = float((logits.argmax(1) == y).mean())
@@ -248,10 +254,11 @@ def read(output_dir: str) -> tuple[dict, dict[str, list[tuple[int, float]]]]:
 
 # The panels of --plot: (title, the series' name prefix, y axis).
 PANELS = (("test accuracy", "accuracy/test", "linear"),
-          ("pristine training accuracy", "accuracy/pristine", "linear"),
-          ("cos(E[winsorized], E[mean]), output layer", "cosine/logits", "linear"),
-          ("||E[A] - E[M]|| / ||E[M]||, output layer", "excess/logits", "log"),
           ("weight norm, output layer", "weight_norm/logits", "log"),
+          ("-<E[A], W>/||W||, output layer\n(norm growth per unit lr)", "radial_robust/logits",
+           "linear"),
+          ("cos(E[A], E[M]), output layer", "cosine/logits", "linear"),
+          ("std of the logits", "logits_std", "log"),
           ("dead units, last hidden layer", "dead/", "linear"))
 
 
