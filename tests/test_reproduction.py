@@ -374,3 +374,27 @@ def test_readme_names_only_configs_and_figures_that_exist():
     assert not missing, f"README names configs that do not exist: {missing}"
     figures = re.findall(r"\]\((docs/[^)]+\.png)\)", readme)
     assert figures and all(os.path.exists(os.path.join(REPO, f)) for f in figures), figures
+
+
+def test_the_figure_leaves_out_a_run_that_never_evaluated(tmp_path, monkeypatch):
+    """A run killed as it started has a run config and no curve: no empty panel."""
+    import tensorflow as tf
+
+    from cg_tf.experiments import sweep
+    from cg_tf.measure import monitor, report, tags
+    from cg_tf.robust.aggregators import Mean, Winsorized
+    points = sweep.grid([Mean(), Winsorized(c=1)], [0.5], [0])
+    for p, evaluated in zip(points, (True, False)):
+        writer = tf.summary.create_file_writer(str(tmp_path / "runs" / p.name))
+        monitor.write_run_config(writer, {"aggregator": p.aggregator.to_json()})
+        if evaluated:
+            with writer.as_default():
+                tf.summary.scalar(tags.ACCURACY_CURVES["test"], 0.5, step=1)
+        writer.flush()
+    drawn = {}
+    monkeypatch.setattr(report, "accuracy_figure",
+                        lambda panels, path, columns: drawn.update(panels) or {})
+    sweep.write_report(str(tmp_path), points, {})
+    assert list(drawn) == [points[0].setting]
+    # No run finished: the tables are there, empty (a GFile written nothing to made none).
+    assert (tmp_path / "summary.csv").read_text() == "" == (tmp_path / "settings.csv").read_text()

@@ -163,10 +163,11 @@ def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict
     report.write_table(paths["csv"], table)
     means = over_seeds(table)
     report.write_table(paths["settings"], means)
-    panels = {}
+    panels = {}  # the runs that have evaluated (one killed at its start has not)
     for p in points:
-        if p.name in by_name:
-            panels.setdefault(p.setting, []).append(by_name[p.name])
+        run = by_name.get(p.name)
+        if run and any(run.scalars.get(t) for t in tags.ACCURACY_CURVES.values()):
+            panels.setdefault(p.setting, []).append(run)
     report.write_table(paths["curves"], curves(panels))
     shown = [{k: r[k] for k in ("setting", "seeds")} | {
         k.replace("_accuracy", ""): _pm(r[k], r[f"{k}_std"]) for k in (*RESULTS, PEAK)}

@@ -15,6 +15,7 @@ def write_atomically(path: str, write: Callable[[TextIO], object], mode: str = "
     for bytes), then renames it to `path`."""
     tmp = path + ".tmp"
     with tf.io.gfile.GFile(tmp, mode) as f:
+        f.write(b"" if "b" in mode else "")  # GFile makes the file at its first write
         write(f)
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
