@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import np_winsorized, run_main
+from conftest import np_trimmed, np_winsorized, run_main
 
 from tools import drift
 
@@ -24,7 +24,8 @@ def test_bias_of_an_aggregate():
     assert drift.bias(-weights, mean, weights)["radial_robust"] == pytest.approx(
         np.linalg.norm(weights))
     g = rng.standard_t(2, size=(100, 30))
-    np.testing.assert_allclose(drift.np_winsorized(g, 4), np_winsorized(g, 4))
+    np.testing.assert_allclose(drift.np_winsorized(g, 4).sum(0), np_winsorized(g, 4))
+    np.testing.assert_allclose(drift.np_trimmed(g, 4).sum(0), np_trimmed(g, 4))
 
 
 def rows(folder):
@@ -41,7 +42,7 @@ def test_drift_measures_along_a_run_and_checks_the_update(digits_dir, tmp_path):
     robust, mean = tmp_path / "winsorized", tmp_path / "mean"
     # Winsorized except the output layer: the check covers both kinds of layer.
     done = run_main("tools.drift", *common, f"--output_dir={robust}", "--aggregator=winsorized:4",
-                    "--mean_layers=logits", "--check_steps=5")
+                    "--mean_layers=logits", "--check_steps=5", "--decompose_batches=3")
     assert done.returncode == 0, done.stderr[-3000:]
     measured = rows(robust)
     assert measured["check/max_relative_error"][5] < 1e-4
@@ -51,6 +52,13 @@ def test_drift_measures_along_a_run_and_checks_the_update(digits_dir, tmp_path):
         assert sorted(measured[name]) == [0, 10, 20], name
     assert measured["excess/dense_0"][10] > 1e-3  # winsorized: not the mean
     assert all(0 <= v <= 1 for v in measured["dead/dense_1"].values())
+    # The groups' radial parts add up to the whole (all 3 batches decomposed).
+    for kind in ("mean", "robust"):
+        for layer in ("dense_0", "logits"):
+            parts = [measured[f"radial_{kind}_part/{g}/{layer}"][10] for g in ("pristine",
+                                                                                "corrupt")]
+            assert sum(parts) == pytest.approx(measured[f"radial_{kind}/{layer}"][10],
+                                               rel=1e-3, abs=1e-6)
     # The mean against itself: no bias.
     done = run_main("tools.drift", *common, f"--output_dir={mean}", "--aggregator=mean")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -3,6 +3,7 @@
   python -m tools.drift --data_dir=DATA --output_dir=OUT [--aggregator=winsorized:4]
       [--fc_widths=256,256,256 --init=authors --learning_rate=0.1 --batch_size=100]
       [--steps=6000 --measure_every=500 --batches=30 --mean_layers=logits --check_steps=300]
+      [--decompose_batches=3]
   python -m tools.drift --plot OUT1,OUT2,... --out=FIGURE.png
 
 Trains an fc net on a pipeline dataset with the trainer's update (RobustModel's
@@ -18,6 +19,10 @@ of each batch, and records per layer
   radial_robust, radial_mean  -<E[A], W> / ||W|| and the same for M: how fast
                the expected step (per unit learning rate) grows the layer's
                norm (negative: shrinks it)
+  radial_{mean,robust}_part/{pristine,corrupt}  (with --decompose_batches)
+               the same split by the examples it comes from: each group's
+               share of M, and its kept parts of A (their sums over the
+               groups are radial_mean and radial_robust on those batches)
   dead         (hidden layers) the share of units that output 0 on every
                example of the pristine sample
 
@@ -51,25 +56,32 @@ flags.DEFINE_integer("measure_every", 500, "Steps between measurements (and at s
 flags.DEFINE_integer("batches", 30, "Fixed training batches each measurement averages over.")
 flags.DEFINE_list("mean_layers", [], "Layers updated with the plain mean gradient.")
 flags.DEFINE_integer("check_steps", 0, "Steps whose aggregate is checked against NumPy.")
+flags.DEFINE_integer("decompose_batches", 0, "Measurement batches whose radial parts are "
+                     "split by group (per-example gradients: costly).")
 flags.DEFINE_integer("eval_sample_size", 1000, "Examples per accuracy sample.")
 flags.DEFINE_list("plot", [], "Draw these output folders instead of training.")
 flags.DEFINE_string("out", None, "The figure of --plot (PNG; a PDF beside it).")
 
 
 def np_winsorized(g: np.ndarray, c: int) -> np.ndarray:
-    """Per-coordinate winsorized mean over axis 0: each value clipped to the
-    (c+1)-th smallest and (c+1)-th largest of its coordinate."""
+    """Each example's part of the per-coordinate winsorized mean over axis 0
+    (their sum is the aggregate): its values clipped to the (c+1)-th smallest
+    and (c+1)-th largest of their coordinate, over B."""
     s = np.sort(g, axis=0)
-    return np.clip(g, s[c], s[len(g) - 1 - c]).mean(0)
+    return np.clip(g, s[c], s[len(g) - 1 - c]) / len(g)
 
 
 def np_trimmed(g: np.ndarray, c: int) -> np.ndarray:
-    """Per-coordinate mean of the values left after the c smallest and c largest."""
-    return np.sort(g, axis=0)[c:len(g) - c].mean(0)
+    """Each example's part of the per-coordinate trimmed mean: its values
+    between the thresholds (the c smallest and c largest dropped), over B - 2c."""
+    s = np.sort(g, axis=0)
+    kept = (g >= s[c]) & (g <= s[len(g) - 1 - c])
+    return np.where(kept, g, 0) / (len(g) - 2 * c)
 
 
-NUMPY_REFERENCES = {"mean": lambda g, c: g.mean(0), "winsorized": np_winsorized,
-                    "trimmed": np_trimmed}
+# Per-example parts of an aggregate, by aggregator name: NumPy references.
+NUMPY_PARTS = {"mean": lambda g, c: g / len(g), "winsorized": np_winsorized,
+               "trimmed": np_trimmed}
 
 
 def bias(robust: np.ndarray, mean: np.ndarray, weights: np.ndarray) -> dict[str, float]:
@@ -136,23 +148,50 @@ class Study:
         """A training step whose update is compared with the NumPy reference of
         its aggregator over per-example gradients at the same weights; returns
         the largest difference relative to the reference's largest value."""
-        reference = NUMPY_REFERENCES[self.aggregator.name]
+        parts = NUMPY_PARTS[self.aggregator.name]
         c = self.aggregator.value or 0
         per_example = self.per_example(x, y)
         applied = self.step(x, y)
         worst = 0.0
         for g, a, use_mean in zip(per_example, applied, self.use_mean):
             g = g.numpy().reshape(len(g), -1)
-            want = g.mean(0) if use_mean else reference(g, c)
+            want = g.mean(0) if use_mean else parts(g, c).sum(0)
             a = a.numpy().ravel()
             worst = max(worst, float(np.abs(a - want).max() / max(np.abs(want).max(), 1e-30)))
         return worst
 
-    def measure(self, batches, samples) -> dict[str, float]:
+    def _layer_weights(self, layer: str) -> np.ndarray:
+        return np.concatenate([v.numpy().ravel() for v, l in zip(
+            self.net.trainable_variables, self.layers) if l == layer])
+
+    def radial_parts(self, batches) -> dict[str, float]:
+        """Per layer and group (pristine, corrupt): the radial part (-<., W>/||W||)
+        of the group's share of the mean gradient and of its kept parts of the
+        robust aggregate, averaged over `batches` (which hold is_corrupt)."""
+        parts = NUMPY_PARTS[self.aggregator.name]
+        c = self.aggregator.value or 0
+        out = {}
+        for x, y, corrupt in batches:
+            grads = self.per_example(x, y)
+            groups = {"pristine": ~corrupt, "corrupt": corrupt}
+            for layer in dict.fromkeys(self.layers):
+                g = np.concatenate([d.numpy().reshape(len(d), -1) for d, l in zip(
+                    grads, self.layers) if l == layer], axis=1)
+                w = self._layer_weights(layer)
+                unit = w / max(np.linalg.norm(w), 1e-30)
+                radial = {"mean": -(g @ unit) / len(g), "robust": -(parts(g, c) @ unit)}
+                for kind, values in radial.items():
+                    for group, mask in groups.items():
+                        key = f"radial_{kind}_part/{group}/{layer}"
+                        out[key] = out.get(key, 0.0) + float(values[mask].sum()) / len(batches)
+        return out
+
+    def measure(self, batches, samples, decompose: int = 0) -> dict[str, float]:
         """At the current weights: per layer the aggregate's bias, weight norms
-        and dead units; accuracies and the logits' spread."""
+        and dead units (and on the first `decompose` batches, the radial parts
+        by group); accuracies and the logits' spread."""
         sums = None
-        for x, y in batches:
+        for x, y, _ in batches:
             robust, mean = self.both(x, y)
             flat = [np.concatenate([g.numpy().ravel() for g, l in zip(gs, self.layers)
                                     if l == layer]) for gs in (robust, mean)
@@ -161,8 +200,7 @@ class Study:
         names = list(dict.fromkeys(self.layers))
         out = {}
         for i, layer in enumerate(names):
-            weights = np.concatenate([v.numpy().ravel() for v, l in zip(
-                self.net.trainable_variables, self.layers) if l == layer])
+            weights = self._layer_weights(layer)
             stats = bias(sums[i] / len(batches), sums[len(names) + i] / len(batches), weights)
             out |= {f"{k}/{layer}": v for k, v in stats.items()}
             out[f"weight_norm/{layer}"] = float(np.linalg.norm(weights))
@@ -174,6 +212,8 @@ class Study:
                 for layer, h in zip((n for n in names if n.startswith("dense_")),
                                     self.hidden(x, training=False)):
                     out[f"dead/{layer}"] = float((h.numpy().max(0) <= 0).mean())
+        if decompose:
+            out |= self.radial_parts(batches[:decompose])
         return out
 
 
@@ -192,14 +232,15 @@ def train_and_measure(output_dir: str) -> None:
     from cg_tf.robust import aggregators
     from cg_tf.storage import files
     aggregator = aggregators.parse(FLAGS.aggregator)
-    if aggregator.name not in NUMPY_REFERENCES and FLAGS.check_steps:
+    if aggregator.name not in NUMPY_PARTS and (FLAGS.check_steps or FLAGS.decompose_batches):
         raise ValueError(f"--check_steps: no NumPy reference of {aggregator.name}")
     keras.utils.set_random_seed(0)
     reader = Reader.open(FLAGS.data_dir, FLAGS.batch_size)
     study = Study(reader, aggregator, tuple(int(w) for w in FLAGS.fc_widths), FLAGS.init,
                   FLAGS.learning_rate, FLAGS.mean_layers)
     # Fixed measurement batches: the first of an epoch far beyond the run.
-    fixed = [(b["image"], b["label"]) for b in reader.train_epoch(10 ** 6).take(FLAGS.batches)]
+    fixed = [(b["image"], b["label"], b["is_corrupt"].numpy().astype(bool))
+             for b in reader.train_epoch(10 ** 6).take(FLAGS.batches)]
     eval_sets = reader.eval_subsets(FLAGS.eval_sample_size)
     samples = {k: _sample(eval_sets[k], FLAGS.eval_sample_size)
                for k in ("pristine", "corrupt", "test") if k in eval_sets}
@@ -213,7 +254,7 @@ def train_and_measure(output_dir: str) -> None:
     batches = iter(reader.train_dataset(0, FLAGS.steps))
     for step in range(FLAGS.steps + 1):
         if step % FLAGS.measure_every == 0 or step == FLAGS.steps:
-            values = study.measure(fixed, samples)
+            values = study.measure(fixed, samples, FLAGS.decompose_batches)
             rows += [{"step": step, "name": k, "value": v} for k, v in values.items()]
             print(f"step {step}: test {values.get('accuracy/test', float('nan')):.3f}, "
                   f"pristine {values['accuracy/pristine']:.3f}, cosine/logits "
