@@ -44,23 +44,28 @@ from absl import app, flags
 from cg_tf import common_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Dataset made by pipelines.noisy_labels.")
-flags.DEFINE_string("output_dir", None, "Where drift.csv and config.json go.")
-flags.DEFINE_string("aggregator", "winsorized:4", "The robust aggregator (name:value).")
-flags.DEFINE_list("fc_widths", ["256", "256", "256"], "Hidden layer widths.")
-flags.DEFINE_string("init", "authors", "Kernel initializer of the fc net (keras, authors).")
-flags.DEFINE_float("learning_rate", 0.1, "SGD learning rate (no momentum).")
-flags.DEFINE_integer("batch_size", 100, "Batch size.")
-flags.DEFINE_integer("steps", 6000, "Training steps.")
-flags.DEFINE_integer("measure_every", 500, "Steps between measurements (and at step 0).")
-flags.DEFINE_integer("batches", 30, "Fixed training batches each measurement averages over.")
-flags.DEFINE_list("mean_layers", [], "Layers updated with the plain mean gradient.")
-flags.DEFINE_integer("check_steps", 0, "Steps whose aggregate is checked against NumPy.")
-flags.DEFINE_integer("decompose_batches", 0, "Measurement batches whose radial parts are "
-                     "split by group (per-example gradients: costly).")
-flags.DEFINE_integer("eval_sample_size", 1000, "Examples per accuracy sample.")
-flags.DEFINE_list("plot", [], "Draw these output folders instead of training.")
-flags.DEFINE_string("out", None, "The figure of --plot (PNG; a PDF beside it).")
+
+
+def define_flags() -> None:
+    """The command line's flags (defined when it runs, so that importing the
+    module's functions defines none)."""
+    flags.DEFINE_string("data_dir", None, "Dataset made by pipelines.noisy_labels.")
+    flags.DEFINE_string("output_dir", None, "Where drift.csv and config.json go.")
+    flags.DEFINE_string("aggregator", "winsorized:4", "The robust aggregator (name:value).")
+    flags.DEFINE_list("fc_widths", ["256", "256", "256"], "Hidden layer widths.")
+    flags.DEFINE_string("init", "authors", "Kernel initializer of the fc net (keras, authors).")
+    flags.DEFINE_float("learning_rate", 0.1, "SGD learning rate (no momentum).")
+    flags.DEFINE_integer("batch_size", 100, "Batch size.")
+    flags.DEFINE_integer("steps", 6000, "Training steps.")
+    flags.DEFINE_integer("measure_every", 500, "Steps between measurements (and at step 0).")
+    flags.DEFINE_integer("batches", 30, "Fixed training batches each measurement averages over.")
+    flags.DEFINE_list("mean_layers", [], "Layers updated with the plain mean gradient.")
+    flags.DEFINE_integer("check_steps", 0, "Steps whose aggregate is checked against NumPy.")
+    flags.DEFINE_integer("decompose_batches", 0, "Measurement batches whose radial parts are "
+                         "split by group (per-example gradients: costly).")
+    flags.DEFINE_integer("eval_sample_size", 1000, "Examples per accuracy sample.")
+    flags.DEFINE_list("plot", [], "Draw these output folders instead of training.")
+    flags.DEFINE_string("out", None, "The figure of --plot (PNG; a PDF beside it).")
 
 
 def np_winsorized(g: np.ndarray, c: int) -> np.ndarray:
@@ -347,4 +352,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     common_flags.run(main)
