@@ -223,11 +223,13 @@ class Study:
 
 
 def _sample(dataset, n: int):
+    """The first n (images, labels) of a batched subset; None if it is empty
+    (a clean dataset has no corrupt examples)."""
     xs, ys = [], []
     for batch in dataset:
         xs.append(batch["image"].numpy())
         ys.append(batch["label"].numpy())
-    return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
+    return (np.concatenate(xs)[:n], np.concatenate(ys)[:n]) if xs else None
 
 
 def train_and_measure(output_dir: str) -> None:
@@ -249,6 +251,7 @@ def train_and_measure(output_dir: str) -> None:
     eval_sets = reader.eval_subsets(FLAGS.eval_sample_size)
     samples = {k: _sample(eval_sets[k], FLAGS.eval_sample_size)
                for k in ("pristine", "corrupt", "test") if k in eval_sets}
+    samples = {k: v for k, v in samples.items() if v is not None}
     rows = []
     files.write_json(os.path.join(output_dir, "config.json"), {
         k: FLAGS[k].value for k in ("data_dir", "aggregator", "fc_widths", "init",
