@@ -376,15 +376,16 @@ def test_readme_names_only_configs_and_figures_that_exist():
     assert figures and all(os.path.exists(os.path.join(REPO, f)) for f in figures), figures
 
 
-def test_the_figure_leaves_out_a_run_that_never_evaluated(tmp_path, monkeypatch):
-    """A run killed as it started has a run config and no curve: no empty panel."""
+def test_the_figure_draws_finished_runs_only(tmp_path, monkeypatch):
+    """A run killed as it started (a run config, no curve) or still running (a
+    partial curve) gets no panel: the figure shows results, TensorBoard progress."""
     import tensorflow as tf
 
     from cg_tf.experiments import sweep
     from cg_tf.measure import monitor, report, tags
     from cg_tf.robust.aggregators import Mean, Winsorized
-    points = sweep.grid([Mean(), Winsorized(c=1)], [0.5], [0])
-    for p, evaluated in zip(points, (True, False)):
+    points = sweep.grid([Mean(), Winsorized(c=1), Winsorized(c=2)], [0.5], [0])
+    for p, evaluated in zip(points, (True, True, False)):
         writer = tf.summary.create_file_writer(str(tmp_path / "runs" / p.name))
         monitor.write_run_config(writer, {"aggregator": p.aggregator.to_json()})
         if evaluated:
@@ -394,7 +395,12 @@ def test_the_figure_leaves_out_a_run_that_never_evaluated(tmp_path, monkeypatch)
     drawn = {}
     monkeypatch.setattr(report, "accuracy_figure",
                         lambda panels, path, columns: drawn.update(panels) or {})
+    # No run finished: no figure, and the tables are there, empty (a GFile
+    # written nothing to made no file).
     sweep.write_report(str(tmp_path), points, {})
-    assert list(drawn) == [points[0].setting]
-    # No run finished: the tables are there, empty (a GFile written nothing to made none).
+    assert not drawn
     assert (tmp_path / "summary.csv").read_text() == "" == (tmp_path / "settings.csv").read_text()
+    # The first finished; the second is still running.
+    finished = {f"runs/{points[0].name}": {"outputs": {"test_accuracy": 0.5, "steps": 1}}}
+    sweep.write_report(str(tmp_path), points, finished)
+    assert list(drawn) == [points[0].setting]

@@ -163,11 +163,11 @@ def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict
     report.write_table(paths["csv"], table)
     means = over_seeds(table)
     report.write_table(paths["settings"], means)
-    panels = {}  # the runs that have evaluated (one killed at its start has not)
+    panels = {}  # finished runs only: a running or killed one would draw a partial curve
+    finished = {r["run"] for r in table}
     for p in points:
-        run = by_name.get(p.name)
-        if run and any(run.scalars.get(t) for t in tags.ACCURACY_CURVES.values()):
-            panels.setdefault(p.setting, []).append(run)
+        if p.name in finished and p.name in by_name:
+            panels.setdefault(p.setting, []).append(by_name[p.name])
     report.write_table(paths["curves"], curves(panels))
     shown = [{k: r[k] for k in ("setting", "seeds")} | {
         k.replace("_accuracy", ""): _pm(r[k], r[f"{k}_std"]) for k in (*RESULTS, PEAK)}
