@@ -28,6 +28,15 @@ def test_bias_of_an_aggregate():
     np.testing.assert_allclose(drift.np_trimmed(g, 4).sum(0), np_trimmed(g, 4))
 
 
+def test_a_panel_of_a_prefix_averages_its_series():
+    series = {"dead/dense_0": [(0, 0.0), (10, 0.2)], "dead/dense_1": [(0, 0.5), (10, 0.4)],
+              "accuracy/test": [(0, 0.1)]}
+    assert drift.panel_series(series, "accuracy/test") == [(0, 0.1)]
+    steps, values = zip(*drift.panel_series(series, "dead/"))
+    assert steps == (0, 10) and values == pytest.approx((0.25, 0.3))
+    assert drift.panel_series(series, "cosine/") == []
+
+
 def rows(folder):
     with open(os.path.join(folder, "drift.csv")) as f:
         out = {}

@@ -308,12 +308,25 @@ PANELS = (("test accuracy", "accuracy/test", "linear"),
            "linear"),
           ("cos(E[A], E[M]), output layer", "cosine/logits", "linear"),
           ("std of the logits", "logits_std", "log"),
-          ("dead units, last hidden layer", "dead/", "linear"))
+          ("dead units, mean over hidden layers", "dead/", "linear"))
+
+
+def panel_series(series: dict[str, list[tuple[int, float]]], name: str
+                 ) -> list[tuple[int, float]]:
+    """The series `name`, or (a prefix such as "dead/") the mean at each step
+    of the series it begins."""
+    if name in series:
+        return series[name]
+    group = [dict(v) for k, v in series.items() if k.startswith(name)]
+    steps = sorted(set.intersection(*(set(g) for g in group))) if group else []
+    return [(s, float(np.mean([g[s] for g in group]))) for s in steps]
 
 
 def label(config: dict) -> str:
     mean = config.get("mean_layers") or []
+    rate = (config.get("noise") or {}).get("rate") or 0
     parts = [os.path.basename(config["source"].rstrip("/")) or config["source"],
+             f"{rate:.0%} noise",
              config["aggregator"] + (f" (mean on {', '.join(mean)})" if mean else ""),
              f"lr {config['learning_rate']:g}"]
     return ", ".join(parts)
@@ -327,11 +340,9 @@ def plot(folders: list[str], out: str) -> None:
         fig, axes = plt.subplots(2, 3, figsize=(10, 5.6), sharex=True, layout="constrained")
         for ax, (title, name, scale) in zip(axes.flat, PANELS):
             for config, series in runs:
-                key = name if name in series else max(
-                    (k for k in series if k.startswith(name)), default=None)
-                if key:
-                    steps, values = zip(*series[key])
-                    ax.plot(steps, values, label=label(config), linewidth=1.3)
+                curve = panel_series(series, name)
+                if curve:
+                    ax.plot(*zip(*curve), label=label(config), linewidth=1.3)
             ax.set_title(title)
             ax.set_yscale(scale)
             ax.grid(alpha=0.3)
