@@ -90,3 +90,44 @@ def test_the_warning_threshold_is_not_part_of_what_a_run_computes(tmp_path):
     assert run_params(cfg) == run_params(other)
     assert "warn_growth" not in run_params(cfg)["monitor"]
     assert run_params(cfg)["monitor"]["eval_every"] is None  # the rest stays
+
+
+def test_the_tab_shows_a_run_that_drifts(digits_dir, tmp_path, caplog):
+    """Winsorized SGD (c = 4, lr 0.5) on the digits drifts within 600 steps:
+    its output layer grows some 15-fold where plain SGD's barely moves. The
+    run warns, its summary says so, and the tab's route serves the curve."""
+    import json
+
+    from tensorboard.backend import application
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from werkzeug import test as werkzeug_test
+
+    from cg_tf.measure.monitor import MonitorConfig
+    from cg_tf.robust.aggregators import Mean, Winsorized
+    from cg_tf.tensorboard_plugin.plugin import MemorizationPlugin
+    summaries = {}
+    for name, aggregator in (("winsorized", Winsorized(c=4)), ("mean", Mean())):
+        cfg = TrainConfig(data_dir=digits_dir, model_dir=str(tmp_path / name), fc_widths=(64,),
+                          steps=600, batch_size=50, learning_rate=0.5, aggregator=aggregator,
+                          eval_sample_size=100,
+                          monitor=MonitorConfig(eval_every=100, warn_growth=5))
+        with caplog.at_level(logging.WARNING):
+            summaries[name] = Trainer(cfg).run()
+        warned = [r.getMessage() for r in caplog.records if "have grown to" in r.getMessage()]
+        assert bool(warned) == (name == "winsorized"), warned
+        caplog.clear()
+    assert summaries["winsorized"]["health"]["weight_growth"]["logits"] > 8
+    assert summaries["mean"]["health"]["weight_growth"]["logits"] < 3
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
+    plugin = MemorizationPlugin(base_plugin.TBContext(data_provider=provider,
+                                                      logdir=str(tmp_path)))
+    client = werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=provider))
+    response = client.get(f"/data/plugin/memorization/scalars?tag={tags.MAX_WEIGHT_GROWTH}")
+    assert response.status_code == 200
+    curves = {run: [v for _, v in points] for run, points in json.loads(response.get_data()).items()}
+    assert curves["winsorized"][-1] > 8 and curves["winsorized"][-1] > 2 * curves["winsorized"][3]
+    assert max(curves["mean"]) < 3
