@@ -6,12 +6,16 @@ absl's informational lines are silenced at their source. `--verbosity=1`
 (absl's flag) brings them back, with absl's full prefixes.
 
 Every program imports this module before anything loads TensorFlow, whose
-C++ log level is read from the environment once, when it loads.
+C++ log level is read from the environment once, when it loads; the module
+then loads TensorFlow itself, catching the lines its C++ side prints before
+that level applies.
 """
 
 import logging as std_logging
 import os
+import re
 import sys
+import tempfile
 
 
 def verbose(argv: list[str]) -> bool:
@@ -44,6 +48,31 @@ def _not_beam_chatter(record: std_logging.LogRecord) -> bool:
         record.pathname
 
 
+# What TensorFlow's C++ side writes to stderr as it loads, before its log level
+# applies (TensorFlow 2.21 on a CPU with AVX-512: absl's notice, then oneDNN's
+# INFO line, twice): absl INFO lines and that notice.
+IMPORT_CHATTER = re.compile(r"I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ |WARNING: All log messages before "
+                            r"absl::InitializeLog\(\) is called are written to STDERR")
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow with file descriptor 2 caught, and writes back to
+    stderr every line of what it printed there except `IMPORT_CHATTER`."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if not IMPORT_CHATTER.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 QUIET = not verbose(sys.argv[1:])
 if QUIET:
     # TensorFlow's C++ INFO lines (CPU features, XLA service, oneDNN); warnings stay.
@@ -51,6 +80,8 @@ if QUIET:
     for _name, _level in THIRD_PARTY.items():  # before the libraries load and log
         std_logging.getLogger(_name).setLevel(_level)
     std_logging.getLogger().addFilter(_not_beam_chatter)
+    if "tensorflow" not in sys.modules:
+        import_tensorflow_quietly()
 
 
 # The project's code: the package and, beside it in a checkout, the programs.

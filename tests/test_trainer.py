@@ -247,15 +247,16 @@ def test_every_config_holds_the_papers_settings(path, monkeypatch):
                 paper.weight_decay, paper.augment, paper.lr_decay_epochs) == (
                     256, 90, 0.1, 0, 0, "none", (30, 60, 80))
         assert paper.model == {"resnet": "resnet50", "inception": "inception_v3",
-                               "vgg": "vgg16"}[name.split("_")[0]]
+                               "vgg": "vgg16", "resnet18": "resnet18",
+                               "vgg13": "vgg13_bn"}[name.split("_")[0]]
     # Coherent Gradients (ICLR 2020), from the authors' code and the paper:
     # the label-noise study trains 784-2048-10 with plain SGD for 10^5 steps,
     # the winsorization study 784-256-256-256-10 for 60,000 steps (100 epochs
     # of MNIST), c in {0, 1, 2, 4, 8}; both lr 0.1, batch 100, no momentum.
     if name.startswith(("label_noise_", "winsorize_")):
-        assert (paper.model, paper.batch_size, paper.learning_rate, paper.momentum,
+        assert (paper.model, paper.init, paper.batch_size, paper.learning_rate, paper.momentum,
                 paper.weight_decay, paper.lr_schedule) == (
-                    "fc", 100, 0.1, 0, 0, "constant")
+                    "fc", "authors", 100, 0.1, 0, 0, "constant")
     if name.startswith("label_noise_"):
         assert paper.aggregator == Mean()
         assert (paper.fc_widths, paper.steps) == ((2048,), 100_000)
@@ -377,6 +378,21 @@ def test_text_tables_align_and_round():
 def test_verbosity_is_read_before_tensorflow_loads(argv, verbose):
     from cg_tf import console
     assert console.verbose(argv) == verbose
+
+
+def test_what_tensorflow_prints_as_it_loads_is_told_from_what_matters():
+    """TensorFlow 2.21 logs absl INFO lines (oneDNN) before its log level
+    applies; the console drops those and absl's notice, nothing else."""
+    from cg_tf import console
+    chatter = ["WARNING: All log messages before absl::InitializeLog() is called are written "
+               "to STDERR\n",
+               "I0000 00:00:1796180604.680946    5978 port.cc:153] oneDNN custom operations are "
+               "on.\n"]
+    kept = ["W0000 00:00:1796180604.680946    5978 x.cc:1] a warning\n",
+            "E0000 00:00:1796180604.680946    5978 x.cc:1] an error\n",
+            "Traceback (most recent call last):\n", "I am not a log line\n"]
+    assert all(console.IMPORT_CHATTER.match(line) for line in chatter)
+    assert not any(console.IMPORT_CHATTER.match(line) for line in kept)
 
 
 def test_a_verbose_run_shows_the_libraries_lines(digits_dir, tmp_path):
