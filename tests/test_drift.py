@@ -48,7 +48,7 @@ def rows(folder):
 def test_drift_measures_along_a_run_and_checks_the_update(digits_dir, tmp_path):
     common = [f"--data_dir={digits_dir}", "--fc_widths=32,32", "--steps=20",
               "--measure_every=10", "--batches=3", "--batch_size=50"]
-    robust, mean = tmp_path / "winsorized", tmp_path / "mean"
+    robust = tmp_path / "winsorized"
     # Winsorized except the output layer: the check covers both kinds of layer.
     done = run_main("tools.drift", *common, f"--output_dir={robust}", "--aggregator=winsorized:4",
                     "--mean_layers=logits", "--check_steps=5", "--decompose_batches=3")
@@ -68,21 +68,34 @@ def test_drift_measures_along_a_run_and_checks_the_update(digits_dir, tmp_path):
                                                                                 "corrupt")]
             assert sum(parts) == pytest.approx(measured[f"radial_{kind}/{layer}"][10],
                                                rel=1e-3, abs=1e-6)
-    # The mean against itself: no bias.
-    done = run_main("tools.drift", *common, f"--output_dir={mean}", "--aggregator=mean")
-    assert done.returncode == 0, done.stderr[-3000:]
-    measured = rows(mean)
-    assert all(v == pytest.approx(1, abs=1e-5) for v in measured["cosine/logits"].values())
-    assert all(v < 1e-5 for v in measured["excess/dense_1"].values())
     figure = tmp_path / "drift.png"
-    done = run_main("tools.drift", f"--plot={robust},{mean}", f"--out={figure}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    drift.plot([str(robust)], str(figure))
     assert figure.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "drift.pdf").exists()
 
 
-def test_an_unknown_layer_is_named(digits_dir, tmp_path):
-    done = run_main("tools.drift", f"--data_dir={digits_dir}", f"--output_dir={tmp_path}",
-                    "--mean_layers=output", "--steps=1")
-    assert done.returncode != 0
-    assert "--mean_layers: no layer ['output'] (layers: dense_0, dense_1, dense_2, logits)" \
-        in done.stderr
+def test_the_mean_against_itself_has_no_bias(digits_dir):
+    from cg_tf.data.reader import Reader
+    from cg_tf.robust.aggregators import Mean
+    reader = Reader.open(digits_dir, 50)
+    study = drift.Study(reader, Mean(), (32, 32), "authors", 0.1, [])
+    batches = [(b["image"], b["label"], b["is_corrupt"].numpy().astype(bool))
+               for b in reader.train_epoch(0).take(2)]
+    x, y, _ = batches[0]
+    samples = {"pristine": (x.numpy(), y.numpy())}
+    measured = study.measure(batches, samples, decompose=1)
+    for layer in ("dense_0", "dense_1", "logits"):
+        assert measured[f"cosine/{layer}"] == pytest.approx(1, abs=1e-5)
+        assert measured[f"excess/{layer}"] < 1e-5
+        # The mean's per-example parts are its shares: kept and whole agree.
+        for group in ("pristine", "corrupt"):
+            assert measured[f"radial_robust_part/{group}/{layer}"] == pytest.approx(
+                measured[f"radial_mean_part/{group}/{layer}"], rel=1e-4, abs=1e-7)
+
+
+def test_an_unknown_layer_is_named(digits_dir):
+    from cg_tf.data.reader import Reader
+    from cg_tf.robust.aggregators import Winsorized
+    with pytest.raises(ValueError, match=r"--mean_layers: no layer \['output'\] \(layers: "
+                                         r"dense_0, dense_1, dense_2, logits\)"):
+        drift.Study(Reader.open(digits_dir, 50), Winsorized(c=4), (8, 8, 8), "authors", 0.1,
+                    ["output"])
