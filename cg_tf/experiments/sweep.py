@@ -153,8 +153,8 @@ def curves(panels: dict[str, list[report.Run]]) -> list[dict]:
 def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]
                  ) -> tuple[dict[str, str], str]:
     """summary.csv, settings.csv, curves.csv, summary.md and (once a run has
-    begun) figure.png and figure.pdf in `output_dir`; returns their paths and
-    the summary to print."""
+    finished) figure.png and figure.pdf in `output_dir`; returns their paths
+    and the summary to print."""
     by_name = {r.name: r for r in report.load_runs(os.path.join(output_dir, "runs"))}
     table = rows(points, manifests, by_name)
     paths = {k: os.path.join(output_dir, f) for k, f in
