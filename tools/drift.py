@@ -240,7 +240,8 @@ def train_and_measure(output_dir: str) -> None:
     from cg_tf.storage import files
     aggregator = aggregators.parse(FLAGS.aggregator)
     if aggregator.name not in NUMPY_PARTS and (FLAGS.check_steps or FLAGS.decompose_batches):
-        raise ValueError(f"--check_steps: no NumPy reference of {aggregator.name}")
+        raise ValueError(f"--check_steps and --decompose_batches: no NumPy reference of "
+                         f"{aggregator.name} (one of {', '.join(NUMPY_PARTS)})")
     keras.utils.set_random_seed(0)
     reader = Reader.open(FLAGS.data_dir, FLAGS.batch_size)
     study = Study(reader, aggregator, tuple(int(w) for w in FLAGS.fc_widths), FLAGS.init,
@@ -256,7 +257,8 @@ def train_and_measure(output_dir: str) -> None:
     files.write_json(os.path.join(output_dir, "config.json"), {
         k: FLAGS[k].value for k in ("data_dir", "aggregator", "fc_widths", "init",
                                     "learning_rate", "batch_size", "steps", "measure_every",
-                                    "batches", "mean_layers", "check_steps")}
+                                    "batches", "mean_layers", "check_steps",
+                                    "decompose_batches")}
         | {"source": reader.info.source, "noise": reader.info.noise})
     worst = 0.0
     batches = iter(reader.train_dataset(0, FLAGS.steps))
