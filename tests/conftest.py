@@ -154,3 +154,21 @@ def expected_corrupt_fraction(spec, num_classes: int,
     p = np.array(list(class_counts.values()), dtype=np.float64)
     p /= p.sum()
     return spec.rate * (1.0 - float(np.sum(p * p)))
+
+
+def plugin_client(logdir):
+    """A werkzeug client of TensorBoard's app serving only the Memorization
+    plugin over the event files under `logdir`."""
+    from tensorboard.backend import application
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from werkzeug import test as werkzeug_test
+
+    from cg_tf.tensorboard_plugin.plugin import MemorizationPlugin
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    plugin = MemorizationPlugin(base_plugin.TBContext(data_provider=provider,
+                                                      logdir=str(logdir)))
+    return werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=provider))

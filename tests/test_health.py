@@ -98,14 +98,10 @@ def test_the_tab_shows_a_run_that_drifts(digits_dir, tmp_path, caplog):
     run warns, its summary says so, and the tab's route serves the curve."""
     import json
 
-    from tensorboard.backend import application
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
-    from tensorboard.plugins import base_plugin
-    from werkzeug import test as werkzeug_test
+    from conftest import plugin_client
 
     from cg_tf.measure.monitor import MonitorConfig
     from cg_tf.robust.aggregators import Mean, Winsorized
-    from cg_tf.tensorboard_plugin.plugin import MemorizationPlugin
     summaries = {}
     for name, aggregator in (("winsorized", Winsorized(c=4)), ("mean", Mean())):
         cfg = TrainConfig(data_dir=digits_dir, model_dir=str(tmp_path / name), fc_widths=(64,),
@@ -119,13 +115,7 @@ def test_the_tab_shows_a_run_that_drifts(digits_dir, tmp_path, caplog):
         caplog.clear()
     assert summaries["winsorized"]["health"]["weight_growth"]["logits"] > 8
     assert summaries["mean"]["health"]["weight_growth"]["logits"] < 3
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(tmp_path))
-    multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
-    plugin = MemorizationPlugin(base_plugin.TBContext(data_provider=provider,
-                                                      logdir=str(tmp_path)))
-    client = werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=provider))
+    client = plugin_client(tmp_path)
     response = client.get(f"/data/plugin/memorization/scalars?tag={tags.MAX_WEIGHT_GROWTH}")
     assert response.status_code == 200
     curves = {run: [v for _, v in points] for run, points in json.loads(response.get_data()).items()}

@@ -6,14 +6,10 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorboard.backend import application
-from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
-from tensorboard.plugins import base_plugin
-from werkzeug import test as werkzeug_test
+from conftest import plugin_client
 
 from cg_tf.measure import metrics, tags
 from cg_tf.measure.monitor import write_histogram, write_run_config
-from cg_tf.tensorboard_plugin.plugin import MemorizationPlugin
 
 BASE = "/data/plugin/memorization"
 RUNS = {"mean": ("mean", 0, [0.2, 0.6, 0.9]), "winsorized_c4": ("winsorized", 4, [0.1, 0.1, 0.05])}
@@ -45,14 +41,7 @@ def write_runs(logdir):
 def client(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("logdir")
     write_runs(logdir)
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(logdir))
-    multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
-    plugin = MemorizationPlugin(base_plugin.TBContext(data_provider=provider,
-                                                      logdir=str(logdir)))
-    app = application.TensorBoardWSGI([plugin], data_provider=provider)
-    return werkzeug_test.Client(app)
+    return plugin_client(logdir)
 
 
 def get(client, path, status=200):

@@ -195,6 +195,7 @@ class Study:
         """At the current weights: per layer the aggregate's bias, weight norms
         and dead units (and on the first `decompose` batches, the radial parts
         by group); accuracies and the logits' spread."""
+        from cg_tf.measure import health
         sums = None
         for x, y, _ in batches:
             robust, mean = self.both(x, y)
@@ -216,7 +217,7 @@ class Study:
                 out["logits_std"] = float(logits.std())
                 for layer, h in zip((n for n in names if n.startswith("dense_")),
                                     self.hidden(x, training=False)):
-                    out[f"dead/{layer}"] = float((h.numpy().max(0) <= 0).mean())
+                    out[f"dead/{layer}"] = health.dead_fraction(h.numpy())
         if decompose:
             out |= self.radial_parts(batches[:decompose])
         return out

@@ -61,6 +61,7 @@ class Health:
                                  name="start_norms")
         self.relus = _relu_outputs(net)
         self._warned: set[str] = set()
+        self._latest: tuple[int, dict[str, float]] | None = None  # (step, measures)
 
     def growth(self, norms: dict[str, float]) -> dict[str, float]:
         """Each layer's norm over its norm at the start."""
@@ -82,6 +83,7 @@ class Health:
             units = sum(n for _, n in dead.values())
             out[tags.DEAD_UNITS] = sum(share * n for share, n in dead.values()) / units
         self._warn(step, norms, growth)
+        self._latest = (step, out)
         return out
 
     def _warn(self, step: int, norms: dict[str, float], growth: dict[str, float]) -> None:
@@ -97,8 +99,10 @@ class Health:
                     growth[layer], norms[layer] / growth[layer], norms[layer])
 
     def summary(self, step: int) -> dict:
-        """The measures at `step`, grouped for summary.json."""
-        values = self.measure(step)
+        """The measures at `step` (those of the last evaluation if it was at
+        `step`, else new ones), grouped for summary.json."""
+        values = self._latest[1] if self._latest and self._latest[0] == step else \
+            self.measure(step)
         norms = {k: values[tags.weight_norm_tag(k)] for k in self.layers}
         return {"weight_norm": norms, "weight_growth": self.growth(norms),
                 "logits_std": values[tags.LOGITS_STD], "dead_units": values.get(tags.DEAD_UNITS)}
