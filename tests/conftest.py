@@ -116,11 +116,13 @@ def jpeg(rng, h, w, mode="RGB"):
     return buf.getvalue()
 
 
-def make_aggregator(name: str, c: int = 2, k: int = 3):
-    """The registered aggregator `name`, with c (or k groups) where it takes one."""
+def make_aggregator(name: str, c: int = 2, k: int = 3, layers: str = "all"):
+    """The registered aggregator `name`, with c (or k groups) where it takes one,
+    and a layer filter."""
     from cg_tf.robust import aggregators
     cls = aggregators.REGISTRY[name]
-    return cls(**({cls.parameter: {"c": c, "k": k}[cls.parameter]} if cls.parameter else {}))
+    return cls(**({cls.parameter: {"c": c, "k": k}[cls.parameter]} if cls.parameter else {}),
+               **({"layers": layers} if layers != "all" else {}))
 
 
 def np_winsorized(x, c):

@@ -30,8 +30,11 @@ def problem():
     return net, {"image": x, "label": y, "is_corrupt": corrupt}, grads.astype(np.float64)
 
 
-def reference(grads, corrupt, name, c):
-    """Every probe metric from the stacked per-example gradients, in NumPy."""
+def reference(grads, corrupt, name, c, robust=None):
+    """Every probe metric from the stacked per-example gradients, in NumPy;
+    `robust` (per coordinate) marks what the aggregator's layer filter
+    aggregates robustly (the rest: the mean, nothing cut)."""
+    robust = np.ones(grads.shape[1], bool) if robust is None else robust
     pristine = corrupt == 0
     total, part = grads.sum(0), grads[pristine].sum(0)
     out = {tags.COHERENCE: np.sum(total ** 2) / np.sum(grads ** 2),
@@ -40,19 +43,20 @@ def reference(grads, corrupt, name, c):
         return out
     s = np.sort(grads, 0)
     lo, hi = s[c], s[M - 1 - c]
-    beyond = (grads < lo) | (grads > hi)
+    beyond = ((grads < lo) | (grads > hi)) & robust
     kept = np.clip(grads, lo, hi) if name == "winsorized" else np.where(beyond, 0, grads)
-    n = M if name == "winsorized" else M - 2 * c
+    kept = np.where(robust, kept, grads)
+    n = np.where(robust, M if name == "winsorized" else M - 2 * c, M)
     update = kept.sum(0) / n
-    expected_update = (np.clip(grads, lo, hi).mean(0) if name == "winsorized"
-                       else s[c:M - c].mean(0))
+    expected_update = np.where(robust, np.clip(grads, lo, hi).mean(0) if name == "winsorized"
+                               else s[c:M - c].mean(0), grads.mean(0))
     np.testing.assert_allclose(update, expected_update, atol=1e-12)  # the decomposition
     u_p = kept[pristine].sum(0) / n
     out[tags.update_share_tag("aggregate", "pristine")] = update @ u_p / (update @ update)
     for group, rows in (("pristine", pristine), ("corrupt", ~pristine)):
-        out[tags.clipped_fraction_tag(group)] = beyond[rows].mean()
+        out[tags.clipped_fraction_tag(group)] = beyond[rows][:, robust].mean()
         out[tags.removed_mass_tag(group)] = (np.abs(grads - kept)[rows].sum()
-                                             / np.abs(grads[rows]).sum())
+                                             / np.abs(grads[rows][:, robust]).sum())
     return out
 
 
@@ -75,6 +79,37 @@ def test_probe_matches_closed_form(problem, name, c, chunk):
                     + got[tags.update_share_tag(update, "corrupt")]) == pytest.approx(1)
     has_diagnostics = tags.clipped_fraction_tag("corrupt") in got
     assert has_diagnostics == (name in ("winsorized", "trimmed", "median"))
+
+
+@pytest.mark.parametrize("name", ["winsorized", "trimmed"])
+def test_probe_follows_the_layer_filter(problem, name):
+    """hidden on a net with a hidden layer: the output layer enters the robust
+    update with its mean, and nothing of it counts as cut (per-example
+    gradients from one tape per example)."""
+    import keras
+    import tensorflow as tf
+    _, sample, _ = problem
+    keras.utils.set_random_seed(1)
+    net = fc((D,), C, widths=(5,))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    grads = []
+    for x, y in zip(sample["image"], sample["label"]):
+        with tf.GradientTape() as tape:
+            value = loss(y[None], net(x[None]))
+        grads.append(np.concatenate([g.numpy().ravel() for g in
+                                     tape.gradient(value, net.trainable_variables)]))
+    robust = np.concatenate([np.full(int(np.prod(v.shape)), not v.path.startswith("logits/"))
+                             for v in net.trainable_variables])
+    aggregator = make_aggregator(name, c=2, layers="hidden")
+    got = Probe(net, aggregator, sample, batch_size=M).measure()
+    want = reference(np.array(grads, np.float64), sample["is_corrupt"], name,
+                     aggregator.probe_cut(M, M), robust)
+    for tag, value in want.items():
+        assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
+    # Against the unfiltered aggregator, the filter changes the aggregate's share.
+    whole = Probe(net, make_aggregator(name, c=2), sample, batch_size=M).measure()
+    tag = tags.update_share_tag("aggregate", "pristine")
+    assert whole[tag] != pytest.approx(got[tag], rel=1e-3)
 
 
 def test_probe_cut_scales_c_to_the_probe():

@@ -151,6 +151,38 @@ def test_median_of_means_is_the_median_of_group_gradients(k):
                                    rtol=1e-5, atol=1e-6)
 
 
+PER_EXAMPLE = [n for n, cls in REGISTRY.items() if cls.per_example]
+
+
+@pytest.mark.parametrize("kind", ["fc", "cnn"])
+@pytest.mark.parametrize("name", PER_EXAMPLE)
+def test_a_layer_filter_leaves_the_output_layer_to_the_mean(name, kind):
+    """hidden: every variable but the output layer's is the aggregator's own
+    value (the unfiltered aggregator's); the output layer's is the batch mean.
+    On the cnn, median_of_means takes its by-passes path."""
+    net = make_net(kind)
+    data = batch()
+    x, y = data["image"], data["label"]
+    whole, _ = RobustModel(net, make_aggregator(name, c=2, k=3)).aggregated_gradient(x, y)
+    mean, _ = RobustModel(net, Mean()).aggregated_gradient(x, y)
+    hidden = make_aggregator(name, c=2, k=3, layers="hidden")
+    filtered, _ = RobustModel(net, hidden).aggregated_gradient(x, y)
+    paths = [v.path for v in net.trainable_variables]
+    assert [p.startswith("logits/") for p in paths] == [not r for r in
+                                                        hidden.layers.robust(net.trainable_variables)]
+    for path, f, w, m in zip(paths, filtered, whole, mean):
+        want = m if path.startswith("logits/") else w
+        np.testing.assert_allclose(f, want, rtol=1e-5, atol=1e-6, err_msg=path)
+    # The filter changed something: the output layer's robust value is not its mean.
+    assert not np.allclose(whole[-2], mean[-2], rtol=1e-3, atol=1e-5)
+
+
+def test_a_filter_that_leaves_no_layer_is_refused():
+    with pytest.raises(ValueError, match=r"winsorized:2@hidden: the layer filter 'hidden' "
+                                         r"leaves no layer of .* to aggregate robustly"):
+        RobustModel(make_net("softmax"), Winsorized(c=2, layers="hidden"))
+
+
 def run_steps(strategy, aggregator, kind, batches, lr=0.1, chunk=None):
     """Weights after one train step per batch, starting from seed-0 weights."""
     with strategy.scope():
@@ -164,9 +196,10 @@ def run_steps(strategy, aggregator, kind, batches, lr=0.1, chunk=None):
     return [v.numpy() for v in net.trainable_variables]
 
 
-@pytest.mark.parametrize("name", REGISTRY)
+@pytest.mark.parametrize("name", [*REGISTRY, "winsorized@hidden", "median_of_means@hidden"])
 def test_one_and_two_replicas_give_the_same_update(name):
-    config = make_aggregator(name, c=2, k=3)
+    name, _, layers = name.partition("@")
+    config = make_aggregator(name, c=2, k=3, layers=layers or "all")
     batches = [batch(s) for s in range(4 if name in ("rm3", "ra3") else 1)]
     one = run_steps(tf.distribute.get_strategy(), config, "fc", batches)
     two = run_steps(two_replicas(), config, "fc", batches)
@@ -247,6 +280,10 @@ def test_bad_layouts(aggregator, batch_size, replicas, momentum, chunk, message)
     ("winsorized", r"--aggregator=winsorized: winsorized needs its c, e.g. winsorized:4"),
     ("winsorized:x", r"--aggregator=winsorized:x: c must be an integer"),
     ("median:3", r"--aggregator=median:3: median takes no parameter"),
+    ("winsorized:4@output",
+     r"--aggregator=winsorized:4@output: unknown layers 'output'; one of all, hidden"),
+    ("rm3@hidden", r"--aggregator=rm3@hidden: rm3 takes no layer filter \(@hidden\)"),
+    ("mean@hidden", r"--aggregator=mean@hidden: mean takes no layer filter"),
 ])
 def test_bad_aggregator_names(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -259,6 +296,15 @@ def test_names_read_back():
         assert parse(a.spec) == a and from_json(a.to_json()) == a
     assert Winsorized(c=4).spec == "winsorized:4" and Winsorized(c=4).setting == "winsorized_c4"
     assert MedianOfMeans(k=3).setting == "median_of_means_k3" and Median().spec == "median"
+    for name in PER_EXAMPLE:
+        a = make_aggregator(name, c=3, k=4, layers="hidden")
+        assert parse(a.spec) == a and from_json(a.to_json()) == a
+        assert a.spec.endswith("@hidden") and a.setting.endswith("_hidden")
+    # The papers' setting reads and records as before: no filter in the name or the record.
+    assert parse("winsorized:4@all") == Winsorized(c=4)
+    assert Winsorized(c=4).to_json() == {"name": "winsorized", "c": 4}
+    assert Winsorized(4, layers="hidden").to_json() == {"name": "winsorized", "c": 4,
+                                                        "layers": "hidden"}
 
 
 class Mix(keras.layers.Layer):

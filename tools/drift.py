@@ -2,15 +2,16 @@
 
   python -m tools.drift --data_dir=DATA --output_dir=OUT [--aggregator=winsorized:4]
       [--fc_widths=256,256,256 --init=authors --learning_rate=0.1 --batch_size=100]
-      [--steps=6000 --measure_every=500 --batches=30 --mean_layers=logits --check_steps=300]
+      [--steps=6000 --measure_every=500 --batches=30 --check_steps=300]
       [--decompose_batches=3]
   python -m tools.drift --plot OUT1,OUT2,... --out=FIGURE.png
 
 Trains an fc net on a pipeline dataset with the trainer's update (RobustModel's
-aggregate; the layers in --mean_layers get the plain mean gradient instead).
-Every --measure_every steps, at the weights of that step, it averages over
---batches fixed training batches the robust aggregate A and the mean gradient M
-of each batch, and records per layer
+aggregate, its layer filter included: `--aggregator=winsorized:4@hidden` keeps
+the output layer on the mean gradient). Every --measure_every steps, at the
+weights of that step, it averages over --batches fixed training batches the
+robust aggregate A (of every layer, whatever the filter) and the mean gradient
+M of each batch, and records per layer
 
   cosine       cos(E[A], E[M]): 1 when the aggregate points where the mean does
   excess       ||E[A] - E[M]|| / ||E[M]||: the aggregate's bias, relative
@@ -51,7 +52,8 @@ def define_flags() -> None:
     module's functions defines none)."""
     flags.DEFINE_string("data_dir", None, "Dataset made by pipelines.noisy_labels.")
     flags.DEFINE_string("output_dir", None, "Where drift.csv and config.json go.")
-    flags.DEFINE_string("aggregator", "winsorized:4", "The robust aggregator (name:value).")
+    flags.DEFINE_string("aggregator", "winsorized:4",
+                        "The robust aggregator (name:value, with @layers for a layer filter).")
     flags.DEFINE_list("fc_widths", ["256", "256", "256"], "Hidden layer widths.")
     flags.DEFINE_string("init", "authors", "Kernel initializer of the fc net (keras, authors).")
     flags.DEFINE_float("learning_rate", 0.1, "SGD learning rate (no momentum).")
@@ -59,7 +61,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps", 6000, "Training steps.")
     flags.DEFINE_integer("measure_every", 500, "Steps between measurements (and at step 0).")
     flags.DEFINE_integer("batches", 30, "Fixed training batches each measurement averages over.")
-    flags.DEFINE_list("mean_layers", [], "Layers updated with the plain mean gradient.")
     flags.DEFINE_integer("check_steps", 0, "Steps whose aggregate is checked against NumPy.")
     flags.DEFINE_integer("decompose_batches", 0, "Measurement batches whose radial parts are "
                          "split by group (per-example gradients: costly).")
@@ -103,25 +104,27 @@ def bias(robust: np.ndarray, mean: np.ndarray, weights: np.ndarray) -> dict[str,
 class Study:
     """The net, its robust and mean update, and the measurements."""
 
-    def __init__(self, reader, aggregator, widths, init, learning_rate, mean_layers):
+    def __init__(self, reader, aggregator, widths, init, learning_rate):
+        import dataclasses
+
         import keras
         import tensorflow as tf
 
         from cg_tf.measure.probe import layer_of
+        from cg_tf.robust import layer_filter
         from cg_tf.robust.aggregators import Mean
         from cg_tf.training.models import build_model
         from cg_tf.training.robust_model import RobustModel
         self.tf = tf
         self.net = build_model("fc", reader.image_shape, reader.num_classes, widths, init)
-        self.robust = RobustModel(self.net, aggregator)
+        # The update is the trainer's (its layer filter included); A is measured on every layer.
+        self.update = RobustModel(self.net, aggregator)
+        self.robust = RobustModel(self.net, dataclasses.replace(aggregator,
+                                                                layers=layer_filter.ALL))
         self.mean = RobustModel(self.net, Mean())
         self.aggregator = aggregator
         self.layers = [layer_of(v, self.net.name) for v in self.net.trainable_variables]
-        unknown = set(mean_layers) - set(self.layers)
-        if unknown:
-            raise ValueError(f"--mean_layers: no layer {sorted(unknown)} (layers: "
-                             f"{', '.join(dict.fromkeys(self.layers))})")
-        self.use_mean = [layer in mean_layers for layer in self.layers]
+        self.use_mean = [not r for r in aggregator.layers.robust(self.net.trainable_variables)]
         self.optimizer = keras.optimizers.SGD(learning_rate)
         self.optimizer.build(self.net.trainable_variables)
         self.hidden = keras.Model(self.net.input, [
@@ -136,10 +139,11 @@ class Study:
         return robust, mean
 
     def _step(self, x, y):
-        robust, mean = self._both(x, y)
-        applied = [m if use_mean else r for r, m, use_mean in zip(robust, mean, self.use_mean)]
-        self.optimizer.apply(applied, self.net.trainable_variables)
-        return applied
+        from cg_tf.training.robust_model import all_before_any
+        update, _ = self.update.aggregated_gradient(x, y)
+        update = all_before_any(update)
+        self.optimizer.apply(update, self.net.trainable_variables)
+        return update
 
     def _per_example(self, x, y):
         """Per-example gradients by a jacobian of the per-example losses
@@ -246,7 +250,7 @@ def train_and_measure(output_dir: str) -> None:
     keras.utils.set_random_seed(0)
     reader = Reader.open(FLAGS.data_dir, FLAGS.batch_size)
     study = Study(reader, aggregator, tuple(int(w) for w in FLAGS.fc_widths), FLAGS.init,
-                  FLAGS.learning_rate, FLAGS.mean_layers)
+                  FLAGS.learning_rate)
     # Fixed measurement batches: the first of an epoch far beyond the run.
     fixed = [(b["image"], b["label"], b["is_corrupt"].numpy().astype(bool))
              for b in reader.train_epoch(10 ** 6).take(FLAGS.batches)]
@@ -258,7 +262,7 @@ def train_and_measure(output_dir: str) -> None:
     files.write_json(os.path.join(output_dir, "config.json"), {
         k: FLAGS[k].value for k in ("data_dir", "aggregator", "fc_widths", "init",
                                     "learning_rate", "batch_size", "steps", "measure_every",
-                                    "batches", "mean_layers", "check_steps",
+                                    "batches", "check_steps",
                                     "decompose_batches")}
         | {"source": reader.info.source, "noise": reader.info.noise})
     worst = 0.0
@@ -326,7 +330,7 @@ def panel_series(series: dict[str, list[tuple[int, float]]], name: str
 
 
 def label(config: dict) -> str:
-    mean = config.get("mean_layers") or []
+    mean = config.get("mean_layers") or []  # folders written before the aggregator's @layers
     rate = (config.get("noise") or {}).get("rate") or 0
     parts = [os.path.basename(config["source"].rstrip("/")) or config["source"],
              f"{rate:.0%} noise",

@@ -103,7 +103,7 @@ def rows(points: list[Point], manifests: dict[str, dict],
             continue
         data = (manifests.get(data_stage_name(p.noise_rate)) or {}).get("outputs") or {}
         out.append({"run": p.name, "setting": p.setting, "aggregator": p.aggregator.name,
-                    "parameter": p.aggregator.value,
+                    "parameter": p.aggregator.value, "layers": p.aggregator.layers.name,
                     "noise_rate": p.noise_rate, "seed": p.seed,
                     "train_examples": (data.get("splits") or {}).get("train"),
                     **{k: outputs.get(k) for k in RESULTS},
@@ -120,8 +120,8 @@ def over_seeds(table: list[dict]) -> list[dict]:
     out = []
     for setting in dict.fromkeys(r["setting"] for r in table):
         group = [r for r in table if r["setting"] == setting]
-        row = {k: group[0][k] for k in ("setting", "aggregator", "parameter", "noise_rate",
-                                        "train_examples", "steps")}
+        row = {k: group[0][k] for k in ("setting", "aggregator", "parameter", "layers",
+                                        "noise_rate", "train_examples", "steps")}
         row["seeds"] = len(group)
         for k in (*RESULTS, PEAK):
             values = np.array([r[k] for r in group if r[k] is not None], float)

@@ -10,6 +10,9 @@ to its moving statistics, so measuring changes nothing):
   values; trimmed and median: the kept values), of the robust update;
 * for those aggregators, the fraction of coordinates clipped (or trimmed) and
   the share of gradient mass (L1) removed, for pristine vs corrupt examples.
+  An aggregator's layer filter is followed: the layers it leaves to the mean
+  enter the robust update with their mean and all their values kept, and
+  count in neither the clipped coordinates nor the removed mass.
 
 The thresholds are the exact per-coordinate order statistics of the probe
 (order_stats.OrderStats); the per-example contributions need them, so the
@@ -53,6 +56,9 @@ class Probe:
                              for v in self.source.variables]
         # Values cut per side per coordinate on the probe, or None (no thresholds).
         self.cut = aggregator.probe_cut(self.size, batch_size)
+        # The variables the aggregator's layer filter aggregates robustly; the
+        # others' update is the mean, their values all kept.
+        self.robust = aggregator.layers.robust(self.source.variables)
         self._measure = tf.function(self._graph)
 
     def _chunk_pristine(self, i, m):
@@ -100,7 +106,10 @@ class Probe:
             contrib_p, cut, removed, mass = state
             groups = tf.stack([p, 1.0 - p])  # [2, m]
             new_contrib = []
-            for c_p, g, (lo, hi) in zip(contrib_p, grads, bounds):
+            for c_p, g, (lo, hi), robust in zip(contrib_p, grads, bounds, self.robust):
+                if not robust:
+                    new_contrib.append(c_p)
+                    continue
                 beyond = (g < lo) | (g > hi)
                 kept = self.aggregator.kept(g, lo, hi)
                 axes = list(range(1, g.shape.rank))
@@ -124,9 +133,14 @@ class Probe:
                    self._layer_index, len(self.layers))}
         if self.cut is not None:
             contrib_p, cut, removed, mass = self._second_pass(stats)
-            update = [self.aggregator.from_stats(s, self.cut, self.size) for s in stats]
-            out.update(update=update, contrib_p=contrib_p, cut=cut,
-                       removed=removed, mass=mass)
+            kept = self.aggregator.kept_count(self.size, self.cut)
+            # Per variable, the update and the pristine examples' part of it.
+            update, share_p = [], []
+            for s, t, p, c_p, robust in zip(stats, total, pristine, contrib_p, self.robust):
+                update.append(self.aggregator.from_stats(s, self.cut, self.size) if robust
+                              else t / self.size)
+                share_p.append(c_p / kept if robust else p / self.size)
+            out.update(update=update, share_p=share_p, cut=cut, removed=removed, mass=mass)
         return out
 
     def measure(self) -> dict[str, float]:
@@ -140,13 +154,14 @@ class Probe:
         out[tags.update_share_tag("mean", "pristine")] = f_p
         out[tags.update_share_tag("mean", "corrupt")] = 1 - f_p
         if "update" in r:
-            denom = self.aggregator.kept_count(self.size, self.cut)
-            f_p = metrics.update_share(flat(r["update"]), flat(r["contrib_p"]) / denom)
+            f_p = metrics.update_share(flat(r["update"]), flat(r["share_p"]))
             out[tags.update_share_tag("aggregate", "pristine")] = f_p
             out[tags.update_share_tag("aggregate", "corrupt")] = 1 - f_p
             n_p = float(tf.reduce_sum(self.pristine))
             counts = np.array([n_p, self.size - n_p])
-            coords = sum(int(np.prod(v.shape)) for v in self.source.variables)
+            # Of the coordinates aggregated robustly (the mean cuts nothing).
+            coords = sum(int(np.prod(v.shape)) for v, robust in zip(self.source.variables,
+                                                                    self.robust) if robust)
             for i, group in enumerate(tags.GROUPS):
                 if counts[i]:
                     out[tags.clipped_fraction_tag(group)] = r["cut"][i] / (counts[i] * coords)

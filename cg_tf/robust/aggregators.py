@@ -17,6 +17,10 @@ Their names and parameters read and print as `name` or `name:value`
 (`winsorized:4`, `median_of_means:3`): `parse`, `Aggregator.spec`. Adding an
 aggregator is one class and its `@register` line.
 
+The per-example aggregators take a layer filter (`layer_filter`): which layers
+they aggregate robustly, the others getting the batch's mean gradient
+(`Winsorized(4, layers="hidden")`, read and printed `winsorized:4@hidden`).
+
 The per-example aggregators get their values from the layer rules, gathered
 from all replicas as factors, and reduce them tile by tile (`tiled`);
 Winsorized, Trimmed and Median also tell the gradient probe what they cut
@@ -28,7 +32,7 @@ from typing import ClassVar
 
 import tensorflow as tf
 
-from cg_tf.robust import order_stats, tiled
+from cg_tf.robust import layer_filter, order_stats, tiled
 from cg_tf.robust.collectives import Collectives, tally
 from cg_tf.robust.gradients import GradientSource
 from cg_tf.robust.layer_rules import PerExample, Stacked
@@ -73,14 +77,26 @@ class Aggregator:
 
     name            what `parse`, the command lines and the run records call it
     parameter       the attribute that `name:value` sets, or None
-    per_example     whether it needs per-example gradients
+    per_example     whether it needs per-example gradients (those take a
+                    layer filter)
     allows_momentum whether SGD momentum may be used with it
+    layers          which layers are aggregated robustly (a layer_filter
+                    object or its name); the others get the mean gradient
     """
 
     name: ClassVar[str]
     parameter: ClassVar[str | None] = None
     per_example: ClassVar[bool] = False
     allows_momentum: ClassVar[bool] = True
+    layers: layer_filter.LayerFilter = dataclasses.field(default=layer_filter.ALL,
+                                                         kw_only=True)
+
+    def __post_init__(self):
+        if isinstance(self.layers, str):
+            object.__setattr__(self, "layers", layer_filter.parse(self.layers))
+        if self.layers != layer_filter.ALL and not self.per_example:
+            raise ValueError(f"{self.name} takes no layer filter (@{self.layers.name}): "
+                             "only per-example aggregators choose layers")
 
     # -- names -------------------------------------------------------------------
 
@@ -89,17 +105,38 @@ class Aggregator:
         return getattr(self, self.parameter) if self.parameter else None
 
     @property
+    def _filtered(self) -> bool:
+        return self.layers != layer_filter.ALL
+
+    @property
     def spec(self) -> str:
-        """`name` or `name:value`, the form `parse` reads."""
-        return self.name if self.parameter is None else f"{self.name}:{self.value}"
+        """`name`, `name:value`, then `@layers` unless every layer: the form
+        `parse` reads."""
+        spec = self.name if self.parameter is None else f"{self.name}:{self.value}"
+        return f"{spec}@{self.layers.name}" if self._filtered else spec
 
     @property
     def setting(self) -> str:
-        """The spec as part of a file name (`winsorized_c4`)."""
-        return self.name if self.parameter is None else f"{self.name}_{self.parameter}{self.value}"
+        """The spec as part of a file name (`winsorized_c4`, `winsorized_c4_hidden`)."""
+        setting = (self.name if self.parameter is None
+                   else f"{self.name}_{self.parameter}{self.value}")
+        return f"{setting}_{self.layers.name}" if self._filtered else setting
 
     def to_json(self) -> dict:
-        return {"name": self.name, **({self.parameter: self.value} if self.parameter else {})}
+        return {"name": self.name, **({self.parameter: self.value} if self.parameter else {}),
+                **({"layers": self.layers.name} if self._filtered else {})}
+
+    def by_layer(self, values: list[PerExample], variables: list, aggregate
+                 ) -> list[tf.Tensor]:
+        """`aggregate(values, variables)` over the robust layers' per-example
+        values, and over the others' the mean of their values, in order."""
+        robust = self.layers.robust(variables)
+        (robust_values, mean_values), (robust_vars, mean_vars) = (
+            layer_filter.split(values, robust), layer_filter.split(variables, robust))
+        means = [tf.reshape(v.groups(1).stacked()[0] / v.count, w.shape)
+                 for v, w in zip(mean_values, mean_vars)]
+        aggregated = aggregate(robust_values, robust_vars) if robust_values else []
+        return layer_filter.merge(aggregated, means, robust)
 
     # -- checks ------------------------------------------------------------------
 
@@ -157,7 +194,8 @@ class OrderStatistic(Aggregator):
 
     def gradient(self, source, x, y, sync, chunk=None):
         values, counts = global_values(source, x, y, sync, chunk)
-        return tiled.aggregate(values, self.name, self.cut, source.variables), counts
+        return self.by_layer(values, source.variables, lambda v, w: tiled.aggregate(
+            v, self.name, self.cut, w)), counts
 
     def probe_cut(self, probe_size: int, batch_size: int) -> int:
         """The run's c scaled to the probe size (at least 1 if c > 0)."""
@@ -257,9 +295,15 @@ class MedianOfMeans(Aggregator):
             return self._by_passes(source, x, y, sync)
         values, counts = global_values(source, x, y, sync, chunk)
         # The k group sums as k examples: their median, by tiles, over the group size.
-        medians = tiled.aggregate([v.groups(self.k) for v in values], "median", 0,
-                                  source.variables)
-        return [m / (global_batch(x, sync) // self.k) for m in medians], counts
+        return self._median_of_groups([v.groups(self.k) for v in values], source.variables,
+                                      global_batch(x, sync) // self.k), counts
+
+    def _median_of_groups(self, groups: list[PerExample], variables: list, size: int):
+        """The median of the k group sums over the group size (the mean of the
+        group sums for the layers the filter leaves to the mean)."""
+        medians = self.by_layer(groups, variables,
+                                lambda v, w: tiled.aggregate(v, "median", 0, w))
+        return [m / size for m in medians]
 
     def _by_passes(self, source, x, y, sync):
         """Each replica sums the gradients of its part of each global group (an
@@ -281,9 +325,8 @@ class MedianOfMeans(Aggregator):
                 g = [tf.zeros_like(v) for v in source.variables]
             sums.append(g)
         group_sums = sync.sum([tf.stack(parts) for parts in zip(*sums)])
-        medians = tiled.aggregate([Stacked(s) for s in group_sums], "median", 0,
-                                  source.variables)
-        return [m / size for m in medians], counts
+        return self._median_of_groups([Stacked(s) for s in group_sums], source.variables,
+                                      size), counts
 
 
 class History(tf.Module):
@@ -364,27 +407,36 @@ class RA3(Temporal):
 
 
 def parse(spec: str, flag: str = "--aggregator") -> Aggregator:
-    """The aggregator `spec` names (`name` or `name:value`); a ValueError naming
-    `flag` (the flag the user typed) for an unknown name or a bad parameter."""
-    name, colon, value = spec.strip().partition(":")
+    """The aggregator `spec` names (`name`, `name:value`, either with `@layers`);
+    a ValueError naming `flag` (the flag the user typed) for an unknown name, a
+    bad parameter or an unknown layer filter."""
+    base, at, layers = spec.strip().partition("@")
+    name, colon, value = base.partition(":")
     cls = REGISTRY.get(name)
     if cls is None:
         raise ValueError(f"{flag}={spec}: unknown aggregator {name!r}; one of "
                          f"{', '.join(REGISTRY)}")
+    kwargs = {}
     if cls.parameter is None:
         if colon:
             raise ValueError(f"{flag}={spec}: {name} takes no parameter")
-        return cls()
-    if not colon:
+    elif not colon:
         raise ValueError(f"{flag}={spec}: {name} needs its {cls.parameter}, e.g. {name}:4")
+    else:
+        try:
+            kwargs[cls.parameter] = int(value)
+        except ValueError:
+            raise ValueError(f"{flag}={spec}: {cls.parameter} must be an integer") from None
+    if at:
+        kwargs["layers"] = layers
     try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"{flag}={spec}: {cls.parameter} must be an integer") from None
-    return cls(**{cls.parameter: number})
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{flag}={spec}: {e}") from None
 
 
 def from_json(record: dict) -> Aggregator:
     """The aggregator of a run record (`Aggregator.to_json`)."""
     cls = REGISTRY[record["name"]]
-    return cls(**({cls.parameter: record[cls.parameter]} if cls.parameter else {}))
+    return cls(**({cls.parameter: record[cls.parameter]} if cls.parameter else {}),
+               **({"layers": record["layers"]} if "layers" in record else {}))
