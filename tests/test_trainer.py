@@ -4,6 +4,7 @@ config for one step, and the memorization effect on noisy digits."""
 import dataclasses
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from cg_tf.data import records
 from cg_tf.experiments import stages
 from cg_tf.measure import report
 from cg_tf.measure.monitor import MonitorConfig
+from cg_tf.storage import events
 from cg_tf.robust.aggregators import RM3, Mean, MedianOfMeans, Winsorized
 from cg_tf.training.trainer import NonFiniteLoss, TrainConfig, Trainer
 
@@ -152,7 +154,7 @@ def final_state(model_dir):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(digits_dir, tmp_path):
     args = ["-m", "cg_tf.train", f"--data_dir={digits_dir}", "--fc_widths=64",
-            "--aggregator=rm3", "--steps=400", "--checkpoint_every=25", "--log_every=25",
+            "--aggregator=rm3", "--steps=400", "--checkpoint_every=100", "--log_every=25",
             "--deterministic", "--eval_sample_size=50", "--batch_size=50"]
     whole = subprocess.run([sys.executable, *args, f"--model_dir={tmp_path}/whole"], cwd=REPO,
                            capture_output=True, text=True, timeout=600)
@@ -160,9 +162,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(digits_dir, tmp_path)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, *args, f"--model_dir={killed}"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Killed once it has logged an evaluation past its checkpoint of step 100.
     deadline = time.time() + 300
-    while time.time() < deadline and not glob.glob(f"{killed}/checkpoints/ckpt-75.index"):
-        time.sleep(0.05)
+    while time.time() < deadline and not (
+            glob.glob(f"{killed}/checkpoints/ckpt-100.index") and _last_step(killed) > 100):
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     latest = tf.train.latest_checkpoint(str(killed / "checkpoints"))
@@ -171,12 +175,57 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(digits_dir, tmp_path)
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
+    assert re.search(r"removed \d+ events past step \d+ from the event files", resumed.stderr)
     a, b = final_state(tmp_path / "whole"), final_state(killed)
     # Weights (named by the optimizer's path to them), RM3 buffers, step, iterations.
     assert a.keys() == b.keys()
     assert any("aggregator_state/previous" in n for n in a) and any("trainable_variables" in n for n in a)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # The curves: one history each, that of the uninterrupted run (the killed
+    # attempt's events past its checkpoint are gone, the resumed run's replace them).
+    whole_curves, killed_curves = (report.load_runs(str(d))[0].scalars
+                                   for d in (tmp_path / "whole", killed))
+    assert whole_curves.keys() == killed_curves.keys()
+    for tag, series in whole_curves.items():
+        steps = [s for s, _ in killed_curves[tag]]
+        assert steps == sorted(set(steps)) == [s for s, _ in series], tag
+        if tag.startswith("cost/"):  # shares of wall time
+            continue
+        np.testing.assert_allclose([v for _, v in killed_curves[tag]], [v for _, v in series],
+                                   rtol=1e-5, atol=1e-6, err_msg=tag)
+
+
+def test_events_past_the_resumed_step_are_cut(tmp_path):
+    """cut_after keeps steps up to the checkpoint's, in every event file."""
+    for attempt in range(2):
+        writer = tf.summary.create_file_writer(str(tmp_path), filename_suffix=f".{attempt}")
+        with writer.as_default():
+            for step in range(attempt * 20, 30):
+                tf.summary.scalar("loss", float(step + 100 * attempt), step=step)
+        writer.close()
+    # Attempt 0 logged 0-29; the "resumed" attempt 1 20-29: 20-29 are there twice.
+    assert events.cut_after(str(tmp_path), 19) == 20
+    assert _scalars(tmp_path)["loss"] == [(s, float(s)) for s in range(20)]
+    assert events.cut_after(str(tmp_path), 19) == 0  # nothing more to cut
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _last_step(log_dir) -> int:
+    """The last step the event files in log_dir hold (-1: none yet)."""
+    steps = [-1]
+    for path in glob.glob(f"{log_dir}/events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(path).apply(tf.data.experimental.ignore_errors()):
+            steps.append(tf.compat.v1.Event.FromString(record.numpy()).step)
+    return max(steps)
+
+
+def _scalars(log_dir):
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"]}
 
 
 @pytest.fixture(scope="module")

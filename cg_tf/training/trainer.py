@@ -35,7 +35,7 @@ from cg_tf.options import option
 from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.gradients import BN_MODES
-from cg_tf.storage import files, rundir
+from cg_tf.storage import events, files, rundir
 from cg_tf.training.models import FC_INITS, MODELS, build_model, describe
 from cg_tf.training.robust_model import RobustModel, check_layout
 from cg_tf.training.strategies import STRATEGIES, get_strategy
@@ -48,7 +48,6 @@ EXECUTION_FIELDS = ("data_dir", "model_dir", "strategy", "tpu", "checkpoint_ever
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
-EVENT_FILES = "events.out.tfevents.*"  # tf.summary's names
 
 
 class NonFiniteLoss(RuntimeError):
@@ -156,7 +155,7 @@ def start_over(model_dir: str) -> None:
     names = [SUMMARY_FILE, monitor.LEARNING_EVENTS, monitor.LEARNED_IDS,
              monitor.NOT_LEARNED_IDS, CHECKPOINTS]
     paths = [os.path.join(model_dir, n) for n in names]
-    paths += tf.io.gfile.glob(os.path.join(model_dir, EVENT_FILES))
+    paths += tf.io.gfile.glob(os.path.join(model_dir, events.EVENT_FILES))
     for path in [*paths, os.path.join(model_dir, CONFIG_FILE)]:
         if tf.io.gfile.isdir(path):
             tf.io.gfile.rmtree(path)
@@ -339,8 +338,14 @@ class Trainer:
         its counters and log lines (and a stop at a non-finite loss), the
         monitor, the checkpoints."""
         cfg = self.config
-        self.writer = self.monitor.writer = tf.summary.create_file_writer(cfg.model_dir)
         start = self.restore()
+        if start:
+            # What the interrupted attempt logged past its last checkpoint is
+            # logged again from here: one history per curve.
+            removed = events.cut_after(cfg.model_dir, start)
+            if removed:
+                logging.info("removed %d events past step %d from the event files", removed, start)
+        self.writer = self.monitor.writer = tf.summary.create_file_writer(cfg.model_dir)
         if start == 0:
             # The dataset's source names it in figures; steps per epoch put
             # runs of other batch sizes on one (epoch) axis.
