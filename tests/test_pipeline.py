@@ -197,3 +197,24 @@ def test_train_examples_keeps_the_lowest_hashing_ids(tmp_path):
     # The test split is whole, and the kept examples carry the full build's labels.
     assert info.splits["test"].num_examples == len(read_split(tmp_path / "full", "test"))
     assert all(train[i]["label"] == full[i]["label"] for i in train)
+
+
+
+def test_what_the_source_cannot_give_is_said(tmp_path):
+    """More training examples or shards than the source has: the dataset is
+    built with what there is, and the log says so."""
+    from cg_tf.data import build
+    from cg_tf.data.noise import NoiseSpec
+    info = run_build(tmp_path / "d", train_examples=10 ** 6, num_shards=2)
+    n = info.splits["train"].num_examples
+    config = build.BuildConfig(str(tmp_path / "d"), NoiseSpec(), num_shards=2,
+                               train_examples=10 ** 6)
+    assert build.size_warnings(info, config) == [
+        f"--train_examples=1,000,000: the source has {n:,} training examples; the dataset "
+        "keeps all of them"]
+    tiny = run_build(tmp_path / "t", train_examples=3, num_shards=5)
+    empty = sum(1 for s in tiny.splits["train"].shards.values() if not s.num_records)
+    assert empty >= 2  # 3 examples, 5 shards
+    config = build.BuildConfig(str(tmp_path / "t"), NoiseSpec(), num_shards=5, train_examples=3)
+    assert build.size_warnings(tiny, config)[0] == (
+        f"--num_shards=5: {empty} of the train split's shards are empty (3 examples)")

@@ -38,6 +38,9 @@ def config(data_dir, model_dir, **kw):
     ({"aggregator": MedianOfMeans(k=7)}, "--aggregator=median_of_means:7: 7 groups do not"),
     ({"aggregator": RM3(), "momentum": 0.9}, "--aggregator=rm3: refuses --momentum=0.9"),
     ({"batch_size": 100_000}, "--batch_size=100000 is larger"),
+    ({"steps": 10 ** 8, "monitor": MonitorConfig(eval_every=10)},
+     r"100,000,000 steps with --eval_every=10 make 10,000,000 evaluations \(at most "
+     r"1,000,000\): raise --eval_every"),
 ])
 def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -51,12 +54,30 @@ def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides
     ({"bn_mode": "magic"}, "--bn_mode must be one of"),
     ({"per_example_chunk": 0}, "--per_example_chunk must be positive"),
     ({"momentum": 1.0}, r"--momentum must be in \[0, 1\)"),
+    ({"learning_rate": float("nan")}, "--learning_rate must be positive, got nan"),
+    ({"learning_rate": float("inf")}, "--learning_rate must be positive, got inf"),
+    ({"weight_decay": -1.0}, "--weight_decay must be 0 or positive, got -1"),
+    ({"lr_decay_factor": 0.0}, "--lr_decay_factor must be positive"),
+    ({"steps": 0}, "--steps must be between 1 and 1,000,000,000, got 0"),
+    ({"steps": 10 ** 20}, "--steps must be between 1 and 1,000,000,000"),
+    ({"epochs": 0}, "--epochs must be between 1"),
+    ({"image_size": (0, 0)}, r"--image_size must be HEIGHT,WIDTH \(two positive integers\), "
+                             "got 0,0"),
+    ({"image_size": (8, 8, 8)}, "--image_size must be HEIGHT,WIDTH"),
 ])
 def test_bad_options_fail_when_the_config_is_made(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        config(tmp_path, tmp_path / "run", **overrides)
+        config(tmp_path / "data", tmp_path / "run", **overrides)
     with pytest.raises(ValueError, match="--eval_every must be positive"):
         MonitorConfig(eval_every=0)
+
+
+def test_a_run_inside_its_dataset_is_refused(tmp_path):
+    for model_dir in (tmp_path / "data", tmp_path / "data" / "run"):
+        with pytest.raises(ValueError, match=r"--model_dir=.* is inside --data_dir=.*: a run's "
+                                             "files would mix with the dataset's"):
+            config(tmp_path / "data", model_dir)
+    config(tmp_path / "data", tmp_path / "data_runs")  # a sibling with a common prefix is fine
 
 
 @pytest.mark.parametrize("args,message", [

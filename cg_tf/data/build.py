@@ -181,6 +181,8 @@ def _build(source: Source, config: BuildConfig,
     tf.io.gfile.rmtree(work)
     info = make_info(source, config, stats)
     check_rejects(info, config.max_reject_fraction, out)
+    for line in size_warnings(info, config):
+        logging.warning("%s", line)
     records.write_info(out, info)
     logging.info("built %s in %.1f s", out, time.monotonic() - start)
     return info
@@ -218,6 +220,23 @@ def check_rejects(info: records.DatasetInfo, max_fraction: float, out: str) -> N
             f"--max_reject_fraction={max_fraction}; see "
             f"{os.path.join(out, noisy_labels.REJECTED_FILE)}. The directory is left "
             "incomplete (no dataset_info.json).")
+
+
+def size_warnings(info: records.DatasetInfo, config: BuildConfig) -> list[str]:
+    """What the flags asked for that the source could not give (known only
+    once it has been read): fewer training examples than --train_examples,
+    more shards than examples."""
+    out = []
+    train = info.splits.get(records.TRAIN_SPLIT)
+    if config.train_examples and train and train.num_examples < config.train_examples:
+        out.append(f"--train_examples={config.train_examples:,}: the source has "
+                   f"{train.num_examples:,} training examples; the dataset keeps all of them")
+    for name, split in info.splits.items():
+        empty = sum(1 for shard in split.shards.values() if not shard.num_records)
+        if empty:
+            out.append(f"--num_shards={config.num_shards:,}: {empty:,} of the {name} split's "
+                       f"shards are empty ({split.num_examples:,} examples)")
+    return out
 
 
 def format_summary(info: records.DatasetInfo) -> str:

@@ -54,6 +54,12 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
+# More steps (or epochs) than any run takes: past it, a typo (an evaluation
+# schedule of 10^20 steps filled the memory before the first step).
+MAX_STEPS = 10 ** 9
+MAX_EVALUATIONS = 10 ** 6
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A training run: every option of `python -m cg_tf.train` (its flags are
@@ -117,12 +123,25 @@ class TrainConfig:
                              f"got {self.lr_schedule!r}")
         if self.lr_schedule == "step" and not self.lr_decay_epochs:
             raise ValueError("--lr_schedule=step needs --lr_decay_epochs")
-        if self.learning_rate <= 0:
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if (self.steps or self.epochs) <= 0:
-            raise ValueError("--epochs (or --steps) must be positive")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight_decay must be 0 or positive, got {self.weight_decay}")
+        if not (math.isfinite(self.lr_decay_factor) and self.lr_decay_factor > 0):
+            raise ValueError(f"--lr_decay_factor must be positive, got {self.lr_decay_factor}")
+        for name, most in (("steps", MAX_STEPS), ("epochs", MAX_STEPS)):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= most:
+                raise ValueError(f"--{name} must be between 1 and {most:,}, got {value}")
+        if self.image_size is not None and (len(self.image_size) != 2
+                                            or min(self.image_size) < 1):
+            raise ValueError("--image_size must be HEIGHT,WIDTH (two positive integers), got "
+                             f"{','.join(map(str, self.image_size))}")
+        if self.data_dir and self.model_dir and _within(self.model_dir, self.data_dir):
+            raise ValueError(f"--model_dir={self.model_dir} is inside --data_dir="
+                             f"{self.data_dir}: a run's files would mix with the dataset's")
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"--bn_mode must be one of {', '.join(BN_MODES)}, "
                              f"got {self.bn_mode!r}")
@@ -132,6 +151,14 @@ class TrainConfig:
         for name in ("batch_size", "checkpoint_every", "log_every", "eval_sample_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it (local paths resolved, URLs as written)."""
+    if "://" not in path + folder:
+        path, folder = os.path.realpath(path), os.path.realpath(folder)
+    path, folder = path.rstrip("/") + "/", folder.rstrip("/") + "/"
+    return path.startswith(folder)
 
 
 def run_params(config: TrainConfig) -> dict:
@@ -253,6 +280,11 @@ class Trainer:
         self.reader = _reader(config, config.batch_size)
         spe = self.reader.steps_per_epoch
         self.total_steps = config.steps or config.epochs * spe
+        evaluations = self.total_steps // (config.monitor.eval_every or spe)
+        if evaluations > MAX_EVALUATIONS:
+            raise ValueError(f"{self.total_steps:,} steps with --eval_every="
+                             f"{config.monitor.eval_every or spe} make {evaluations:,} "
+                             f"evaluations (at most {MAX_EVALUATIONS:,}): raise --eval_every")
         self.architecture = describe(config.model, self.reader.image_shape,
                                      self.reader.num_classes, config.fc_widths)
         with self.strategy.scope():
