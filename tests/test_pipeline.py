@@ -7,8 +7,14 @@ import os
 import numpy as np
 import pytest
 from absl import flags
-from conftest import (decode_png, expected_corrupt_fraction, read_split, run_build, run_main,
-                      write_idx)
+from conftest import (
+    decode_png,
+    expected_corrupt_fraction,
+    read_split,
+    run_build,
+    run_main,
+    write_idx,
+)
 
 from cg_tf.data import build, noise, records
 from cg_tf.data.reader import InputConfig, Reader
@@ -209,9 +215,9 @@ def test_what_the_source_cannot_give_is_said(tmp_path):
     n = info.splits["train"].num_examples
     config = build.BuildConfig(str(tmp_path / "d"), NoiseSpec(), num_shards=2,
                                train_examples=10 ** 6)
-    assert build.size_warnings(info, config) == [
+    assert build.size_warnings(info, config) == [(
         f"--train_examples=1,000,000: the source has {n:,} training examples; the dataset "
-        "keeps all of them"]
+        "keeps all of them")]
     tiny = run_build(tmp_path / "t", train_examples=3, num_shards=5)
     empty = sum(1 for s in tiny.splits["train"].shards.values() if not s.num_records)
     assert empty >= 2  # 3 examples, 5 shards

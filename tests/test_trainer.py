@@ -21,8 +21,8 @@ from cg_tf.data import records
 from cg_tf.experiments import stages
 from cg_tf.measure import report
 from cg_tf.measure.monitor import MonitorConfig
-from cg_tf.storage import events
 from cg_tf.robust.aggregators import RM3, Mean, MedianOfMeans, Winsorized
+from cg_tf.storage import events
 from cg_tf.training.trainer import NonFiniteLoss, TrainConfig, Trainer
 
 
@@ -39,8 +39,8 @@ def config(data_dir, model_dir, **kw):
     ({"aggregator": RM3(), "momentum": 0.9}, "--aggregator=rm3: refuses --momentum=0.9"),
     ({"batch_size": 100_000}, "--batch_size=100000 is larger"),
     ({"steps": 10 ** 8, "monitor": MonitorConfig(eval_every=10)},
-     r"100,000,000 steps with --eval_every=10 make 10,000,000 evaluations \(at most "
-     r"1,000,000\): raise --eval_every"),
+     (r"100,000,000 steps with --eval_every=10 make 10,000,000 evaluations \(at most "
+      r"1,000,000\): raise --eval_every")),
 ])
 def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -61,8 +61,8 @@ def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides
     ({"steps": 0}, "--steps must be between 1 and 1,000,000,000, got 0"),
     ({"steps": 10 ** 20}, "--steps must be between 1 and 1,000,000,000"),
     ({"epochs": 0}, "--epochs must be between 1"),
-    ({"image_size": (0, 0)}, r"--image_size must be HEIGHT,WIDTH \(two positive integers\), "
-                             "got 0,0"),
+    ({"image_size": (0, 0)},
+     r"--image_size must be HEIGHT,WIDTH \(two positive integers\), got 0,0"),
     ({"image_size": (8, 8, 8)}, "--image_size must be HEIGHT,WIDTH"),
 ])
 def test_bad_options_fail_when_the_config_is_made(tmp_path, overrides, message):
