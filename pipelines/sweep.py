@@ -47,7 +47,9 @@ def grid_from_flags() -> list[sweep.Point]:
 
 
 def make_stages(beam_args: list[str]) -> list:
-    """The sweep these flags ask for; raises ValueError naming a bad flag."""
+    """The sweep these flags ask for; raises ValueError naming a bad flag (or
+    a report file of the output directory that the sweep did not write)."""
+    sweep.check_report_files(shared_flags.OUTPUT_DIR.value)
     base = trainer_flags.config_from_flags()
     points = grid_from_flags()
     # Every noise rate is checked before anything runs.

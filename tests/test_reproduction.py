@@ -4,6 +4,7 @@ and re-run, with manifests and the refusal of other parameters."""
 
 import csv
 import glob
+import json
 import os
 import re
 import signal
@@ -191,6 +192,30 @@ def test_bad_flags_fail_before_any_work(tmp_path):
         done = run_main(main, f"--output_dir={tmp_path / 'x'}", *TINY, "--steps=5", arg)
         assert done.returncode != 0 and f"error: {message}" in done.stderr, done.stderr[-2000:]
         assert not (tmp_path / "x").exists()
+
+
+def test_a_sweep_never_replaces_a_report_file_it_did_not_write(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "summary.csv").write_text("my own table\n")
+    done = run_main("pipelines.sweep", f"--output_dir={out}", *TINY, "--steps=5",
+                    "--aggregators=mean")
+    assert done.returncode != 0 and (
+        f"error: --output_dir={out} holds a summary.csv that this sweep did not write (or that "
+        "was changed since)") in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]
+    assert (out / "summary.csv").read_text() == "my own table\n"
+
+
+def test_report_files_record_what_the_sweep_wrote(tmp_path):
+    from cg_tf.experiments import sweep
+    (tmp_path / "summary.md").write_text("x")
+    (tmp_path / sweep.REPORT_RECORD).write_text(
+        json.dumps({"summary.md": "writing", "summary.csv": "0" * 64}))
+    sweep.check_report_files(str(tmp_path))  # written (or being written) by the sweep
+    (tmp_path / "summary.csv").write_text("edited")
+    with pytest.raises(ValueError, match="holds a summary.csv that this sweep did not write"):
+        sweep.check_report_files(str(tmp_path))
 
 
 def test_easy_hard_end_to_end(tmp_path):

@@ -12,13 +12,18 @@ Layout under the output directory:
   settings.csv          a row per setting, over its seeds
   curves.csv            a row per (setting, curve, step), over its seeds
   summary.md, figure.png, figure.pdf
+  report_files.json     the digests of the report files above, as written: a
+                        file of those names that the sweep did not write (or
+                        that was edited since) stops it before any work
 """
 
 import dataclasses
+import hashlib
 import itertools
 import os
 
 import numpy as np
+import tensorflow as tf
 
 from cg_tf.data import build
 from cg_tf.data.sources import Source
@@ -150,11 +155,44 @@ def curves(panels: dict[str, list[report.Run]]) -> list[dict]:
     return out
 
 
+REPORT_FILES = ("summary.csv", "settings.csv", "curves.csv", "summary.md", "figure.png",
+                "figure.pdf")
+# The report files this sweep wrote and their digests ("writing" while it writes them).
+REPORT_RECORD = "report_files.json"
+
+
+def _digest(path: str) -> str:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_report_files(output_dir: str) -> None:
+    """Raises ValueError naming a file of `output_dir` that the report would
+    replace but that this sweep did not write, or that was changed since."""
+    record = files.read_json(os.path.join(output_dir, REPORT_RECORD)) or {}
+    for name in REPORT_FILES:
+        path = os.path.join(output_dir, name)
+        if tf.io.gfile.exists(path) and record.get(name) not in ("writing", _digest(path)):
+            raise ValueError(f"--output_dir={output_dir} holds a {name} that this sweep did "
+                             "not write (or that was changed since): the report would replace "
+                             "it; move it away or use another --output_dir")
+
+
 def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]
                  ) -> tuple[dict[str, str], str]:
     """summary.csv, settings.csv, curves.csv, summary.md and (once a run has
-    finished) figure.png and figure.pdf in `output_dir`; returns their paths
-    and the summary to print."""
+    finished) figure.png and figure.pdf in `output_dir`, recorded with their
+    digests in report_files.json; returns their paths and the summary to print."""
+    check_report_files(output_dir)
+    record_path = os.path.join(output_dir, REPORT_RECORD)
+    files.write_json(record_path, {name: "writing" for name in REPORT_FILES})
+    paths, text = _write_report(output_dir, points, manifests)
+    files.write_json(record_path, {os.path.basename(p): _digest(p) for p in paths.values()})
+    return paths, text
+
+
+def _write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]
+                  ) -> tuple[dict[str, str], str]:
     by_name = {r.name: r for r in report.load_runs(os.path.join(output_dir, "runs"))}
     table = rows(points, manifests, by_name)
     paths = {k: os.path.join(output_dir, f) for k, f in
