@@ -7,6 +7,7 @@ corrupt records named by file and offset, truncated gzipped IDX sources, and
 import gzip
 import json
 import os
+import re
 import shutil
 import struct
 import threading
@@ -97,6 +98,39 @@ def test_num_classes_too_large_is_refused(digits_dir, tmp_path):
     with pytest.raises(records.DatasetError,
                        match=r"num_classes is 12, but it lists 10 class_names"):
         read(copy)
+
+
+def test_a_damaged_info_file_is_named(digits_dir, tmp_path):
+    copy = copy_of(digits_dir, tmp_path)
+    path = copy / records.INFO_FILE
+    info = json.loads(path.read_text())
+    text = path.read_text()
+    path.write_text(text[:99])  # cut short
+    with pytest.raises(records.DatasetError, match=rf"{re.escape(str(path))} is damaged \(not "
+                                                   r"JSON: .*\); it may have been cut short"):
+        read(copy)
+    path.write_text(json.dumps({k: v for k, v in info.items() if k != "num_classes"}))
+    with pytest.raises(records.DatasetError, match=rf"{re.escape(str(path))} is damaged: it "
+                                                   "lacks num_classes"):
+        read(copy)
+    path.write_text(json.dumps({**info, "num_classes": "10"}))
+    with pytest.raises(records.DatasetError,
+                       match=r"num_classes must be an integer, got '10'"):
+        read(copy)
+    path.write_text(json.dumps({**info, "splits": {"train": 3}}))
+    with pytest.raises(records.DatasetError, match=rf"{re.escape(str(path))} is damaged: "):
+        read(copy)
+
+
+def test_damaged_run_records_are_named(tmp_path):
+    from cg_tf.storage import files
+    path = tmp_path / "config.json"
+    path.write_text('{"model": "fc", "aggregator": {"na')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is damaged \(not JSON"):
+        files.read_json(str(path))
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is damaged: it holds a JSON list, not an object"):
+        files.read_json(str(path))
 
 
 def test_num_classes_against_the_noise_matrix_without_class_names(digits_dir, tmp_path):

@@ -184,6 +184,23 @@ def check_consistent(info: DatasetInfo, path: str) -> None:
                            "(height and width null for images of varying size)")
 
 
+def _parse_info(d: dict, path: str) -> DatasetInfo:
+    """DatasetInfo from the JSON of `path`; a DatasetError naming a missing
+    field or a count that is not an integer."""
+    required = [f.name for f in dataclasses.fields(DatasetInfo)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in d]
+    if missing:
+        raise DatasetError(f"{path} is damaged: it lacks {', '.join(missing)}")
+    c = d["num_classes"]
+    if isinstance(c, bool) or not isinstance(c, int):
+        raise DatasetError(f"{path}: num_classes must be an integer, got {c!r}")
+    try:
+        return DatasetInfo.from_json(d)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(f"{path} is damaged: {type(e).__name__} {e}") from None
+
+
 def load_info(data_dir: str) -> DatasetInfo:
     """Reads and checks dataset_info.json and that every shard it names exists
     (cheap: it reads no records; `cg_tf.data.verify` reads them).
@@ -199,8 +216,11 @@ def load_info(data_dir: str) -> DatasetInfo:
         raise DatasetError(
             f"{data_dir!r} has no {INFO_FILE}: it is not a dataset, or the pipeline that "
             "wrote it was interrupted or failed (rerun it with --overwrite)")
-    with tf.io.gfile.GFile(path) as f:
-        info = DatasetInfo.from_json(json.load(f))
+    try:
+        d = files.read_json(path)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    info = _parse_info(d, path)
     if info.version > FORMAT_VERSION:
         raise DatasetError(f"{path} has format version {info.version}; this cg_tf reads "
                            f"up to {FORMAT_VERSION}")

@@ -39,4 +39,12 @@ def read_json(path: str) -> dict | None:
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is damaged (not JSON: {e}); it may have been cut "
+                             "short") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is damaged: it holds a JSON {type(obj).__name__}, not an "
+                         "object")
+    return obj
