@@ -546,3 +546,27 @@ def test_progress_lines_come_at_most_every_ten_seconds(monkeypatch):
     rates = [args[-1] for args in lines]
     assert rates == pytest.approx([8.0] * 5)  # 30 steps in 3.75 s, 100 in 12.5 s, ...
     assert int(fake.step) == 420
+
+
+def test_a_damaged_checkpoint_gives_way_to_the_one_before(digits_dir, tmp_path, caplog):
+    """A flipped byte in the newest checkpoint's data: the run resumes from the
+    checkpoint before it, says so, and ends where an undamaged run ends."""
+    from cg_tf.training import trainer as trainer_module
+    run = tmp_path / "run"
+    cfg = config(digits_dir, run, steps=20, checkpoint_every=10, deterministic=True)
+    Trainer(cfg).run()
+    done = Trainer(cfg)
+    done.restore()
+    want = [v.numpy() for v in done.model.net.trainable_variables]
+    (run / trainer_module.SUMMARY_FILE).unlink()  # as if killed after its last checkpoint
+    data = next((run / "checkpoints").glob("ckpt-20.data-*"))
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(cfg)
+        assert resumed.restore() == 10
+    assert any("ckpt-20 is damaged" in r.getMessage() for r in caplog.records)
+    resumed.run()
+    for a, b in zip(want, resumed.model.net.trainable_variables):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-6, atol=1e-7)

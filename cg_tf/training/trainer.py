@@ -319,16 +319,25 @@ class Trainer:
         """Restores the directory's last checkpoint, if any; returns its step."""
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self.config.model_dir, CHECKPOINTS), max_to_keep=2)
-        latest = self.manager.latest_checkpoint
-        if latest:
+        # Newest first; a damaged one (a flipped byte, a cut-short index) gives
+        # way to the one before it.
+        for path in reversed(self.manager.checkpoints):
             try:
-                self.checkpoint.restore(latest).assert_existing_objects_matched()
+                self.checkpoint.restore(path).assert_existing_objects_matched()
             except AssertionError as e:  # e.g. state an older cg_tf did not checkpoint
                 raise ValueError(
-                    f"{latest} does not hold this version's run state ({str(e)[:300]}); "
+                    f"{path} does not hold this version's run state ({str(e)[:300]}); "
                     "start the run over with --overwrite") from None
-            logging.info("resumed from %s at step %d", self.manager.latest_checkpoint,
-                         int(self.step))
+            except (tf.errors.DataLossError, tf.errors.NotFoundError,
+                    tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
+                logging.warning("checkpoint %s is damaged (%s): trying the one before it",
+                                path, str(e).splitlines()[0][:200])
+                continue
+            logging.info("resumed from %s at step %d", path, int(self.step))
+            return int(self.step)
+        if self.manager.checkpoints:
+            raise ValueError(f"every checkpoint in {self.manager.directory} is damaged; start "
+                             "the run over with --overwrite")
         return int(self.step)
 
     def run(self) -> dict:
