@@ -3,6 +3,7 @@ config for one step, and the memorization effect on noisy digits."""
 
 import dataclasses
 import glob
+import json
 import os
 import re
 import shutil
@@ -570,3 +571,22 @@ def test_a_damaged_checkpoint_gives_way_to_the_one_before(digits_dir, tmp_path, 
     resumed.run()
     for a, b in zip(want, resumed.model.net.trainable_variables):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_dataset_rebuilt_under_a_run_stops_it(digits_dir, tmp_path):
+    """The dataset changes while the run reads it: the run stops at its next
+    checkpoint, naming the directory, and writes no checkpoint or summary of it."""
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    run = tmp_path / "run"
+    trainer = Trainer(config(data, run, steps=30, checkpoint_every=10))
+    info = data / records.INFO_FILE
+    d = json.loads(info.read_text())
+    d["noise"] = {**d["noise"], "rate": 0.25}  # what a rebuild with other flags records
+    info.write_text(json.dumps(d))
+    with pytest.raises(records.DatasetError, match=rf"--data_dir={data} was rebuilt while this "
+                                                   r"run read it \(its dataset_info.json changed"
+                                                   r"\); the run stops at step 10"):
+        trainer.run()
+    assert not list(run.glob("checkpoints/ckpt-*"))
+    assert not (run / "summary.json").exists()

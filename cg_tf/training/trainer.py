@@ -258,6 +258,7 @@ class Checkpoints(keras.callbacks.Callback):
         t, step = self.trainer, self.counters.step
         if step % t.config.checkpoint_every == 0 or step == t.total_steps:
             self.held.check()
+            t.check_dataset(step)
             t.manager.save(checkpoint_number=step)
 
 
@@ -314,6 +315,23 @@ class Trainer:
     @property
     def net(self) -> keras.Model:
         return self.model.net
+
+    def check_dataset(self, step: int) -> None:
+        """Raises DatasetError if the dataset is no longer the one the run opened
+        (rebuilt, or being rebuilt, under it): what the run read since may be
+        either, and its records would describe the old one."""
+        data_dir = self.config.data_dir
+        try:
+            changed = records.load_info(data_dir).to_json() != self.reader.info.to_json()
+        except records.DatasetError as e:
+            changed, why = True, str(e)
+        else:
+            why = f"its {records.INFO_FILE} changed"
+        if changed:
+            raise records.DatasetError(
+                f"--data_dir={data_dir} was rebuilt while this run read it ({why}); the run "
+                f"stops at step {step} without a checkpoint of it: start it over on the new "
+                "data with --overwrite")
 
     def restore(self) -> int:
         """Restores the directory's last checkpoint, if any; returns its step."""
