@@ -359,3 +359,22 @@ def test_a_build_refuses_a_directory_in_use(tmp_path):
         release.set()
         thread.join()
     run_build(out)  # Free again.
+
+
+def test_a_full_disk_during_the_build_is_one_message(tmp_path, monkeypatch):
+    """The shard writer fails as a full disk makes it fail: the build ends with
+    the trainer's kind of message, and the directory is left incomplete."""
+    import errno
+
+    from cg_tf.data import build
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", full)
+    out = tmp_path / "d"
+    with pytest.raises(build.BuildError, match=rf"cannot write {re.escape(str(out))}: no space "
+                                               r"left on device\. The directory is left "
+                                               r"incomplete \(no dataset_info.json\)"):
+        run_build(out)
+    assert not (out / records.INFO_FILE).exists()

@@ -135,6 +135,8 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
     return opts
 
 
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), as OSError and TensorFlow word it
+
 # The embedded default: scikit-learn's 8x8 digits with 50% uniform label noise.
 DEMO_DATA_DIR = "data/digits_noisy50"
 
@@ -172,8 +174,14 @@ def _build(source: Source, config: BuildConfig,
     _ = pipeline | noisy_labels.BuildNoisyDataset(
         source, out, config.noise, config.num_shards, config.compression,
         config.train_examples)
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        pipeline.run().wait_until_finish()
+    except Exception as e:  # a runner wraps its workers' errors in its own types
+        if NO_SPACE not in str(e):
+            raise
+        raise BuildError(f"cannot write {out}: no space left on device. The directory is "
+                         f"left incomplete (no {records.INFO_FILE}): free space and rerun the "
+                         "command with --overwrite") from None
     with tf.io.gfile.GFile(os.path.join(work, noisy_labels.STATS_FILE)) as f:
         stats = json.load(f)
     tf.io.gfile.rename(os.path.join(work, noisy_labels.REJECTED_FILE),
