@@ -39,11 +39,28 @@ flags.adopt_module_key_flags(shared_flags)
 flags.adopt_module_key_flags(trainer_flags)
 
 
+def _values(flag, parse, kind: str) -> list:
+    """The flag's list, each item parsed; a ValueError naming the flag for an
+    empty list or an item `parse` refuses."""
+    if not flag.value:
+        raise ValueError(f"--{flag.name} is empty: give at least {kind}")
+    out = []
+    for item in flag.value:
+        try:
+            out.append(parse(item))
+        except ValueError as e:
+            raise ValueError(f"--{flag.name}={','.join(flag.value)}: {item!r} is not "
+                             f"{kind} ({e})") from None
+    return out
+
+
 def grid_from_flags() -> list[sweep.Point]:
     """The grid's runs; raises ValueError naming a bad flag."""
+    if not _AGGREGATORS.value:
+        raise ValueError("--aggregators is empty: give at least one aggregator")
     settings = [aggregators.parse(s, "--aggregators") for s in _AGGREGATORS.value]
-    return sweep.grid(settings, [float(r) for r in _NOISE_RATES.value],
-                      [int(s) for s in _SEEDS.value])
+    return sweep.grid(settings, _values(_NOISE_RATES, float, "a number"),
+                      _values(_SEEDS, int, "an integer seed"))
 
 
 def make_stages(beam_args: list[str]) -> list:

@@ -177,6 +177,10 @@ def test_curves_give_each_settings_spread_at_every_shared_step():
     (["--aggregators=krum"], "--aggregators=krum: unknown aggregator 'krum'"),
     (["--noise_rates=1.5"], "noise_rate must be in"),
     (["--learning_rate=-1"], "--learning_rate must be positive"),
+    (["--aggregators="], "--aggregators is empty: give at least one aggregator"),
+    (["--seeds="], "--seeds is empty: give at least an integer seed"),
+    (["--noise_rates=abc"], "--noise_rates=abc: 'abc' is not a number"),
+    (["--seeds=0,x"], "--seeds=0,x: 'x' is not an integer seed"),
 ])
 def test_sweep_bad_flags_are_named(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(REPO)
