@@ -8,6 +8,7 @@ net, winsorized gradients.
 """
 
 import os
+import signal
 import sys
 
 from cg_tf import common_flags  # isort: skip (first: it quiets TensorFlow before it loads)
@@ -74,6 +75,9 @@ def main(argv):
         summary = run.run()
     except (ValueError, trainer.NonFiniteLoss) as e:
         sys.exit(f"error: {e}")
+    except trainer.Terminated as e:
+        print(f"{FLAGS.model_dir}: {e}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except (OSError, tf.errors.OpError) as e:
         if (message := storage_failure(e)) is None:
             raise

@@ -590,3 +590,34 @@ def test_a_dataset_rebuilt_under_a_run_stops_it(digits_dir, tmp_path):
         trainer.run()
     assert not list(run.glob("checkpoints/ckpt-*"))
     assert not (run / "summary.json").exists()
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(digits_dir, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "cg_tf.train", f"--data_dir={digits_dir}", "--fc_widths=16",
+            "--steps=100000", "--checkpoint_every=50000", "--eval_sample_size=50",
+            f"--model_dir={run}"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and _last_step(run) < 60:  # training, evaluations logged
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(rf"{re.escape(str(run))}: stopped by SIGTERM at step (\d+): its checkpoint "
+                     r"is saved; rerun the same command to resume", last)
+    assert m, last
+    step = int(m.group(1))
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith(f"ckpt-{step}")
+    assert not (run / "summary.json").exists()
+    # The same command resumes from that checkpoint.
+    again = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    for line in again.stderr:
+        if "resumed from" in line or "step 0/" in line:
+            break
+    again.send_signal(signal.SIGTERM)
+    again.communicate(timeout=300)
+    assert f"ckpt-{step} at step {step}" in line, line

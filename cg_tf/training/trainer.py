@@ -15,11 +15,14 @@ only what a run writes). A finished run (summary.json written) is left exactly
 as it is: `run()` returns its summary and sets `complete`.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 
 import keras
@@ -246,6 +249,32 @@ class RunCounters(keras.callbacks.Callback):
                          float(logs["accuracy"]), rate)
 
 
+class Terminated(Exception):
+    """The run stopped at a signal, after saving a checkpoint."""
+
+
+class Termination:
+    """While active: SIGTERM (a scheduler's or a preemptible VM's first notice)
+    is noted, for the run to checkpoint and stop at the next step's end."""
+
+    def __init__(self):
+        self.requested: str | None = None
+
+    @contextlib.contextmanager
+    def active(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers belong to the main thread
+            return
+        previous = signal.signal(signal.SIGTERM, self._note)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _note(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+
 class Checkpoints(keras.callbacks.Callback):
     """A checkpoint every `checkpoint_every` steps and at the last, while the
     run still holds its directory."""
@@ -256,10 +285,15 @@ class Checkpoints(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         t, step = self.trainer, self.counters.step
-        if step % t.config.checkpoint_every == 0 or step == t.total_steps:
+        stop = t.termination.requested
+        if step % t.config.checkpoint_every == 0 or step == t.total_steps or stop:
             self.held.check()
             t.check_dataset(step)
             t.manager.save(checkpoint_number=step)
+        if stop:
+            t.writer.flush()
+            raise Terminated(f"stopped by {stop} at step {step}: its checkpoint is saved; "
+                             "rerun the same command to resume")
 
 
 class Trainer:
@@ -268,6 +302,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, overwrite: bool = False):
         self.config, self.overwrite = config, overwrite
         self.complete = False  # set by run() if the run had finished before
+        self.termination = Termination()
         # First: multi-worker collectives must be configured before any TF op runs.
         self.strategy = get_strategy(config.strategy, config.tpu)
         keras.utils.set_random_seed(config.seed)
@@ -421,9 +456,10 @@ class Trainer:
         if start < self.total_steps:
             # Endless: fit takes the steps it is told to.
             data = distribute(self.reader.train_dataset(start), self.strategy, cfg.batch_size)
-            self.model.fit(data, epochs=1, steps_per_epoch=self.total_steps - start, verbose=0,
-                           shuffle=False,  # the reader orders the batches
-                           callbacks=[run, measure, Checkpoints(self, run, held)])
+            with self.termination.active():
+                self.model.fit(data, epochs=1, steps_per_epoch=self.total_steps - start,
+                               verbose=0, shuffle=False,  # the reader orders the batches
+                               callbacks=[run, measure, Checkpoints(self, run, held)])
         self.train_seconds = measure.train_seconds
         self.writer.flush()
         held.check()
