@@ -621,3 +621,16 @@ def test_sigterm_checkpoints_and_says_how_to_resume(digits_dir, tmp_path):
     again.send_signal(signal.SIGTERM)
     again.communicate(timeout=300)
     assert f"ckpt-{step} at step {step}" in line, line
+
+
+def test_the_shard_layout_is_part_of_a_run(digits_dir, tmp_path):
+    """The same examples in other shards train in another order: a run started
+    on one layout refuses to go on with the other."""
+    from cg_tf.storage import rundir
+    other = run_build(tmp_path / "other_layout", num_shards=2)
+    assert other.splits["train"].num_shards != records.load_info(digits_dir).splits[
+        "train"].num_shards
+    run = tmp_path / "run"
+    Trainer(config(digits_dir, run)).run()
+    with pytest.raises(rundir.RunDirError, match=r"another configuration \(.*shards"):
+        Trainer(config(tmp_path / "other_layout", run)).run()

@@ -174,9 +174,11 @@ def run_params(config: TrainConfig) -> dict:
 
 
 def dataset_identity(info: records.DatasetInfo) -> dict:
-    """What a dataset is, wherever it (or its source) lies."""
+    """What a dataset is, wherever it (or its source) lies, and its shard layout
+    (the reader interleaves the shards: the layout decides the training order)."""
     return {"source_fingerprint": info.source_fingerprint, "noise": info.noise,
-            "examples": {k: v.num_examples for k, v in info.splits.items()}}
+            "examples": {k: v.num_examples for k, v in info.splits.items()},
+            "shards": {k: v.num_shards for k, v in info.splits.items()}}
 
 
 def start_over(model_dir: str) -> None:
