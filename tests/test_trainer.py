@@ -168,10 +168,11 @@ def test_restore_net_gives_the_final_weights_of_a_run(digits_dir, tmp_path):
 
 
 def final_state(model_dir):
-    """Every variable of the last checkpoint but the wall clock."""
+    """Every variable of the last checkpoint but the clocks."""
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(f"{model_dir}/checkpoints"))
     return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
-            if not n.startswith(("wall_seconds", "_CHECKPOINTABLE"))}
+            if not n.startswith(("wall_seconds", "train_seconds", "eval_seconds",
+                                 "probe_seconds", "_CHECKPOINTABLE"))}
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(digits_dir, tmp_path):
@@ -634,3 +635,18 @@ def test_the_shard_layout_is_part_of_a_run(digits_dir, tmp_path):
     Trainer(config(digits_dir, run)).run()
     with pytest.raises(rundir.RunDirError, match=r"another configuration \(.*shards"):
         Trainer(config(tmp_path / "other_layout", run)).run()
+
+
+def test_a_run_killed_after_its_last_checkpoint_reports_its_loss_and_time(digits_dir, tmp_path):
+    """Killed between the last checkpoint and summary.json: the rerun has no
+    step left to train, and reports the loss and time shares of the steps
+    before (they were null and 0/0)."""
+    from cg_tf.training import trainer as trainer_module
+    run = tmp_path / "run"
+    cfg = config(digits_dir, run, steps=20, checkpoint_every=10)
+    first = Trainer(cfg).run()
+    (run / trainer_module.SUMMARY_FILE).unlink()
+    again = Trainer(cfg).run()
+    assert again["final_loss"] == pytest.approx(first["final_loss"])
+    assert again["time_shares"] == pytest.approx(first["time_shares"], rel=0.05)
+    assert 0 < again["time_shares"]["eval"] < 1

@@ -281,9 +281,10 @@ class Checkpoints(keras.callbacks.Callback):
     """A checkpoint every `checkpoint_every` steps and at the last, while the
     run still holds its directory."""
 
-    def __init__(self, trainer: "Trainer", counters: RunCounters, held: rundir.RunDirLock):
+    def __init__(self, trainer: "Trainer", counters: RunCounters, measure: MonitorCallback,
+                 held: rundir.RunDirLock):
         super().__init__()
-        self.trainer, self.counters, self.held = trainer, counters, held
+        self.trainer, self.counters, self.measure, self.held = trainer, counters, measure, held
 
     def on_train_batch_end(self, batch, logs=None):
         t, step = self.trainer, self.counters.step
@@ -291,6 +292,7 @@ class Checkpoints(keras.callbacks.Callback):
         if step % t.config.checkpoint_every == 0 or step == t.total_steps or stop:
             self.held.check()
             t.check_dataset(step)
+            t.keep_clock(self.counters.loss, self.measure.train_seconds)
             t.manager.save(checkpoint_number=step)
         if stop:
             t.writer.flush()
@@ -338,7 +340,12 @@ class Trainer:
         # Host-side counters, outside the strategy (no replicas to mirror them on).
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_seconds")
-        self.train_seconds = 0.0  # in train steps, since this process started (by _train)
+        self.train_seconds = 0.0  # in train steps, over the run's processes (by _train)
+        # What the summary reports of the steps before a resume: the last loss
+        # and the seconds spent training, evaluating and probing.
+        self.clock = {name: tf.Variable(value, dtype=tf.float64, trainable=False, name=name)
+                      for name, value in (("last_loss", float("nan")), ("train_seconds", 0.0),
+                                          ("eval_seconds", 0.0), ("probe_seconds", 0.0))}
         self.writer = None  # opened by run(), holding the directory
         self.monitor = Monitor(net, self.reader, config.aggregator, config.batch_size,
                                config.monitor, self.writer, bn_mode=config.bn_mode,
@@ -346,12 +353,20 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               step=self.step, wall_seconds=self.wall,
                                               learning_events=self.monitor.events,
-                                              weight_norms_at_start=self.monitor.health.start)
+                                              weight_norms_at_start=self.monitor.health.start,
+                                              **self.clock)
         self.manager: tf.train.CheckpointManager | None = None  # by restore()
 
     @property
     def net(self) -> keras.Model:
         return self.model.net
+
+    def keep_clock(self, loss: float, train_seconds: float) -> None:
+        """Puts the last loss and the seconds so far in the next checkpoint."""
+        for name, value in (("last_loss", loss), ("train_seconds", train_seconds),
+                            ("eval_seconds", self.monitor.seconds["eval"]),
+                            ("probe_seconds", self.monitor.seconds["probe"])):
+            self.clock[name].assign(value)
 
     def check_dataset(self, step: int) -> None:
         """Raises DatasetError if the dataset is no longer the one the run opened
@@ -454,14 +469,17 @@ class Trainer:
                      cfg.model, cfg.aggregator.spec, self.total_steps,
                      self.reader.steps_per_epoch, self.strategy.num_replicas_in_sync)
         run = RunCounters(self, start)
+        run.loss = float(self.clock["last_loss"])
+        self.monitor.seconds = {k: float(self.clock[f"{k}_seconds"]) for k in ("eval", "probe")}
         measure = MonitorCallback(self.monitor, self.total_steps, start, cfg.log_every)
+        measure.train_seconds = float(self.clock["train_seconds"])
         if start < self.total_steps:
             # Endless: fit takes the steps it is told to.
             data = distribute(self.reader.train_dataset(start), self.strategy, cfg.batch_size)
             with self.termination.active():
                 self.model.fit(data, epochs=1, steps_per_epoch=self.total_steps - start,
                                verbose=0, shuffle=False,  # the reader orders the batches
-                               callbacks=[run, measure, Checkpoints(self, run, held)])
+                               callbacks=[run, measure, Checkpoints(self, run, measure, held)])
         self.train_seconds = measure.train_seconds
         self.writer.flush()
         held.check()
