@@ -11,6 +11,13 @@ def test_eval_schedule_is_log_spaced_then_every_epoch():
     assert metrics.eval_schedule(25, 10) == [1, 2, 4, 8, 10, 20, 25]
     assert metrics.eval_schedule(25, 10, every=5, log_spaced=False) == [5, 10, 15, 20, 25]
     assert metrics.eval_schedule(3, 10) == [1, 2, 3]
+    for total, spe, every, log_spaced in ((50, 10, None, True), (25, 10, 5, False),
+                                          (3, 10, None, True), (700, 60, 64, True)):
+        schedule = metrics.eval_schedule(total, spe, every, log_spaced)
+        assert [s for s in range(-1, total + 3) if metrics.is_evaluation_step(
+            s, total, spe, every, log_spaced)] == schedule
+    # Lazily: a run of 10^9 steps costs nothing to ask.
+    assert metrics.is_evaluation_step(10 ** 9, 10 ** 9, 600)
 
 
 def test_adjusted_overfit():

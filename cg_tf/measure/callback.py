@@ -42,7 +42,6 @@ class MonitorCallback(keras.callbacks.Callback):
 
     def attach(self, monitor: Monitor, total_steps: int, start_step: int = 0) -> None:
         self.monitor, self.total_steps = monitor, total_steps
-        self.schedule = set(monitor.schedule(total_steps))
         self.step, self.train_seconds = start_step, 0.0
         self.results: dict[str, dict] = {}  # of the last evaluation
 
@@ -60,7 +59,7 @@ class MonitorCallback(keras.callbacks.Callback):
                         tf.summary.scalar(tag, float(logs[key]))
                 tf.summary.scalar(tags.LEARNING_RATE, float(
                     tf.convert_to_tensor(self.model.optimizer.learning_rate)))
-        if self.step in self.schedule:
+        if self.monitor.is_scheduled(self.step, self.total_steps):
             self.results = self.monitor.observe(self.step, self.train_seconds)
 
 
@@ -93,7 +92,8 @@ class MemorizationCallback(MonitorCallback):
         self.attach(monitor, epochs * steps)
 
     def on_train_end(self, logs=None):
-        if self.step and self.step not in self.schedule:  # stopped early: measure the end
+        # Stopped early (not at a scheduled step): measure the end.
+        if self.step and not self.monitor.is_scheduled(self.step, self.total_steps):
             self.results = self.monitor.observe(self.step, self.train_seconds)
         if self.step:
             self.monitor.export(self.log_dir)

@@ -22,6 +22,18 @@ def eval_schedule(total_steps: int, steps_per_epoch: int, every: int | None = No
     return sorted(steps)
 
 
+def is_evaluation_step(step: int, total_steps: int, steps_per_epoch: int,
+                       every: int | None = None, log_spaced: bool = True) -> bool:
+    """Whether `eval_schedule` holds `step`, without making the schedule (its
+    memory would grow with the run's length)."""
+    every = every or steps_per_epoch
+    if not 1 <= step <= total_steps:
+        return False
+    if step % every == 0 or step == total_steps:
+        return True
+    return log_spaced and step < min(every, total_steps) and step & (step - 1) == 0
+
+
 def adjusted_overfit(train_accuracy: float, test_accuracy: float, noise_rate: float,
                      num_classes: int) -> float:
     """Training accuracy above what a model that only generalizes would reach on

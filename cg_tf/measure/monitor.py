@@ -168,6 +168,10 @@ class Monitor:
         return metrics.eval_schedule(total_steps, self.reader.steps_per_epoch,
                                      self.config.eval_every, self.config.eval_log_spaced)
 
+    def is_scheduled(self, step: int, total_steps: int) -> bool:
+        return metrics.is_evaluation_step(step, total_steps, self.reader.steps_per_epoch,
+                                          self.config.eval_every, self.config.eval_log_spaced)
+
     def write_run_config(self, extra: dict) -> None:
         write_run_config(self.writer, {**self._run_config, **extra})
 

@@ -57,10 +57,8 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
-# More steps (or epochs) than any run takes: past it, a typo (an evaluation
-# schedule of 10^20 steps filled the memory before the first step).
+# More steps (or epochs) than any run takes: past it, a typo.
 MAX_STEPS = 10 ** 9
-MAX_EVALUATIONS = 10 ** 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,11 +318,6 @@ class Trainer:
         self.reader = _reader(config, config.batch_size)
         spe = self.reader.steps_per_epoch
         self.total_steps = config.steps or config.epochs * spe
-        evaluations = self.total_steps // (config.monitor.eval_every or spe)
-        if evaluations > MAX_EVALUATIONS:
-            raise ValueError(f"{self.total_steps:,} steps with --eval_every="
-                             f"{config.monitor.eval_every or spe} make {evaluations:,} "
-                             f"evaluations (at most {MAX_EVALUATIONS:,}): raise --eval_every")
         self.architecture = describe(config.model, self.reader.image_shape,
                                      self.reader.num_classes, config.fc_widths)
         with self.strategy.scope():
