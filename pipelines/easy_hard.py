@@ -17,7 +17,7 @@ from absl import flags
 from cg_tf import common_flags
 from cg_tf import train as trainer_flags
 from cg_tf.common_flags import SEED
-from cg_tf.experiments import easy_hard
+from cg_tf.experiments import easy_hard, runner
 from cg_tf.measure import report
 from pipelines import shared_flags
 
@@ -35,7 +35,9 @@ flags.adopt_module_key_flags(trainer_flags)
 
 
 def make_stages(beam_args: list[str]) -> list:
-    """The experiment these flags ask for; raises ValueError naming a bad flag."""
+    """The experiment these flags ask for; raises ValueError naming a bad flag
+    (or a report file of the output directory that it did not write)."""
+    runner.check_report_files(shared_flags.OUTPUT_DIR.value, easy_hard.REPORT_FILES)
     train = trainer_flags.config_from_flags()
     for flag in (_FIRST_EPOCHS, _TRAIN_SIZE, _HELDOUT_SIZE):
         if flag.value is not None and flag.value < 1:

@@ -205,20 +205,25 @@ def test_a_sweep_never_replaces_a_report_file_it_did_not_write(tmp_path):
     done = run_main("pipelines.sweep", f"--output_dir={out}", *TINY, "--steps=5",
                     "--aggregators=mean")
     assert done.returncode != 0 and (
-        f"error: --output_dir={out} holds a summary.csv that this sweep did not write (or that "
-        "was changed since)") in done.stderr, done.stderr[-2000:]
+        f"error: --output_dir={out} holds a summary.csv that this program did not write (or "
+        "that was changed since)") in done.stderr, done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]
     assert (out / "summary.csv").read_text() == "my own table\n"
+    (out / "summary.csv").rename(out / "summary.md")
+    done = run_main("pipelines.easy_hard", f"--output_dir={out}", *TINY, "--steps=5")
+    assert done.returncode != 0 and "holds a summary.md that this program did not write" \
+        in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["summary.md"]
 
 
 def test_report_files_record_what_the_sweep_wrote(tmp_path):
     from cg_tf.experiments import sweep
     (tmp_path / "summary.md").write_text("x")
-    (tmp_path / sweep.REPORT_RECORD).write_text(
+    (tmp_path / runner.REPORT_RECORD).write_text(
         json.dumps({"summary.md": "writing", "summary.csv": "0" * 64}))
     sweep.check_report_files(str(tmp_path))  # written (or being written) by the sweep
     (tmp_path / "summary.csv").write_text("edited")
-    with pytest.raises(ValueError, match="holds a summary.csv that this sweep did not write"):
+    with pytest.raises(ValueError, match="holds a summary.csv that this program did not write"):
         sweep.check_report_files(str(tmp_path))
 
 

@@ -21,7 +21,7 @@ from cg_tf.data import build, hashing
 from cg_tf.data.noise import NoiseSpec
 from cg_tf.data.sources import Source
 from cg_tf.data.sources.records_source import RecordsSource, write_selection
-from cg_tf.experiments import stages
+from cg_tf.experiments import runner, stages
 from cg_tf.experiments.runner import Stage
 from cg_tf.measure import report, tags
 from cg_tf.measure.monitor import LEARNED_IDS, NOT_LEARNED_IDS
@@ -138,9 +138,18 @@ def table(manifests: dict[str, dict]) -> list[dict]:
             for trained_on in SETS]
 
 
+REPORT_FILES = ("summary.csv", "summary.md", "figure.png", "figure.pdf")
+
+
 def write_report(output_dir: str, manifests: dict[str, dict]) -> tuple[dict[str, str], str]:
-    """summary.csv, summary.md, figure.png and figure.pdf in `output_dir`;
-    returns their paths and the summary to print."""
+    """summary.csv, summary.md, figure.png and figure.pdf in `output_dir`,
+    recorded with their digests (`runner.write_recorded`); returns their paths
+    and the summary to print."""
+    return runner.write_recorded(output_dir, REPORT_FILES,
+                                 lambda: _write_report(output_dir, manifests))
+
+
+def _write_report(output_dir: str, manifests: dict[str, dict]) -> tuple[dict[str, str], str]:
     rows = table(manifests)
     split = manifests["split"]["outputs"]
     first = manifests["first_training"]["outputs"]

@@ -18,15 +18,14 @@ Layout under the output directory:
 """
 
 import dataclasses
-import hashlib
 import itertools
 import os
 
 import numpy as np
-import tensorflow as tf
 
 from cg_tf.data import build
 from cg_tf.data.sources import Source
+from cg_tf.experiments import runner
 from cg_tf.experiments.runner import Stage
 from cg_tf.experiments.stages import dataset_stage, train_stage
 from cg_tf.measure import report, tags
@@ -157,38 +156,20 @@ def curves(panels: dict[str, list[report.Run]]) -> list[dict]:
 
 REPORT_FILES = ("summary.csv", "settings.csv", "curves.csv", "summary.md", "figure.png",
                 "figure.pdf")
-# The report files this sweep wrote and their digests ("writing" while it writes them).
-REPORT_RECORD = "report_files.json"
-
-
-def _digest(path: str) -> str:
-    with tf.io.gfile.GFile(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def check_report_files(output_dir: str) -> None:
-    """Raises ValueError naming a file of `output_dir` that the report would
-    replace but that this sweep did not write, or that was changed since."""
-    record = files.read_json(os.path.join(output_dir, REPORT_RECORD)) or {}
-    for name in REPORT_FILES:
-        path = os.path.join(output_dir, name)
-        if tf.io.gfile.exists(path) and record.get(name) not in ("writing", _digest(path)):
-            raise ValueError(f"--output_dir={output_dir} holds a {name} that this sweep did "
-                             "not write (or that was changed since): the report would replace "
-                             "it; move it away or use another --output_dir")
+    """Raises ValueError for a report file of `output_dir` the sweep did not write."""
+    runner.check_report_files(output_dir, REPORT_FILES)
 
 
 def write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]
                  ) -> tuple[dict[str, str], str]:
     """summary.csv, settings.csv, curves.csv, summary.md and (once a run has
     finished) figure.png and figure.pdf in `output_dir`, recorded with their
-    digests in report_files.json; returns their paths and the summary to print."""
-    check_report_files(output_dir)
-    record_path = os.path.join(output_dir, REPORT_RECORD)
-    files.write_json(record_path, {name: "writing" for name in REPORT_FILES})
-    paths, text = _write_report(output_dir, points, manifests)
-    files.write_json(record_path, {os.path.basename(p): _digest(p) for p in paths.values()})
-    return paths, text
+    digests (`runner.write_recorded`); returns their paths and the summary to print."""
+    return runner.write_recorded(output_dir, REPORT_FILES,
+                                 lambda: _write_report(output_dir, points, manifests))
 
 
 def _write_report(output_dir: str, points: list[Point], manifests: dict[str, dict]
