@@ -117,6 +117,21 @@ def test_memorization_callback_writes_what_the_tab_reads(digits_dir, tmp_path):
         assert len(f.readlines()) == 1 + 200  # header, 100 pristine and 100 corrupt
 
 
+def test_the_callback_probes_with_the_models_batchnorm_mode(digits_dir, tmp_path):
+    from cg_tf.data.reader import Reader
+    reader = Reader.open(digits_dir, batch_size=50, eval_sample_size=100)
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input(reader.image_shape), keras.layers.Flatten(),
+                            keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                            keras.layers.ReLU(), keras.layers.Dense(reader.num_classes)])
+    model = RobustModel(net, Winsorized(c=2), bn_mode="exact")
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    callback = MemorizationCallback(reader, str(tmp_path / "run"), MonitorConfig(probe_size=20))
+    model.fit(reader.train_dataset(), epochs=1, steps_per_epoch=2, callbacks=[callback],
+              verbose=0)
+    assert callback.monitor.probe.source.bn_mode == "exact"
+
+
 def test_memorization_callback_needs_the_number_of_steps(digits_dir, tmp_path):
     from cg_tf.data.reader import Reader
     reader = Reader.open(digits_dir, batch_size=50, eval_sample_size=100)

@@ -87,6 +87,7 @@ class MemorizationCallback(MonitorCallback):
         monitor = Monitor(net, self.reader, getattr(self.model, "aggregator", Mean()),
                           self.reader.config.batch_size, self.config,
                           tf.summary.create_file_writer(self.log_dir),
+                          bn_mode=getattr(self.model, "bn_mode", "batch_stats"),
                           chunk=getattr(self.model, "per_example_chunk", None))
         monitor.write_run_config({"model": net.name})
         self.attach(monitor, epochs * steps)

@@ -49,24 +49,6 @@ def median3(a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
     return tf.maximum(tf.minimum(a, b), tf.minimum(tf.maximum(a, b), c))
 
 
-# RM3 / RA3 run beside an ordinary step: one fused XLA computation for all
-# variables (five separate kernels per variable cost 1.5x a plain SGD step on
-# the 784-2048-10 net).
-
-@tf.function(jit_compile=True)
-def median3_after_two(gs: list, older: list, oldest: list, ready: tf.Tensor) -> list:
-    """median3 of each (g, older, oldest) once `ready` (two stored steps), else zeros."""
-    return [tf.where(ready, median3(g, a, b), tf.zeros_like(g))
-            for g, a, b in zip(gs, older, oldest)]
-
-
-@tf.function(jit_compile=True)
-def mean3_after_two(gs: list, older: list, oldest: list, ready: tf.Tensor) -> list:
-    """The mean of each (g, older, oldest) once `ready` (two stored steps), else zeros."""
-    return [tf.where(ready, (g + a + b) / 3, tf.zeros_like(g))
-            for g, a, b in zip(gs, older, oldest)]
-
-
 # -- the mergeable summary for winsorized and trimmed means ---------------------
 
 

@@ -96,6 +96,7 @@ class RobustModel(keras.Model):
         self.net = net
         self.aggregator = aggregator
         self.per_example_chunk = per_example_chunk
+        self.bn_mode = bn_mode
         self.weight_decay = weight_decay
         self.source = GradientSource(net, bn_mode)
         # State kept across steps (rm3/ra3's two stored gradients), checkpointed

@@ -1,6 +1,6 @@
 """The training loop: strategy, data, model, checkpoints, summaries, summary.json.
 
-`train(config)` resumes from the last checkpoint in `config.model_dir` if there
+`Trainer(config).run()` resumes from the last checkpoint in `config.model_dir` if there
 is one (model, optimizer, aggregator state and step), so a killed run rerun
 with the same command continues; with `deterministic` it ends with the same
 weights as an uninterrupted run.
@@ -509,7 +509,3 @@ class Trainer:
                    for k, v in summary.items()}
         files.write_json(os.path.join(self.config.model_dir, SUMMARY_FILE), summary)
         return summary
-
-
-def train(config: TrainConfig, overwrite: bool = False) -> dict:
-    return Trainer(config, overwrite).run()
