@@ -2,11 +2,13 @@
 data provider, on event files written here."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import plugin_client
+from conftest import REPO, plugin_client
 
 from cg_tf.measure import metrics, tags
 from cg_tf.measure.monitor import write_histogram, write_run_config
@@ -128,3 +130,14 @@ def test_bad_parameters_get_400_with_a_message(client, path, message):
 ])
 def test_static_files_refuse_traversal(client, path, status):
     get(client, path, status=status)
+
+
+def test_the_plugin_loads_without_tensorflow():
+    """TensorBoard can serve the tab where TensorFlow is not installed: the
+    plugin and what it imports name aggregators from their records alone."""
+    code = ("import sys; import cg_tf.tensorboard_plugin.plugin; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 
 from cg_tf.measure import tags
-from cg_tf.robust import aggregators
+from cg_tf.robust import names
 
 
 @dataclasses.dataclass
@@ -72,12 +72,12 @@ def load_runs(logdir: str) -> list[Run]:
 
 
 def aggregator_spec(record: dict | None) -> str | None:
-    """`name` or `name:value` of a run's recorded aggregator (as recorded, if
-    this version does not know it)."""
+    """`name[:value][@layers]` of a run's recorded aggregator, or its name
+    alone for a record that has no name."""
     if not record:
         return None
     try:
-        return aggregators.from_json(record).spec
+        return names.spec(record)
     except (KeyError, TypeError):
         return record.get("name")
 
@@ -107,7 +107,7 @@ def summary_text(summary: dict, model_dir: str) -> str:
     """A run's summary as a person reads it: the setting, the accuracies rounded,
     and what they say about memorization."""
     noise = summary.get("noise") or {}
-    aggregator = aggregators.from_json(summary["aggregator"]).spec
+    aggregator = names.spec(summary["aggregator"])
     steps = f"{summary['steps']} steps"
     if summary.get("steps_per_epoch"):
         steps += f" ({summary['steps'] / summary['steps_per_epoch']:g} epochs)"

@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import tensorflow as tf
 
-from cg_tf.robust import layer_filter, order_stats, tiled
+from cg_tf.robust import layer_filter, names, order_stats, tiled
 from cg_tf.robust.collectives import Collectives, tally
 from cg_tf.robust.gradients import GradientSource
 from cg_tf.robust.layer_rules import PerExample, Stacked
@@ -112,8 +112,7 @@ class Aggregator:
     def spec(self) -> str:
         """`name`, `name:value`, then `@layers` unless every layer: the form
         `parse` reads."""
-        spec = self.name if self.parameter is None else f"{self.name}:{self.value}"
-        return f"{spec}@{self.layers.name}" if self._filtered else spec
+        return names.spec(self.to_json())
 
     @property
     def setting(self) -> str:
