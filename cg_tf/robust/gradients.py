@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from cg_tf import keras_internals
 from cg_tf.robust import layer_rules
 from cg_tf.robust.layer_rules import PerExample, Stacked
 
@@ -44,7 +45,8 @@ def chunk_size(chunk: int | None, batch: int) -> int:
 
 
 def _bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    return [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    return [l for l in keras_internals.flatten_layers(model)
+            if isinstance(l, keras.layers.BatchNormalization)]
 
 
 class GradientSource:

@@ -29,7 +29,8 @@ from typing import Callable, NamedTuple
 import keras
 import tensorflow as tf
 from absl import logging
-from keras.src.models.functional import operation_fn
+
+from cg_tf import keras_internals
 
 # -- per-example values of one variable ------------------------------------------
 
@@ -288,31 +289,24 @@ class NotFactorable(ValueError):
 # -- the recording forward --------------------------------------------------------
 
 
-def _functional(layer):
-    if isinstance(layer, keras.Sequential):
-        layer = layer._functional
-    return layer if hasattr(layer, "_run_through_graph") and hasattr(layer, "_nodes_by_depth") \
-        else None
-
-
 def record_forward(model: keras.Model, x: tf.Tensor, sync) -> tuple[tf.Tensor, list[Recording]]:
     """The model's training forward on x through the layer rules: the outputs
     and one Recording per call of a layer with trainable weights."""
     recordings: list[Recording] = []
 
     def run(net, inputs):
-        functional = _functional(net)
+        functional = keras_internals.functional_graph(net)
         if functional is None:
             raise NotFactorable(f"{net.name} is not a functional Keras model")
-        return functional._run_through_graph(inputs, operation_fn=wrap)
+        return keras_internals.run_through_graph(functional, inputs, wrap)
 
     def wrap(op):
-        if _functional(op) is not None and op.trainable_variables:
+        if keras_internals.functional_graph(op) is not None and op.trainable_variables:
             return lambda *args, **kwargs: (
                 run(op, args[0]) if len(args) == 1 and not set(kwargs) - {"training", "mask"}
                 else _raise(op))
         if not getattr(op, "trainable_variables", None):
-            return operation_fn(op, training=True)
+            return keras_internals.operation_fn(op, training=True)
 
         def call(*args, **kwargs):
             if len(args) != 1 or set(kwargs) - {"training", "mask"}:
@@ -334,14 +328,14 @@ def record_forward(model: keras.Model, x: tf.Tensor, sync) -> tuple[tf.Tensor, l
 def unfactorable_reason(model: keras.Model) -> str | None:
     """Why `record_forward` cannot run the model (not functional all the way
     down, a layer with weights called on several tensors), or None."""
-    functional = _functional(model)
+    functional = keras_internals.functional_graph(model)
     if functional is None:
         return f"{model.name} is not a functional Keras model"
     for node in _weighted_calls(functional):
         op = node.operation
         if len(node.input_tensors) != 1:
             return f"layer {op.name} is called with {len(node.input_tensors)} inputs"
-        if _functional(op) is not None and (reason := unfactorable_reason(op)):
+        if keras_internals.functional_graph(op) is not None and (reason := unfactorable_reason(op)):
             return reason
     return None
 
@@ -350,8 +344,8 @@ def applied_at_positions(model: keras.Model) -> bool:
     """Whether a layer with weights of a factorable model is applied at several
     positions of an example (outputs with axes besides batch and features:
     convolutions, Dense on sequences, embeddings of several ids)."""
-    for node in _weighted_calls(_functional(model)):
-        if _functional(node.operation) is not None:
+    for node in _weighted_calls(keras_internals.functional_graph(model)):
+        if keras_internals.functional_graph(node.operation) is not None:
             if applied_at_positions(node.operation):
                 return True
         elif any(len(t.shape) > 2 for t in node.outputs):
@@ -362,7 +356,7 @@ def applied_at_positions(model: keras.Model) -> bool:
 def _weighted_calls(functional: keras.Model):
     """The calls (graph nodes) of a functional model's layers with trainable
     weights, at its own level (a nested functional model is one call)."""
-    for nodes in functional._nodes_by_depth.values():
+    for nodes in keras_internals.nodes_by_depth(functional).values():
         for node in nodes:
             op = node.operation
             if op and not node.is_input and getattr(op, "trainable_variables", None):

@@ -23,6 +23,7 @@ labels (the noisy ones, on a noisy dataset).
 import keras
 import tensorflow as tf
 
+from cg_tf import keras_internals
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.collectives import Collectives, tally
 from cg_tf.robust.gradients import GradientSource, example_losses
@@ -55,7 +56,7 @@ def _reducible(logs: dict) -> dict:
     scalar lacks (a known incompatibility of Keras 3 with tf.distribute)."""
     strategy = tf.distribute.get_strategy()
     if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode()):
+            and keras_internals.in_multi_worker_mode(strategy)):
         return {k: tf.reshape(v, [1]) for k, v in logs.items()}
     return logs
 
