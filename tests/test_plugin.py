@@ -20,7 +20,8 @@ RUNS = {"mean": ("mean", 0, [0.2, 0.6, 0.9]), "winsorized_c4": ("winsorized", 4,
 def write_runs(logdir):
     for run, (name, c, corrupt) in RUNS.items():
         writer = tf.summary.create_file_writer(str(logdir / run))
-        write_run_config(writer, {"aggregator": {"name": name, "c": c},
+        # The records Aggregator.to_json makes: mean has no parameter.
+        write_run_config(writer, {"aggregator": {"name": name, **({"c": c} if c else {})},
                                   "noise": {"rate": 0.5}, "num_classes": 10,
                                   "tracked": {"pristine": 30, "corrupt": 30}})
         with writer.as_default():
