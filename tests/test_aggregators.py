@@ -7,6 +7,8 @@ import tensorflow as tf
 from conftest import np_trimmed, np_winsorized
 
 from cg_tf.robust import order_stats as agg
+from cg_tf.robust import tiled
+from cg_tf.robust.aggregators import Median, Trimmed, Winsorized
 
 
 def random_gradients(kind, b, rng, shape=(7, 3)):
@@ -32,11 +34,12 @@ def close(a, b):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("b,c", CASES)
-def test_reference_functions(kind, b, c):
-    x = random_gradients(kind, b, np.random.default_rng(b * 10 + c))
-    close(agg.winsorized_mean(tf.constant(x), c), np_winsorized(x, c))
-    close(agg.trimmed_mean(tf.constant(x), c), np_trimmed(x, c))
-    close(agg.median(tf.constant(x)), np.median(x, axis=0))
+def test_statistics_by_sorting_along_the_batch(kind, b, c):
+    """The form the tiles fall back on (small variables, large batches)."""
+    x = tf.constant(random_gradients(kind, b, np.random.default_rng(b * 10 + c)))
+    close(tiled.sorted_along_batch(x, Winsorized(c)), np_winsorized(x.numpy(), c))
+    close(tiled.sorted_along_batch(x, Trimmed(c)), np_trimmed(x.numpy(), c))
+    close(tiled.sorted_along_batch(x, Median()), np.median(x.numpy(), axis=0))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -46,24 +49,26 @@ def test_order_stats_merge_is_exact_for_any_chunking(kind, b, c):
     for chunks in sorted({1, 2, 3, b if b <= 10 else 5}):  # One value per chunk if small.
         parts = [agg.order_stats(tf.constant(p), c + 1) for p in np.array_split(x, chunks)]
         stats = agg.merge(parts, c + 1)
-        close(agg.winsorized_from_stats(stats, c, b), np_winsorized(x, c))
-        close(agg.trimmed_from_stats(stats, c, b), np_trimmed(x, c))
+        close(Winsorized(c).from_stats(stats, c, b), np_winsorized(x, c))
+        close(Trimmed(c).from_stats(stats, c, b), np_trimmed(x, c))
+        if c == (b - 1) // 2:
+            close(Median().from_stats(stats, c, b), np.median(x, axis=0))
     # Starting from the empty summary changes nothing.
     stats = agg.merge([agg.empty_stats(x.shape[1:], c + 1), agg.order_stats(tf.constant(x), c + 1)],
                       c + 1)
-    close(agg.winsorized_from_stats(stats, c, b), np_winsorized(x, c))
+    close(Winsorized(c).from_stats(stats, c, b), np_winsorized(x, c))
     # Merging is associative: chunk summaries merged pairwise, in another order.
     parts = [agg.order_stats(tf.constant(p), c + 1) for p in np.array_split(x, 3)]
     stats = agg.merge([parts[2], agg.merge([parts[1], parts[0]], c + 1)], c + 1)
-    close(agg.winsorized_from_stats(stats, c, b), np_winsorized(x, c))
+    close(Winsorized(c).from_stats(stats, c, b), np_winsorized(x, c))
 
 
 def test_winsorized_c0_is_mean_and_outliers_do_not_cost_precision():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 50)).astype(np.float32) * 1e-3
-    close(agg.winsorized_from_stats(agg.order_stats(tf.constant(x), 1), 0, 20), x.mean(axis=0))
+    close(Winsorized(0).from_stats(agg.order_stats(tf.constant(x), 1), 0, 20), x.mean(axis=0))
     x[3] = 1e9  # One example with an enormous gradient.
-    got = agg.winsorized_from_stats(agg.order_stats(tf.constant(x), 2), 1, 20).numpy()
+    got = Winsorized(1).from_stats(agg.order_stats(tf.constant(x), 2), 1, 20).numpy()
     np.testing.assert_allclose(got, np_winsorized(x.astype(np.float64), 1), rtol=1e-5, atol=1e-9)
 
 

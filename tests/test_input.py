@@ -16,6 +16,7 @@ B = 32
 
 
 def ids_of(ds):
+    """The string ids of the batches (of a train_dataset with keep_ids)."""
     return [[e.decode() for e in b["example_id"].numpy()] for b in ds]
 
 
@@ -23,7 +24,8 @@ def test_batches(digits_dir):
     reader = Reader(InputConfig(digits_dir, batch_size=B))
     n = records.load_info(digits_dir).splits["train"].num_examples
     assert reader.steps_per_epoch == n // B
-    batch = next(iter(reader.train_dataset(0, 1)))
+    assert "example_id" not in next(iter(reader.train_dataset(0, 1)))  # no strings for XLA
+    batch = next(iter(reader.train_dataset(0, 1, keep_ids=True)))
     assert batch["image"].shape == (B, 8, 8, 1) and batch["image"].dtype == tf.float32
     assert 0.0 <= float(tf.reduce_min(batch["image"])) and float(tf.reduce_max(batch["image"])) <= 1.0
     assert float(tf.reduce_max(batch["image"])) == 1.0
@@ -38,9 +40,10 @@ def test_batches(digits_dir):
 
 def test_epochs_are_reproducible_permutations(digits_dir):
     spe = Reader(InputConfig(digits_dir, batch_size=B)).steps_per_epoch
-    a = ids_of(Reader(InputConfig(digits_dir, batch_size=B)).train_dataset(0, 2 * spe))
-    b = ids_of(Reader(InputConfig(digits_dir, batch_size=B)).train_dataset(0, 2 * spe))
-    c = ids_of(Reader(InputConfig(digits_dir, batch_size=B, seed=1)).train_dataset(0, spe))
+    def ids(seed, steps):
+        reader = Reader(InputConfig(digits_dir, batch_size=B, seed=seed))
+        return ids_of(reader.train_dataset(0, steps, keep_ids=True))
+    a, b, c = ids(0, 2 * spe), ids(0, 2 * spe), ids(1, spe)
     assert a == b  # Same seed, fresh reader: same order.
     assert a[:spe] != c  # Another seed: another order.
     epoch0, epoch1 = sum(a[:spe], []), sum(a[spe:], [])
@@ -55,10 +58,11 @@ def test_resume_sees_the_same_batches(digits_dir, cache_max_examples):
         return InputConfig(digits_dir, batch_size=B, cache_max_examples=cache_max_examples)
     reader = Reader(cfg())
     spe = reader.steps_per_epoch
-    full = ids_of(reader.train_dataset(0, 3 * spe))
+    full = ids_of(reader.train_dataset(0, 3 * spe, keep_ids=True))
     assert full[:spe] != full[spe:2 * spe]
     for start in (5, spe, spe + 7):
-        assert ids_of(Reader(cfg()).train_dataset(start, 10)) == full[start:start + 10]
+        again = Reader(cfg()).train_dataset(start, 10, keep_ids=True)
+        assert ids_of(again) == full[start:start + 10]
 
 
 def test_augmentation_keeps_shape_and_changes_pixels(digits_dir):
@@ -89,8 +93,8 @@ def test_two_replicas_split_the_global_batch(digits_dir):
     assert len(tf.config.list_logical_devices("CPU")) == 2
     strategy = two_replicas()
     reader = Reader(InputConfig(digits_dir, batch_size=B))
-    global_batches = ids_of(reader.train_dataset(0, 3))
-    dist = distribute(reader.train_dataset(0, 3), strategy, B)
+    global_batches = ids_of(reader.train_dataset(0, 3, keep_ids=True))
+    dist = distribute(reader.train_dataset(0, 3, keep_ids=True), strategy, B)
     for step, batch in enumerate(dist):
         parts = strategy.experimental_local_results(batch["example_id"])
         assert [len(p) for p in parts] == [B // 2, B // 2]

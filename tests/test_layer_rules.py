@@ -10,7 +10,7 @@ import tensorflow as tf
 from conftest import make_aggregator, np_trimmed, np_winsorized, two_replicas
 
 from cg_tf.robust import tiled
-from cg_tf.robust.aggregators import REGISTRY
+from cg_tf.robust.aggregators import REGISTRY, Median, Trimmed, Winsorized
 from cg_tf.robust.collectives import Collectives
 from cg_tf.robust.gradients import GradientSource
 from cg_tf.robust.layer_rules import Outer, Stacked
@@ -147,13 +147,13 @@ def test_tiled_aggregation_against_numpy(n, c, monkeypatch):
     d[rng.random(d.shape) < 0.3] = 0
     full = np.einsum("bti,bto->bio", x, d)
     variables = [tf.Variable(tf.zeros([37, 11]))] * 2
-    for kind, ref in [("winsorized", lambda a: np_winsorized(a, c)),
-                      ("trimmed", lambda a: np_trimmed(a, c)),
-                      ("median", lambda a: np.median(a, 0))]:
+    for stat, ref in [(Winsorized(c), lambda a: np_winsorized(a, c)),
+                      (Trimmed(c), lambda a: np_trimmed(a, c)),
+                      (Median(), lambda a: np.median(a, 0))]:
         got = tiled.aggregate([Outer(tf.constant(x), tf.constant(d)), Stacked(tf.constant(full))],
-                              kind, c, variables)
+                              stat, variables)
         for g in got:
-            np.testing.assert_allclose(g, ref(full), rtol=2e-5, atol=2e-5, err_msg=kind)
+            np.testing.assert_allclose(g, ref(full), rtol=2e-5, atol=2e-5, err_msg=stat.name)
 
 
 def test_small_variables_are_sorted_beside_tiled_ones(monkeypatch):
@@ -162,17 +162,18 @@ def test_small_variables_are_sorted_beside_tiled_ones(monkeypatch):
     rng = np.random.default_rng(1)
     big, small, other = (rng.normal(size=(10, *s)).astype(np.float32) for s in [(20, 8), (7,), (3, 5)])
     variables = [tf.Variable(tf.zeros(v.shape[1:])) for v in (big, small, other)]
-    for kind, ref in [("winsorized", lambda a: np_winsorized(a, 2)), ("median", lambda a: np.median(a, 0))]:
-        got = tiled.aggregate([Stacked(tf.constant(v)) for v in (big, small, other)], kind, 2, variables)
+    for stat, ref in [(Winsorized(2), lambda a: np_winsorized(a, 2)),
+                      (Median(), lambda a: np.median(a, 0))]:
+        got = tiled.aggregate([Stacked(tf.constant(v)) for v in (big, small, other)], stat, variables)
         for g, v in zip(got, (big, small, other)):
-            np.testing.assert_allclose(g, ref(v), rtol=2e-5, atol=2e-5, err_msg=kind)
+            np.testing.assert_allclose(g, ref(v), rtol=2e-5, atol=2e-5, err_msg=stat.name)
 
 
 def test_outliers_never_enter_the_sum():
     rng = np.random.default_rng(0)
     g = rng.normal(size=(20, 50)).astype(np.float32) * 1e-3
     g[3] = 1e9
-    got = tiled.aggregate([Stacked(tf.constant(g))], "winsorized", 1, [tf.Variable(tf.zeros([50]))])
+    got = tiled.aggregate([Stacked(tf.constant(g))], Winsorized(1), [tf.Variable(tf.zeros([50]))])
     np.testing.assert_allclose(got[0], np_winsorized(g.astype(np.float64), 1), rtol=1e-5, atol=1e-9)
 
 

@@ -180,9 +180,11 @@ class Reader:
               .map(self._to_float, num_parallel_calls=tf.data.AUTOTUNE))
         return ds.batch(bs, drop_remainder=True)
 
-    def train_dataset(self, start_step: int = 0, num_steps: int | None = None) -> tf.data.Dataset:
+    def train_dataset(self, start_step: int = 0, num_steps: int | None = None,
+                      keep_ids: bool = False) -> tf.data.Dataset:
         """Global batches from global step `start_step` on, across epochs (endless
-        unless `num_steps` is given).
+        unless `num_steps` is given): numbers only (an XLA-compiled step takes
+        no strings), with the examples' string ids if `keep_ids`.
 
         A run resumed at step s sees exactly the batches an uninterrupted run
         sees from step s (augmentation aside, which draws fresh randomness).
@@ -197,6 +199,8 @@ class Reader:
             ds = ds.take(num_steps)
         else:  # said, for `distribute`
             ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+        if not keep_ids:
+            ds = ds.map(lambda b: {k: v for k, v in b.items() if k != "example_id"})
         if self._augment is not None:
             augment = self._augment
             ds = ds.map(lambda b: dict(b, image=augment(b["image"], training=True)),

@@ -28,7 +28,7 @@ import tensorflow as tf
 from cg_tf.measure import metrics, tags
 from cg_tf.robust import order_stats
 from cg_tf.robust.aggregators import Aggregator
-from cg_tf.robust.gradients import GradientSource, chunk_size
+from cg_tf.robust.gradients import DEFAULT_BN_MODE, GradientSource, chunk_size
 
 
 def layer_of(variable, net_name: str) -> str:
@@ -43,7 +43,7 @@ class Probe:
     """Measures the probe sample `x, y, is_corrupt` for `net` trained with `aggregator`."""
 
     def __init__(self, net, aggregator: Aggregator, sample: dict[str, tf.Tensor],
-                 batch_size: int, chunk: int | None = None, bn_mode: str = "batch_stats"):
+                 batch_size: int, chunk: int | None = None, bn_mode: str = DEFAULT_BN_MODE):
         self.x = tf.convert_to_tensor(sample["image"])
         self.y = tf.convert_to_tensor(sample["label"])
         self.pristine = 1.0 - tf.cast(sample["is_corrupt"], tf.float32)
@@ -96,11 +96,7 @@ class Probe:
         """The pristine examples' contributions to the robust update, and per
         group (pristine, corrupt) the coordinates cut, the L1 mass removed and
         the L1 mass in all."""
-        bounds = []
-        for s in stats:
-            hi = s.top[self.cut]
-            bounds.append((tf.where(tf.math.is_inf(s.bottom[self.cut]), hi,
-                                    s.bottom[self.cut]), hi))
+        bounds = [order_stats.thresholds(s, self.cut) for s in stats]
 
         def step(state, p, grads):
             contrib_p, cut, removed, mass = state

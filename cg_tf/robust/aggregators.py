@@ -23,8 +23,10 @@ they aggregate robustly, the others getting the batch's mean gradient
 
 The per-example aggregators get their values from the layer rules, gathered
 from all replicas as factors, and reduce them tile by tile (`tiled`);
-Winsorized, Trimmed and Median also tell the gradient probe what they cut
-(`probe_cut`, `from_stats`, `kept`).
+Winsorized, Trimmed and Median are order statistics (`OrderStatistic`): they say
+which ranks they threshold at and what they make of the thresholds, which is
+all the tiles need, and tell the gradient probe what they cut (`probe_cut`,
+`from_stats`, `kept`).
 """
 
 import dataclasses
@@ -181,29 +183,45 @@ class Mean(Aggregator):
 
 @dataclasses.dataclass(frozen=True)
 class OrderStatistic(Aggregator):
-    """Per-coordinate thresholds x_(c+1), x_(B-c) over the per-example values,
-    computed tile by tile (`tiled`); kept values summed per example."""
+    """Per coordinate, thresholds at two ranks of the per-example values and an
+    aggregate made of them (`tiled.Statistic`, computed tile by tile); here the
+    ranks cut `cut_at(n)` values per side and the aggregate is the trimmed mean.
+    A subclass with other ranks or another aggregate overrides `ranks` or
+    `from_thresholds` (and `probe_cut`, which measures symmetric cuts)."""
 
     per_example: ClassVar[bool] = True
+    uses_sum: ClassVar[bool] = True
 
-    @property
-    def cut(self) -> int:
-        """Values cut per side per coordinate (c)."""
+    def cut_at(self, n: int) -> int:
+        """Values cut per side of n."""
         raise NotImplementedError
+
+    def ranks(self, n: int) -> tuple[int, int]:
+        """The ranks (0 the smallest) of the low and high thresholds among n values."""
+        c = self.cut_at(n)
+        return c, n - 1 - c
+
+    def from_thresholds(self, total, lo, hi, ranks, n):
+        """The mean of the values between the thresholds, from the sum of all
+        values clipped to them."""
+        below, above = ranks[0], n - 1 - ranks[1]
+        return (total - below * lo - above * hi) / (n - below - above)
 
     def gradient(self, source, x, y, sync, chunk=None):
         values, counts = global_values(source, x, y, sync, chunk)
-        return self.by_layer(values, source.variables, lambda v, w: tiled.aggregate(
-            v, self.name, self.cut, w)), counts
+        return self.by_layer(values, source.variables,
+                             lambda v, w: tiled.aggregate(v, self, w)), counts
 
     def probe_cut(self, probe_size: int, batch_size: int) -> int:
-        """The run's c scaled to the probe size (at least 1 if c > 0)."""
-        c = round(self.cut * probe_size / batch_size)
-        return min(max(c, 1 if self.cut else 0), (probe_size - 1) // 2)
+        """The run's cut scaled to the probe size (at least 1 if it cuts any)."""
+        cut = self.cut_at(batch_size)
+        c = round(cut * probe_size / batch_size)
+        return min(max(c, 1 if cut else 0), (probe_size - 1) // 2)
 
     def from_stats(self, stats: order_stats.OrderStats, cut: int, count: int) -> tf.Tensor:
-        """The aggregate of the `count` values that `stats` summarizes."""
-        return order_stats.trimmed_from_stats(stats, cut, count)
+        """The aggregate of the `count` values that `stats` summarizes, `cut` per side."""
+        total, lo, hi = order_stats.clipped_sum(stats, cut)
+        return self.from_thresholds(total, lo, hi, (cut, count - 1 - cut), count)
 
     def kept(self, g: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor) -> tf.Tensor:
         """What remains of per-example values g between the thresholds."""
@@ -221,8 +239,7 @@ class CutAtC(OrderStatistic):
     c: int
     parameter: ClassVar[str] = "c"
 
-    @property
-    def cut(self) -> int:
+    def cut_at(self, n: int) -> int:
         return self.c
 
     def check(self, global_batch, replicas=1, momentum=0.0):
@@ -236,8 +253,8 @@ class CutAtC(OrderStatistic):
 class Winsorized(CutAtC):
     name: ClassVar[str] = "winsorized"
 
-    def from_stats(self, stats, cut, count):
-        return order_stats.winsorized_from_stats(stats, cut, count)
+    def from_thresholds(self, total, lo, hi, ranks, n):
+        return total / n
 
     def kept(self, g, lo, hi):
         return tf.clip_by_value(g, lo, hi)
@@ -255,13 +272,19 @@ class Trimmed(CutAtC):
 @register
 @dataclasses.dataclass(frozen=True)
 class Median(OrderStatistic):
-    """The trimmed mean of the one or two middle values."""
+    """The mean of the one or two middle values."""
 
     name: ClassVar[str] = "median"
-    cut: ClassVar[int] = 0  # tiled's median needs no c; the probe's is below
+    uses_sum: ClassVar[bool] = False
+
+    def cut_at(self, n):
+        return (n - 1) // 2
+
+    def from_thresholds(self, total, lo, hi, ranks, n):
+        return (lo + hi) / 2
 
     def probe_cut(self, probe_size, batch_size):
-        return (probe_size + 1) // 2 - 1
+        return self.cut_at(probe_size)
 
 
 @register
@@ -301,7 +324,7 @@ class MedianOfMeans(Aggregator):
         """The median of the k group sums over the group size (the mean of the
         group sums for the layers the filter leaves to the mean)."""
         medians = self.by_layer(groups, variables,
-                                lambda v, w: tiled.aggregate(v, "median", 0, w))
+                                lambda v, w: tiled.aggregate(v, Median(), w))
         return [m / size for m in medians]
 
     def _by_passes(self, source, x, y, sync):

@@ -1,8 +1,5 @@
 """Order statistics of per-example values along the batch axis, per coordinate.
 
-* Sorting forms of the winsorized mean, trimmed mean and median of stacked
-  values x [B, ...]: the tiled aggregation uses them for small variables and
-  for batches too large for its selection network.
 * `OrderStats`, an exact *mergeable* summary: per coordinate the k = c+1
   largest values, the k smallest of the rest, and the sum of everything else.
   Values stream in (`add`) through a bubble pass of elementwise max/min, exact
@@ -16,32 +13,6 @@
 from typing import NamedTuple
 
 import tensorflow as tf
-
-# -- sorting forms ------------------------------------------------------------------
-
-
-def _sorted(x: tf.Tensor) -> tf.Tensor:
-    return tf.sort(x, axis=0)
-
-
-def winsorized_mean(x: tf.Tensor, c: int) -> tf.Tensor:
-    """(1/B) sum_i clip(x_i, x_(c+1), x_(B-c)): exactly c values clipped per side."""
-    b = x.shape[0]
-    s = _sorted(x)
-    return tf.reduce_mean(tf.clip_by_value(x, s[c], s[b - 1 - c]), axis=0)
-
-
-def trimmed_mean(x: tf.Tensor, c: int) -> tf.Tensor:
-    """The mean of the B - 2c middle values."""
-    b = x.shape[0]
-    return tf.reduce_mean(_sorted(x)[c:b - c], axis=0)
-
-
-def median(x: tf.Tensor) -> tf.Tensor:
-    """The coordinate-wise median (the mean of the two middle values for even B)."""
-    b = x.shape[0]
-    s = _sorted(x)
-    return (s[(b - 1) // 2] + s[b // 2]) / 2
 
 
 def median3(a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
@@ -133,24 +104,17 @@ def merge(parts: list[OrderStats], k: int) -> OrderStats:
     return add(start, tf.concat([t for p in parts for t in (p.top, p.bottom)], axis=0))
 
 
-def _middle(s: OrderStats, c: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """x_(B-c), x_(c+1), and the sum of the values strictly between the c+1
-    extremes on each side (for B = 2c + 1 both thresholds are the median)."""
+def thresholds(s: OrderStats, c: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """x_(c+1) and x_(B-c) of the summarized values (for B = 2c + 1 both the median)."""
     hi = s.top[c]
-    lower_empty = tf.math.is_inf(s.bottom[c])
-    lo = tf.where(lower_empty, hi, s.bottom[c])
-    inner = s.rest + tf.where(lower_empty, tf.zeros_like(hi), lo)
-    return hi, lo, inner
+    return tf.where(tf.math.is_inf(s.bottom[c]), hi, s.bottom[c]), hi
 
 
-def winsorized_from_stats(s: OrderStats, c: int, count: int) -> tf.Tensor:
-    """The winsorized mean of the `count` values `s` summarizes."""
-    hi, lo, inner = _middle(s, c)
+def clipped_sum(s: OrderStats, c: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The sum of the summarized values clipped to x_(c+1) and x_(B-c), and those
+    two thresholds (low, high): what an order statistic is made of."""
+    lo, hi = thresholds(s, c)
+    # The values strictly between the c + 1 extremes of each side, and lo.
+    inner = s.rest + tf.where(tf.math.is_inf(s.bottom[c]), tf.zeros_like(hi), lo)
     # c values clipped to hi plus hi itself; c values clipped to lo; inner holds lo.
-    return ((c + 1) * hi + c * lo + inner) / count
-
-
-def trimmed_from_stats(s: OrderStats, c: int, count: int) -> tf.Tensor:
-    """The trimmed mean of the `count` values `s` summarizes."""
-    hi, _, inner = _middle(s, c)
-    return (hi + inner) / (count - 2 * c)
+    return (c + 1) * hi + c * lo + inner, lo, hi

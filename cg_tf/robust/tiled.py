@@ -1,4 +1,5 @@
-"""Winsorized mean, trimmed mean and median of per-example values, tile by tile.
+"""Order statistics of per-example values (winsorized and trimmed means, the
+median, any `Statistic`), tile by tile.
 
 The coordinates of a variable are processed in tiles small enough to stay in
 cache; inside a tile the per-example values are formed on the spot, never
@@ -7,13 +8,17 @@ gradient, formed again by each pass, fused into it; a convolution tile is a
 matmul over positions, formed once per tile for both passes), and per
 coordinate:
 
-  lo, hi = x_(c+1), x_(n-c)                     exact order statistics (ties included)
-  s      = sum_i clip(v_i, lo, hi)              the outliers never enter a sum
-  winsorized = s / n,  trimmed = (s - c (lo + hi)) / (n - 2c),  median = (lo + hi) / 2
+  lo, hi = x_(a+1), x_(b+1)          the statistic's two ranks a <= b, exact with ties
+  s      = sum_i clip(v_i, lo, hi)   the outliers never enter a sum
+  aggregate = stat.from_thresholds(s, lo, hi, (a, b), n)
 
-For small c the thresholds stream the n values through running top-(c+1)
-and bottom-(c+1) lists kept with max/min only (2(c+1) operations per value);
-for larger c and the median, through a selection network (the comparators of
+(winsorized s / n, trimmed (s - c (lo + hi)) / (n - 2c) with a = c, b = n-1-c;
+the median (lo + hi) / 2, without s). The statistic object (`Statistic`) says
+which ranks and what it makes of them: this module knows none by name.
+
+Thresholds near the ends stream the n values through running top-r and
+bottom-r lists kept with max/min only (2r operations per value); others
+(larger c, the median) go through a selection network (the comparators of
 Batcher's odd-even merge sort that the wanted ranks depend on, about
 n log2(n)^2 / 4). Both are unrolled and fused by XLA into one loop per tile;
 each variable's aggregate is one XLA computation, whatever the outer step is
@@ -23,15 +28,14 @@ batch instead (their stacked values in memory).
 """
 
 import functools
+from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
-from cg_tf.robust import order_stats as agg
 from cg_tf.robust.layer_rules import Outer, PerExample, Stacked
 
-KINDS = ("winsorized", "trimmed", "median")
 TILE = 32768           # coordinates per tile
 # The running top-r list is unrolled over the n examples: its compile time grows
 # with r and n. r <= 9 covers the papers' c in {0, 1, 2, 4, 8}.
@@ -42,6 +46,21 @@ NETWORK_BUDGET = 3839
 # A variable of at most this many coordinates is aggregated by sorting its
 # stacked values: cheaper than compiling a loop of tiles for it.
 SMALL = 4096
+
+
+class Statistic(Protocol):
+    """What the tiles need of an order statistic (the aggregators of
+    `aggregators.OrderStatistic` are ones; frozen, so hashable)."""
+
+    uses_sum: bool  # whether from_thresholds needs the clipped sum
+
+    def ranks(self, n: int) -> tuple[int, int]:
+        """The ranks (0 is the smallest) of the low and high thresholds among n values."""
+
+    def from_thresholds(self, total: tf.Tensor | None, lo: tf.Tensor, hi: tf.Tensor,
+                        ranks: tuple[int, int], n: int) -> tf.Tensor:
+        """The aggregate of n values given the thresholds at `ranks` and the sum
+        of the values clipped to them (None unless `uses_sum`)."""
 
 
 # -- tiles ------------------------------------------------------------------------
@@ -138,43 +157,41 @@ def ranked(rows: list[tf.Tensor], ranks: tuple[int, ...]) -> list[tf.Tensor]:
     return [wires[r] for r in ranks]
 
 
-def _chains(c: int, n: int) -> bool:
+def _chain_length(ranks: tuple[int, int], n: int) -> int:
+    """The length of the running lists that give both thresholds."""
+    return max(ranks[0] + 1, n - ranks[1])
+
+
+def _chains(ranks: tuple[int, int], n: int) -> bool:
     """Whether the thresholds come from running lists (cheaper than the network
-    for small c; compile time grows with r * n)."""
-    return c + 1 <= CHAIN_MAX_R and (c + 1) * n <= CHAIN_BUDGET
+    near the ends; compile time grows with length * n)."""
+    r = _chain_length(ranks, n)
+    return r <= CHAIN_MAX_R and r * n <= CHAIN_BUDGET
 
 
-def fits_tiles(kind: str, c: int, n: int) -> bool:
+def fits_tiles(ranks: tuple[int, int], n: int) -> bool:
     """Whether the unrolled order statistics stay small enough to compile quickly."""
-    return (kind != "median" and _chains(c, n)) or len(sorting_network(n)) <= NETWORK_BUDGET
+    return _chains(ranks, n) or len(sorting_network(n)) <= NETWORK_BUDGET
 
 
-def thresholds(rows: list[tf.Tensor], c: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """(x_(c+1), x_(n-c)) of the n per-example rows, elementwise."""
+def thresholds(rows: list[tf.Tensor], ranks: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
+    """The order statistics of the n per-example rows at the two ranks, elementwise."""
     n = len(rows)
-    if _chains(c, n):
-        return -largest([-x for x in rows], c + 1), largest(rows, c + 1)
-    lo, hi = ranked(rows, (c, n - 1 - c))
+    if _chains(ranks, n):
+        return -largest([-x for x in rows], ranks[0] + 1), largest(rows, n - ranks[1])
+    lo, hi = ranked(rows, ranks)
     return lo, hi
 
 
-def median(rows: list[tf.Tensor]) -> tf.Tensor:
-    """The median of the n rows, elementwise: one output, so XLA fuses the
-    network once (two outputs would each recompute the shared comparators)."""
-    n = len(rows)
-    return tf.add_n(ranked(rows, tuple(sorted({(n - 1) // 2, n // 2})))) * (
-        1.0 if n % 2 else 0.5)
-
-
-def clipped_mean(rows: list[tf.Tensor], lo: tf.Tensor, hi: tf.Tensor, kind: str,
-                 c: int) -> tf.Tensor:
-    """The winsorized or trimmed mean of the n per-example rows given the thresholds."""
+def reduced(rows: list[tf.Tensor], lo: tf.Tensor, hi: tf.Tensor, stat: Statistic
+            ) -> tf.Tensor:
+    """The statistic of the n per-example rows given its thresholds; one output,
+    so XLA fuses what it is made of once (two outputs would each recompute the
+    shared comparators)."""
     n = len(rows)
     # Unrolled over examples: one elementwise fusion with the values formed inside.
-    s = tf.add_n([tf.clip_by_value(x, lo, hi) for x in rows])
-    if kind == "winsorized":
-        return s / n
-    return (s - c * (lo + hi)) / (n - 2 * c)
+    total = tf.add_n([tf.clip_by_value(x, lo, hi) for x in rows]) if stat.uses_sum else None
+    return stat.from_thresholds(total, lo, hi, stat.ranks(n), n)
 
 
 # -- whole variables ------------------------------------------------------------------
@@ -202,47 +219,45 @@ def _tiling(rows: int, cols: int) -> tuple[int, int]:
     return tiles, -(-rows // tiles)
 
 
-def robust_variable(values: PerExample, kind: str, c: int) -> tf.Tensor:
-    """The aggregate of one variable's per-example values, [rows, columns]: the
-    median in one pass over tiles; the winsorized and trimmed means in a pass
-    for the thresholds, then one for the clipped sums, except when forming a
-    tile's values is a matmul: then both use the values formed once."""
+def robust_variable(values: PerExample, stat: Statistic) -> tf.Tensor:
+    """The statistic of one variable's per-example values, [rows, columns]: in one
+    pass over tiles when it needs no clipped sum, or when forming a tile's
+    values is a matmul (both steps then use the values formed once); else in a
+    pass for the thresholds, then one for the clipped sums."""
     rows, cols = _layout(values)
     tiles, size = _tiling(rows, cols)
     values = _padded(values, tiles * size)
     tile = lambda i: _tile(values, i * size, size)  # noqa: E731
-    if kind == "median":
-        return _over_tiles(tiles, lambda i: [median(tile(i))], 1)[0][:rows]
-    if _formed_by_matmul(values):
+    ranks = stat.ranks(values.count)
+    if not stat.uses_sum or _formed_by_matmul(values):
         def one_pass(i):
             x = tile(i)
-            lo, hi = xla.optimization_barrier(*thresholds(x, c))
-            return [clipped_mean(x, lo, hi, kind, c)]
+            lo, hi = thresholds(x, ranks)
+            if stat.uses_sum:
+                lo, hi = xla.optimization_barrier(lo, hi)
+            return [reduced(x, lo, hi, stat)]
         return _over_tiles(tiles, one_pass, 1)[0][:rows]
     # The barrier keeps XLA from fusing the thresholds into the clipped sums (which
     # would recompute them for every example) when a one-tile loop is unrolled.
-    lo, hi = xla.optimization_barrier(*_over_tiles(tiles, lambda i: thresholds(tile(i), c), 2))
+    lo, hi = xla.optimization_barrier(*_over_tiles(tiles, lambda i: thresholds(tile(i), ranks), 2))
     cut_lo = lambda i: tf.slice(lo, [i * size, 0], [size, cols])  # noqa: E731
     cut_hi = lambda i: tf.slice(hi, [i * size, 0], [size, cols])  # noqa: E731
-    out, = _over_tiles(tiles, lambda i: [clipped_mean(tile(i), cut_lo(i), cut_hi(i), kind, c)], 1)
+    out, = _over_tiles(tiles, lambda i: [reduced(tile(i), cut_lo(i), cut_hi(i), stat)], 1)
     return out[:rows]
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(signature) -> tf.types.experimental.PolymorphicFunction:
     """The XLA-compiled `robust_variable` for one signature (value type and shapes,
-    kind, c). One computation per variable compiles much faster than one for
+    statistic). One computation per variable compiles much faster than one for
     the whole model, and variables of one shape share it (a ResNet's repeated
     blocks compile once); a function per signature is traced once."""
-    return tf.function(robust_variable, jit_compile=True)
+    stat = signature[-1]
+    return tf.function(lambda values: robust_variable(values, stat), jit_compile=True)
 
 
-def _signature(values: PerExample, kind: str, c: int) -> tuple:
-    return type(values).__name__, tuple(tuple(t.shape) for t in values), kind, c
-
-
-_SORTED = {"winsorized": agg.winsorized_mean, "trimmed": agg.trimmed_mean,
-           "median": lambda x, c: agg.median(x)}
+def _signature(values: PerExample, stat: Statistic) -> tuple:
+    return type(values).__name__, tuple(tuple(t.shape) for t in values), stat
 
 
 def _size(values: PerExample) -> int:
@@ -250,20 +265,29 @@ def _size(values: PerExample) -> int:
     return rows * cols
 
 
-def aggregate(values: list[PerExample], kind: str, c: int, variables: list) -> list[tf.Tensor]:
-    """The aggregate (`kind` in KINDS, c values cut per side) of each variable's
-    per-example values, shaped like the variables: an XLA computation by tiles
-    per variable, or (small variables; a batch too large for the network) a
-    sort of the stacked values along the batch."""
-    if kind not in KINDS:
-        raise ValueError(f"tiled aggregation of {kind!r}: one of {', '.join(KINDS)}")
+def sorted_along_batch(x: tf.Tensor, stat: Statistic) -> tf.Tensor:
+    """The statistic of stacked values x [n, ...] by a sort along the batch."""
+    n = x.shape[0]
+    ranks = stat.ranks(n)
+    s = tf.sort(x, axis=0)
+    lo, hi = s[ranks[0]], s[ranks[1]]
+    total = tf.reduce_sum(tf.clip_by_value(x, lo, hi), 0) if stat.uses_sum else None
+    return stat.from_thresholds(total, lo, hi, ranks, n)
+
+
+def aggregate(values: list[PerExample], stat: Statistic, variables: list) -> list[tf.Tensor]:
+    """The statistic of each variable's per-example values, shaped like the
+    variables: an XLA computation by tiles per variable, or (small variables;
+    a batch too large for the network) a sort of the stacked values along the
+    batch."""
     n = values[0].count
-    tiled = [i for i, v in enumerate(values) if fits_tiles(kind, c, n) and _size(v) > SMALL]
-    grads = {i: _compiled(_signature(values[i], kind, c))(values[i], kind, c) for i in tiled}
+    tiled = [i for i, v in enumerate(values)
+             if fits_tiles(stat.ranks(n), n) and _size(v) > SMALL]
+    grads = {i: _compiled(_signature(values[i], stat))(values[i]) for i in tiled}
     rest = [i for i in range(len(values)) if i not in grads]
     if rest:
         # One sort for all of them: their stacked values side by side.
         stacked = [tf.reshape(values[i].stacked(), [n, -1]) for i in rest]
-        flat = _SORTED[kind](tf.concat(stacked, 1), c)
+        flat = sorted_along_batch(tf.concat(stacked, 1), stat)
         grads.update(zip(rest, tf.split(flat, [s.shape[1] for s in stacked])))
     return [tf.reshape(grads[i], v.shape) for i, v in enumerate(variables)]
