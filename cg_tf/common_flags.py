@@ -13,6 +13,9 @@ from cg_tf import console
 
 SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice (label noise; weights and "
                             "data order in training).")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start over what an earlier run with other "
+                              "settings made (a run's --model_dir, a pipeline's --output_dir): "
+                              "deletes only what this program writes there.")
 
 
 HELP = ("--help", "-help", "-?", "--helpshort", "--helpfull", "--helpxml")

@@ -23,11 +23,9 @@ from cg_tf.measure import report
 from cg_tf.robust.aggregators import Mean, Winsorized
 from cg_tf.training.trainer import TrainConfig, Trainer
 
-# (pipelines.shared_flags defines these two too: one flag, either meaning.)
+# (pipelines.shared_flags defines it too: one flag, either meaning.)
 OUTPUT_DIR = flags.DEFINE_string("output_dir", "runs/demo", "Where the two runs go (one "
                                  "TensorBoard logdir).", allow_override=True)
-OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start runs made with other settings over.",
-                              allow_override=True)
 flags.adopt_module_key_flags(common_flags)
 
 # Settings where plain SGD memorizes the digits' corrupt labels within minutes.
@@ -66,7 +64,7 @@ def main(argv):
             config = TrainConfig(data_dir=build.DEMO_DATA_DIR, aggregator=aggregator,
                                  model_dir=os.path.join(OUTPUT_DIR.value, name), seed=SEED.value,
                                  **SETTINGS)
-            summaries[name] = Trainer(config, OVERWRITE.value).run()
+            summaries[name] = Trainer(config, common_flags.OVERWRITE.value).run()
     except ValueError as e:
         sys.exit(f"error: {e}")
     print("\n" + side_by_side(summaries))

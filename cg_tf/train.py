@@ -15,36 +15,16 @@ from cg_tf import common_flags  # isort: skip (first: it quiets TensorFlow befor
 import tensorflow as tf
 from absl import app, flags
 
-from cg_tf.common_flags import SEED
+from cg_tf import train_flags
+from cg_tf.common_flags import OVERWRITE
 from cg_tf.data import build, verify
 from cg_tf.measure import report
-from cg_tf.robust.aggregators import Winsorized
 from cg_tf.training import trainer
-from cg_tf.training.trainer import TrainConfig
+from cg_tf.train_flags import config_from_flags, setup_devices
 
 FLAGS = flags.FLAGS
-# A flag per TrainConfig field (its help text and validation live there); the
-# defaults below are the demo's (configs/demo.flags holds the same values).
-DEMO = {"data_dir": build.DEMO_DATA_DIR, "model_dir": "runs/train_demo",
-        "fc_widths": (256,), "aggregator": Winsorized(c=4), "epochs": 60}
-common_flags.define(TrainConfig, DEMO, skip=("seed",))
-flags.adopt_module_key_flags(common_flags)  # those and --seed in --help
-# pipelines.shared_flags defines --overwrite too (for --output_dir): one flag, either meaning.
-flags.DEFINE_bool("overwrite", False, "Start --model_dir over if it holds a run with another "
-                  "configuration (deletes only what a run writes there).", allow_override=True)
-flags.DEFINE_integer("num_cpu_devices", None, "Split the CPU into N logical devices.")
-
-
-def config_from_flags() -> TrainConfig:
-    """The run the flags ask for; raises ValueError naming a bad flag."""
-    return common_flags.from_flags(TrainConfig, {"seed": SEED.value})
-
-
-def setup_devices() -> None:
-    """--num_cpu_devices: split the CPU before TensorFlow initializes."""
-    if FLAGS.num_cpu_devices:
-        from cg_tf.training.strategies import split_cpu
-        split_cpu(FLAGS.num_cpu_devices)
+flags.adopt_module_key_flags(train_flags)
+flags.adopt_module_key_flags(common_flags)  # --seed and --overwrite in --help
 
 
 # What a write failing for lack of space or permission says, in an OSError or in
@@ -71,7 +51,7 @@ def main(argv):
         config = config_from_flags()
         if config.data_dir == build.DEMO_DATA_DIR:
             build.ensure_demo_dataset()
-        run = trainer.Trainer(config, FLAGS.overwrite)
+        run = trainer.Trainer(config, OVERWRITE.value)
         summary = run.run()
     except (ValueError, trainer.NonFiniteLoss) as e:
         sys.exit(f"error: {e}")

@@ -15,7 +15,7 @@ resume as in pipelines.sweep (--overwrite, --only); other flags go to Beam.
 from absl import flags
 
 from cg_tf import common_flags
-from cg_tf import train as trainer_flags
+from cg_tf import train_flags
 from cg_tf.common_flags import SEED
 from cg_tf.experiments import easy_hard, runner
 from cg_tf.measure import report
@@ -31,14 +31,14 @@ _HELDOUT_SIZE = flags.DEFINE_integer("heldout_size", None, "Held-out examples pe
 # --help lists the flags this program shares with the others too.
 flags.adopt_module_key_flags(common_flags)
 flags.adopt_module_key_flags(shared_flags)
-flags.adopt_module_key_flags(trainer_flags)
+flags.adopt_module_key_flags(train_flags)
 
 
 def make_stages(beam_args: list[str]) -> list:
     """The experiment these flags ask for; raises ValueError naming a bad flag
     (or a report file of the output directory that it did not write)."""
     runner.check_report_files(shared_flags.OUTPUT_DIR.value, easy_hard.REPORT_FILES)
-    train = trainer_flags.config_from_flags()
+    train = train_flags.config_from_flags()
     for flag in (_FIRST_EPOCHS, _TRAIN_SIZE, _HELDOUT_SIZE):
         if flag.value is not None and flag.value < 1:
             raise ValueError(f"--{flag.name} must be positive, got {flag.value}")
@@ -49,7 +49,7 @@ def make_stages(beam_args: list[str]) -> list:
 
 
 def main(beam_args: list[str]) -> None:
-    trainer_flags.setup_devices()
+    train_flags.setup_devices()
     manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args))
     if (manifests.get("cross_eval") or {}).get("status") != "complete":
         print("cross_eval has not run yet (see --only); no report")

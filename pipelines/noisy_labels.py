@@ -31,7 +31,7 @@ def main(beam_args: list[str]) -> None:
         raise app.UsageError("--output_dir is required")
     try:
         config = shared_flags.build_config(out, _NOISE_RATE.value, SEED.value,
-                                           shared_flags.OVERWRITE.value)
+                                           common_flags.OVERWRITE.value)
         info = build.build_dataset(shared_flags.source(), config,
                                    build.beam_options(beam_args))
     except (ValueError, SourceError) as e:

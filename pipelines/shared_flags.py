@@ -9,14 +9,13 @@ from collections.abc import Callable
 from absl import app, flags
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from cg_tf import common_flags
 from cg_tf.data import build
 from cg_tf.data.noise import NOISE_MODES, NoiseSpec
 from cg_tf.data.sources import SOURCE_KINDS, Source, SourceError, make_source
 from cg_tf.experiments import runner
 
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory (local or gs://).")
-OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace what an earlier run with other "
-                              "parameters wrote to --output_dir.")
 ONLY = flags.DEFINE_string("only", None, "Run only the stages whose names match this glob "
                            "(sweep, easy_hard).")
 SOURCE = flags.DEFINE_string("source", "digits", f"One of {', '.join(SOURCE_KINDS)}.")
@@ -79,7 +78,7 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]]) -> dict[str, dic
     if not OUTPUT_DIR.value:
         raise app.UsageError("--output_dir is required")
     try:
-        return runner.run_stages(OUTPUT_DIR.value, make_stages(), OVERWRITE.value,
+        return runner.run_stages(OUTPUT_DIR.value, make_stages(), common_flags.OVERWRITE.value,
                                      ONLY.value)
     except (ValueError, SourceError) as e:
         sys.exit(f"error: {e}")

@@ -19,7 +19,7 @@ just the matching stages (e.g. --only='runs/winsorized_c4*' on one machine).
 from absl import flags
 
 from cg_tf import common_flags
-from cg_tf import train as trainer_flags
+from cg_tf import train_flags
 from cg_tf.common_flags import SEED
 from cg_tf.experiments import sweep
 from cg_tf.measure import report
@@ -36,7 +36,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds of the grid.")
 # --help lists the flags this program shares with the others too.
 flags.adopt_module_key_flags(common_flags)
 flags.adopt_module_key_flags(shared_flags)
-flags.adopt_module_key_flags(trainer_flags)
+flags.adopt_module_key_flags(train_flags)
 
 
 def _values(flag, parse, kind: str) -> list:
@@ -67,7 +67,7 @@ def make_stages(beam_args: list[str]) -> list:
     """The sweep these flags ask for; raises ValueError naming a bad flag (or
     a report file of the output directory that the sweep did not write)."""
     sweep.check_report_files(shared_flags.OUTPUT_DIR.value)
-    base = trainer_flags.config_from_flags()
+    base = train_flags.config_from_flags()
     points = grid_from_flags()
     # Every noise rate is checked before anything runs.
     builds = [shared_flags.build_config(shared_flags.OUTPUT_DIR.value, r, SEED.value)
@@ -76,7 +76,7 @@ def make_stages(beam_args: list[str]) -> list:
 
 
 def main(beam_args: list[str]) -> None:
-    trainer_flags.setup_devices()
+    train_flags.setup_devices()
     manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args))
     out = shared_flags.OUTPUT_DIR.value
     paths, text = sweep.write_report(out, grid_from_flags(), manifests)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -22,7 +23,9 @@ from cg_tf.data import records
 from cg_tf.experiments import stages
 from cg_tf.measure import report
 from cg_tf.measure.monitor import MonitorConfig
-from cg_tf.robust.aggregators import RM3, Mean, MedianOfMeans, Winsorized
+from cg_tf.robust import aggregators, tiled
+from cg_tf.robust.aggregators import RM3, CutAtC, Mean, MedianOfMeans, Winsorized
+from cg_tf.robust.layer_rules import Stacked
 from cg_tf.storage import events
 from cg_tf.training.trainer import NonFiniteLoss, TrainConfig, Trainer
 
@@ -647,3 +650,47 @@ def test_a_run_killed_after_its_last_checkpoint_reports_its_loss_and_time(digits
     assert again["final_loss"] == pytest.approx(first["final_loss"])
     assert again["time_shares"] == pytest.approx(first["time_shares"], rel=0.05)
     assert 0 < again["time_shares"]["eval"] < 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LowTrimmed(CutAtC):
+    """A toy order statistic registered by a user: the mean without the c
+    smallest values (thresholds at uneven ranks; the probe measures no cut)."""
+
+    name: ClassVar[str] = "low_trimmed"
+
+    def ranks(self, n):
+        return self.c, n - 1
+
+    def probe_cut(self, probe_size, batch_size):
+        return None
+
+
+def test_a_registered_order_statistic_trains_by_its_name(digits_dir, tmp_path, monkeypatch):
+    """The extension point: one subclass and its registration, nothing else,
+    on the tiles and the sort (against NumPy) and through the command line's
+    flags with and without XLA (the same weights)."""
+    monkeypatch.setitem(aggregators.REGISTRY, LowTrimmed.name, LowTrimmed)
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (20, 70, 9)).astype(np.float32)  # ties everywhere
+    want = np.sort(x, axis=0)[3:].mean(axis=0)
+    monkeypatch.setattr(tiled, "SMALL", 0)
+    got = tiled.aggregate([Stacked(tf.constant(x))], LowTrimmed(3), [tf.zeros([70, 9])])
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tiled.sorted_along_batch(tf.constant(x), LowTrimmed(3)), want,
+                               rtol=1e-5, atol=1e-6)
+    states = []
+    for jit in (False, True):
+        run = tmp_path / f"jit{jit}"
+        with parsed_flags("train", "--aggregator=low_trimmed:3", f"--jit_compile={jit}",
+                          f"--data_dir={digits_dir}", f"--model_dir={run}", "--fc_widths=16",
+                          "--steps=3", "--eval_sample_size=50", "--batch_size=20"):
+            cfg = train.config_from_flags()
+        assert cfg.aggregator == LowTrimmed(3)
+        summary = Trainer(cfg).run()
+        assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+        assert json.loads((run / "config.json").read_text())["aggregator"] == {
+            "name": "low_trimmed", "c": 3}
+        states.append(final_state(run))
+    for name, value in states[0].items():
+        np.testing.assert_allclose(states[1][name], value, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -16,7 +16,6 @@ shard, the number of records and a digest of them (`ShardInfo`), which
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any
 

@@ -181,18 +181,13 @@ def _run_stage(stage: Stage, directory: str, want: dict, inputs: dict[str, dict]
 REPORT_RECORD = "report_files.json"
 
 
-def _digest(path: str) -> str:
-    with tf.io.gfile.GFile(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def check_report_files(root: str, names: tuple[str, ...]) -> None:
     """Raises ValueError naming a file of `root` among `names` that the report
     would replace but that the program did not write, or that changed since."""
     record = files.read_json(os.path.join(root, REPORT_RECORD)) or {}
     for name in names:
         path = os.path.join(root, name)
-        if tf.io.gfile.exists(path) and record.get(name) not in ("writing", _digest(path)):
+        if tf.io.gfile.exists(path) and record.get(name) not in ("writing", files.sha256(path)):
             raise ValueError(f"--output_dir={root} holds a {name} that this program did not "
                              "write (or that was changed since): the report would replace it; "
                              "move it away or use another --output_dir")
@@ -206,5 +201,5 @@ def write_recorded(root: str, names: tuple[str, ...], write: Callable[[], tuple[
     record_path = os.path.join(root, REPORT_RECORD)
     files.write_json(record_path, {name: "writing" for name in names})
     paths, text = write()
-    files.write_json(record_path, {os.path.basename(p): _digest(p) for p in paths.values()})
+    files.write_json(record_path, {os.path.basename(p): files.sha256(p) for p in paths.values()})
     return paths, text

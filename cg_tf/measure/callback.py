@@ -25,6 +25,7 @@ from cg_tf.data.reader import Reader
 from cg_tf.measure import tags
 from cg_tf.measure.monitor import Monitor, MonitorConfig
 from cg_tf.robust.aggregators import Mean
+from cg_tf.robust.gradients import DEFAULT_BN_MODE
 
 
 class MonitorCallback(keras.callbacks.Callback):
@@ -87,7 +88,7 @@ class MemorizationCallback(MonitorCallback):
         monitor = Monitor(net, self.reader, getattr(self.model, "aggregator", Mean()),
                           self.reader.config.batch_size, self.config,
                           tf.summary.create_file_writer(self.log_dir),
-                          bn_mode=getattr(self.model, "bn_mode", "batch_stats"),
+                          bn_mode=getattr(self.model, "bn_mode", DEFAULT_BN_MODE),
                           chunk=getattr(self.model, "per_example_chunk", None))
         monitor.write_run_config({"model": net.name})
         self.attach(monitor, epochs * steps)

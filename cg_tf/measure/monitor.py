@@ -28,6 +28,7 @@ from cg_tf.measure.health import Health
 from cg_tf.measure.probe import Probe
 from cg_tf.options import option
 from cg_tf.robust.aggregators import Aggregator
+from cg_tf.robust.gradients import DEFAULT_BN_MODE
 from cg_tf.storage import files
 
 LEARNED_IDS = "learned_ids.txt"
@@ -137,7 +138,7 @@ def _probe_sample(mixed: tf.data.Dataset, size: int) -> dict[str, tf.Tensor] | N
 
 class Monitor:
     def __init__(self, net, reader: Reader, aggregator: Aggregator, batch_size: int,
-                 config: MonitorConfig, writer, bn_mode: str = "batch_stats",
+                 config: MonitorConfig, writer, bn_mode: str = DEFAULT_BN_MODE,
                  chunk: int | None = None):
         self.net, self.reader, self.config, self.writer = net, reader, config, writer
         subsets = reader.eval_subsets()

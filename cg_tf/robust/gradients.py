@@ -29,13 +29,27 @@ from cg_tf import keras_internals
 from cg_tf.robust import layer_rules
 from cg_tf.robust.layer_rules import PerExample, Stacked
 
+# How per-example gradients treat BatchNorm (GradientSource); the first is the default.
 BN_MODES = ("batch_stats", "exact")
+DEFAULT_BN_MODE = BN_MODES[0]
 
 
 def example_losses(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     """Per-example softmax cross-entropy of integer labels and logits (float32)."""
     return tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+
+
+def check_chunk(chunk: int | None, per_replica_batch: int | None = None) -> None:
+    """Raises ValueError unless `chunk` (--per_example_chunk) is unset, or positive
+    and (given the per-replica batch) no larger than it or dividing it."""
+    if chunk is None:
+        return
+    if chunk < 1:
+        raise ValueError(f"--per_example_chunk must be positive, got {chunk}")
+    if per_replica_batch is not None and per_replica_batch % chunk_size(chunk, per_replica_batch):
+        raise ValueError(f"--per_example_chunk={chunk} does not divide the per-replica batch "
+                         f"of {per_replica_batch}")
 
 
 def chunk_size(chunk: int | None, batch: int) -> int:
@@ -52,7 +66,7 @@ def _bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
 class GradientSource:
     """Computes gradients of one model for the robust train step."""
 
-    def __init__(self, model: keras.Model, bn_mode: str = "batch_stats"):
+    def __init__(self, model: keras.Model, bn_mode: str = DEFAULT_BN_MODE):
         if bn_mode not in BN_MODES:
             raise ValueError(f"--bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
         self.model = model
@@ -149,9 +163,8 @@ class GradientSource:
         statistics) and no state changes: gradients for measurements.
         """
         b = x.shape[0]
+        check_chunk(chunk, b)
         m = chunk_size(chunk, b)
-        if b % m:
-            raise ValueError(f"--per_example_chunk={m} does not divide the per-replica batch of {b}")
         n = b // m
         if self.bn and self.bn_mode == "exact" and not frozen_bn:
             state = init

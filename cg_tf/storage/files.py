@@ -4,6 +4,7 @@ A file is written under a temporary name and renamed into place, so a reader
 (or a resumed run) sees the old file or the new one, never half of one.
 """
 
+import hashlib
 import json
 from typing import Callable, TextIO
 
@@ -48,3 +49,12 @@ def read_json(path: str) -> dict | None:
         raise ValueError(f"{path} is damaged: it holds a JSON {type(obj).__name__}, not an "
                          "object")
     return obj
+
+
+def sha256(path: str) -> str:
+    """The hex sha256 of a file's bytes (local or gs://)."""
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

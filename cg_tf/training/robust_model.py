@@ -26,7 +26,7 @@ import tensorflow as tf
 from cg_tf import keras_internals
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.collectives import Collectives, tally
-from cg_tf.robust.gradients import GradientSource, example_losses
+from cg_tf.robust.gradients import DEFAULT_BN_MODE, GradientSource, check_chunk, example_losses
 
 
 def features_and_labels(data) -> tuple:
@@ -44,10 +44,8 @@ def check_layout(aggregator: Aggregator, global_batch: int, replicas: int, momen
         aggregator.check(global_batch, replicas, momentum)
     except ValueError as e:
         raise ValueError(f"{flag}={aggregator.spec}: {e}") from None
-    chunk = per_example_chunk
-    if chunk and aggregator.per_example and (global_batch // replicas) % chunk:
-        raise ValueError(f"--per_example_chunk={chunk} does not divide the "
-                         f"per-replica batch of {global_batch // replicas}")
+    if aggregator.per_example:
+        check_chunk(per_example_chunk, global_batch // replicas)
 
 
 def _reducible(logs: dict) -> dict:
@@ -82,15 +80,14 @@ class RobustModel(keras.Model):
     """
 
     def __init__(self, net: keras.Model, aggregator: Aggregator = Mean(), *,
-                 per_example_chunk: int | None = None, bn_mode: str = "batch_stats",
+                 per_example_chunk: int | None = None, bn_mode: str = DEFAULT_BN_MODE,
                  weight_decay: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"aggregator must be an Aggregator (cg_tf.robust.aggregators), "
                             f"got {aggregator!r}; parse a 'name:value' string with "
                             "aggregators.parse")
-        if per_example_chunk is not None and per_example_chunk < 1:
-            raise ValueError(f"--per_example_chunk must be positive, got {per_example_chunk}")
+        check_chunk(per_example_chunk)
         if not any(aggregator.layers.robust(net.trainable_variables)):
             raise ValueError(f"{aggregator.spec}: the layer filter {aggregator.layers.name!r} "
                              f"leaves no layer of {net.name} to aggregate robustly")

@@ -37,7 +37,7 @@ from cg_tf.measure.monitor import Monitor, MonitorConfig
 from cg_tf.options import option
 from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Aggregator, Mean
-from cg_tf.robust.gradients import BN_MODES
+from cg_tf.robust.gradients import BN_MODES, DEFAULT_BN_MODE, check_chunk
 from cg_tf.storage import events, files, rundir
 from cg_tf.training.models import FC_INITS, MODELS, build_model, describe
 from cg_tf.training.robust_model import RobustModel, check_layout
@@ -81,7 +81,7 @@ class TrainConfig:
         parse=aggregators.parse, show=lambda a: a.spec)
     per_example_chunk: int | None = option(
         None, "Per-example gradients computed this many at a time (memory bound).")
-    bn_mode: str = option("batch_stats", f"One of {', '.join(BN_MODES)}.")
+    bn_mode: str = option(DEFAULT_BN_MODE, f"One of {', '.join(BN_MODES)}.")
     weight_decay: float = option(0.0, "L2 weight decay added to the gradient.")
     batch_size: int = option(100, "Global batch size.")
     epochs: int = option(10, "Training epochs (ignored if --steps is set).")
@@ -146,9 +146,7 @@ class TrainConfig:
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"--bn_mode must be one of {', '.join(BN_MODES)}, "
                              f"got {self.bn_mode!r}")
-        if self.per_example_chunk is not None and self.per_example_chunk < 1:
-            raise ValueError(f"--per_example_chunk must be positive, got "
-                             f"{self.per_example_chunk}")
+        check_chunk(self.per_example_chunk)
         for name in ("batch_size", "checkpoint_every", "log_every", "eval_sample_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")

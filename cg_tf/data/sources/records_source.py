@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from cg_tf.data import records
 from cg_tf.data.sources.base import RawExample, ReadTask, Source, SourceError
+from cg_tf.storage import files
 
 
 def write_selection(path: str, chosen: dict[str, str]) -> None:
@@ -51,8 +52,7 @@ class RecordsSource(Source):
         return self._eval_split
 
     def fingerprint(self) -> str:
-        with tf.io.gfile.GFile(self.selection_path, "rb") as f:
-            selection = hashlib.sha256(f.read()).hexdigest()
+        selection = files.sha256(self.selection_path)
         return hashlib.sha256(f"{self._source_fingerprint}:{selection}".encode()).hexdigest()[:16]
 
     def read_tasks(self) -> list[ReadTask]:
