@@ -52,7 +52,7 @@ def test_dataflow_pipeline_builds_and_validates(tmp_path):
 
 
 # The README's layout, top to bottom: a module may import from its own layer and below.
-LAYERS = [("cg_tf.train", "cg_tf.demo", "cg_tf.common_flags", "cg_tf.console",
+LAYERS = [("cg_tf.train", "cg_tf.train_flags", "cg_tf.demo", "cg_tf.common_flags", "cg_tf.console",
            "cg_tf.tensorboard_plugin",
            "pipelines", "tools"),
           ("cg_tf.experiments",), ("cg_tf.training",), ("cg_tf.measure",), ("cg_tf.robust",),
