@@ -119,6 +119,8 @@ def test_memorization_tab_in_headless_chromium(tensorboard, logdir):
         for c in curves:
             assert c.get_attribute("d").count("L") >= 3, "a curve with fewer than 4 points"
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.runs tbody tr"))
+        # The panels arrive one by one: read the page once the last is drawn.
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "div[data-drawn='true']"))
         text = driver.find_element(By.ID, "memorization").text
         for run in RUNS:
             assert run in text

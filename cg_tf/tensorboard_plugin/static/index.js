@@ -287,6 +287,13 @@ export async function render() {
 }
 
 async function draw(content, runs, colorOf) {
+  // data-drawn: "true" once every panel is drawn (panels arrive one by one).
+  content.dataset.drawn = "false";
+  await drawPanels(content, runs, colorOf);
+  content.dataset.drawn = "true";
+}
+
+async function drawPanels(content, runs, colorOf) {
   content.replaceChildren();
   if (!runs.length) return;
   const names = runs.map((r) => r.name).join(",");
