@@ -40,9 +40,16 @@ def example_losses(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
         labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
 
 
+def check_bn_mode(bn_mode: str) -> None:
+    """Raises ValueError unless `bn_mode` (--bn_mode) is one of BN_MODES."""
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"--bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
+
+
 def check_chunk(chunk: int | None, per_replica_batch: int | None = None) -> None:
-    """Raises ValueError unless `chunk` (--per_example_chunk) is unset, or positive
-    and (given the per-replica batch) no larger than it or dividing it."""
+    """Raises ValueError unless `chunk` (--per_example_chunk) is unset or positive
+    and, given the per-replica batch, divides it (a chunk at least as large as
+    the batch is the whole batch)."""
     if chunk is None:
         return
     if chunk < 1:
@@ -67,8 +74,7 @@ class GradientSource:
     """Computes gradients of one model for the robust train step."""
 
     def __init__(self, model: keras.Model, bn_mode: str = DEFAULT_BN_MODE):
-        if bn_mode not in BN_MODES:
-            raise ValueError(f"--bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
+        check_bn_mode(bn_mode)
         self.model = model
         self.bn_mode = bn_mode
         self.bn = _bn_layers(model)

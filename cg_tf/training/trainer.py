@@ -37,7 +37,7 @@ from cg_tf.measure.monitor import Monitor, MonitorConfig
 from cg_tf.options import option
 from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Aggregator, Mean
-from cg_tf.robust.gradients import BN_MODES, DEFAULT_BN_MODE, check_chunk
+from cg_tf.robust.gradients import BN_MODES, DEFAULT_BN_MODE, check_bn_mode, check_chunk
 from cg_tf.storage import events, files, rundir
 from cg_tf.training.models import FC_INITS, MODELS, build_model, describe
 from cg_tf.training.robust_model import RobustModel, check_layout
@@ -143,9 +143,7 @@ class TrainConfig:
         if self.data_dir and self.model_dir and _within(self.model_dir, self.data_dir):
             raise ValueError(f"--model_dir={self.model_dir} is inside --data_dir="
                              f"{self.data_dir}: a run's files would mix with the dataset's")
-        if self.bn_mode not in BN_MODES:
-            raise ValueError(f"--bn_mode must be one of {', '.join(BN_MODES)}, "
-                             f"got {self.bn_mode!r}")
+        check_bn_mode(self.bn_mode)
         check_chunk(self.per_example_chunk)
         for name in ("batch_size", "checkpoint_every", "log_every", "eval_sample_size"):
             if getattr(self, name) < 1:
