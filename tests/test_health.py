@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cg_tf.data.reader import InputOptions
 from cg_tf.measure import health, report, tags
 from cg_tf.training import models
 from cg_tf.training.trainer import TrainConfig, Trainer
@@ -62,7 +63,7 @@ def test_health_measures_norms_growth_logits_and_dead_units(caplog):
 
 def test_a_run_writes_its_health_and_keeps_its_start_on_resume(digits_dir, tmp_path):
     cfg = TrainConfig(data_dir=digits_dir, model_dir=str(tmp_path), fc_widths=(16,), steps=20,
-                      eval_sample_size=50, checkpoint_every=10, learning_rate=0.5)
+                      input=InputOptions(eval_sample_size=50), checkpoint_every=10, learning_rate=0.5)
     trainer = Trainer(cfg)
     start = trainer.monitor.health.start.numpy().copy()
     summary = trainer.run()
@@ -106,7 +107,7 @@ def test_the_tab_shows_a_run_that_drifts(digits_dir, tmp_path, caplog):
     for name, aggregator in (("winsorized", Winsorized(c=4)), ("mean", Mean())):
         cfg = TrainConfig(data_dir=digits_dir, model_dir=str(tmp_path / name), fc_widths=(64,),
                           steps=600, batch_size=50, learning_rate=0.5, aggregator=aggregator,
-                          eval_sample_size=100,
+                          input=InputOptions(eval_sample_size=100),
                           monitor=MonitorConfig(eval_every=100, warn_growth=5))
         with caplog.at_level(logging.WARNING):
             summaries[name] = Trainer(cfg).run()

@@ -10,7 +10,7 @@ import tensorflow as tf
 from conftest import read_split, two_replicas
 
 from cg_tf.data import records
-from cg_tf.data.reader import InputConfig, Reader, distribute
+from cg_tf.data.reader import InputConfig, InputOptions, Reader, distribute
 
 B = 32
 
@@ -67,7 +67,7 @@ def test_resume_sees_the_same_batches(digits_dir, cache_max_examples):
 
 def test_augmentation_keeps_shape_and_changes_pixels(digits_dir):
     plain = next(iter(Reader(InputConfig(digits_dir, batch_size=B)).train_dataset(0, 1)))
-    aug = next(iter(Reader(InputConfig(digits_dir, batch_size=B, augment="flip_crop"))
+    aug = next(iter(Reader.open(digits_dir, B, augment="flip_crop")
                     .train_dataset(0, 1)))
     assert aug["image"].shape == plain["image"].shape
     np.testing.assert_array_equal(aug["label"], plain["label"])
@@ -76,7 +76,7 @@ def test_augmentation_keeps_shape_and_changes_pixels(digits_dir):
 
 def test_eval_subsets(digits_dir):
     info = records.load_info(digits_dir)
-    subsets = Reader(InputConfig(digits_dir, batch_size=B, eval_sample_size=200)).eval_subsets()
+    subsets = Reader.open(digits_dir, B, eval_sample_size=200).eval_subsets()
     got = {k: [ex for b in ds for ex in zip(b["example_id"].numpy(), b["is_corrupt"].numpy())]
            for k, ds in subsets.items()}
     assert {k: len(v) for k, v in got.items()} == {
@@ -84,7 +84,7 @@ def test_eval_subsets(digits_dir):
         "test": info.splits["test"].num_examples}
     assert all(c == 0 for _, c in got["pristine"]) and all(c == 1 for _, c in got["corrupt"])
     assert 0 < sum(c for _, c in got["mixed"]) < 200
-    again = Reader(InputConfig(digits_dir, batch_size=B, eval_sample_size=200)).eval_subsets()
+    again = Reader.open(digits_dir, B, eval_sample_size=200).eval_subsets()
     assert [e for b in again["corrupt"] for e in b["example_id"].numpy()] == \
         [e for e, _ in got["corrupt"]]
 
@@ -104,10 +104,12 @@ def test_two_replicas_split_the_global_batch(digits_dir):
 def test_reader_errors(digits_dir, tmp_path):
     with pytest.raises(records.DatasetError, match="does not exist"):
         Reader(InputConfig(str(tmp_path / "nope"), batch_size=B))
-    with pytest.raises(ValueError, match="--batch_size=5000 is larger"):
-        Reader(InputConfig(digits_dir, batch_size=5000))
+    for bad in (5000, 0):
+        with pytest.raises(ValueError, match=f"--batch_size must be between 1 and the .* "
+                                             f"training examples .*, got {bad}"):
+            Reader(InputConfig(digits_dir, batch_size=bad))
     with pytest.raises(ValueError, match="--augment must be one of"):
-        InputConfig(digits_dir, batch_size=B, augment="mixup9000")
+        InputOptions(augment="mixup9000")
     copy = tmp_path / "copy"
     shutil.copytree(digits_dir, copy)
     os.remove(copy / records.shard_name("train", 1, 3))

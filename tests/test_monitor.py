@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from cg_tf.data.reader import InputOptions
 from cg_tf.measure import metrics, report, tags
 from cg_tf.measure.monitor import LEARNED_IDS, LEARNING_EVENTS, NOT_LEARNED_IDS, MonitorConfig
 from cg_tf.robust.aggregators import Winsorized
@@ -16,7 +17,7 @@ from cg_tf.training.trainer import TrainConfig, Trainer
 def train(data_dir, model_dir, **monitor):
     cfg = TrainConfig(data_dir=str(data_dir), model_dir=str(model_dir), fc_widths=(32,),
                       aggregator=Winsorized(c=2), batch_size=50, epochs=2,
-                      learning_rate=0.5, eval_sample_size=200,
+                      learning_rate=0.5, input=InputOptions(eval_sample_size=200),
                       monitor=MonitorConfig(**monitor))
     trainer = Trainer(cfg)
     return trainer, trainer.run()

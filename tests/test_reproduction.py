@@ -354,7 +354,7 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
         for s in trains:
             p = s.params
             assert (p["model"], p["learning_rate"], p["momentum"], p["weight_decay"],
-                    p["lr_schedule"], p["lr_decay_epochs"], p["epochs"], p["augment"]) == (
+                    p["lr_schedule"], p["lr_decay_epochs"], p["epochs"], p["input"]["augment"]) == (
                         "small_cnn", 0.1, 0.0, 0.0, "step", [50, 75], 100, "none")
     if name == "sweep_rm3_small_cnn_fashion_mnist.flags":
         assert sorted(stages) == ["data/noise_0.5", *sorted(
@@ -376,7 +376,7 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
         assert stages["data/noise_0.5"].params["noise"]["mode"] == "uniform"
         for s in trains:
             p = s.params
-            assert (p["model"], p["image_size"], p["learning_rate"], p["momentum"],
+            assert (p["model"], p["input"]["image_size"], p["learning_rate"], p["momentum"],
                     p["weight_decay"], p["lr_schedule"], p["lr_decay_epochs"], p["lr_decay_factor"],
                     p["epochs"]) == (model, [224, 224], 0.1, 0.0, 0.0, "step", [30, 60, 80], 0.1,
                                      90)

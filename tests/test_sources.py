@@ -99,7 +99,7 @@ def test_imagefolder_with_label_map(tmp_path):
     # Variable-size images need --image_size; then they come out at that size.
     with pytest.raises(ValueError, match="image_size"):
         Reader(InputConfig(str(out), batch_size=2))
-    reader = Reader(InputConfig(str(out), batch_size=2, image_size=(16, 16)))
+    reader = Reader.open(str(out), 2, image_size=(16, 16))
     batch = next(iter(reader.train_dataset(0, 1)))
     assert batch["image"].shape == (2, 16, 16, 3)
     assert len(list(reader.eval_subsets()["test"].unbatch())) == 3

@@ -20,6 +20,7 @@ from conftest import REPO, jpeg, parsed_flags, run_build, run_main, write_idx
 
 from cg_tf import train
 from cg_tf.data import records
+from cg_tf.data.reader import InputOptions
 from cg_tf.experiments import stages
 from cg_tf.measure import report
 from cg_tf.measure.monitor import MonitorConfig
@@ -33,7 +34,7 @@ from cg_tf.training.trainer import NonFiniteLoss, TrainConfig, Trainer
 def config(data_dir, model_dir, **kw):
     kw.setdefault("fc_widths", (16,))
     kw.setdefault("steps", 5)
-    kw.setdefault("eval_sample_size", 50)
+    kw.setdefault("input", InputOptions(eval_sample_size=50))
     return TrainConfig(data_dir=str(data_dir), model_dir=str(model_dir), **kw)
 
 
@@ -41,7 +42,7 @@ def config(data_dir, model_dir, **kw):
     ({"aggregator": Winsorized(c=50)}, "--aggregator=winsorized:50: need 0 <= 2c"),
     ({"aggregator": MedianOfMeans(k=7)}, "--aggregator=median_of_means:7: 7 groups do not"),
     ({"aggregator": RM3(), "momentum": 0.9}, "--aggregator=rm3: refuses --momentum=0.9"),
-    ({"batch_size": 100_000}, "--batch_size=100000 is larger"),
+    ({"batch_size": 100_000}, "--batch_size must be between 1 and the .* got 100000"),
 ])
 def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -62,15 +63,24 @@ def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides
     ({"steps": 0}, "--steps must be between 1 and 1,000,000,000, got 0"),
     ({"steps": 10 ** 20}, "--steps must be between 1 and 1,000,000,000"),
     ({"epochs": 0}, "--epochs must be between 1"),
-    ({"image_size": (0, 0)},
-     r"--image_size must be HEIGHT,WIDTH \(two positive integers\), got 0,0"),
-    ({"image_size": (8, 8, 8)}, "--image_size must be HEIGHT,WIDTH"),
 ])
 def test_bad_options_fail_when_the_config_is_made(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path / "data", tmp_path / "run", **overrides)
     with pytest.raises(ValueError, match="--eval_every must be positive"):
         MonitorConfig(eval_every=0)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"image_size": (0, 0)},
+     r"--image_size must be HEIGHT,WIDTH \(two positive integers\), got 0,0"),
+    ({"image_size": (8, 8, 8)}, "--image_size must be HEIGHT,WIDTH"),
+    ({"eval_sample_size": 0}, "--eval_sample_size must be positive, got 0"),
+    ({"augment": "mixup"}, "--augment must be one of none, flip"),
+])
+def test_bad_input_options_fail_when_made(options, message):
+    with pytest.raises(ValueError, match=message):
+        InputOptions(**options)
 
 
 def test_a_run_inside_its_dataset_is_refused(tmp_path):
@@ -97,7 +107,7 @@ def test_flags_are_read_into_the_config(args, message):
                       "--image_size=", "--eval_every=7", "--seed=3"):
         got = train.config_from_flags()
     assert got.aggregator == MedianOfMeans(k=4) and got.fc_widths == (8, 4)
-    assert got.image_size is None and got.monitor.eval_every == 7 and got.seed == 3
+    assert got.input.image_size is None and got.monitor.eval_every == 7 and got.seed == 3
     assert got.model_dir == "runs/train_demo"  # the default
 
 
@@ -316,7 +326,7 @@ def test_every_config_holds_the_papers_settings(path, monkeypatch):
     paper = parse_config(path)
     if "imagenet" in name:
         assert (paper.batch_size, paper.epochs, paper.learning_rate, paper.momentum,
-                paper.weight_decay, paper.augment, paper.lr_decay_epochs) == (
+                paper.weight_decay, paper.input.augment, paper.lr_decay_epochs) == (
                     256, 90, 0.1, 0, 0, "none", (30, 60, 80))
         assert paper.model == {"resnet": "resnet50", "inception": "inception_v3",
                                "vgg": "vgg16", "resnet18": "resnet18",

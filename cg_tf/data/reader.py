@@ -20,28 +20,46 @@ import keras
 import tensorflow as tf
 
 from cg_tf.data import records, verify
+from cg_tf.options import option
 
 AUGMENTATIONS = ("none", "flip", "flip_crop", "randaugment")
 
 
 @dataclasses.dataclass(frozen=True)
-class InputConfig:
-    data_dir: str
-    batch_size: int
-    seed: int = 0
-    image_size: tuple[int, int] | None = None
-    augment: str = "none"
-    shuffle_buffer: int = 10_000
-    cache_max_examples: int = 200_000
-    eval_sample_size: int = 1000
-    eval_batch_size: int = 500
+class InputOptions:
+    """How a run reads its dataset, beyond which one and in what batches: flags
+    of the command line (nested in cg_tf.training.trainer.TrainConfig)."""
+
+    image_size: tuple[int, int] | None = option(
+        None, "HEIGHT,WIDTH to resize images to (needed for image folders).")
+    augment: str = option("none", f"One of {', '.join(AUGMENTATIONS)}.")
+    eval_sample_size: int = option(1000, "Examples per evaluation subset.")
 
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, "
                              f"got {self.augment!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch_size must be positive, got {self.batch_size}")
+        if self.image_size is not None and (len(self.image_size) != 2
+                                            or min(self.image_size) < 1):
+            raise ValueError("--image_size must be HEIGHT,WIDTH (two positive integers), got "
+                             f"{','.join(map(str, self.image_size))}")
+        if self.eval_sample_size < 1:
+            raise ValueError(f"--eval_sample_size must be positive, got {self.eval_sample_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """A reader's whole configuration: the dataset, its global batch (checked
+    against the training split when the reader opens), the seed of its order,
+    the options, and buffer sizes no run needs to change."""
+
+    data_dir: str
+    batch_size: int
+    seed: int = 0
+    options: InputOptions = InputOptions()
+    shuffle_buffer: int = 10_000
+    cache_max_examples: int = 200_000
+    eval_batch_size: int = 500
 
 
 def _augmenter(name: str, image_shape: tuple[int, int, int], seed: int) -> keras.Sequential | None:
@@ -69,23 +87,23 @@ class Reader:
         self.num_classes = self.info.num_classes
         self.image_shape = self._output_shape()
         train = self.info.splits[records.TRAIN_SPLIT]
-        if train.num_examples < config.batch_size:
-            raise ValueError(f"--batch_size={config.batch_size} is larger than the "
-                             f"{train.num_examples} training examples of {config.data_dir}")
+        if not 1 <= config.batch_size <= train.num_examples:
+            raise ValueError(f"--batch_size must be between 1 and the {train.num_examples} "
+                             f"training examples of {config.data_dir}, got {config.batch_size}")
         self.steps_per_epoch = train.num_examples // config.batch_size
-        self._augment = _augmenter(config.augment, self.image_shape, config.seed)
+        self._augment = _augmenter(config.options.augment, self.image_shape, config.seed)
         self._cached = {}  # Decoded splits, in-memory tensors, evaluation subsets.
         verify.verify_dataset(config.data_dir, self.info)  # Once, before any batch.
 
     @classmethod
-    def open(cls, data_dir: str, batch_size: int = 100, **options) -> "Reader":
-        """The reader of `data_dir` for global batches of `batch_size` (other
-        InputConfig options by name)."""
-        return cls(InputConfig(data_dir, batch_size, **options))
+    def open(cls, data_dir: str, batch_size: int, seed: int = 0, **options) -> "Reader":
+        """The reader of `data_dir` for global batches of `batch_size`, in the
+        order of `seed` (InputOptions by name)."""
+        return cls(InputConfig(data_dir, batch_size, seed, InputOptions(**options)))
 
     def _output_shape(self) -> tuple[int, int, int]:
         h, w, c = self.info.image_shape
-        size = self.config.image_size
+        size = self.config.options.image_size
         if size is None:
             if h is None or w is None:
                 raise ValueError(f"{self.config.data_dir} has images of varying size: "
@@ -224,7 +242,7 @@ class Reader:
         clean / corrupt / either; test: the clean evaluation split, whole unless
         it exceeds `sample_size` times ten.
         """
-        n = sample_size or self.config.eval_sample_size
+        n = sample_size or self.config.options.eval_sample_size
         if ("eval", n) in self._cached:
             return self._cached[("eval", n)]
         train = self._decoded(records.TRAIN_SPLIT)

@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from cg_tf.data import build
-from cg_tf.data.reader import InputConfig, Reader
+from cg_tf.data.reader import InputConfig, InputOptions, Reader
 from cg_tf.data.sources import Source
 from cg_tf.experiments.runner import Stage
 from cg_tf.measure import metrics
@@ -81,7 +81,7 @@ def evaluation_reader(data_dir: str, image_size: tuple[int, int] | None = None,
                       batch_size: int = 500) -> Reader:
     """A reader of whole splits of a dataset directory, images resized as the
     model was trained (it caches small splits)."""
-    return Reader(InputConfig(data_dir, batch_size=1, image_size=image_size,
+    return Reader(InputConfig(data_dir, batch_size=1, options=InputOptions(image_size=image_size),
                               eval_batch_size=batch_size))
 
 

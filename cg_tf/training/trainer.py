@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from cg_tf.data import records
-from cg_tf.data.reader import AUGMENTATIONS, InputConfig, Reader, distribute
+from cg_tf.data.reader import InputConfig, InputOptions, Reader, distribute
 from cg_tf.measure import monitor
 from cg_tf.measure.callback import MonitorCallback
 from cg_tf.measure.monitor import Monitor, MonitorConfig
@@ -98,13 +98,10 @@ class TrainConfig:
     jit_compile: bool = option(False, "XLA-compile the train step.")
     mixed_precision: bool = option(False, "Compute in bfloat16 (variables stay float32).")
     deterministic: bool = option(False, "Seeded op determinism (reproducible resume).")
-    image_size: tuple[int, int] | None = option(
-        None, "HEIGHT,WIDTH to resize images to (needed for image folders).")
-    augment: str = option("none", f"One of {', '.join(AUGMENTATIONS)}.")
     checkpoint_every: int = option(200, "Steps between checkpoints.")
     log_every: int = option(50, "Steps between training summaries (and progress lines, at "
                                 "most one per 10 s).")
-    eval_sample_size: int = option(1000, "Examples per evaluation subset.")
+    input: InputOptions = InputOptions()
     monitor: MonitorConfig = MonitorConfig()
 
     def __post_init__(self):
@@ -136,16 +133,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= most:
                 raise ValueError(f"--{name} must be between 1 and {most:,}, got {value}")
-        if self.image_size is not None and (len(self.image_size) != 2
-                                            or min(self.image_size) < 1):
-            raise ValueError("--image_size must be HEIGHT,WIDTH (two positive integers), got "
-                             f"{','.join(map(str, self.image_size))}")
         if self.data_dir and self.model_dir and _within(self.model_dir, self.data_dir):
             raise ValueError(f"--model_dir={self.model_dir} is inside --data_dir="
                              f"{self.data_dir}: a run's files would mix with the dataset's")
         check_bn_mode(self.bn_mode)
         check_chunk(self.per_example_chunk)
-        for name in ("batch_size", "checkpoint_every", "log_every", "eval_sample_size"):
+        for name in ("batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
 
@@ -200,11 +193,9 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int, total_steps: int):
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def _reader(config: TrainConfig, batch_size: int) -> Reader:
+def _reader(config: TrainConfig) -> Reader:
     try:
-        return Reader(InputConfig(config.data_dir, batch_size, seed=config.seed,
-                                  image_size=config.image_size, augment=config.augment,
-                                  eval_sample_size=config.eval_sample_size))
+        return Reader(InputConfig(config.data_dir, config.batch_size, config.seed, config.input))
     except records.DatasetError as e:
         raise ValueError(f"--data_dir: {e}") from e
 
@@ -311,7 +302,7 @@ class Trainer:
         replicas = self.strategy.num_replicas_in_sync
         check_layout(config.aggregator, config.batch_size, replicas, config.momentum,
                      config.per_example_chunk)
-        self.reader = _reader(config, config.batch_size)
+        self.reader = _reader(config)
         spe = self.reader.steps_per_epoch
         self.total_steps = config.steps or config.epochs * spe
         self.architecture = describe(config.model, self.reader.image_shape,
