@@ -21,13 +21,9 @@ ONLY = flags.DEFINE_string("only", None, "Run only the stages whose names match 
 SOURCE = flags.DEFINE_string("source", "digits", f"One of {', '.join(SOURCE_KINDS)}.")
 NOISE_MODE = flags.DEFINE_enum("noise_mode", "uniform", list(NOISE_MODES),
                                "How corrupt labels are drawn.")
-NUM_SHARDS = flags.DEFINE_integer("num_shards", 4, "Shard files per split.")
-TRAIN_EXAMPLES = flags.DEFINE_integer(
-    "train_examples", None, "Keep only this many training examples (those whose ids hash "
-    "lowest for --seed: the same choice on any runner); default: all.")
-MAX_REJECT = flags.DEFINE_float("max_reject_fraction", 0.0,
-                                "Fail if more than this fraction of records is rejected.")
-COMPRESS = flags.DEFINE_bool("gzip", False, "Write gzipped TFRecord shards (.gz).")
+# The build's own options: a flag per BuildConfig field with help text.
+PROGRAM_OWN = ("output_dir", "noise", "overwrite")
+common_flags.define(build.BuildConfig, skip=PROGRAM_OWN)
 TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir for tfds: sources.")
 TFDS_MANUAL_DIR = flags.DEFINE_string("tfds_manual_dir", None,
                                       "TFDS manual dir (e.g. the ImageNet tar files).")
@@ -40,11 +36,9 @@ def source() -> Source:
 def build_config(output_dir: str, rate: float, seed: int, overwrite: bool = False
                  ) -> build.BuildConfig:
     """The build these flags ask for, at noise `rate` (raises naming the flag)."""
-    return build.BuildConfig(
-        output_dir=output_dir, noise=NoiseSpec(NOISE_MODE.value, rate, seed),
-        num_shards=NUM_SHARDS.value, max_reject_fraction=MAX_REJECT.value,
-        compression="GZIP" if COMPRESS.value else None, overwrite=overwrite,
-        train_examples=TRAIN_EXAMPLES.value)
+    return common_flags.from_flags(build.BuildConfig, {
+        "output_dir": output_dir, "noise": NoiseSpec(NOISE_MODE.value, rate, seed),
+        "overwrite": overwrite})
 
 
 def unknown_beam_args(args: list[str]) -> list[str]:

@@ -74,7 +74,7 @@ def test_info_holds_a_count_and_digest_per_shard(digits_dir):
 
 
 def test_gzip_shards_have_the_digests_of_their_records(digits_dir, tmp_path):
-    info = run_build(tmp_path, compression="GZIP")
+    info = run_build(tmp_path, gzip=True)
     plain = records.load_info(digits_dir)
     def digests(split_info):
         return [v for _, v in sorted(split_info.shards.items())]
@@ -181,7 +181,7 @@ def test_flipped_byte_names_the_file_and_record(digits_dir, tmp_path):
 
 def test_flipped_byte_in_a_gzip_shard_names_the_file(digits_dir, tmp_path):
     out = tmp_path / "gz"
-    run_build(out, compression="GZIP")
+    run_build(out, gzip=True)
     path = out / (SHARD + ".gz")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x10
@@ -323,7 +323,7 @@ def test_overwrite_keeps_a_user_entry_named_like_a_build_file(tmp_path, name):
 
 def test_overwrite_replaces_a_build_with_other_shards(tmp_path):
     run_build(tmp_path, num_shards=3)
-    run_build(tmp_path, num_shards=2, overwrite=True, compression="GZIP")
+    run_build(tmp_path, num_shards=2, overwrite=True, gzip=True)
     assert sorted(os.listdir(tmp_path)) == sorted(
         [records.INFO_FILE, "rejected.jsonl", build.MANIFEST_FILE]
         + [records.shard_name(s, i, 2, "GZIP") for s in ("train", "test") for i in range(2)])

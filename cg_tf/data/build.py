@@ -26,6 +26,7 @@ from cg_tf.data import records
 from cg_tf.data.beam import noisy_labels
 from cg_tf.data.noise import NoiseSpec
 from cg_tf.data.sources import Source, make_source
+from cg_tf.options import option
 from cg_tf.storage import rundir
 
 MANIFEST_FILE = "build_manifest.json"
@@ -37,13 +38,25 @@ class BuildError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
+    """A dataset build. The pipelines' flags are the fields with help text
+    (cg_tf.options); the output directory, the noise and --overwrite are each
+    program's own (a sweep builds one dataset per noise rate in its stages)."""
+
     output_dir: str
     noise: NoiseSpec = NoiseSpec()
-    num_shards: int = 4
-    max_reject_fraction: float = 0.0
-    compression: str | None = None
+    num_shards: int = option(4, "Shard files per split.")
+    max_reject_fraction: float = option(
+        0.0, "Fail if more than this fraction of records is rejected.")
+    gzip: bool = option(False, "Write gzipped TFRecord shards (.gz).")
     overwrite: bool = False
-    train_examples: int | None = None  # keep this many training examples (stable choice)
+    train_examples: int | None = option(
+        None, "Keep only this many training examples (those whose ids hash lowest for --seed: "
+        "the same choice on any runner); default: all.")
+
+    @property
+    def compression(self) -> str | None:
+        """The shards' TFRecord compression type."""
+        return "GZIP" if self.gzip else None
 
     def __post_init__(self):
         if self.num_shards < 1:
@@ -51,8 +64,6 @@ class BuildConfig:
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise BuildError(f"--max_reject_fraction must be in [0, 1], got "
                              f"{self.max_reject_fraction}")
-        if self.compression not in (None, "GZIP"):
-            raise BuildError(f"compression must be None or 'GZIP', got {self.compression!r}")
         if self.train_examples is not None and self.train_examples < 1:
             raise BuildError(f"--train_examples must be positive, got {self.train_examples}")
 
