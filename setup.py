@@ -29,9 +29,11 @@ setuptools.setup(
         "memorization = cg_tf.tensorboard_plugin.plugin:MemorizationPlugin"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # The tests build a Dataflow job (dry run), which needs Beam's GCP clients, and
-        # drive Debian's chromium through selenium (the browser test of the plugin).
-        "test": ["pytest>=8", "apache-beam[gcp,tfrecord]==2.77.*", "selenium>=4.20"],
+        # The tests build a Dataflow job (dry run), which needs Beam's GCP clients,
+        # drive Debian's chromium through selenium (the browser test of the plugin)
+        # and run tools.benchmark.
+        "test": ["pytest>=8", "apache-beam[gcp,tfrecord]==2.77.*", "selenium>=4.20",
+                 "psutil>=5.9"],
         # tools.benchmark samples the process's resident memory.
         "benchmark": ["psutil>=5.9"],
         "gcp": ["apache-beam[gcp,tfrecord]==2.77.*"],

@@ -9,6 +9,10 @@ busy machine (the ratio of both columns is to plain SGD without XLA). Peak
 memory is what a step allocates: the largest growth of the process's resident
 memory during two steps after warm-up (without XLA), over its live memory
 before them (the model, its state and the compiled program).
+
+A loaded machine slows the plain step more than a robust one and flatters the
+ratios: the table records the 1-minute load average before and after each
+model and warns when either is above LOAD_WARNING (quiet: nothing else running).
 """
 
 import ctypes
@@ -43,6 +47,17 @@ SETUPS = {
     "cifar_resnet18": ("cifar_resnet18", (), (32, 32, 3), 128, 16, 3),
 }
 LABELS = {"fc": "fc 784-2048-10", "fc3": "fc 784-256-256-256-10"}
+# A 1-minute load average above this while timing means something else ran.
+LOAD_WARNING = 1.0
+
+
+def load_warning(model: str, before: float, after: float) -> str | None:
+    """The warning for a model timed on a busy machine, or None."""
+    if max(before, after) <= LOAD_WARNING:
+        return None
+    return (f"warning: {model} was timed at a load average of {before:.2f} before and "
+            f"{after:.2f} after (above {LOAD_WARNING:g}): something else ran, and its "
+            "ratios to plain SGD are flattered; time it again on a quiet machine")
 
 
 def _release_freed_memory():
@@ -152,18 +167,22 @@ def main(_):
             aggregators.parse(spec, "--aggregators")
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    rows = []
+    rows, warnings = [], []
     for name in _MODELS.value:
         if name not in SETUPS:
             raise app.UsageError(f"--models: unknown model {name!r} (one of {', '.join(SETUPS)})")
         print(f"timing {name} ...", file=sys.stderr, flush=True)
+        before = os.getloadavg()[0]
         out = subprocess.run(
             [sys.executable, "-m", "tools.benchmark", f"--one_model={name}",
              f"--aggregators={','.join(_AGGREGATORS.value)}", f"--steps={_STEPS.value}",
              f"--jit={_JIT.value}"],
             stdout=subprocess.PIPE, text=True, check=True,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        rows += json.loads(out.stdout.strip().splitlines()[-1])
+        after = os.getloadavg()[0]
+        rows += [{**r, "load_before": before, "load_after": after}
+                 for r in json.loads(out.stdout.strip().splitlines()[-1])]
+        warnings += [w for w in [load_warning(name, before, after)] if w]
     print(f"{'model':<22}{'batch':>6}  {'aggregator':<22}{'step ms':>9}{'x SGD':>8}"
           f"{'XLA ms':>9}{'x SGD':>8}{'peak MB':>9}")
     for r in rows:
@@ -178,6 +197,11 @@ def main(_):
             xla = f"{r['jit_step_seconds'] * 1000:>9.1f}{r['jit_ratio_to_sgd']:>8.1f}"
         print(f"{r['model']:<22}{r['batch']:>6}  {label:<22}{r['step_seconds'] * 1000:>9.1f}"
               f"{r['ratio_to_sgd']:>8.1f}{xla or ' ' * 17}{r['peak_mb']:>9.0f}")
+    for name in dict.fromkeys(r["model"] for r in rows):
+        r = next(x for x in rows if x["model"] == name)
+        print(f"{name}: load average {r['load_before']:.2f} before, {r['load_after']:.2f} after")
+    for w in warnings:
+        print(w, file=sys.stderr)
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,0 +1,28 @@
+"""tools.benchmark: the table it prints and writes, with the load average it ran at."""
+
+import json
+import subprocess
+import sys
+
+from tools import benchmark
+
+
+def test_the_benchmark_warns_of_a_busy_machine():
+    assert benchmark.load_warning("fc", 0.3, 0.9) is None
+    warning = benchmark.load_warning("small_cnn", 0.5, 2.25)
+    assert "small_cnn was timed at a load average of 0.50 before and 2.25 after" in warning
+
+
+def test_the_benchmark_times_sgd_and_an_aggregator_and_records_the_load(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.benchmark", "--models=fc3",
+         "--aggregators=mean,winsorized:4", "--steps=2", "--nojit", f"--json={out}"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["aggregator"] for r in rows] == ["mean", "winsorized"]
+    for r in rows:
+        assert r["step_seconds"] > 0 and r["load_before"] >= 0 and r["load_after"] >= 0
+    assert rows[0]["ratio_to_sgd"] == 1.0
+    assert "fc 784-256-256-256-10: load average" in done.stdout
