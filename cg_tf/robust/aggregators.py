@@ -1,17 +1,10 @@
 """The aggregators: one small class each, one interface, one registry.
 
 An aggregator turns a train step's batch into the update direction, over the
-examples of the *global* batch, the same on every replica:
-
-  Mean()              the ordinary batch gradient
-  Winsorized(c)       per coordinate, the mean with the c largest and c smallest
-                      values clipped to the (c+1)-th (exact with ties)
-  Trimmed(c)          per coordinate, the mean of the B - 2c middle values
-  Median()            per coordinate, the median (mean of the two middle values)
-  MedianOfMeans(k)    the batch in k consecutive groups; per coordinate, the
-                      median of the group means (k = 3: M3)
-  RM3(), RA3()        the median (mean) of this step's batch gradient and the
-                      two before; no update on the first two steps
+examples of the *global* batch, the same on every replica: Mean (the ordinary
+batch gradient), Winsorized(c), Trimmed(c), Median, MedianOfMeans(k) (M3 is
+k = 3), RM3 and RA3. docs/DESIGN.md, section 5, defines each one's update
+exactly (each class's docstring says it in brief).
 
 Their names and parameters read and print as `name` or `name:value`
 (`winsorized:4`, `median_of_means:3`): `parse`, `Aggregator.spec`. Adding an
@@ -178,6 +171,8 @@ class Aggregator:
 @register
 @dataclasses.dataclass(frozen=True)
 class Mean(Aggregator):
+    """The ordinary batch gradient (plain SGD)."""
+
     name: ClassVar[str] = "mean"
 
 
@@ -251,6 +246,9 @@ class CutAtC(OrderStatistic):
 @register
 @dataclasses.dataclass(frozen=True)
 class Winsorized(CutAtC):
+    """Per coordinate, the mean with the c largest and c smallest values clipped
+    to the (c+1)-th (exactly c per side, ties too); c = 0 is the mean."""
+
     name: ClassVar[str] = "winsorized"
 
     def from_thresholds(self, total, lo, hi, ranks, n):
@@ -266,6 +264,8 @@ class Winsorized(CutAtC):
 @register
 @dataclasses.dataclass(frozen=True)
 class Trimmed(CutAtC):
+    """Per coordinate, the mean of the B - 2c middle values."""
+
     name: ClassVar[str] = "trimmed"
 
 
@@ -414,6 +414,9 @@ def mean3_after_two(gs: list, older: list, oldest: list, ready: tf.Tensor) -> li
 @register
 @dataclasses.dataclass(frozen=True)
 class RM3(Temporal):
+    """The elementwise median of this step's batch gradient and the two before;
+    no update on the first two steps."""
+
     name: ClassVar[str] = "rm3"
     combine = staticmethod(median3_after_two)
 
@@ -421,6 +424,8 @@ class RM3(Temporal):
 @register
 @dataclasses.dataclass(frozen=True)
 class RA3(Temporal):
+    """The mean of this step's batch gradient and the two before (RM3's control)."""
+
     name: ClassVar[str] = "ra3"
     combine = staticmethod(mean3_after_two)
 
