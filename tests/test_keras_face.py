@@ -14,8 +14,8 @@ from conftest import REPO, two_replicas
 from cg_tf.measure import metrics, report, tags
 from cg_tf.measure.callback import MemorizationCallback
 from cg_tf.measure.monitor import LEARNING_EVENTS, MonitorConfig
-from cg_tf.robust.aggregators import Mean, Median, Winsorized
-from cg_tf.training.robust_model import RobustModel
+from cg_tf.robust.aggregators import RM3, Mean, Median, MedianOfMeans, Trimmed, Winsorized
+from cg_tf.training.robust_model import NonFiniteLoss, RobustModel
 
 B, C, D = 12, 3, 5
 
@@ -73,7 +73,7 @@ def test_fit_takes_the_readers_dicts_and_evaluate_averages_the_whole_set():
 @pytest.mark.parametrize("make,message", [
     (lambda ds: ds.batch(B), "batch size is not static; batch it with drop_remainder=True"),
     (lambda ds: ds.batch(4, drop_remainder=True),
-     re.escape("--aggregator=winsorized:2: need 0 <= 2c < --batch_size=4")),
+     re.escape("RobustModel's aggregator=winsorized:2: need 0 <= 2c < --batch_size=4")),
 ])
 def test_fit_refuses_what_the_aggregator_cannot_run_before_training(make, message):
     x, y = data(0, 4 * B)
@@ -84,6 +84,113 @@ def test_fit_refuses_what_the_aggregator_cannot_run_before_training(make, messag
         model.fit(make(tf.data.Dataset.from_tensor_slices((x, y))), epochs=1, verbose=0)
     for a, v in zip(before, model.net.trainable_variables):
         np.testing.assert_array_equal(a, v.numpy())
+
+
+def plain_keras_fit(loss, optimizer, x, y, batch):
+    """Weights after Keras' own fit of the seed-0 net: the reference for the mean."""
+    model = net()
+    model.compile(optimizer=optimizer, loss=loss)
+    model.fit(x, y, batch_size=batch, shuffle=False, epochs=1, verbose=0)
+    return [v.numpy() for v in model.trainable_variables]
+
+
+def soft_squared_error(y, logits):
+    """A custom per-example loss of one-hot labels and logits."""
+    return tf.reduce_sum((tf.nn.softmax(logits) - y) ** 2, axis=-1)
+
+
+@pytest.mark.parametrize("aggregator", [Mean(), Winsorized(c=0)], ids=str)
+@pytest.mark.parametrize("loss,one_hot", [
+    (lambda: keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2), True),
+    (lambda: soft_squared_error, True),
+    (lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True), False),
+], ids=["smoothed_one_hot", "custom_function", "sparse"])
+def test_any_loss_and_optimizer_give_kerass_own_update_under_the_mean(aggregator, loss, one_hot):
+    # The mean of per-example gradients (winsorized with c = 0 goes through the
+    # per-example layer rules) of any loss, applied by Adam, is what Keras' own
+    # fit does with that loss and Adam.
+    x, y = data(0, 3 * B)
+    labels = np.eye(C, dtype=np.float32)[y] if one_hot else y
+    model = RobustModel(net(), aggregator)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=loss())
+    model.fit(x, labels, batch_size=B, shuffle=False, epochs=1, verbose=0)
+    want = plain_keras_fit(loss(), keras.optimizers.Adam(0.01), x, labels, B)
+    for got, w in zip(model.net.trainable_variables, want):
+        np.testing.assert_allclose(got.numpy(), w, rtol=1e-5, atol=1e-6)
+    got = model.evaluate(x, labels, batch_size=5, return_dict=True, verbose=0)
+    assert got["loss"] == pytest.approx(float(keras.ops.mean(
+        gradients_loss(loss())(labels, model.net(x)))), rel=1e-5)
+
+
+def gradients_loss(loss):
+    from cg_tf.robust.gradients import per_example_loss
+    return per_example_loss(loss)
+
+
+def test_fit_takes_arrays_and_leaves_out_the_last_partial_batch(capsys):
+    x, y = data(1, 1400)
+    model = RobustModel(net(), Winsorized(c=2))
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    history = model.fit(x, y, batch_size=64, epochs=2, verbose=0, validation_split=0.1)
+    assert len(history.history["loss"]) == 2 and "val_accuracy" in history.history
+    # 1,260 training examples after the split: 19 batches of 64, 44 left out.
+    assert "44 of the 1260 examples do not fill a batch of 64" in capsys.readouterr().err
+    # Unshuffled, the same weights as the dataset of whole batches gives.
+    same = [RobustModel(net(), Winsorized(c=2)) for _ in range(2)]
+    for m in same:
+        m.compile(optimizer=keras.optimizers.SGD(0.1))
+    same[0].fit(x[:100], y[:100], batch_size=B, shuffle=False, verbose=0)
+    same[1].fit(tf.data.Dataset.from_tensor_slices((x[:100], y[:100])).batch(
+        B, drop_remainder=True), verbose=0)
+    for a, b in zip(*(m.net.trainable_variables for m in same)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("aggregator,optimizer,message", [
+    (RM3(), lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+     "aggregator=rm3: refuses SGD's momentum=0.9: the papers found momentum unstable"),
+    (RM3(), lambda: keras.optimizers.Adam(0.01), "aggregator=rm3: refuses Adam's beta_1=0.9"),
+    (MedianOfMeans(k=5), lambda: keras.optimizers.RMSprop(0.01, momentum=0.5),
+     "aggregator=median_of_means:5: refuses RMSprop's momentum=0.5"),
+    (Trimmed(c=25), lambda: keras.optimizers.SGD(0.1),
+     re.escape("aggregator=trimmed:25: need 0 <= 2c < --batch_size=50")),
+    (MedianOfMeans(k=7), lambda: keras.optimizers.SGD(0.1), "7 groups do not divide"),
+])
+def test_fit_applies_the_command_lines_rules(aggregator, optimizer, message):
+    x, y = data(0, 200)
+    model = RobustModel(net(), aggregator)
+    model.compile(optimizer=optimizer())
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, batch_size=50, verbose=0)
+
+
+def test_fit_refuses_weights_and_labels_it_cannot_use():
+    x, y = data(0, 4 * B)
+    model = RobustModel(net(), Winsorized(c=1))
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    before = [v.numpy() for v in model.net.trainable_variables]
+    for kwargs in ({"sample_weight": np.zeros(4 * B)}, {"class_weight": {0: 1.0, 1: 2.0}}):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} is refused: the aggregator "
+                                             "alone weighs the examples"):
+            model.fit(x, y, batch_size=B, verbose=0, **kwargs)
+    weighted = tf.data.Dataset.from_tensor_slices((x, y, np.zeros(4 * B, np.float32)))
+    with pytest.raises(ValueError, match="the data carry sample weights"):
+        model.fit(weighted.batch(B, drop_remainder=True), verbose=0)
+    with pytest.raises(ValueError, match=r"the labels are float32 of shape \[12\]; the default "
+                                         "loss takes integer class labels"):
+        model.fit(x, y.astype(np.float32) + 0.5, batch_size=B, verbose=0)
+    with pytest.raises(ValueError, match="compile: metrics is not supported"):
+        model.compile(optimizer="sgd", metrics=["accuracy"])
+    for a, v in zip(before, model.net.trainable_variables):
+        np.testing.assert_array_equal(a, v.numpy())
+
+
+def test_a_non_finite_loss_stops_fit():
+    x, y = data(0, 4 * B)
+    model = RobustModel(net(), Mean())
+    model.compile(optimizer=keras.optimizers.SGD(1e35))  # the weights overflow at once
+    with pytest.raises(NonFiniteLoss, match=r"the loss is (nan|inf) at batch 1 of the epoch"):
+        model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
 
 
 def test_an_aggregator_must_be_an_object():

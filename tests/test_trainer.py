@@ -13,6 +13,7 @@ import sys
 import time
 from typing import ClassVar
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -42,6 +43,10 @@ def config(data_dir, model_dir, **kw):
     ({"aggregator": Winsorized(c=50)}, "--aggregator=winsorized:50: need 0 <= 2c"),
     ({"aggregator": MedianOfMeans(k=7)}, "--aggregator=median_of_means:7: 7 groups do not"),
     ({"aggregator": RM3(), "momentum": 0.9}, "--aggregator=rm3: refuses --momentum=0.9"),
+    ({"aggregator": RM3(), "optimizer": "adam"},
+     "--aggregator=rm3: refuses --optimizer=adam, whose beta_1=0.9"),
+    ({"optimizer": "adam", "momentum": 0.9}, "--momentum applies to --optimizer=sgd, not adam"),
+    ({"optimizer": "lion"}, "--optimizer must be one of sgd, adam, got 'lion'"),
     ({"batch_size": 100_000}, "--batch_size must be between 1 and the .* got 100000"),
 ])
 def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides, message):
@@ -175,6 +180,20 @@ def test_restore_net_gives_the_final_weights_of_a_run(digits_dir, tmp_path):
     for a, b in zip(net.weights, trainer.net.weights):  # BatchNorm's moving statistics too
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     assert not np.array_equal(net.weights[0].numpy(), Trainer(cfg).net.weights[0].numpy())
+
+
+def test_optimizer_adam_trains_and_checkpoints_its_moments(digits_dir, tmp_path):
+    trainer = Trainer(config(digits_dir, tmp_path / "run", optimizer="adam",
+                             learning_rate=0.01))
+    assert isinstance(trainer.optimizer, keras.optimizers.Adam)
+    before = [v.numpy() for v in trainer.net.trainable_variables]
+    trainer.run()
+    assert any(not np.array_equal(a, v.numpy())
+               for a, v in zip(before, trainer.net.trainable_variables))
+    state = final_state(tmp_path / "run")
+    # Adam's first and second moments of each variable (SGD without momentum has none).
+    slots = [n for n in state if n.startswith("optimizer/_variables/")]
+    assert len(slots) == 2 * len(before), sorted(state)
 
 
 def final_state(model_dir):

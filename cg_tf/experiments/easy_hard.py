@@ -27,8 +27,7 @@ from cg_tf.measure import report, tags
 from cg_tf.measure.monitor import LEARNED_IDS, NOT_LEARNED_IDS
 from cg_tf.robust.aggregators import Mean
 from cg_tf.storage import files
-from cg_tf.training.robust_model import check_layout
-from cg_tf.training.trainer import TrainConfig
+from cg_tf.training.trainer import TrainConfig, check_run_layout
 
 SETS = ("easy", "hard")
 PARTS = ("train", "heldout")
@@ -119,7 +118,7 @@ def pipeline(source: Source, build_config: build.BuildConfig, beam_args: list[st
     clean = dataclasses.replace(build_config,
                                 noise=dataclasses.replace(build_config.noise, rate=0.0))
     first = dataclasses.replace(train, aggregator=Mean(), epochs=first_epochs, steps=None)
-    check_layout(train.aggregator, train.batch_size, 1, train.momentum, train.per_example_chunk)
+    check_run_layout(train, 1)
     return [stages.dataset_stage("data/clean", source, clean, beam_args),
             stages.train_stage("first_training", "data/clean", first),
             split_stage(sizes, build_config.noise.seed, build_config.num_shards, beam_args),

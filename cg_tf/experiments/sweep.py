@@ -31,8 +31,7 @@ from cg_tf.experiments.stages import dataset_stage, train_stage
 from cg_tf.measure import report, tags
 from cg_tf.robust.aggregators import Aggregator
 from cg_tf.storage import files
-from cg_tf.training.robust_model import check_layout
-from cg_tf.training.trainer import TrainConfig
+from cg_tf.training.trainer import TrainConfig, check_run_layout
 
 RESULTS = ("pristine_accuracy", "corrupt_accuracy", "corrupt_true_label_accuracy",
            "test_accuracy", "adjusted_overfit")
@@ -77,8 +76,7 @@ def stages(source: Source, build_config: build.BuildConfig, beam_args: list[str]
                                      noise=dataclasses.replace(build_config.noise, rate=rate))
         out.append(dataset_stage(data_stage_name(rate), source, config, beam_args))
     for p in points:
-        check_layout(p.aggregator, train.batch_size, 1, train.momentum,
-                     train.per_example_chunk, flag="--aggregators")
+        check_run_layout(dataclasses.replace(train, aggregator=p.aggregator), 1, "--aggregators")
         out.append(train_stage(f"runs/{p.name}", data_stage_name(p.noise_rate),
                                dataclasses.replace(train, aggregator=p.aggregator, seed=p.seed)))
     return out

@@ -25,7 +25,7 @@ from cg_tf.data.reader import Reader
 from cg_tf.measure import tags
 from cg_tf.measure.monitor import Monitor, MonitorConfig
 from cg_tf.robust.aggregators import Mean
-from cg_tf.robust.gradients import DEFAULT_BN_MODE
+from cg_tf.robust.gradients import DEFAULT_BN_MODE, example_losses
 
 
 class MonitorCallback(keras.callbacks.Callback):
@@ -89,7 +89,8 @@ class MemorizationCallback(MonitorCallback):
                           self.reader.config.batch_size, self.config,
                           tf.summary.create_file_writer(self.log_dir),
                           bn_mode=getattr(self.model, "bn_mode", DEFAULT_BN_MODE),
-                          chunk=getattr(self.model, "per_example_chunk", None))
+                          chunk=getattr(self.model, "per_example_chunk", None),
+                          loss=getattr(getattr(self.model, "source", None), "loss", example_losses))
         monitor.write_run_config({"model": net.name})
         self.attach(monitor, epochs * steps)
 

@@ -28,7 +28,7 @@ from cg_tf.measure.health import Health
 from cg_tf.measure.probe import Probe
 from cg_tf.options import option
 from cg_tf.robust.aggregators import Aggregator
-from cg_tf.robust.gradients import DEFAULT_BN_MODE
+from cg_tf.robust.gradients import DEFAULT_BN_MODE, example_losses
 from cg_tf.storage import files
 
 LEARNED_IDS = "learned_ids.txt"
@@ -139,7 +139,7 @@ def _probe_sample(mixed: tf.data.Dataset, size: int) -> dict[str, tf.Tensor] | N
 class Monitor:
     def __init__(self, net, reader: Reader, aggregator: Aggregator, batch_size: int,
                  config: MonitorConfig, writer, bn_mode: str = DEFAULT_BN_MODE,
-                 chunk: int | None = None):
+                 chunk: int | None = None, loss=example_losses):
         self.net, self.reader, self.config, self.writer = net, reader, config, writer
         subsets = reader.eval_subsets()
         self.top5 = reader.num_classes > 10
@@ -153,7 +153,7 @@ class Monitor:
         size = batch_size if config.probe_size is None else config.probe_size
         sample = _probe_sample(self.subsets["mixed"], size) if size else None
         if sample is not None:
-            self.probe = Probe(net, aggregator, sample, batch_size, chunk, bn_mode)
+            self.probe = Probe(net, aggregator, sample, batch_size, chunk, bn_mode, loss)
         elif size:
             logging.warning("no probe: the mixed subset has fewer than %d examples", size)
         self.seconds = {"eval": 0.0, "probe": 0.0}

@@ -28,7 +28,7 @@ import tensorflow as tf
 from cg_tf.measure import metrics, tags
 from cg_tf.robust import order_stats
 from cg_tf.robust.aggregators import Aggregator
-from cg_tf.robust.gradients import DEFAULT_BN_MODE, GradientSource, chunk_size
+from cg_tf.robust.gradients import DEFAULT_BN_MODE, GradientSource, chunk_size, example_losses
 
 
 def layer_of(variable, net_name: str) -> str:
@@ -43,14 +43,15 @@ class Probe:
     """Measures the probe sample `x, y, is_corrupt` for `net` trained with `aggregator`."""
 
     def __init__(self, net, aggregator: Aggregator, sample: dict[str, tf.Tensor],
-                 batch_size: int, chunk: int | None = None, bn_mode: str = DEFAULT_BN_MODE):
+                 batch_size: int, chunk: int | None = None, bn_mode: str = DEFAULT_BN_MODE,
+                 loss=example_losses):
         self.x = tf.convert_to_tensor(sample["image"])
         self.y = tf.convert_to_tensor(sample["label"])
         self.pristine = 1.0 - tf.cast(sample["is_corrupt"], tf.float32)
         self.size = int(self.x.shape[0])
         self.aggregator = aggregator
         self.chunk = chunk if chunk and self.size % chunk == 0 else None
-        self.source = GradientSource(net, bn_mode)
+        self.source = GradientSource(net, bn_mode, loss)  # the loss the model trains with
         self.layers = sorted({layer_of(v, net.name) for v in self.source.variables})
         self._layer_index = [self.layers.index(layer_of(v, net.name))
                              for v in self.source.variables]

@@ -134,15 +134,19 @@ class Aggregator:
 
     # -- checks ------------------------------------------------------------------
 
-    def check(self, global_batch: int, replicas: int = 1, momentum: float = 0.0) -> None:
-        """Raises ValueError for a batch layout or optimizer it cannot run with (the
-        caller names the flag that chose this aggregator)."""
+    def check(self, global_batch: int, replicas: int = 1) -> None:
+        """Raises ValueError for a batch layout it cannot run with (the caller
+        names the flag that chose this aggregator)."""
         if global_batch % replicas:
             raise ValueError(f"--batch_size={global_batch} is not divisible by the "
                              f"{replicas} replicas")
+
+    def check_momentum(self, momentum: float, name: str = "--momentum") -> None:
+        """Raises ValueError for an optimizer's momentum (`name` what it is
+        called: --momentum, Adam's beta_1) this aggregator refuses."""
         if momentum and not self.allows_momentum:
-            raise ValueError(f"refuses --momentum={momentum}: the papers found momentum "
-                             "unstable with it; use --momentum=0")
+            raise ValueError(f"refuses {name}={momentum:g}: the papers found momentum "
+                             "unstable with it; train without momentum")
 
     # -- the train step ----------------------------------------------------------
 
@@ -237,8 +241,8 @@ class CutAtC(OrderStatistic):
     def cut_at(self, n: int) -> int:
         return self.c
 
-    def check(self, global_batch, replicas=1, momentum=0.0):
-        super().check(global_batch, replicas, momentum)
+    def check(self, global_batch, replicas=1):
+        super().check(global_batch, replicas)
         if not 0 <= 2 * self.c < global_batch:
             raise ValueError(f"need 0 <= 2c < --batch_size={global_batch}")
 
@@ -307,8 +311,8 @@ class MedianOfMeans(Aggregator):
     per_example: ClassVar[bool] = True
     allows_momentum: ClassVar[bool] = False
 
-    def check(self, global_batch, replicas=1, momentum=0.0):
-        super().check(global_batch, replicas, momentum)
+    def check(self, global_batch, replicas=1):
+        super().check(global_batch, replicas)
         if self.k < 1 or global_batch % self.k:
             raise ValueError(f"{self.k} groups do not divide --batch_size={global_batch}")
 

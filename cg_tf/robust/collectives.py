@@ -3,9 +3,19 @@
 import tensorflow as tf
 
 
+def label_classes(labels: tf.Tensor, outputs_rank: int) -> tf.Tensor:
+    """The class of each label: itself for integer class labels (shape [B] or
+    [B, 1]), the argmax for one-hot or soft labels (the rank of the outputs)."""
+    if labels.shape.rank == outputs_rank and labels.shape[-1] != 1:
+        return tf.argmax(labels, -1, output_type=tf.int32)
+    return tf.reshape(tf.cast(labels, tf.int32), [-1])
+
+
 def tally(labels: tf.Tensor, losses: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    """[sum of losses, number of correct predictions] of some examples."""
-    correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32))
+    """[sum of losses, number of correct predictions] of some examples, with
+    integer class labels or one-hot (soft) ones."""
+    correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
+                       label_classes(labels, logits.shape.rank))
     return tf.stack([tf.reduce_sum(losses), tf.reduce_sum(tf.cast(correct, tf.float32))])
 
 

@@ -21,6 +21,8 @@ so two semantics are offered:
 Models without BatchNormalization get the same gradients either way.
 """
 
+from collections.abc import Callable
+
 import keras
 import tensorflow as tf
 from absl import logging
@@ -35,9 +37,32 @@ DEFAULT_BN_MODE = BN_MODES[0]
 
 
 def example_losses(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    """Per-example softmax cross-entropy of integer labels and logits (float32)."""
+    """Per-example softmax cross-entropy of integer labels and logits (float32):
+    the loss of the command lines and of RobustModel unless compiled with another."""
     return tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+
+
+def per_example_loss(loss) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """A function (labels, outputs) -> one float32 loss per example, from what
+    Keras' compile takes as a loss: None (`example_losses`), a keras.losses.Loss
+    (its unreduced values: the aggregator is the reduction), a function of
+    (y_true, y_pred), or a name keras.losses.get knows."""
+    if loss is None:
+        return example_losses
+    fn = keras.losses.get(loss)
+    if fn is None:
+        raise ValueError(f"unknown loss {loss!r}")
+    call = fn.call if isinstance(fn, keras.losses.Loss) else fn
+
+    def losses(labels, outputs):
+        values = tf.cast(call(labels, tf.cast(outputs, tf.float32)), tf.float32)
+        if values.shape.rank != 1:
+            raise ValueError(f"the loss {getattr(fn, 'name', fn)!r} gives values of shape "
+                             f"{values.shape} for a batch; it must give one per example")
+        return values
+
+    return losses
 
 
 def check_bn_mode(bn_mode: str) -> None:
@@ -73,10 +98,12 @@ def _bn_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
 class GradientSource:
     """Computes gradients of one model for the robust train step."""
 
-    def __init__(self, model: keras.Model, bn_mode: str = DEFAULT_BN_MODE):
+    def __init__(self, model: keras.Model, bn_mode: str = DEFAULT_BN_MODE,
+                 loss: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] = example_losses):
         check_bn_mode(bn_mode)
         self.model = model
         self.bn_mode = bn_mode
+        self.loss = loss  # labels, outputs -> per-example losses (per_example_loss)
         self.bn = _bn_layers(model)
         self._bn_probe = None
         if self.bn and bn_mode == "batch_stats":
@@ -102,7 +129,7 @@ class GradientSource:
         """Gradient of the summed loss over x, per-example losses, and logits."""
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
-            losses = example_losses(y, logits)
+            losses = self.loss(y, logits)
             total = tf.reduce_sum(losses)
         return tape.gradient(total, self.variables), losses, logits
 
@@ -151,7 +178,7 @@ class GradientSource:
                 # Inference mode: BN uses the (overridden) statistics, no updates.
                 logits, _ = self.model.stateless_call(trainable, non_trainable, xi[None],
                                                       training=False)
-                loss = example_losses(yi[None], logits)[0]
+                loss = self.loss(yi[None], logits)[0]
             return tape.gradient(loss, trainable), loss, logits[0]
 
         return lambda xc, yc: tf.vectorized_map(one, (xc, yc))
@@ -181,7 +208,7 @@ class GradientSource:
         if n == 1:
             return step(init, 0, y, *per_example(x, y))
         xs = tf.reshape(x, [n, m, *x.shape[1:]])
-        ys = tf.reshape(y, [n, m])
+        ys = tf.reshape(y, [n, m, *y.shape[1:]])
 
         def body(i, state):
             return i + 1, step(state, i, ys[i], *per_example(xs[i], ys[i]))
@@ -196,7 +223,7 @@ class GradientSource:
         if self.factored:
             with tf.GradientTape() as tape:
                 logits, recordings = layer_rules.record_forward(self.model, x, sync)
-                losses = example_losses(y, logits)
+                losses = self.loss(y, logits)
                 total = tf.reduce_sum(losses)
             grads = tape.gradient(total, [r.watched for r in recordings])
             return (layer_rules.per_example_values(self.variables, recordings, grads),
@@ -217,7 +244,7 @@ class GradientSource:
     def _jacobian_chunks(self, x, y, chunk):
         with tf.GradientTape(persistent=True) as tape:
             logits = self.model(x, training=True)
-            losses = example_losses(y, logits)
+            losses = self.loss(y, logits)
             parts = [(losses[s:s + chunk], logits[s:s + chunk])
                      for s in range(0, x.shape[0], chunk)]
         for part, part_logits in parts:

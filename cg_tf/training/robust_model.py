@@ -2,12 +2,20 @@
 
     model = RobustModel(net, Winsorized(c=4))
     model.compile(optimizer=keras.optimizers.SGD(0.1))
-    model.fit(dataset, epochs=10)
+    model.fit(dataset, epochs=10)     # or model.fit(x, y, batch_size=100)
 
-`net` is any Keras model that maps a batch of inputs to logits; the dataset
-yields `(inputs, integer labels)` or the reader's dicts (`image`, `label`, ...)
-in batches of one static size (the aggregators are defined over a batch of B
-examples: batch with `drop_remainder=True`). Under a `tf.distribute` strategy
+`net` is any Keras model that maps a batch of inputs to logits (or, with a
+compiled loss that takes them, to probabilities); the data are arrays or a
+tf.data dataset yielding `(inputs, labels)` or the reader's dicts (`image`,
+`label`, ...) in batches of one static size (the aggregators are defined over a
+batch of B examples: batch with `drop_remainder=True`; `fit` on arrays drops
+the last partial batch of each epoch and says so). The loss is the softmax
+cross-entropy of integer labels and logits unless `compile(loss=...)` names
+another that gives one value per example (cg_tf.robust.gradients.per_example_loss);
+the optimizer is any Keras optimizer, except that rm3, ra3 and median_of_means
+refuse one with momentum (SGD's or RMSprop's `momentum`, the `beta_1` of Adam
+and its kin). Examples are weighed by the aggregator alone: sample and class
+weights are refused. Under a `tf.distribute` strategy
 scope each replica takes its part of the global batch; every aggregator
 (cg_tf.robust.aggregators) yields the same global value on every replica, which
 is divided by the replica count because Keras' optimizer.apply sums across
@@ -15,37 +23,112 @@ replicas. Weight decay (L2, coupled) is added to the aggregated gradient; for
 rm3/ra3 to each step's gradient before the median, as in the authors' code
 (for the per-example aggregators adding it before or after is the same).
 
-`fit` and `evaluate` report the mean loss (softmax cross-entropy of the
-logits) and accuracy over the epoch or the dataset, against the dataset's
-labels (the noisy ones, on a noisy dataset).
+`fit` and `evaluate` report the mean loss and accuracy over the epoch or the
+dataset, against the dataset's labels (the noisy ones, on a noisy dataset); a
+non-finite loss stops `fit` with NonFiniteLoss.
 """
 
+import sys
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from cg_tf import keras_internals
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.collectives import Collectives, tally
-from cg_tf.robust.gradients import DEFAULT_BN_MODE, GradientSource, check_chunk, example_losses
+from cg_tf.robust.gradients import (DEFAULT_BN_MODE, GradientSource, check_chunk,
+                                   example_losses, per_example_loss)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+WEIGHTS_REFUSED = ("the aggregator alone weighs the examples of a batch (a weighted "
+                   "winsorized mean or median is another statistic); leave it out, or "
+                   "repeat or drop examples in the data")
 
 
 def features_and_labels(data) -> tuple:
-    """(inputs, labels) of a batch given as the reader's dict or a tuple."""
+    """(inputs, labels) of a batch given as the reader's dict or a tuple; a
+    sample weight in the tuple is refused (WEIGHTS_REFUSED)."""
     if isinstance(data, dict):
         return data["image"], data["label"]
-    return data[0], data[1]
+    x, y, weights = keras.utils.unpack_x_y_sample_weight(data)
+    if weights is not None:
+        raise ValueError(f"RobustModel: the data carry sample weights: {WEIGHTS_REFUSED}")
+    return x, y
+
+
+def optimizer_momentum(optimizer) -> tuple[float, str]:
+    """An optimizer's momentum and what it is called: SGD's and RMSprop's
+    `momentum`, the first-moment decay `beta_1` of Adam and its kin (AdamW,
+    Adamax, Nadam, Lion); (0.0, "") for one without."""
+    for attr in ("momentum", "beta_1"):
+        value = getattr(optimizer, attr, None)
+        if isinstance(value, (int, float)) and value:
+            return float(value), f"{type(optimizer).__name__}'s {attr}"
+    return 0.0, ""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raises NonFiniteLoss at the first batch whose loss is NaN or infinite."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float(np.mean((logs or {}).get("loss", 0.0)))
+        if not np.isfinite(loss):
+            raise NonFiniteLoss(f"RobustModel.fit: the loss is {loss} at batch {batch} of the "
+                                "epoch; stopped (the weights are no longer finite: lower the "
+                                "learning rate, or check the data and the loss)")
 
 
 def check_layout(aggregator: Aggregator, global_batch: int, replicas: int, momentum: float,
-                 per_example_chunk: int | None, flag: str = "--aggregator") -> None:
+                 per_example_chunk: int | None, flag: str = "--aggregator",
+                 momentum_name: str = "--momentum") -> None:
     """Raises ValueError, naming `flag` (the one that chose the aggregator), for
-    a batch layout or optimizer the aggregator cannot run with."""
+    a batch layout or an optimizer's momentum (called `momentum_name`) the
+    aggregator cannot run with: the one rule of the command lines and of fit."""
     try:
-        aggregator.check(global_batch, replicas, momentum)
+        aggregator.check(global_batch, replicas)
+        aggregator.check_momentum(momentum, momentum_name)
     except ValueError as e:
         raise ValueError(f"{flag}={aggregator.spec}: {e}") from None
     if aggregator.per_example:
         check_chunk(per_example_chunk, global_batch // replicas)
+
+
+def split_off(x, y, fraction: float) -> tuple[tuple, tuple]:
+    """((x, y) of training, (x, y) of validation): the last `fraction` of the
+    examples, before any shuffling, as Keras' validation_split takes them."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"RobustModel.fit: validation_split must be in (0, 1), got {fraction}")
+    cut = int(len(x) * (1 - fraction))
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])
+
+
+def array_batches(x, y, batch_size: int, shuffle: bool) -> tf.data.Dataset:
+    """Arrays (inputs, labels) as batches of `batch_size`, reshuffled each epoch
+    if `shuffle`; the examples that do not fill a last batch are left out of
+    each epoch (different ones each epoch when shuffled), with a notice."""
+    if y is None:
+        raise ValueError("RobustModel.fit: arrays need their labels (y)")
+    n = len(x)
+    if len(y) != n:
+        raise ValueError(f"RobustModel.fit: {n} inputs but {len(y)} labels")
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"RobustModel.fit: batch_size must be between 1 and the {n} "
+                         f"examples, got {batch_size}")
+    left = n % batch_size
+    if left:
+        print(f"RobustModel.fit: {left} of the {n} examples do not fill a batch of "
+              f"{batch_size} and are left out of each epoch"
+              f"{' (other ones each epoch: the data are reshuffled)' if shuffle else ''}",
+              file=sys.stderr)
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(n, reshuffle_each_iteration=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def _reducible(logs: dict) -> dict:
@@ -108,10 +191,12 @@ class RobustModel(keras.Model):
             x = x["image"]
         return self.net(x, training=training)
 
-    def check(self, global_batch: int, replicas: int, momentum: float = 0.0) -> None:
-        """Raises ValueError, naming the flag, for a batch layout this model
-        cannot train with."""
-        check_layout(self.aggregator, global_batch, replicas, momentum, self.per_example_chunk)
+    def check(self, global_batch: int, replicas: int) -> None:
+        """Raises ValueError for a batch layout, or a momentum of the compiled
+        optimizer, this model cannot train with (the command line's rule)."""
+        momentum, name = optimizer_momentum(self.optimizer)
+        check_layout(self.aggregator, global_batch, replicas, momentum, self.per_example_chunk,
+                     flag="RobustModel's aggregator", momentum_name=name)
 
     def aggregated_gradient(self, x, y, sync: Collectives | None = None):
         """The global update direction (the same on every replica), and this
@@ -151,40 +236,66 @@ class RobustModel(keras.Model):
     def test_step(self, data):
         x, y = features_and_labels(data)
         logits = self(x, training=False)
-        loss, correct = tf.unstack(tally(y, example_losses(y, logits), logits))
+        loss, correct = tf.unstack(tally(y, self.source.loss(y, logits), logits))
         self._track(loss, correct, tf.cast(tf.shape(x)[0], tf.float32))
         return _reducible({m.name: m.result() for m in self.metrics})
 
     def predict_step(self, data):
         return super().predict_step(data["image"] if isinstance(data, dict) else data)
 
-    def compile(self, optimizer="sgd", **kwargs):
-        """keras.Model.compile with the optimizer (and jit_compile,
-        steps_per_execution): the loss is the softmax cross-entropy of the
-        logits the train step minimizes, the metrics its loss and accuracy."""
-        for fixed in ("loss", "metrics", "weighted_metrics", "loss_weights"):
+    def compile(self, optimizer="sgd", loss=None, **kwargs):
+        """keras.Model.compile with any optimizer (and jit_compile,
+        steps_per_execution) and a per-example loss (default: the softmax
+        cross-entropy of integer labels and logits); the train step minimizes
+        the loss and reports it with the accuracy."""
+        for fixed in ("metrics", "weighted_metrics", "loss_weights"):
             if kwargs.get(fixed) is not None:
-                raise ValueError(f"RobustModel.compile: {fixed} is fixed (the softmax "
-                                 "cross-entropy of the logits, and the accuracy)")
+                raise ValueError(f"RobustModel.compile: {fixed} is not supported: fit and "
+                                 "evaluate report the loss and the accuracy (evaluate "
+                                 "model.net for other metrics)")
+        self.source.loss = per_example_loss(loss)
         super().compile(optimizer=optimizer, **kwargs)
 
-    def fit(self, x=None, *args, **kwargs):
-        """keras.Model.fit, after checking that a tf.data batch size is static
-        and that the aggregator can run with it."""
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, *, shuffle=True,
+            validation_split=0.0, validation_data=None, callbacks=None, sample_weight=None,
+            class_weight=None, **kwargs):
+        """keras.Model.fit on a tf.data dataset of static batches or on arrays
+        (batched here, the last partial batch left out), after the checks the
+        command line makes: the batch layout, the optimizer's momentum, the
+        labels. Sample and class weights are refused; a non-finite loss stops it."""
+        for name, value in (("sample_weight", sample_weight), ("class_weight", class_weight)):
+            if value is not None:
+                raise ValueError(f"RobustModel.fit: {name} is refused: {WEIGHTS_REFUSED}")
+        if self.optimizer is None:
+            raise ValueError("RobustModel.fit: compile the model first")
+        if not hasattr(x, "element_spec"):  # arrays (a distributed dataset is checked by its maker)
+            if validation_split and validation_data is None:
+                (x, y), validation_data = split_off(x, y, validation_split)
+            x = array_batches(x, y, batch_size or 32, shuffle)
         if isinstance(x, tf.data.Dataset):
-            inputs = features_and_labels(x.element_spec)[0]
-            batch = inputs.shape[0]
-            if batch is None:
+            inputs, labels = features_and_labels(x.element_spec)
+            if inputs.shape[0] is None:
                 raise ValueError("RobustModel.fit: the dataset's batch size is not static; "
                                  "batch it with drop_remainder=True (the aggregators are "
                                  "defined over batches of one size)")
-            replicas = self.distribute_strategy.num_replicas_in_sync
-            momentum = float(getattr(self.optimizer, "momentum", 0.0) or 0.0)
-            self.check(batch, replicas, momentum)
-        if self.optimizer is not None and not self.optimizer.built:
+            self.check(inputs.shape[0], self.distribute_strategy.num_replicas_in_sync)
+            self._check_labels(labels)
+        if not self.optimizer.built:
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.net.trainable_variables)
-        return super().fit(x, *args, **kwargs)
+        return super().fit(x, None, None, epochs, shuffle=False, validation_data=validation_data,
+                           callbacks=[*(callbacks or []), StopOnNonFiniteLoss()], **kwargs)
+
+    def _check_labels(self, spec) -> None:
+        """The default loss takes integer class labels, one per example."""
+        if self.source.loss is not example_losses:
+            return
+        if not spec.dtype.is_integer or spec.shape.rank not in (1, 2) or (
+                spec.shape.rank == 2 and spec.shape[1] != 1):
+            raise ValueError(f"RobustModel.fit: the labels are {spec.dtype.name} of shape "
+                             f"{spec.shape.as_list()}; the default loss takes integer class "
+                             "labels, one per example (for one-hot or soft labels compile "
+                             "with loss=keras.losses.CategoricalCrossentropy(from_logits=True))")
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras builds a model under a strategy on a batch averaged over the

@@ -40,21 +40,22 @@ from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.gradients import BN_MODES, DEFAULT_BN_MODE, check_bn_mode, check_chunk
 from cg_tf.storage import events, files, rundir
 from cg_tf.training.models import FC_INITS, MODELS, build_model, describe
-from cg_tf.training.robust_model import RobustModel, check_layout
+from cg_tf.training.robust_model import (NonFiniteLoss, RobustModel, check_layout,
+                                         optimizer_momentum)
 from cg_tf.training.strategies import STRATEGIES, get_strategy
 
 LR_SCHEDULES = ("constant", "step", "cosine")
-OPTIMIZERS = ("sgd",)
+# --optimizer: name -> the Keras optimizer of a learning rate (or schedule) and --momentum.
+OPTIMIZERS = {
+    "sgd": lambda lr, momentum: keras.optimizers.SGD(lr, momentum=momentum),
+    "adam": lambda lr, momentum: keras.optimizers.Adam(lr),
+}
 # Where and how fast a run goes, not what it computes: these may change on resume.
 EXECUTION_FIELDS = ("data_dir", "model_dir", "strategy", "tpu", "checkpoint_every", "log_every",
                     "jit_compile")
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or infinite loss."""
 
 
 # More steps (or epochs) than any run takes: past it, a typo.
@@ -86,9 +87,10 @@ class TrainConfig:
     batch_size: int = option(100, "Global batch size.")
     epochs: int = option(10, "Training epochs (ignored if --steps is set).")
     steps: int | None = option(None, "Training steps (overrides --epochs).")
-    optimizer: str = option("sgd", f"One of {', '.join(OPTIMIZERS)}.")
+    optimizer: str = option("sgd", f"One of {', '.join(OPTIMIZERS)} (Keras' defaults but the "
+                            "learning rate and, for sgd, --momentum).")
     learning_rate: float = option(0.1, "Base learning rate (never rescaled).")
-    momentum: float = option(0.0, "SGD momentum.")
+    momentum: float = option(0.0, "SGD momentum (--optimizer=sgd).")
     lr_schedule: str = option("constant", f"One of {', '.join(LR_SCHEDULES)}.")
     lr_decay_epochs: tuple[int, ...] = option((), "Epochs at which the step schedule decays.")
     lr_decay_factor: float = option(0.1, "Decay factor of the step schedule.")
@@ -115,7 +117,11 @@ class TrainConfig:
             raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, "
                              f"got {self.strategy!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"--momentum applies to --optimizer=sgd, not {self.optimizer} "
+                             "(which has its own)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
                              f"got {self.lr_schedule!r}")
@@ -141,6 +147,23 @@ class TrainConfig:
         for name in ("batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+
+
+def make_optimizer(config: TrainConfig, lr) -> keras.optimizers.Optimizer:
+    """The run's optimizer with learning rate (or schedule) `lr`."""
+    return OPTIMIZERS[config.optimizer](lr, config.momentum)
+
+
+def check_run_layout(config: TrainConfig, replicas: int, flag: str = "--aggregator") -> None:
+    """The aggregator's checks of the run's batch layout and optimizer, the
+    rule RobustModel.fit applies (robust_model.check_layout)."""
+    if config.optimizer == "sgd":
+        momentum, name = config.momentum, "--momentum"
+    else:
+        momentum, name = optimizer_momentum(make_optimizer(config, config.learning_rate))
+        name = f"--optimizer={config.optimizer}, whose {name.split()[-1]}"
+    check_layout(config.aggregator, config.batch_size, replicas, momentum,
+                 config.per_example_chunk, flag, name)
 
 
 def _within(path: str, folder: str) -> bool:
@@ -300,8 +323,7 @@ class Trainer:
         keras.mixed_precision.set_global_policy(
             "mixed_bfloat16" if config.mixed_precision else "float32")
         replicas = self.strategy.num_replicas_in_sync
-        check_layout(config.aggregator, config.batch_size, replicas, config.momentum,
-                     config.per_example_chunk)
+        check_run_layout(config, replicas)
         self.reader = _reader(config)
         spe = self.reader.steps_per_epoch
         self.total_steps = config.steps or config.epochs * spe
@@ -313,8 +335,7 @@ class Trainer:
             self.model = RobustModel(net, config.aggregator,
                                      per_example_chunk=config.per_example_chunk,
                                      bn_mode=config.bn_mode, weight_decay=config.weight_decay)
-            self.optimizer = keras.optimizers.SGD(
-                learning_rate(config, spe, self.total_steps), momentum=config.momentum)
+            self.optimizer = make_optimizer(config, learning_rate(config, spe, self.total_steps))
             self.model.compile(optimizer=self.optimizer, jit_compile=config.jit_compile)
             self.optimizer.build(net.trainable_variables)
         # Host-side counters, outside the strategy (no replicas to mirror them on).
