@@ -270,3 +270,40 @@ def test_the_readme_example_runs_as_printed(digits_dir, tmp_path, monkeypatch, c
     assert "test accuracy" in capsys.readouterr().out
     (run,) = report.load_runs(str(tmp_path / "runs"))
     assert run.name == "my_model" and tags.ACCURACY_CURVES["corrupt"] in run.scalars
+
+
+@pytest.mark.parametrize("aggregator", [RM3(), Winsorized(c=2, layers="hidden")], ids=str)
+def test_save_and_load_round_trip_and_training_continues_alike(aggregator, tmp_path):
+    x, y = data(0, 6 * B)
+    labels = np.eye(C, dtype=np.float32)[y]
+    model = RobustModel(net(), aggregator, weight_decay=1e-3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1))
+    model.fit(x[:3 * B], labels[:3 * B], batch_size=B, shuffle=False, verbose=0)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, RobustModel) and loaded.aggregator == aggregator
+    assert loaded.weight_decay == 1e-3
+    for a, b in zip(model._state_variables(), loaded._state_variables()):  # RM3's history
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for m in (model, loaded):  # the same next steps, the loss and the optimizer restored
+        m.fit(x[3 * B:], labels[3 * B:], batch_size=B, shuffle=False, verbose=0)
+    for a, b in zip(model.net.trainable_variables, loaded.net.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loaded.net.predict(x, verbose=0), model.net(x), atol=1e-5)
+
+
+def test_save_weights_and_model_checkpoint_work(tmp_path):
+    x, y = data(0, 4 * B)
+    model = RobustModel(net(), RM3())
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    best = str(tmp_path / "best.keras")
+    model.fit(x, y, batch_size=B, epochs=2, verbose=0,
+              callbacks=[keras.callbacks.ModelCheckpoint(best)])
+    assert isinstance(keras.models.load_model(best), RobustModel)
+    model.save_weights(str(tmp_path / "w.weights.h5"))
+    other = RobustModel(net(seed=1), RM3())
+    other.load_weights(str(tmp_path / "w.weights.h5"))
+    for a, b in zip(model.weights, other.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -35,10 +35,15 @@ import numpy as np
 import tensorflow as tf
 
 from cg_tf import keras_internals
+from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.collectives import Collectives, tally
 from cg_tf.robust.gradients import (DEFAULT_BN_MODE, GradientSource, check_chunk,
                                    example_losses, per_example_loss)
+
+
+# The prefix of the aggregator's state in the variables RobustModel saves.
+STATE_KEY = "aggregator_state_"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -153,8 +158,13 @@ def all_before_any(updates: list[tf.Tensor]) -> list[tf.Tensor]:
         return [tf.identity(u) for u in updates]
 
 
+@keras.saving.register_keras_serializable(package="cg_tf")
 class RobustModel(keras.Model):
     """Wraps a network; `fit` and the CLI trainer run the robust update.
+
+`model.save("m.keras")` and `keras.models.load_model("m.keras")` round-trip it
+(the net, the aggregator and its state across steps, the optimizer and the
+compiled loss); `model.net` is the plain Keras model, to serve or save alone.
 
     per_example_chunk: per-example gradients computed this many at a time (a
                        memory bound; it must divide the per-replica batch)
@@ -183,8 +193,42 @@ class RobustModel(keras.Model):
         # State kept across steps (rm3/ra3's two stored gradients), checkpointed
         # with the model.
         self.aggregator_state = aggregator.build(self, net.trainable_variables)
+        self.built = net.built  # no weights of its own: built when the net is
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
+
+    def get_config(self) -> dict:
+        return {"net": keras.saving.serialize_keras_object(self.net),
+                "aggregator": self.aggregator.to_json(),
+                "per_example_chunk": self.per_example_chunk, "bn_mode": self.bn_mode,
+                "weight_decay": self.weight_decay, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RobustModel":
+        config = dict(config)
+        net = keras.saving.deserialize_keras_object(config.pop("net"))
+        return cls(net, aggregators.from_json(config.pop("aggregator")), **config)
+
+    def compile_from_config(self, config: dict) -> None:
+        """What load_model calls to compile as the saved model was (Keras skips
+        a model whose compile is its own unless it defines this)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        self.optimizer.build(self.net.trainable_variables)  # its saved slots load next
+
+    def _state_variables(self) -> list:
+        """The aggregator's state across steps (rm3/ra3's stored gradients)."""
+        return list(self.aggregator_state.variables) if self.aggregator_state else []
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for i, v in enumerate(self._state_variables()):
+            store[f"{STATE_KEY}{i}"] = v.numpy()
+
+    def load_own_variables(self, store):
+        super().load_own_variables({k: store[k] for k in store.keys()
+                                    if not k.startswith(STATE_KEY)})
+        for i, v in enumerate(self._state_variables()):
+            v.assign(store[f"{STATE_KEY}{i}"])
 
     def call(self, x, training=False):
         if isinstance(x, dict):  # the reader's batch
@@ -254,7 +298,8 @@ class RobustModel(keras.Model):
                                  "evaluate report the loss and the accuracy (evaluate "
                                  "model.net for other metrics)")
         self.source.loss = per_example_loss(loss)
-        super().compile(optimizer=optimizer, **kwargs)
+        # Keras keeps the loss in the compile config that save() writes.
+        super().compile(optimizer=optimizer, loss=loss, **kwargs)
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, *, shuffle=True,
             validation_split=0.0, validation_data=None, callbacks=None, sample_weight=None,
