@@ -4,6 +4,7 @@ The library face (imported on first use, so that `import cg_tf.data...` in a
 Beam worker does not load Keras):
 
     from cg_tf import RobustModel, Winsorized, MemorizationCallback, Reader
+    from cg_tf import ArrayData, corrupt_labels   # the metrics over arrays
 
 Aggregators: Mean, Winsorized, Trimmed, Median, MedianOfMeans, RM3, RA3, and
 `parse("winsorized:4")`. The package's layers are listed in the README.
@@ -18,6 +19,9 @@ _FACE = {
     "MemorizationCallback": "cg_tf.measure.callback",
     "MonitorConfig": "cg_tf.measure.monitor",
     "Reader": "cg_tf.data.reader",
+    "ArrayData": "cg_tf.data.arrays",
+    "corrupt_labels": "cg_tf.data.noise",
+    "NonFiniteLoss": "cg_tf.training.robust_model",
     **{name: "cg_tf.robust.aggregators" for name in (
         "Aggregator", "Mean", "Winsorized", "Trimmed", "Median", "MedianOfMeans", "RM3", "RA3",
         "parse", "register")},

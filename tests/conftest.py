@@ -174,3 +174,13 @@ def plugin_client(logdir):
     plugin = MemorizationPlugin(base_plugin.TBContext(data_provider=provider,
                                                       logdir=str(logdir)))
     return werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=provider))
+
+
+@pytest.fixture(autouse=True)
+def _op_determinism_off_after_each_test():
+    """A run with --deterministic turns TensorFlow's op determinism on for the
+    whole process, and Keras then silently trains without XLA: each test
+    leaves it as it found it (TensorFlow's switch off is private)."""
+    yield
+    from tensorflow.python.framework import config as tf_config
+    tf_config.disable_op_determinism()

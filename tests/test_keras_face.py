@@ -2,6 +2,7 @@
 tf.data dataset, under a strategy scope, and the memorization callback; the
 README's "your own model" lines, run exactly as printed."""
 
+import json
 import os
 import re
 
@@ -307,3 +308,61 @@ def test_save_weights_and_model_checkpoint_work(tmp_path):
     other.load_weights(str(tmp_path / "w.weights.h5"))
     for a, b in zip(model.weights, other.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_corrupt_labels_has_the_pipelines_semantics():
+    from cg_tf.data import corrupt_labels
+    from cg_tf.data.noise import NoiseSpec, pointwise_label
+    y = np.random.default_rng(0).integers(0, 10, 5000)
+    for mode in ("uniform", "uniform_other", "permute"):
+        noisy, corrupt = corrupt_labels(y, 0.4, mode, seed=3)
+        np.testing.assert_array_equal(corrupt, noisy != y)
+        want = {"uniform": 0.4 * 0.9, "uniform_other": 0.4}.get(mode)
+        if want:
+            assert corrupt.mean() == pytest.approx(want, abs=0.03)
+            assert all(noisy[i] == pointwise_label(NoiseSpec(mode, 0.4, 3), str(i), y[i], 10)
+                       for i in range(0, 5000, 97))
+        else:  # a permutation of the selected labels keeps the class counts
+            np.testing.assert_array_equal(np.bincount(noisy, minlength=10),
+                                          np.bincount(y, minlength=10))
+            assert corrupt.mean() == pytest.approx(0.4 * 0.9, abs=0.03)
+    with pytest.raises(ValueError, match="integer class labels"):
+        corrupt_labels(y.astype(np.float32), 0.5)
+
+
+def test_the_callback_watches_arrays_and_fills_fits_logs(tmp_path):
+    from cg_tf import ArrayData, corrupt_labels
+    from cg_tf.measure.monitor import LEARNED_IDS, LEARNING_EVENTS
+    x, y = data(0, 600)
+    noisy, corrupt = corrupt_labels(y, 0.5, seed=0)
+    x_test, y_test = data(1, 100)
+    arrays = ArrayData(x, noisy, y, batch_size=50, test=(x_test, y_test), eval_sample_size=100)
+    model = RobustModel(net(), Winsorized(c=2))
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    callback = MemorizationCallback(arrays, str(tmp_path / "run"),
+                                    MonitorConfig(eval_log_spaced=False, probe_size=50))
+    history = model.fit(x, noisy, batch_size=50, epochs=3, verbose=0, callbacks=[callback])
+    # Each epoch's evaluation, in History: recomputed here from the final weights.
+    logits = model.net(x).numpy().argmax(-1)
+    first = {"pristine": np.flatnonzero(~corrupt)[:100], "corrupt": np.flatnonzero(corrupt)[:100]}
+    for group, index in first.items():
+        want = float(np.mean(logits[index] == noisy[index]))
+        assert history.history[f"{group}_accuracy"][-1] == pytest.approx(want)
+        assert callback.summary[f"{group}_accuracy"] == pytest.approx(want)
+    test_want = float(np.mean(model.net(x_test).numpy().argmax(-1) == y_test))
+    assert history.history["test_accuracy"][-1] == pytest.approx(test_want)
+    assert len(history.history["corrupt_true_label_accuracy"]) == 3
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["corrupt_accuracy"] == pytest.approx(callback.summary["corrupt_accuracy"])
+    assert saved["steps"] == 3 * 12 and saved["noise"]["rate"] == pytest.approx(corrupt.mean())
+    assert (tmp_path / "run" / LEARNING_EVENTS).exists() and (tmp_path / "run" / LEARNED_IDS).exists()
+    # A second fit into the same directory is refused before it trains, unless overwrite.
+    before = [v.numpy() for v in model.net.trainable_variables]
+    with pytest.raises(ValueError, match="holds an earlier run's files"):
+        model.fit(x, noisy, batch_size=50, epochs=1, verbose=0, callbacks=[
+            MemorizationCallback(arrays, str(tmp_path / "run"))])
+    for a, v in zip(before, model.net.trainable_variables):
+        np.testing.assert_array_equal(a, v.numpy())
+    again = MemorizationCallback(arrays, str(tmp_path / "run"), overwrite=True)
+    model.fit(x, noisy, batch_size=50, epochs=1, verbose=0, callbacks=[again])
+    assert len(report.load_runs(str(tmp_path))) == 1 and again.summary["steps"] == 12

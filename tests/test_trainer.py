@@ -68,6 +68,7 @@ def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides
     ({"steps": 0}, "--steps must be between 1 and 1,000,000,000, got 0"),
     ({"steps": 10 ** 20}, "--steps must be between 1 and 1,000,000,000"),
     ({"epochs": 0}, "--epochs must be between 1"),
+    ({"jit_compile": True, "deterministic": True}, "--jit_compile and --deterministic together"),
 ])
 def test_bad_options_fail_when_the_config_is_made(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -716,7 +717,9 @@ def test_a_registered_order_statistic_trains_by_its_name(digits_dir, tmp_path, m
                           "--steps=3", "--eval_sample_size=50", "--batch_size=20"):
             cfg = train.config_from_flags()
         assert cfg.aggregator == LowTrimmed(3)
-        summary = Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        summary = trainer.run()
+        assert trainer.model.jit_compile is jit  # Keras may turn XLA off with a warning only
         assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
         assert json.loads((run / "config.json").read_text())["aggregator"] == {
             "name": "low_trimmed", "c": 3}

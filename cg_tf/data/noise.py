@@ -12,6 +12,8 @@ Modes:
 import dataclasses
 from collections.abc import Iterable
 
+import numpy as np
+
 from cg_tf.data import hashing
 
 NOISE_MODES = ("uniform", "uniform_other", "permute")
@@ -62,3 +64,25 @@ def permuted_labels(spec: NoiseSpec, selected: Iterable[tuple[str, int]]) -> dic
     receivers = sorted((eid for eid, _ in items),
                        key=lambda eid: (hashing.stable_hash64(spec.seed, eid, "perm_b"), eid))
     return dict(zip(receivers, labels))
+
+
+def corrupt_labels(labels, rate: float, mode: str = "uniform", seed: int = 0,
+                   num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy training labels for an array of integer labels, with the pipeline's
+    semantics (example i's id is str(i)): (noisy labels, is_corrupt), where an
+    example is corrupt when its noisy label differs from its true one."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"corrupt_labels takes integer class labels, one per example; got "
+                         f"{labels.dtype} of shape {labels.shape}")
+    spec = NoiseSpec(mode, rate, seed)
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    ids = [str(i) for i in range(len(labels))]
+    if mode == "permute":
+        new = permuted_labels(spec, [(i, int(y)) for i, y in zip(ids, labels)
+                                     if is_selected(spec, i)])
+        noisy = [new.get(i, int(y)) for i, y in zip(ids, labels)]
+    else:
+        noisy = [pointwise_label(spec, i, int(y), num_classes) for i, y in zip(ids, labels)]
+    noisy = np.asarray(noisy, labels.dtype)
+    return noisy, noisy != labels

@@ -95,6 +95,16 @@ class Reader:
         self._cached = {}  # Decoded splits, in-memory tensors, evaluation subsets.
         verify.verify_dataset(config.data_dir, self.info)  # Once, before any batch.
 
+    @property
+    def batch_size(self) -> int:
+        """The global batch of the training dataset."""
+        return self.config.batch_size
+
+    @property
+    def noise(self) -> dict:
+        """How the training labels were corrupted (dataset_info.json's noise)."""
+        return self.info.noise
+
     @classmethod
     def open(cls, data_dir: str, batch_size: int, seed: int = 0, **options) -> "Reader":
         """The reader of `data_dir` for global batches of `batch_size`, in the

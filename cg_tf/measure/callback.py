@@ -4,28 +4,42 @@
     model.fit(reader.train_dataset(), epochs=60, steps_per_epoch=reader.steps_per_epoch,
               callbacks=[MemorizationCallback(reader, "runs/mine")])
 
+or, over arrays (cg_tf.data.arrays):
+
+    noisy, _ = corrupt_labels(y, 0.5)
+    model.fit(x, noisy, batch_size=100, epochs=60, callbacks=[MemorizationCallback(
+        ArrayData(x, noisy, y, batch_size=100, test=(x_test, y_test)), "runs/mine")])
+
 On the evaluation schedule (log-spaced steps, then every epoch or
 `eval_every` steps, and the last step) a Monitor evaluates the reader's fixed
 subsets (pristine, corrupt, mixed, test), tracks when each example is
 learned, probes the gradients, and writes the summaries the Memorization tab
 reads. `MonitorCallback` drives a given Monitor (the CLI trainer's, whose
 learning events its checkpoints hold); `MemorizationCallback` builds one for
-the model being fit and, at the end, writes the learning events and the
-learned-example exports. Either works with a RobustModel (its net is measured,
+the model being fit, puts the accuracies into each epoch's logs and, at the
+end, writes summary.json, the learning events and the learned-example exports. Either works with a RobustModel (its net is measured,
 its aggregator probed) or any Keras model that outputs logits (measured as
 plain SGD).
 """
 
+import os
 import time
 
 import keras
 import tensorflow as tf
 
+from cg_tf.data.arrays import ArrayData
 from cg_tf.data.reader import Reader
 from cg_tf.measure import tags
-from cg_tf.measure.monitor import Monitor, MonitorConfig
+from cg_tf.measure.monitor import (LEARNED_IDS, LEARNING_EVENTS, NOT_LEARNED_IDS, SUMMARY_FILE,
+                                   Monitor, MonitorConfig, json_values)
+from cg_tf.storage import events, files
 from cg_tf.robust.aggregators import Mean
 from cg_tf.robust.gradients import DEFAULT_BN_MODE, example_losses
+
+
+# What a MemorizationCallback writes to its log_dir (beside the event files).
+WRITES = (SUMMARY_FILE, LEARNING_EVENTS, LEARNED_IDS, NOT_LEARNED_IDS)
 
 
 class MonitorCallback(keras.callbacks.Callback):
@@ -67,16 +81,32 @@ class MonitorCallback(keras.callbacks.Callback):
 class MemorizationCallback(MonitorCallback):
     """Writes the memorization metrics of the model being fit to `log_dir`.
 
-    reader:     the dataset's reader (its evaluation subsets and batch size)
-    log_dir:    where the event files and exports go (one TensorBoard run)
+    data:       a Reader of the pipeline's records, or ArrayData over arrays
+                (cg_tf.data.arrays): the evaluation subsets and batch size
+    log_dir:    where the event files, summary.json and the exports go (one
+                TensorBoard run); a directory holding an earlier run's is
+                refused unless `overwrite`, which deletes only those files
     config:     evaluation schedule and probe (MonitorConfig)
     log_every:  steps between training loss/accuracy summaries
+
+    Each epoch's logs (fit's History, the progress bar) get the latest
+    evaluation's pristine, corrupt and test accuracy; at the end `summary`
+    holds the final metrics, also written to log_dir/summary.json.
     """
 
-    def __init__(self, reader: Reader, log_dir: str, config: MonitorConfig = MonitorConfig(),
-                 log_every: int = 50):
+    def __init__(self, data: Reader | ArrayData, log_dir: str,
+                 config: MonitorConfig = MonitorConfig(), log_every: int = 50,
+                 overwrite: bool = False):
         super().__init__(log_every=log_every)
-        self.reader, self.log_dir, self.config = reader, log_dir, config
+        self.reader, self.log_dir, self.config = data, log_dir, config
+        self.overwrite = overwrite
+        self.summary: dict | None = None
+
+    def _earlier_run(self) -> list[str]:
+        """The files an earlier run wrote to log_dir."""
+        paths = [os.path.join(self.log_dir, n) for n in WRITES]
+        return [*(p for p in paths if tf.io.gfile.exists(p)),
+                *tf.io.gfile.glob(os.path.join(self.log_dir, events.EVENT_FILES))]
 
     def on_train_begin(self, logs=None):
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
@@ -84,9 +114,16 @@ class MemorizationCallback(MonitorCallback):
             raise ValueError("MemorizationCallback needs the number of steps per epoch: pass "
                              "steps_per_epoch to fit (reader.steps_per_epoch for a reader's "
                              "endless train_dataset())")
+        earlier = self._earlier_run()
+        if earlier and not self.overwrite:
+            raise ValueError(f"MemorizationCallback: {self.log_dir} holds an earlier run's "
+                             f"files ({', '.join(sorted(os.path.basename(p) for p in earlier)[:3])}"
+                             "...): use another log_dir, or overwrite=True to delete them")
+        for path in earlier:
+            tf.io.gfile.remove(path)
         net = getattr(self.model, "net", self.model)
         monitor = Monitor(net, self.reader, getattr(self.model, "aggregator", Mean()),
-                          self.reader.config.batch_size, self.config,
+                          self.reader.batch_size, self.config,
                           tf.summary.create_file_writer(self.log_dir),
                           bn_mode=getattr(self.model, "bn_mode", DEFAULT_BN_MODE),
                           chunk=getattr(self.model, "per_example_chunk", None),
@@ -94,10 +131,31 @@ class MemorizationCallback(MonitorCallback):
         monitor.write_run_config({"model": net.name})
         self.attach(monitor, epochs * steps)
 
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.results:
+            logs.update(epoch_metrics(self.results))
+
     def on_train_end(self, logs=None):
         # Stopped early (not at a scheduled step): measure the end.
         if self.step and not self.monitor.is_scheduled(self.step, self.total_steps):
             self.results = self.monitor.observe(self.step, self.train_seconds)
         if self.step:
-            self.monitor.export(self.log_dir)
+            self.summary = json_values({
+                **self.monitor.final_metrics(self.monitor.results_at(self.step)),
+                "steps": self.step, "batch_size": self.reader.batch_size,
+                "steps_per_epoch": self.reader.steps_per_epoch, "noise": self.reader.noise,
+                "aggregator": getattr(self.model, "aggregator", Mean()).to_json(),
+                "learned_examples": self.monitor.export(self.log_dir),
+                "health": self.monitor.health.summary(self.step)})
+            files.write_json(os.path.join(self.log_dir, SUMMARY_FILE), self.summary)
         self.monitor.writer.flush()
+
+
+def epoch_metrics(results: dict[str, dict]) -> dict[str, float]:
+    """An evaluation's accuracies as fit's logs name them: pristine_accuracy,
+    corrupt_accuracy (against the noisy labels), corrupt_true_label_accuracy,
+    test_accuracy (those the data have)."""
+    out = {f"{g}_accuracy": r["accuracy"] for g, r in results.items() if g != "mixed"}
+    if "corrupt" in results:
+        out["corrupt_true_label_accuracy"] = results["corrupt"]["true_label_accuracy"]
+    return out

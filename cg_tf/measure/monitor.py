@@ -34,6 +34,7 @@ from cg_tf.storage import files
 LEARNED_IDS = "learned_ids.txt"
 NOT_LEARNED_IDS = "not_learned_ids.txt"
 LEARNING_EVENTS = "learning_events.csv"
+SUMMARY_FILE = "summary.json"  # the final metrics of a run
 HEALTH_SAMPLE = 500  # the first examples of the mixed subset: health's fixed sample
 
 
@@ -104,6 +105,11 @@ def _steps(sizes: dict[str, int], name: str) -> dict[str, tf.Variable]:
                            trainable=False, name=f"{name}_{g}") for g, n in sizes.items()}
 
 
+def json_values(record: dict) -> dict:
+    """A record with NaN (a metric without data) as None, as JSON has no NaN."""
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in record.items()}
+
+
 def write_histogram(tag: str, buckets: np.ndarray, step: int, description: str) -> None:
     """Rows (left, right, count) as a histogram summary: TensorBoard's
     Histograms dashboard and the Memorization tab read it (tf.summary.histogram
@@ -160,7 +166,7 @@ class Monitor:
         self._latest: tuple[int, dict] | None = None  # (step, results) of the last observe
         self._probe_traced = False  # the first probe traces the graph: outside the budget
         self._run_config = {"aggregator": aggregator.to_json(),
-                            "noise": reader.info.noise, "num_classes": reader.num_classes,
+                            "noise": reader.noise, "num_classes": reader.num_classes,
                             "batch_size": batch_size,
                             "probe_size": size if sample is not None else 0,
                             "tracked": {g: len(i) for g, i in self.ids.items()}}
@@ -193,8 +199,21 @@ class Monitor:
         if "test" not in results:
             return float("nan")
         return metrics.adjusted_overfit(results["mixed"]["accuracy"], results["test"]["accuracy"],
-                                        float(self.reader.info.noise.get("rate", 0.0)),
+                                        float(self.reader.noise.get("rate", 0.0)),
                                         self.reader.num_classes)
+
+    def final_metrics(self, results: dict[str, dict]) -> dict[str, float]:
+        """The memorization metrics of summary.json from an evaluation; a group
+        absent from the data (every label corrupt, or none) gives NaN."""
+        def get(group, key):
+            return results.get(group, {}).get(key, float("nan"))
+        return {"pristine_accuracy": get("pristine", "accuracy"),
+                "corrupt_accuracy": get("corrupt", "accuracy"),
+                "corrupt_true_label_accuracy": get("corrupt", "true_label_accuracy"),
+                "mixed_accuracy": get("mixed", "accuracy"),
+                "test_accuracy": get("test", "accuracy"),
+                "test_top5_accuracy": get("test", "top5"),
+                "adjusted_overfit": self.adjusted_overfit(results)}
 
     def observe(self, step: int, train_seconds: float) -> dict[str, dict]:
         """Evaluates at `step`, updates the learning events, probes if within

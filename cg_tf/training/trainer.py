@@ -26,7 +26,6 @@ import threading
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from cg_tf.data import records
@@ -54,7 +53,7 @@ OPTIMIZERS = {
 EXECUTION_FIELDS = ("data_dir", "model_dir", "strategy", "tpu", "checkpoint_every", "log_every",
                     "jit_compile")
 CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = monitor.SUMMARY_FILE
 CHECKPOINTS = "checkpoints"
 
 
@@ -142,6 +141,9 @@ class TrainConfig:
         if self.data_dir and self.model_dir and _within(self.model_dir, self.data_dir):
             raise ValueError(f"--model_dir={self.model_dir} is inside --data_dir="
                              f"{self.data_dir}: a run's files would mix with the dataset's")
+        if self.jit_compile and self.deterministic:
+            raise ValueError("--jit_compile and --deterministic together: under op determinism "
+                             "Keras trains without XLA; choose one")
         check_bn_mode(self.bn_mode)
         check_chunk(self.per_example_chunk)
         for name in ("batch_size", "checkpoint_every", "log_every"):
@@ -489,15 +491,7 @@ class Trainer:
     def finish(self, final_loss: float) -> dict:
         results = self.monitor.results_at(int(self.step))  # the last step is scheduled
         summary = {
-            # A group absent from the data (every label corrupt, or none): None below.
-            "pristine_accuracy": results.get("pristine", {}).get("accuracy", float("nan")),
-            "corrupt_accuracy": results.get("corrupt", {}).get("accuracy", float("nan")),
-            "corrupt_true_label_accuracy":
-                results.get("corrupt", {}).get("true_label_accuracy", float("nan")),
-            "mixed_accuracy": results["mixed"]["accuracy"],
-            "test_accuracy": results.get("test", {}).get("accuracy", float("nan")),
-            "test_top5_accuracy": results.get("test", {}).get("top5", float("nan")),
-            "adjusted_overfit": self.monitor.adjusted_overfit(results),
+            **self.monitor.final_metrics(results),
             "final_loss": final_loss,
             "steps": int(self.step),
             "wall_seconds": float(self.wall),
@@ -513,7 +507,6 @@ class Trainer:
             "time_shares": self.monitor.cost_shares(self.train_seconds),
             "health": self.monitor.health.summary(int(self.step)),
         }
-        summary = {k: (None if isinstance(v, float) and np.isnan(v) else v)
-                   for k, v in summary.items()}
+        summary = monitor.json_values(summary)
         files.write_json(os.path.join(self.config.model_dir, SUMMARY_FILE), summary)
         return summary
