@@ -7,7 +7,8 @@ Beam worker does not load Keras):
     from cg_tf import ArrayData, corrupt_labels   # the metrics over arrays
 
 Aggregators: Mean, Winsorized, Trimmed, Median, MedianOfMeans, RM3, RA3, and
-`parse("winsorized:4")`. The package's layers are listed in the README.
+`parse("winsorized:4")`. `cg_tf.quiet()`, called first, silences TensorFlow's
+informational lines. The package's layers are listed in docs/DESIGN.md.
 """
 
 import importlib
@@ -20,13 +21,24 @@ _FACE = {
     "MonitorConfig": "cg_tf.measure.monitor",
     "Reader": "cg_tf.data.reader",
     "ArrayData": "cg_tf.data.arrays",
+    "ensure_demo_dataset": "cg_tf.data.build",
+    "side_by_side": "cg_tf.measure.report",
     "corrupt_labels": "cg_tf.data.noise",
     "NonFiniteLoss": "cg_tf.training.robust_model",
     **{name: "cg_tf.robust.aggregators" for name in (
         "Aggregator", "Mean", "Winsorized", "Trimmed", "Median", "MedianOfMeans", "RM3", "RA3",
         "parse", "register")},
 }
-__all__ = sorted(_FACE)
+__all__ = sorted([*_FACE, "quiet"])
+
+
+def quiet() -> None:
+    """Silences TensorFlow's, XLA's and Beam's informational lines in this
+    process, as the command lines do unless --verbosity=1 (warnings stay).
+    Call it first, before anything imports TensorFlow: TensorFlow reads its
+    log level once, as it loads."""
+    from cg_tf import console
+    console.silence_libraries()
 
 
 def __getattr__(name: str):

@@ -73,15 +73,24 @@ def import_tensorflow_quietly() -> None:
             sys.stderr.flush()
 
 
-QUIET = not verbose(sys.argv[1:])
-if QUIET:
-    # TensorFlow's C++ INFO lines (CPU features, XLA service, oneDNN); warnings stay.
+def silence_libraries() -> None:
+    """TensorFlow's C++ INFO lines (CPU features, XLA service, oneDNN; warnings
+    stay) and the other libraries' informational Python lines, silenced at
+    their source; TensorFlow loaded now if it has not been (its level is read
+    once, as it loads)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    for _name, _level in THIRD_PARTY.items():  # before the libraries load and log
-        std_logging.getLogger(_name).setLevel(_level)
-    std_logging.getLogger().addFilter(_not_beam_chatter)
+    for name, level in THIRD_PARTY.items():  # before the libraries load and log
+        std_logging.getLogger(name).setLevel(level)
+    root = std_logging.getLogger()
+    if _not_beam_chatter not in root.filters:
+        root.addFilter(_not_beam_chatter)
     if "tensorflow" not in sys.modules:
         import_tensorflow_quietly()
+
+
+QUIET = not verbose(sys.argv[1:])
+if QUIET:
+    silence_libraries()
 
 
 # The project's code: the package and, beside it in a checkout, the programs.

@@ -34,25 +34,6 @@ SETTINGS = {"model": "fc", "fc_widths": (1024,), "batch_size": 50, "learning_rat
             "epochs": 100, "log_every": 500}
 
 
-def side_by_side(summaries: dict[str, dict]) -> str:
-    """The runs' accuracies in columns, and what they say."""
-    labels = [RUNS[name][0] for name in summaries]
-    rows = [(key, label) for key, label in report.RESULT_ROWS
-            if any(s.get(key) is not None for s in summaries.values())]
-    width = max(len(label) for _, label in rows)
-    lines = [" " * (width + 2) + "".join(f"{label:>20}" for label in labels)]
-    for key, label in rows:
-        cells = "".join(f"{s[key]:>20.3f}" if s.get(key) is not None else f"{'-':>20}"
-                        for s in summaries.values())
-        lines.append(f"{label:<{width}}  {cells}")
-    sgd, wins = summaries.get("sgd"), summaries.get("winsorized_c4")
-    if sgd and wins:
-        lines += ["", f"Plain SGD fits {sgd['corrupt_accuracy']:.0%} of the corrupt examples to "
-                      f"their noisy label (test {sgd['test_accuracy']:.3f}); winsorized gradients "
-                      f"{wins['corrupt_accuracy']:.0%} (test {wins['test_accuracy']:.3f})."]
-    return "\n".join(lines)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -64,10 +45,10 @@ def main(argv):
             config = TrainConfig(data_dir=build.DEMO_DATA_DIR, aggregator=aggregator,
                                  model_dir=os.path.join(OUTPUT_DIR.value, name), seed=SEED.value,
                                  **SETTINGS)
-            summaries[name] = Trainer(config, common_flags.OVERWRITE.value).run()
+            summaries[label] = Trainer(config, common_flags.OVERWRITE.value).run()
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print("\n" + side_by_side(summaries))
+    print("\n" + report.side_by_side(summaries))
     print(f"\nTensorBoard: tensorboard --logdir {OUTPUT_DIR.value}")
 
 

@@ -5,6 +5,8 @@ README's "your own model" lines, run exactly as printed."""
 import json
 import os
 import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -261,16 +263,21 @@ def readme_example() -> str:
 
 def test_the_readme_example_runs_as_printed(digits_dir, tmp_path, monkeypatch, capsys):
     code = readme_example()
-    assert len(code.strip().splitlines()) <= 12
+    assert len(code.strip().splitlines()) <= 20
     os.makedirs(tmp_path / "data")
     os.symlink(digits_dir, tmp_path / "data" / "digits_noisy50")  # what the first command builds
     monkeypatch.chdir(tmp_path)
     names = {}
     exec(compile(code, "README.md", "exec"), names)
-    assert names["results"]["accuracy"] > 0.8  # test accuracy of the winsorized net
-    assert "test accuracy" in capsys.readouterr().out
-    (run,) = report.load_runs(str(tmp_path / "runs"))
-    assert run.name == "my_model" and tags.ACCURACY_CURVES["corrupt"] in run.scalars
+    sgd, wins = names["summaries"]["mean"], names["summaries"]["winsorized_c4"]
+    assert sgd["corrupt_accuracy"] >= 0.5 and wins["corrupt_accuracy"] <= 0.1, (sgd, wins)
+    assert wins["test_accuracy"] > sgd["test_accuracy"]
+    out = capsys.readouterr().out
+    assert re.search(r"corrupt ones, against their noisy label +%.3f +%.3f" % (
+        sgd["corrupt_accuracy"], wins["corrupt_accuracy"]), out), out
+    runs = report.load_runs(str(tmp_path / "runs" / "python"))
+    assert sorted(r.name for r in runs) == ["mean", "winsorized_c4"]
+    assert all(tags.ACCURACY_CURVES["corrupt"] in r.scalars for r in runs)
 
 
 @pytest.mark.parametrize("aggregator", [RM3(), Winsorized(c=2, layers="hidden")], ids=str)
@@ -366,3 +373,16 @@ def test_the_callback_watches_arrays_and_fills_fits_logs(tmp_path):
     again = MemorizationCallback(arrays, str(tmp_path / "run"), overwrite=True)
     model.fit(x, noisy, batch_size=50, epochs=1, verbose=0, callbacks=[again])
     assert len(report.load_runs(str(tmp_path))) == 1 and again.summary["steps"] == 12
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_silences_tensorflows_informational_lines(quiet):
+    code = ("import cg_tf; cg_tf.quiet()\n" if quiet else "") + (
+        "import tensorflow as tf\n"
+        "print(float(tf.function(lambda x: x * 2, jit_compile=True)(tf.constant(1.0))))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={k: v for k, v in os.environ.items()
+                                                      if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert done.returncode == 0 and done.stdout.strip() == "2.0", done.stderr[-2000:]
+    info = [line for line in done.stderr.splitlines() if re.match(r"I\d{4} ", line)]
+    assert bool(info) != quiet, done.stderr  # e.g. oneDNN's and XLA's lines

@@ -152,13 +152,15 @@ NO_SPACE = "No space left on device"  # strerror(ENOSPC), as OSError and TensorF
 DEMO_DATA_DIR = "data/digits_noisy50"
 
 
-def ensure_demo_dataset(data_dir: str = DEMO_DATA_DIR) -> None:
-    """Builds the default noisy digits dataset with the pipeline on first use."""
+def ensure_demo_dataset(data_dir: str = DEMO_DATA_DIR) -> str:
+    """Builds the default noisy digits dataset with the pipeline on first use;
+    returns its directory."""
     if os.path.exists(os.path.join(data_dir, records.INFO_FILE)):
-        return
+        return data_dir
     logging.info("building the demo dataset in %s (first use)", data_dir)
     build_dataset(make_source("digits"), BuildConfig(
         data_dir, NoiseSpec("uniform", 0.5, 0), num_shards=4, overwrite=True))
+    return data_dir
 
 
 def build_dataset(source: Source, config: BuildConfig,

@@ -103,6 +103,26 @@ RESULT_ROWS = (("pristine_accuracy", "pristine training examples"),
                ("adjusted_overfit", "adjusted overfit"))
 
 
+def side_by_side(summaries: dict[str, dict]) -> str:
+    """Runs' final metrics (summary.json's, or MemorizationCallback.summary) in
+    columns headed by the dict's keys, and how much each memorized."""
+    rows = [(key, label) for key, label in RESULT_ROWS
+            if any(s.get(key) is not None for s in summaries.values())]
+    width = max(len(label) for _, label in rows)
+    column = max(20, *(len(name) + 2 for name in summaries))
+    lines = [" " * (width + 2) + "".join(f"{name:>{column}}" for name in summaries)]
+    for key, label in rows:
+        cells = "".join(f"{s[key]:>{column}.3f}" if s.get(key) is not None else f"{'-':>{column}}"
+                        for s in summaries.values())
+        lines.append(f"{label:<{width}}  {cells}")
+    said = [f"{name} {s['corrupt_accuracy']:.0%}" + (
+        f" (test {s['test_accuracy']:.3f})" if s.get("test_accuracy") is not None else "")
+        for name, s in summaries.items() if s.get("corrupt_accuracy") is not None]
+    if said:
+        lines += ["", "Corrupt examples fitted to their noisy label: " + "; ".join(said) + "."]
+    return "\n".join(lines)
+
+
 def summary_text(summary: dict, model_dir: str) -> str:
     """A run's summary as a person reads it: the setting, the accuracies rounded,
     and what they say about memorization."""
