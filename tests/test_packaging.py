@@ -51,7 +51,7 @@ def test_dataflow_pipeline_builds_and_validates(tmp_path):
         assert any(name in t for t in transforms), name
 
 
-# The README's layout, top to bottom: a module may import from its own layer and below.
+# The layout of docs/DESIGN.md (section 10), top to bottom: a module may import from its own layer and below.
 LAYERS = [("cg_tf.train", "cg_tf.train_flags", "cg_tf.demo", "cg_tf.common_flags", "cg_tf.console",
            "cg_tf.tensorboard_plugin",
            "pipelines", "tools"),
@@ -90,7 +90,7 @@ def test_every_import_points_down():
                 module = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
                 module = module.removesuffix(".__init__")
                 own = layer_of(module)
-                assert own is not None, f"{module} is in no layer of the README's layout"
+                assert own is not None, f"{module} is in no layer of docs/DESIGN.md's layout"
                 for target in imported_modules(path):
                     if layer_of(target) is not None and layer_of(target) < own:
                         wrong.append(f"{module} imports {target}")

@@ -1,4 +1,4 @@
-"""The record schema and the dataset_info.json contract (README, "Record schema").
+"""The record schema and the dataset_info.json contract (docs/reference.md, "Record schema").
 
 One `tf.train.Example` per training example with the features
   image       encoded image bytes (PNG for fixed-size sources, the source's own

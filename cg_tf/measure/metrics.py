@@ -1,4 +1,4 @@
-"""Memorization metrics (README, "Memorization metrics"): the math as small pure
+"""Memorization metrics (docs/reference.md, "Memorization metrics"): the math as small pure
 functions, the evaluation of a fixed subset, and the evaluation schedule."""
 
 import functools

@@ -1,5 +1,5 @@
 """What a run measures besides training: the memorization metrics of
-the README's memorization metrics on the reader's fixed subsets, on the evaluation
+docs/reference.md (the metrics) on the reader's fixed subsets, on the evaluation
 schedule, written as tf.summary data with explicit steps (names in
 cg_tf.measure.tags); and, at the end, the learning events and learned-example exports.
 
