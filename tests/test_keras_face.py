@@ -130,6 +130,28 @@ def gradients_loss(loss):
     return per_example_loss(loss)
 
 
+@pytest.mark.parametrize("aggregator", [Mean(), Winsorized(c=1), MedianOfMeans(k=3)], ids=str)
+def test_compiled_metrics_see_the_outputs_the_update_came_from(aggregator):
+    x, y = data(0, 3 * B)
+    top2 = keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")
+    model = RobustModel(net(), aggregator)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), metrics=[top2])
+    history = model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
+    reference = RobustModel(net(), aggregator)
+    reference.compile(optimizer=keras.optimizers.SGD(0.1))
+    hits = []
+    for i in range(3):  # top-2 hits of the weights each step starts from
+        xb, yb = x[i * B:(i + 1) * B], y[i * B:(i + 1) * B]
+        top = np.argsort(reference.net(xb).numpy(), -1)[:, -2:]
+        hits += list((top == yb[:, None]).any(-1))
+        reference.train_step((tf.constant(xb), tf.constant(yb)))
+    assert history.history["top2"][-1] == pytest.approx(np.mean(hits))
+    got = model.evaluate(x, y, batch_size=5, return_dict=True, verbose=0)
+    top = np.argsort(model.net(x).numpy(), -1)[:, -2:]
+    assert got["top2"] == pytest.approx(np.mean((top == y[:, None]).any(-1)))
+    assert set(got) == {"loss", "accuracy", "top2"}
+
+
 def test_fit_takes_arrays_and_leaves_out_the_last_partial_batch(capsys):
     x, y = data(1, 1400)
     model = RobustModel(net(), Winsorized(c=2))
@@ -182,8 +204,8 @@ def test_fit_refuses_weights_and_labels_it_cannot_use():
     with pytest.raises(ValueError, match=r"the labels are float32 of shape \[12\]; the default "
                                          "loss takes integer class labels"):
         model.fit(x, y.astype(np.float32) + 0.5, batch_size=B, verbose=0)
-    with pytest.raises(ValueError, match="compile: metrics is not supported"):
-        model.compile(optimizer="sgd", metrics=["accuracy"])
+    with pytest.raises(ValueError, match="compile: weighted_metrics is refused"):
+        model.compile(optimizer="sgd", weighted_metrics=["accuracy"])
     for a, v in zip(before, model.net.trainable_variables):
         np.testing.assert_array_equal(a, v.numpy())
 

@@ -21,6 +21,7 @@ so two semantics are offered:
 Models without BatchNormalization get the same gradients either way.
 """
 
+import contextlib
 from collections.abc import Callable
 
 import keras
@@ -104,6 +105,7 @@ class GradientSource:
         self.model = model
         self.bn_mode = bn_mode
         self.loss = loss  # labels, outputs -> per-example losses (per_example_loss)
+        self._recorded: list | None = None  # by recording()
         self.bn = _bn_layers(model)
         self._bn_probe = None
         if self.bn and bn_mode == "batch_stats":
@@ -119,6 +121,20 @@ class GradientSource:
         self.factored = reason is None
         self.positions = self.factored and layer_rules.applied_at_positions(model)
 
+    @contextlib.contextmanager
+    def recording(self):
+        """Collects, as a list of (labels, outputs), what every batched forward
+        in the block computed (for the train step's metrics)."""
+        self._recorded = []
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
+
+    def _record(self, y: tf.Tensor, logits: tf.Tensor) -> None:
+        if self._recorded is not None:
+            self._recorded.append((y, logits))
+
     @property
     def variables(self) -> list:
         return self.model.trainable_variables
@@ -131,6 +147,7 @@ class GradientSource:
             logits = self.model(x, training=True)
             losses = self.loss(y, logits)
             total = tf.reduce_sum(losses)
+        self._record(y, logits)
         return tape.gradient(total, self.variables), losses, logits
 
     # -- per-example gradients --------------------------------------------------
@@ -226,6 +243,7 @@ class GradientSource:
                 losses = self.loss(y, logits)
                 total = tf.reduce_sum(losses)
             grads = tape.gradient(total, [r.watched for r in recordings])
+            self._record(y, logits)
             return (layer_rules.per_example_values(self.variables, recordings, grads),
                     losses, logits)
         n = x.shape[0] // chunk_size(chunk, x.shape[0])
@@ -238,8 +256,10 @@ class GradientSource:
         init = ([tf.TensorArray(v.dtype, size=n) for v in self.variables],
                 tf.TensorArray(tf.float32, size=n), tf.TensorArray(tf.float32, size=n))
         arrays, losses, logits = self.fold_per_example(x, y, chunk, sync, init, step)
+        logits = logits.concat()
+        self._record(y, logits)
         return ([Stacked(tf.reshape(a.concat(), [x.shape[0], *v.shape]))
-                 for a, v in zip(arrays, self.variables)], losses.concat(), logits.concat())
+                 for a, v in zip(arrays, self.variables)], losses.concat(), logits)
 
     def _jacobian_chunks(self, x, y, chunk):
         with tf.GradientTape(persistent=True) as tape:

@@ -255,8 +255,22 @@ compiled loss); `model.net` is the plain Keras model, to serve or save alone.
 
     @property
     def metrics(self):
-        """What fit and evaluate report, per epoch: the mean loss and accuracy."""
-        return [self.loss_tracker, self.accuracy_tracker]
+        """What fit and evaluate report, per epoch: the mean loss and accuracy,
+        then the metrics given to compile (Keras' own loss tracker left out:
+        the train step tracks the loss it minimizes)."""
+        ours = [self.loss_tracker, self.accuracy_tracker]
+        return ours + [m for m in super().metrics
+                       if all(m is not o for o in ours) and m.name != "loss"]
+
+    def _compiled_metrics(self) -> list:
+        return self.metrics[2:]
+
+    def _compiled_results(self) -> dict:
+        out = {}
+        for m in self._compiled_metrics():
+            result = m.result()
+            out.update(result if isinstance(result, dict) else {m.name: result})
+        return out
 
     def _track(self, loss_sum, correct, n):
         self.loss_tracker.update_state(loss_sum / n, sample_weight=n)
@@ -266,7 +280,10 @@ compiled loss); `model.net` is the plain Keras model, to serve or save alone.
         """One robust update; returns the loss and accuracy of the global batch."""
         x, y = features_and_labels(data)
         sync = Collectives.current()
-        grads, counts = self.aggregated_gradient(x, y, sync)
+        with self.source.recording() as forwards:  # the outputs the gradients came from
+            grads, counts = self.aggregated_gradient(x, y, sync)
+        if self._compiled_metrics():
+            self.compute_metrics(x, *(tf.concat(part, 0) for part in zip(*forwards)), None)
         total_loss, total_correct = tf.unstack(sync.sum([counts])[0])
         # optimizer.apply sums over replicas: last in the chain of collectives.
         grads = sync.after([g / sync.replicas for g in grads])
@@ -275,28 +292,32 @@ compiled loss); `model.net` is the plain Keras model, to serve or save alone.
         # Every replica holds the global values: its share of the trackers' sums
         # is the same, so their means are right.
         self._track(total_loss, total_correct, n)
-        return _reducible({"loss": total_loss / n, "accuracy": total_correct / n})
+        return _reducible({"loss": total_loss / n, "accuracy": total_correct / n,
+                           **self._compiled_results()})
 
     def test_step(self, data):
         x, y = features_and_labels(data)
         logits = self(x, training=False)
         loss, correct = tf.unstack(tally(y, self.source.loss(y, logits), logits))
         self._track(loss, correct, tf.cast(tf.shape(x)[0], tf.float32))
-        return _reducible({m.name: m.result() for m in self.metrics})
+        if self._compiled_metrics():
+            self.compute_metrics(x, y, logits, None)
+        return _reducible({"loss": self.loss_tracker.result(),
+                           "accuracy": self.accuracy_tracker.result(),
+                           **self._compiled_results()})
 
     def predict_step(self, data):
         return super().predict_step(data["image"] if isinstance(data, dict) else data)
 
     def compile(self, optimizer="sgd", loss=None, **kwargs):
-        """keras.Model.compile with any optimizer (and jit_compile,
-        steps_per_execution) and a per-example loss (default: the softmax
-        cross-entropy of integer labels and logits); the train step minimizes
-        the loss and reports it with the accuracy."""
-        for fixed in ("metrics", "weighted_metrics", "loss_weights"):
-            if kwargs.get(fixed) is not None:
-                raise ValueError(f"RobustModel.compile: {fixed} is not supported: fit and "
-                                 "evaluate report the loss and the accuracy (evaluate "
-                                 "model.net for other metrics)")
+        """keras.Model.compile with any optimizer, a per-example loss (default:
+        the softmax cross-entropy of integer labels and logits) and any metrics
+        (of the outputs the train step's gradients came from); fit and evaluate
+        report the loss, the accuracy and those metrics."""
+        for refused in ("weighted_metrics", "loss_weights"):
+            if kwargs.get(refused) is not None:
+                raise ValueError(f"RobustModel.compile: {refused} is refused: "
+                                 f"{WEIGHTS_REFUSED}")
         self.source.loss = per_example_loss(loss)
         # Keras keeps the loss in the compile config that save() writes.
         super().compile(optimizer=optimizer, loss=loss, **kwargs)
