@@ -3,11 +3,13 @@ subsets, and distribution over two replicas."""
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import read_split, two_replicas
+from conftest import REPO, read_split, two_replicas
 
 from cg_tf.data import records
 from cg_tf.data.reader import InputConfig, InputOptions, Reader, distribute
@@ -115,3 +117,23 @@ def test_reader_errors(digits_dir, tmp_path):
     os.remove(copy / records.shard_name("train", 1, 3))
     with pytest.raises(records.DatasetError, match="1 shard.*'train' are missing.*00001-of-00003"):
         Reader(InputConfig(str(copy), batch_size=B))
+
+
+def test_reading_the_evaluation_subsets_throws_no_cache_away(digits_dir):
+    # The training split is cached in memory once read whole; the subsets, read
+    # first (as the monitor does, before training), take a part of it, and a
+    # cache read in part is discarded with a warning on stderr (each subset
+    # caches its own examples instead). The tests hide TensorFlow's warnings:
+    # a process of its own shows them.
+    code = ("import sys\nfrom cg_tf.data.reader import Reader\n"
+            "reader = Reader.open(sys.argv[1], 50, eval_sample_size=50)\n"
+            "for _ in range(2):\n"
+            "    print(sum(int(b['label'].shape[0]) for ds in reader.eval_subsets().values()"
+            " for b in ds))\n")
+    done = subprocess.run([sys.executable, "-c", code, digits_dir], capture_output=True,
+                          text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, again = done.stdout.split()
+    assert first == again and int(first) > 150
+    assert "did not fully read the dataset being cached" not in done.stderr, done.stderr

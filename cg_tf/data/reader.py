@@ -164,13 +164,18 @@ class Reader:
             deterministic=True)
 
     def _decoded(self, split: str) -> tf.data.Dataset:
-        """The split decoded, in file order (cached in memory for small splits)."""
+        """The split decoded, in file order (cached in memory for small splits:
+        read it whole, as a cache read in part is thrown away)."""
         if split not in self._cached:
-            ds = self._records(split).map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = self._streamed(split)
             if self._fits_in_memory(split):
                 ds = ds.cache()
             self._cached[split] = ds
         return self._cached[split]
+
+    def _streamed(self, split: str) -> tf.data.Dataset:
+        """The split decoded, in file order, never cached (for reading a part)."""
+        return self._records(split).map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
 
     def _in_memory(self, split: str) -> dict[str, tf.Tensor]:
         """A small split as tensors, for exact per-epoch permutations."""
@@ -255,14 +260,14 @@ class Reader:
         n = sample_size or self.config.options.eval_sample_size
         if ("eval", n) in self._cached:
             return self._cached[("eval", n)]
-        train = self._decoded(records.TRAIN_SPLIT)
+        train = self._streamed(records.TRAIN_SPLIT)  # a part of it: each subset caches its own
         subsets = {
             "pristine": train.filter(lambda ex: ex["is_corrupt"] == 0).take(n),
             "corrupt": train.filter(lambda ex: ex["is_corrupt"] == 1).take(n),
             "mixed": train.take(n),
         }
         if self.info.eval_split in self.info.splits:
-            subsets["test"] = self._decoded(self.info.eval_split).take(10 * n)
+            subsets["test"] = self._streamed(self.info.eval_split).take(10 * n)
         self._cached[("eval", n)] = {
             name: ds.map(self._to_float).batch(self.config.eval_batch_size).cache()
             for name, ds in subsets.items()}
