@@ -137,3 +137,40 @@ def test_probe_changes_no_state():
         np.testing.assert_array_equal(a, v.numpy())
     assert {tags.layer_coherence_tag(n) for n in ("d", "bn", "logits")} <= out.keys()
     assert np.isfinite(out[tags.COHERENCE])
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_a_conv_net_is_probed_through_the_layer_rules_as_one_example_at_a_time(chunk, monkeypatch):
+    """BatchNorm frozen, the layer rules give the per-example gradients the
+    one-example-at-a-time forward gives (which a conv's backward would run in
+    a while_loop: tf.vectorized_map cannot batch it)."""
+    import keras
+
+    from cg_tf.robust import gradients
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 2))
+    h = keras.layers.Conv2D(3, 3, strides=2, padding="same", name="conv")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Dropout(0.5)(keras.layers.ReLU()(h))  # off in the frozen forward
+    net = keras.Model(inputs, keras.layers.Dense(C, name="logits")(keras.layers.Flatten()(h)))
+    bn = net.get_layer("bn")
+    bn.moving_mean.assign(np.full(3, 0.3, np.float32))
+    bn.moving_variance.assign(np.full(3, 2.0, np.float32))
+    rng = np.random.default_rng(1)
+    sample = {"image": rng.normal(size=(8, 8, 8, 2)).astype(np.float32),
+              "label": rng.integers(0, C, 8).astype(np.int32),
+              "is_corrupt": np.array([0, 1] * 4, np.int32)}
+    ruled = Probe(net, Winsorized(c=1), sample, batch_size=8, chunk=chunk)
+    assert ruled.source.ruled
+    calls = []
+    real = gradients.GradientSource._factored_frozen
+    monkeypatch.setattr(gradients.GradientSource, "_factored_frozen",
+                        lambda self, x, y: calls.append(1) or real(self, x, y))
+    got = ruled.measure()
+    assert calls  # the layer rules ran
+    one_at_a_time = Probe(net, Winsorized(c=1), sample, batch_size=8, chunk=chunk)
+    one_at_a_time.source.ruled = False
+    want = one_at_a_time.measure()
+    assert got.keys() == want.keys()
+    for tag in want:
+        np.testing.assert_allclose(got[tag], want[tag], rtol=1e-4, atol=1e-6, err_msg=tag)

@@ -114,8 +114,10 @@ class GradientSource:
             except (AttributeError, ValueError, TypeError) as e:
                 raise ValueError("--bn_mode=batch_stats needs a functional Keras model; "
                                  "use --bn_mode=exact") from e
-        reason = ("--bn_mode=exact" if self.bn and bn_mode == "exact"
-                  else layer_rules.unfactorable_reason(model))
+        unruled = layer_rules.unfactorable_reason(model)
+        # The layer rules run the model (the probe's frozen forward uses them then).
+        self.ruled = unruled is None
+        reason = "--bn_mode=exact" if self.bn and bn_mode == "exact" else unruled
         if reason:
             logging.info("per-example gradients by tf.vectorized_map: %s", reason)
         self.factored = reason is None
@@ -200,6 +202,18 @@ class GradientSource:
 
         return lambda xc, yc: tf.vectorized_map(one, (xc, yc))
 
+    def _factored_frozen(self, x: tf.Tensor, y: tf.Tensor):
+        """Per-example gradients [m, *shape] per variable, losses and logits of a
+        chunk by the layer rules, with BatchNorm frozen (the inference forward)."""
+        with tf.GradientTape() as tape:
+            logits, recordings = layer_rules.record_forward(self.model, x, None, frozen=True)
+            losses = self.loss(y, logits)
+            total = tf.reduce_sum(losses)
+        grads = tape.gradient(total, [r.watched for r in recordings])
+        values = layer_rules.per_example_values(self.variables, recordings, grads)
+        return ([tf.reshape(p.stacked(), [x.shape[0], *v.shape])
+                 for p, v in zip(values, self.variables)], losses, tf.cast(logits, tf.float32))
+
     def fold_per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync, init, step,
                          frozen_bn: bool = False):
         """Folds `step(state, i, labels, grads, losses, logits)` over the chunks
@@ -221,7 +235,10 @@ class GradientSource:
             for i, (grads, losses, logits) in enumerate(self._jacobian_chunks(x, y, m)):
                 state = step(state, i, y[i * m:(i + 1) * m], grads, losses, logits)
             return state
-        per_example = self._per_example_fn(x, sync, frozen_bn)
+        if frozen_bn and self.ruled:  # the layer rules: no vectorized backward of a conv
+            per_example = self._factored_frozen
+        else:
+            per_example = self._per_example_fn(x, sync, frozen_bn)
         if n == 1:
             return step(init, 0, y, *per_example(x, y))
         xs = tf.reshape(x, [n, m, *x.shape[1:]])

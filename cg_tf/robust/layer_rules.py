@@ -190,6 +190,19 @@ def global_moments(layer, x: tf.Tensor, sync) -> tuple[tf.Tensor, tf.Tensor]:
     return mean, var
 
 
+def _normalized(layer, x, mean, var):
+    """A BatchNormalization layer's output with the statistics (mean, var) held
+    constant, and its Recording (gamma and beta per example)."""
+    rank = x.shape.rank
+    axis = (layer.axis if isinstance(layer.axis, int) else layer.axis[0]) % rank
+    shape = [1] * rank
+    shape[axis] = x.shape[axis]
+    x_hat = ((tf.cast(x, tf.float32) - tf.reshape(mean, shape))
+             * tf.reshape(tf.math.rsqrt(var + layer.epsilon), shape))
+    out = _affine(layer, x_hat, [axis])
+    return out, Recording([out], lambda g: _scale_shift(layer, g[0], x_hat, [axis]))
+
+
 class BatchNormRule(Rule):
     """batch_stats semantics: normalize with the statistics of the global batch
     (summed over replicas), held constant; the moving averages advance once."""
@@ -197,16 +210,18 @@ class BatchNormRule(Rule):
     def forward(self, layer, x, sync):
         if not layer.trainable:
             return None
-        rank = x.shape.rank
-        axis = (layer.axis if isinstance(layer.axis, int) else layer.axis[0]) % rank
         # Held constant: the examples' losses stay independent.
         mean, var = map(tf.stop_gradient, global_moments(layer, x, sync))
-        shape = [1] * rank
-        shape[axis] = x.shape[axis]
-        x_hat = ((tf.cast(x, tf.float32) - tf.reshape(mean, shape))
-                 * tf.reshape(tf.math.rsqrt(var + layer.epsilon), shape))
-        out = _affine(layer, x_hat, [axis])
-        return out, Recording([out], lambda g: _scale_shift(layer, g[0], x_hat, [axis]))
+        return _normalized(layer, x, mean, var)
+
+
+class FrozenBatchNormRule(Rule):
+    """Inference semantics (record_forward's `frozen`): normalize with the
+    moving statistics; nothing changes."""
+
+    def forward(self, layer, x, sync):
+        return _normalized(layer, x, tf.cast(layer.moving_mean, tf.float32),
+                           tf.cast(layer.moving_variance, tf.float32))
 
 
 class LayerNormRule(Rule):
@@ -289,9 +304,12 @@ class NotFactorable(ValueError):
 # -- the recording forward --------------------------------------------------------
 
 
-def record_forward(model: keras.Model, x: tf.Tensor, sync) -> tuple[tf.Tensor, list[Recording]]:
+def record_forward(model: keras.Model, x: tf.Tensor, sync, frozen: bool = False
+                   ) -> tuple[tf.Tensor, list[Recording]]:
     """The model's training forward on x through the layer rules: the outputs
-    and one Recording per call of a layer with trainable weights."""
+    and one Recording per call of a layer with trainable weights. `frozen`:
+    the inference forward instead (layers without weights in inference mode,
+    BatchNormalization on its moving statistics; nothing changes)."""
     recordings: list[Recording] = []
 
     def run(net, inputs):
@@ -306,15 +324,17 @@ def record_forward(model: keras.Model, x: tf.Tensor, sync) -> tuple[tf.Tensor, l
                 run(op, args[0]) if len(args) == 1 and not set(kwargs) - {"training", "mask"}
                 else _raise(op))
         if not getattr(op, "trainable_variables", None):
-            return keras_internals.operation_fn(op, training=True)
+            return keras_internals.operation_fn(op, training=not frozen)
 
         def call(*args, **kwargs):
             if len(args) != 1 or set(kwargs) - {"training", "mask"}:
                 _raise(op)
             rule = _REGISTRY.get(type(op))
+            if frozen and isinstance(op, keras.layers.BatchNormalization):
+                rule = FrozenBatchNormRule()
             result = rule.forward(op, args[0], sync) if rule else None
             if result is None:
-                result = _fallback(op, args[0], True)
+                result = _fallback(op, args[0], not frozen)
             out, recording = result
             recordings.append(recording)
             return out
