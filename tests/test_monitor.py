@@ -87,7 +87,7 @@ def test_learned_export_partitions_the_training_set(run):
     ids, correct = [], []
     for batch in trainer.reader.examples():
         ids += [i.decode() for i in batch["example_id"].numpy()]
-        correct += list(metrics.evaluate(trainer.net, [batch])["correct"])
+        correct += list(metrics.evaluate(trainer.model.net, [batch])["correct"])
     assert sorted(learned + not_learned) == sorted(ids)
     assert set(learned) == {i for i, ok in zip(ids, correct) if ok}
     assert summary["learned_examples"] == {"learned": len(learned),

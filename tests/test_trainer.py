@@ -177,20 +177,20 @@ def test_restore_net_gives_the_final_weights_of_a_run(digits_dir, tmp_path):
     trainer = Trainer(cfg)
     trainer.run()
     net = stages.restore_net(cfg, reader)
-    assert len(net.weights) == len(trainer.net.weights)
-    for a, b in zip(net.weights, trainer.net.weights):  # BatchNorm's moving statistics too
+    assert len(net.weights) == len(trainer.model.net.weights)
+    for a, b in zip(net.weights, trainer.model.net.weights):  # BatchNorm's moving statistics too
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    assert not np.array_equal(net.weights[0].numpy(), Trainer(cfg).net.weights[0].numpy())
+    assert not np.array_equal(net.weights[0].numpy(), Trainer(cfg).model.net.weights[0].numpy())
 
 
 def test_optimizer_adam_trains_and_checkpoints_its_moments(digits_dir, tmp_path):
     trainer = Trainer(config(digits_dir, tmp_path / "run", optimizer="adam",
                              learning_rate=0.01))
     assert isinstance(trainer.optimizer, keras.optimizers.Adam)
-    before = [v.numpy() for v in trainer.net.trainable_variables]
+    before = [v.numpy() for v in trainer.model.net.trainable_variables]
     trainer.run()
     assert any(not np.array_equal(a, v.numpy())
-               for a, v in zip(before, trainer.net.trainable_variables))
+               for a, v in zip(before, trainer.model.net.trainable_variables))
     state = final_state(tmp_path / "run")
     # Adam's first and second moments of each variable (SGD without momentum has none).
     slots = [n for n in state if n.startswith("optimizer/_variables/")]

@@ -360,10 +360,6 @@ class Trainer:
                                               **self.clock)
         self.manager: tf.train.CheckpointManager | None = None  # by restore()
 
-    @property
-    def net(self) -> keras.Model:
-        return self.model.net
-
     def keep_clock(self, loss: float, train_seconds: float) -> None:
         """Puts the last loss and the seconds so far in the next checkpoint."""
         for name, value in (("last_loss", loss), ("train_seconds", train_seconds),
