@@ -30,12 +30,14 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # The tests build a Dataflow job (dry run), which needs Beam's GCP clients,
-        # drive Debian's chromium through selenium (the browser test of the plugin)
-        # and run tools.benchmark.
+        # drive Debian's chromium through selenium (the browser test of the plugin),
+        # run tools.benchmark and run a KFP package locally.
         "test": ["pytest>=8", "apache-beam[gcp,tfrecord]==2.77.*", "selenium>=4.20",
-                 "psutil>=5.9"],
+                 "psutil>=5.9", "kfp==2.17.*"],
         # tools.benchmark samples the process's resident memory.
         "benchmark": ["psutil>=5.9"],
         "gcp": ["apache-beam[gcp,tfrecord]==2.77.*"],
+        # --kfp_package: sweeps and easy/hard as Kubeflow / Vertex AI pipelines.
+        "kfp": ["kfp==2.17.*"],
     },
 )

@@ -24,6 +24,26 @@ NOISE_MODE = flags.DEFINE_enum("noise_mode", "uniform", list(NOISE_MODES),
 # The build's own options: a flag per BuildConfig field with help text.
 PROGRAM_OWN = ("output_dir", "noise", "overwrite")
 common_flags.define(build.BuildConfig, skip=PROGRAM_OWN)
+REPORT = flags.DEFINE_bool("report", True, "Write the report at the end (sweep, easy_hard; "
+                           "the stage tasks of a KFP package leave it to its report task).")
+KFP_PACKAGE = flags.DEFINE_string(
+    "kfp_package", None, "Instead of running: write a Kubeflow Pipelines package (YAML) to "
+    "this path, one task per stage, for Kubeflow Pipelines or Vertex AI Pipelines "
+    "(sweep, easy_hard; needs pip install -e \".[kfp]\").")
+KFP_IMAGE = flags.DEFINE_string("kfp_image", None, "The image the package's tasks run in (the "
+                                "repository's Dockerfile, pushed to a registry).")
+KFP_WORKDIR = flags.DEFINE_string("kfp_workdir", "/opt/cg_tf", "The checkout in the image, "
+                                  "where the tasks run (flagfiles resolve from it).")
+KFP_CPU = flags.DEFINE_string("kfp_cpu", None, "CPUs a training task asks for (e.g. 8).")
+KFP_MEMORY = flags.DEFINE_string("kfp_memory", None, "Memory a training task asks for (e.g. 32G).")
+KFP_ACCELERATOR_TYPE = flags.DEFINE_string(
+    "kfp_accelerator_type", None, "Accelerator of a training task (Vertex AI: NVIDIA_TESLA_T4, "
+    "NVIDIA_L4, ...; Kubeflow on Kubernetes: nvidia.com/gpu).")
+KFP_ACCELERATOR_COUNT = flags.DEFINE_integer("kfp_accelerator_count", 1,
+                                             "Accelerators per training task.")
+# The flags a package's tasks do not repeat: each sets its own --output_dir and --only.
+KFP_OWN = ("kfp_package", "kfp_image", "kfp_workdir", "kfp_cpu", "kfp_memory",
+           "kfp_accelerator_type", "kfp_accelerator_count", "output_dir", "only", "report")
 TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir for tfds: sources.")
 TFDS_MANUAL_DIR = flags.DEFINE_string("tfds_manual_dir", None,
                                       "TFDS manual dir (e.g. the ImageNet tar files).")
@@ -65,14 +85,36 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
-def run_pipeline(make_stages: Callable[[], list[runner.Stage]]) -> dict[str, dict]:
+def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str
+                 ) -> dict[str, dict] | None:
     """Runs the stages a main asks for under --output_dir (required), with
-    --overwrite and --only; returns their manifests. A bad flag (a ValueError
-    naming it) ends the program with its message, before any work."""
+    --overwrite and --only; returns their manifests. With --kfp_package, writes
+    the package of those stages instead and returns None. A bad flag (a
+    ValueError naming it) ends the program with its message, before any work."""
     if not OUTPUT_DIR.value:
         raise app.UsageError("--output_dir is required")
     try:
-        return runner.run_stages(OUTPUT_DIR.value, make_stages(), common_flags.OVERWRITE.value,
-                                     ONLY.value)
+        stages = make_stages()
+        if KFP_PACKAGE.value:
+            write_kfp_package(stages, program)
+            return None
+        return runner.run_stages(OUTPUT_DIR.value, stages, common_flags.OVERWRITE.value,
+                                 ONLY.value)
     except (ValueError, SourceError) as e:
         sys.exit(f"error: {e}")
+
+
+def write_kfp_package(stages: list[runner.Stage], program: str) -> None:
+    """--kfp_package: the stages as a Kubeflow Pipelines package (kfp_package)."""
+    from cg_tf.experiments import kfp_package
+    if not KFP_IMAGE.value:
+        raise ValueError("--kfp_package needs --kfp_image (the image built from the "
+                         "repository's Dockerfile)")
+    training = kfp_package.Resources(KFP_CPU.value, KFP_MEMORY.value,
+                                     KFP_ACCELERATOR_TYPE.value, KFP_ACCELERATOR_COUNT.value)
+    args = kfp_package.program_args(sys.argv[1:], KFP_OWN)
+    kfp_package.compile_package(KFP_PACKAGE.value, f"cg-tf-{program.split('.')[-1]}".replace(
+        "_", "-"), program, args, stages, KFP_IMAGE.value, KFP_WORKDIR.value, OUTPUT_DIR.value,
+        training)
+    print(f"{KFP_PACKAGE.value}: {len(stages) + 1} tasks (one per stage, then the report) "
+          f"writing to {OUTPUT_DIR.value}; run it on Kubeflow Pipelines or Vertex AI Pipelines")

@@ -66,7 +66,8 @@ def grid_from_flags() -> list[sweep.Point]:
 def make_stages(beam_args: list[str]) -> list:
     """The sweep these flags ask for; raises ValueError naming a bad flag (or
     a report file of the output directory that the sweep did not write)."""
-    sweep.check_report_files(shared_flags.OUTPUT_DIR.value)
+    if not shared_flags.KFP_PACKAGE.value:  # the package's tasks check it where they run
+        sweep.check_report_files(shared_flags.OUTPUT_DIR.value)
     base = train_flags.config_from_flags()
     points = grid_from_flags()
     # Every noise rate is checked before anything runs.
@@ -77,7 +78,9 @@ def make_stages(beam_args: list[str]) -> list:
 
 def main(beam_args: list[str]) -> None:
     train_flags.setup_devices()
-    manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args))
+    manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args), "pipelines.sweep")
+    if manifests is None or not shared_flags.REPORT.value:
+        return
     out = shared_flags.OUTPUT_DIR.value
     paths, text = sweep.write_report(out, grid_from_flags(), manifests)
     report.print_outputs(text, paths, f"{out}/runs")

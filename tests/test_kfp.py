@@ -1,0 +1,122 @@
+"""The sweep and easy/hard as Kubeflow Pipelines packages: what the package
+holds, and a tiny digits sweep run from the package by KFP's local runner
+giving the built-in runner's summary.csv."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+
+from cg_tf.experiments import kfp_package
+
+TINY = ["--source=digits", "--noise_rates=0.5", "--aggregators=mean,winsorized:2",
+        "--seeds=0", "--model=fc", "--fc_widths=32", "--batch_size=50", "--epochs=3",
+        "--learning_rate=0.5", "--eval_sample_size=200", "--probe_size=0", "--deterministic",
+        "--num_shards=2"]
+
+
+def program(name, *args, cwd=REPO):
+    done = subprocess.run([sys.executable, "-m", f"pipelines.{name}", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def tasks_of(path):
+    with open(path) as f:
+        spec = yaml.safe_load(f)
+    tasks = spec["root"]["dag"]["tasks"]
+    by_name = {t["taskInfo"]["name"]: t for t in tasks.values()}
+    executors = spec["deploymentSpec"]["executors"]
+    return spec, by_name, tasks, executors
+
+
+def test_the_sweep_package_holds_a_task_per_stage_then_the_report(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    out = program("sweep", "--flagfile=configs/sweep_demo.flags", "--output_dir=gs://b/sweep",
+                  f"--kfp_package={path}", "--kfp_image=registry/cg_tf:1",
+                  "--kfp_accelerator_type=NVIDIA_L4", "--kfp_accelerator_count=2",
+                  "--kfp_cpu=8", "--kfp_memory=32G")
+    assert "5 tasks" in out.stdout
+    spec, by_name, tasks, executors = tasks_of(path)
+    assert sorted(by_name) == ["data/noise_0.5", "report", "runs/mean_noise0.5_seed0",
+                               "runs/winsorized_c1_noise0.5_seed0",
+                               "runs/winsorized_c4_noise0.5_seed0"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["output_dir"]["defaultValue"] == "gs://b/sweep"
+    assert params["workdir"]["defaultValue"] == "/opt/cg_tf"
+    task_of = {key: t["taskInfo"]["name"] for key, t in tasks.items()}
+    for name, task in by_name.items():
+        inputs = task["inputs"]["parameters"]
+        assert inputs["args"]["runtimeValue"]["constant"] == ["--flagfile=configs/sweep_demo.flags"]
+        assert inputs["only"]["runtimeValue"]["constant"] == ("" if name == "report" else name)
+        after = {task_of[k] for k in task.get("dependentTasks", [])}
+        want = ({n for n in by_name if n != "report"} if name == "report"
+                else {"data/noise_0.5"} if name.startswith("runs/") else set())
+        assert after == want, name
+        container = executors[spec["components"][task["componentRef"]["name"]]["executorLabel"]]
+        container = container["container"]
+        assert container["image"] == "registry/cg_tf:1"
+        resources = container.get("resources", {})
+        if name.startswith("runs/"):
+            assert resources["accelerator"]["resourceType"] == "NVIDIA_L4"
+            assert resources["accelerator"]["resourceCount"] == "2"
+            assert resources["cpuLimit"] == 8.0 and resources["memoryLimit"] == 32.0
+        else:
+            assert "accelerator" not in resources
+
+
+def test_the_easy_hard_package_orders_its_stages(tmp_path):
+    path = tmp_path / "easy_hard.yaml"
+    program("easy_hard", "--flagfile=configs/easy_hard_demo.flags", "--output_dir=out",
+            f"--kfp_package={path}", "--kfp_image=img")
+    _, by_name, tasks, _ = tasks_of(path)
+    task_of = {key: t["taskInfo"]["name"] for key, t in tasks.items()}
+    after = {n: {task_of[k] for k in t.get("dependentTasks", [])} for n, t in by_name.items()}
+    assert after["first_training"] == {"data/clean"}
+    assert after["split"] == {"data/clean", "first_training"}
+    assert after["cross_eval"] >= {"runs/easy", "runs/hard"}
+    assert after["report"] == set(by_name) - {"report"}
+
+
+def test_bad_package_flags_fail_before_writing(tmp_path):
+    for args, message in (([], "--kfp_package needs --kfp_image"),
+                          (["--kfp_image=img", "--kfp_accelerator_count=0"],
+                           "--kfp_accelerator_count must be positive")):
+        done = subprocess.run([sys.executable, "-m", "pipelines.sweep",
+                               "--flagfile=configs/sweep_demo.flags",
+                               f"--kfp_package={tmp_path / 'p.yaml'}", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "p.yaml").exists()
+    with pytest.raises(ValueError, match="give it as --kfp_image=VALUE"):
+        kfp_package.program_args(["--epochs=3", "--kfp_image", "img"], ("kfp_image",))
+    assert kfp_package.program_args(["--epochs=3", "--only=x", "--runner=DirectRunner"],
+                                    ("only",)) == ["--epochs=3", "--runner=DirectRunner"]
+
+
+def summary_rows(output_dir):
+    with open(os.path.join(output_dir, "summary.csv")) as f:
+        return {r["run"]: {k: v for k, v in r.items() if k != "wall_seconds"}
+                for r in csv.DictReader(f)}
+
+
+@pytest.mark.filterwarnings("ignore:.*have no effect in the current local runner",
+                            "ignore:You may be attemping to run a task")  # KFP's local runner
+def test_a_package_run_by_kfps_local_runner_gives_the_built_in_runners_summary(tmp_path):
+    from kfp import components, local
+    builtin, packaged = tmp_path / "builtin", tmp_path / "packaged"
+    program("sweep", *TINY, f"--output_dir={builtin}")
+    path = tmp_path / "tiny.yaml"
+    program("sweep", *TINY, f"--output_dir={packaged}", f"--kfp_package={path}",
+            "--kfp_image=unused-by-the-local-runner")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    components.load_component_from_file(str(path))(output_dir=str(packaged), workdir=REPO)
+    want, got = summary_rows(builtin), summary_rows(packaged)
+    assert sorted(got) == ["mean_noise0.5_seed0", "winsorized_c2_noise0.5_seed0"]
+    assert got == want
+    assert (packaged / "figure.png").exists() and (packaged / "runs").is_dir()
