@@ -39,6 +39,7 @@ def quiet() -> None:
     log level once, as it loads."""
     from cg_tf import console
     console.silence_libraries()
+    console.short_python_log_lines()
 
 
 def __getattr__(name: str):

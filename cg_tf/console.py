@@ -109,6 +109,16 @@ def _shown(record: std_logging.LogRecord) -> bool:
     return record.levelno >= std_logging.WARNING or record.pathname.startswith(OURS)
 
 
+def short_python_log_lines() -> None:
+    """Python's log lines (the project's warnings) as `HH:MM:SS message`, as the
+    command lines print them, where no handler was set up (the Python route)."""
+    root = std_logging.getLogger()
+    if not root.handlers:
+        handler = std_logging.StreamHandler()
+        handler.setFormatter(_Short())
+        root.addHandler(handler)
+
+
 def configure() -> None:
     """Unless verbose, absl's handler (which every Python log line goes through)
     shows `HH:MM:SS message` and only what `_shown` keeps (call from main, once

@@ -400,11 +400,14 @@ def test_the_callback_watches_arrays_and_fills_fits_logs(tmp_path):
 @pytest.mark.parametrize("quiet", [False, True])
 def test_quiet_silences_tensorflows_informational_lines(quiet):
     code = ("import cg_tf; cg_tf.quiet()\n" if quiet else "") + (
-        "import tensorflow as tf\n"
-        "print(float(tf.function(lambda x: x * 2, jit_compile=True)(tf.constant(1.0))))\n")
+        "import logging\nimport tensorflow as tf\n"
+        "print(float(tf.function(lambda x: x * 2, jit_compile=True)(tf.constant(1.0))))\n"
+        "logging.warning('weights growing')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, cwd=REPO, env={k: v for k, v in os.environ.items()
                                                       if k != "TF_CPP_MIN_LOG_LEVEL"})
     assert done.returncode == 0 and done.stdout.strip() == "2.0", done.stderr[-2000:]
     info = [line for line in done.stderr.splitlines() if re.match(r"I\d{4} ", line)]
     assert bool(info) != quiet, done.stderr  # e.g. oneDNN's and XLA's lines
+    # The project's warnings read as the command lines print them.
+    assert bool(re.search(r"^\d\d:\d\d:\d\d weights growing$", done.stderr, re.M)) == quiet

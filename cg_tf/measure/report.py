@@ -115,7 +115,7 @@ def side_by_side(summaries: dict[str, dict]) -> str:
         cells = "".join(f"{s[key]:>{column}.3f}" if s.get(key) is not None else f"{'-':>{column}}"
                         for s in summaries.values())
         lines.append(f"{label:<{width}}  {cells}")
-    said = [f"{name} {s['corrupt_accuracy']:.0%}" + (
+    said = [f"{name}: {s['corrupt_accuracy']:.0%}" + (
         f" (test {s['test_accuracy']:.3f})" if s.get("test_accuracy") is not None else "")
         for name, s in summaries.items() if s.get("corrupt_accuracy") is not None]
     if said:
@@ -130,7 +130,8 @@ def summary_text(summary: dict, model_dir: str) -> str:
     aggregator = names.spec(summary["aggregator"])
     steps = f"{summary['steps']} steps"
     if summary.get("steps_per_epoch"):
-        steps += f" ({summary['steps'] / summary['steps_per_epoch']:g} epochs)"
+        epochs = summary['steps'] / summary['steps_per_epoch']
+        steps += f" ({epochs:g} epoch{'' if epochs == 1 else 's'})"
     data = summary["data_dir"]
     if noise.get("rate"):
         data += f" ({noise['rate']:.0%} {noise['mode']} label noise)"
