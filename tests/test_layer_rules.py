@@ -202,3 +202,42 @@ def test_every_aggregator_compiles_with_xla_to_the_same_update(name):
 def test_batchnorm_and_layernorm_rules_give_one_update_for_any_replica_count(name):
     for a, b in zip(run_step(name, False), run_step(name, False, two_replicas())):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+class HiddenReplicaId:
+    """A replica context whose replica id has no value before the step runs, as
+    under TPUStrategy (MirroredStrategy's is a constant per traced replica)."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    @property
+    def replica_id_in_sync_group(self):
+        hidden = tf.cast(tf.random.uniform([], maxval=0.5), tf.int32)  # 0, known only at run
+        return self._ctx.replica_id_in_sync_group + hidden
+
+
+def run_hidden_id(name, monkeypatch, strategy, jit):
+    """The train step with a replica id it cannot read before it runs (as under
+    TPUStrategy, which compiles the replica function whole)."""
+    from cg_tf.robust.collectives import Collectives
+    monkeypatch.setattr(Collectives, "current", classmethod(
+        lambda cls: cls(HiddenReplicaId(tf.distribute.get_replica_context()))))
+    return run_step(name, jit, strategy)
+
+
+@pytest.mark.parametrize("name", REGISTRY)
+def test_every_aggregator_needs_no_static_replica_id(name, monkeypatch):
+    # Two replicas (MirroredStrategy on logical CPUs), and one compiled whole by
+    # XLA (XLA cannot span the logical CPUs' mirrored variables: TPUStrategy's
+    # compile of a multi-replica step is what stays untested without a TPU).
+    # The same update as with the replica id MirroredStrategy gives as a constant.
+    for strategy, jit in ((two_replicas(), False), (None, True)):
+        want = run_step(name, False, strategy)
+        with monkeypatch.context() as patch:
+            got = run_hidden_id(name, patch, strategy, jit)
+        for a, b in zip(want, got):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

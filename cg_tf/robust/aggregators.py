@@ -23,6 +23,7 @@ all the tiles need, and tell the gradient probe what they cut (`probe_cut`,
 """
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import tensorflow as tf
@@ -332,25 +333,26 @@ class MedianOfMeans(Aggregator):
         return [m / size for m in medians]
 
     def _by_passes(self, source, x, y, sync):
-        """Each replica sums the gradients of its part of each global group (an
-        ordinary backward pass per part); the sums are all-reduced."""
+        """Each replica sums the gradients of its part of each global group, by
+        ordinary backward passes over segments of gcd(replica batch, group
+        size) examples: a segment lies in one group, whose index comes from the
+        replica id as a tensor, so the step compiles whole as TPUStrategy runs
+        it (with the layouts where a group is a multiple of the replica batch
+        or the reverse, a segment is a group's whole part on the replica). The
+        sums are all-reduced."""
         b = x.shape[0]
         size = global_batch(x, sync) // self.k
-        r = tf.get_static_value(sync.ctx.replica_id_in_sync_group)
-        if r is None and sync.replicas > 1:
-            raise ValueError("median_of_means needs a static replica id (one device or "
-                             "MirroredStrategy)")
-        r = r or 0
-        sums, counts = [], tf.zeros([2])
-        for j in range(self.k):
-            lo, hi = max(j * size - r * b, 0), min((j + 1) * size - r * b, b)
-            if hi > lo:
-                g, losses, logits = source.summed(x[lo:hi], y[lo:hi])
-                counts += tally(y[lo:hi], losses, logits)
-            else:
-                g = [tf.zeros_like(v) for v in source.variables]
-            sums.append(g)
-        group_sums = sync.sum([tf.stack(parts) for parts in zip(*sums)])
+        s = math.gcd(b, size)
+        first = sync.replica_id * b  # this replica's first example in the global batch
+        sums = [tf.zeros([self.k, *v.shape], v.dtype) for v in source.variables]
+        counts = tf.zeros([2])
+        for m in range(b // s):
+            g, losses, logits = source.summed(x[m * s:(m + 1) * s], y[m * s:(m + 1) * s])
+            counts += tally(y[m * s:(m + 1) * s], losses, logits)
+            slot = tf.one_hot((first + m * s) // size, self.k)
+            sums = [acc + tf.reshape(tf.cast(slot, acc.dtype), [self.k] + [1] * gi.shape.rank)
+                    * gi[None] for acc, gi in zip(sums, g)]
+        group_sums = sync.sum(sums)
         return self._median_of_groups([Stacked(s) for s in group_sums], source.variables,
                                       size), counts
 

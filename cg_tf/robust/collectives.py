@@ -37,6 +37,12 @@ class Collectives:
         """The collectives of the replica context the caller runs in."""
         return cls(tf.distribute.get_replica_context())
 
+    @property
+    def replica_id(self) -> tf.Tensor:
+        """This replica's index, as a tensor: under TPUStrategy it is known only
+        inside the compiled replica function, so nothing may need its value."""
+        return tf.cast(self.ctx.replica_id_in_sync_group, tf.int32)
+
     def after(self, values: list[tf.Tensor]) -> list[tf.Tensor]:
         """`values`, made to wait for the previous collective."""
         with tf.control_dependencies(self._last):
@@ -55,7 +61,7 @@ class Collectives:
         n = self.replicas
         if n == 1:
             return list(xs)
-        mine = tf.equal(tf.range(n), self.ctx.replica_id_in_sync_group)
+        mine = tf.equal(tf.range(n), self.replica_id)
         placed = [tf.where(tf.reshape(mine, [n] + [1] * x.shape.rank), x[None],
                            tf.zeros_like(x[None])) for x in xs]
         return [tf.reshape(g, [n * x.shape[0], *x.shape[1:]])
