@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from conftest import REPO
+
 from tools import benchmark
 
 
@@ -18,7 +20,7 @@ def test_the_benchmark_times_sgd_and_an_aggregator_and_records_the_load(tmp_path
     done = subprocess.run(
         [sys.executable, "-m", "tools.benchmark", "--models=fc3",
          "--aggregators=mean,winsorized:4", "--steps=2", "--nojit", f"--json={out}"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [r["aggregator"] for r in rows] == ["mean", "winsorized"]
@@ -26,3 +28,15 @@ def test_the_benchmark_times_sgd_and_an_aggregator_and_records_the_load(tmp_path
         assert r["step_seconds"] > 0 and r["load_before"] >= 0 and r["load_after"] >= 0
     assert rows[0]["ratio_to_sgd"] == 1.0
     assert "fc 784-256-256-256-10: load average" in done.stdout
+
+
+def test_the_input_benchmark_reads_each_workers_slice_both_ways(digits_dir):
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.benchmark_input", f"--data_dir={digits_dir}",
+         "--workers=2", "--batch_size=32", "--steps=5", "--streamed"],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("whole: 2 workers read 5 global batches of 32")
+    assert "each decoding 160 examples and keeping 80" in lines[0]
+    assert "each decoding 80 examples and keeping 80" in lines[1]

@@ -91,12 +91,27 @@ def test_eval_subsets(digits_dir):
         [e for e, _ in got["corrupt"]]
 
 
+@pytest.mark.parametrize("cache_max_examples", [200_000, 0])  # In memory; streamed from files.
+def test_parts_of_the_global_batches_read_alone_make_them_up(digits_dir, cache_max_examples):
+    # What each worker reads: its slice of every global batch, chosen before
+    # decoding, the same examples in the same order as the slice of the whole.
+    reader = Reader(InputConfig(digits_dir, batch_size=B, cache_max_examples=cache_max_examples))
+    spe = reader.steps_per_epoch
+    whole = ids_of(reader.train_dataset(spe - 2, 4, keep_ids=True))  # across an epoch's end
+    parts = [ids_of(reader.train_dataset(spe - 2, 4, keep_ids=True, part=(start, size)))
+             for start, size in ((0, 8), (8, B - 8))]
+    assert [a + b for a, b in zip(*parts)] == whole
+    batch = next(iter(reader.train_dataset(0, 1, part=(8, 4))))
+    assert batch["image"].shape[0] == 4 and batch["image"].dtype == tf.float32
+
+
 def test_two_replicas_split_the_global_batch(digits_dir):
     assert len(tf.config.list_logical_devices("CPU")) == 2
     strategy = two_replicas()
     reader = Reader(InputConfig(digits_dir, batch_size=B))
     global_batches = ids_of(reader.train_dataset(0, 3, keep_ids=True))
-    dist = distribute(reader.train_dataset(0, 3, keep_ids=True), strategy, B)
+    dist = distribute(lambda part: reader.train_dataset(0, 3, keep_ids=True, part=part),
+                      strategy, B)
     for step, batch in enumerate(dist):
         parts = strategy.experimental_local_results(batch["example_id"])
         assert [len(p) for p in parts] == [B // 2, B // 2]

@@ -15,6 +15,7 @@ buffer of serialized records, and decoded after the shuffle.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -191,8 +192,11 @@ class Reader:
         """The stateless seed of an epoch's order: a function of (seed, epoch) only."""
         return tf.stack([tf.constant(self.config.seed, tf.int64), tf.cast(epoch, tf.int64)])
 
-    def train_epoch(self, epoch: tf.Tensor | int) -> tf.data.Dataset:
-        """One epoch of global batches, in an order that depends only on (seed, epoch).
+    def train_epoch(self, epoch: tf.Tensor | int, part: tuple[int, int] | None = None
+                    ) -> tf.data.Dataset:
+        """One epoch of global batches, in an order that depends only on (seed, epoch);
+        with `part` = (start, size), only those examples of each global batch,
+        chosen before anything is decoded (a worker's slice).
 
         Small splits: a uniformly random permutation of the whole split. Large
         ones: a random file order, interleaved, through a shuffle buffer.
@@ -200,24 +204,31 @@ class Reader:
         split = records.TRAIN_SPLIT
         seed = self._epoch_seed(epoch)
         bs = self.config.batch_size
+        start, size = part or (0, bs)
         if self._fits_in_memory(split):
             data = self._in_memory(split)
             n = self.info.splits[split].num_examples
             order = tf.argsort(tf.random.stateless_uniform([n], seed=seed))
             ds = tf.data.Dataset.from_tensor_slices(order).batch(bs, drop_remainder=True)
-            return ds.map(lambda idx: self._to_float({k: tf.gather(v, idx) for k, v in data.items()}))
+            return ds.map(lambda idx: self._to_float(
+                {k: tf.gather(v, idx[start:start + size]) for k, v in data.items()}))
         ds = (self._records(split, seed)
               .shuffle(self.config.shuffle_buffer, seed=self.config.seed,
-                       reshuffle_each_iteration=False)
-              .map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
-              .map(self._to_float, num_parallel_calls=tf.data.AUTOTUNE))
-        return ds.batch(bs, drop_remainder=True)
+                       reshuffle_each_iteration=False))
+        if part:  # the records of each global batch this part keeps, in order
+            ds = ds.batch(bs, drop_remainder=True).map(lambda r: r[start:start + size]).unbatch()
+        return (ds.map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
+                .map(self._to_float, num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(size, drop_remainder=True))
 
     def train_dataset(self, start_step: int = 0, num_steps: int | None = None,
-                      keep_ids: bool = False) -> tf.data.Dataset:
+                      keep_ids: bool = False, part: tuple[int, int] | None = None
+                      ) -> tf.data.Dataset:
         """Global batches from global step `start_step` on, across epochs (endless
         unless `num_steps` is given): numbers only (an XLA-compiled step takes
-        no strings), with the examples' string ids if `keep_ids`.
+        no strings), with the examples' string ids if `keep_ids`; with `part` =
+        (start, size), only those examples of each (an input pipeline's slice,
+        read and decoded alone: `distribute`).
 
         A run resumed at step s sees exactly the batches an uninterrupted run
         sees from step s (augmentation aside, which draws fresh randomness).
@@ -226,7 +237,7 @@ class Reader:
         if self._fits_in_memory(records.TRAIN_SPLIT):
             self._in_memory(records.TRAIN_SPLIT)  # Load outside the epoch function.
         ds = (tf.data.Dataset.range(first_epoch, tf.int64.max)
-              .flat_map(self.train_epoch)
+              .flat_map(lambda epoch: self.train_epoch(epoch, part))
               .skip(skip))
         if num_steps is not None:
             ds = ds.take(num_steps)
@@ -274,20 +285,21 @@ class Reader:
         return self._cached[("eval", n)]
 
 
-def distribute(ds: tf.data.Dataset, strategy: tf.distribute.Strategy, global_batch_size: int):
+def distribute(batches: Callable[[tuple[int, int]], tf.data.Dataset],
+               strategy: tf.distribute.Strategy, global_batch_size: int):
     """Splits each global batch over the strategy's replicas, in replica order.
 
-    Every input pipeline (one per worker) reads the same global batches and
-    keeps its consecutive slice, which its local replicas split in turn; so the
-    examples a replica sees, and hence the update, are the same for one or many
-    workers (tf.data's auto-sharding would give workers different batches).
+    `batches(part)` is the dataset of the global batches' `part` = (start,
+    size) (Reader.train_dataset's): every input pipeline (one per worker)
+    reads and decodes only its consecutive slice of each global batch, which
+    its local replicas split in turn; so the examples a replica sees, and
+    hence the update, are the same for one or many workers (tf.data's
+    auto-sharding would give workers different batches).
     """
-    endless = int(ds.cardinality()) == tf.data.INFINITE_CARDINALITY
-
     def per_pipeline(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         size = global_batch_size // ctx.num_input_pipelines
-        start = ctx.input_pipeline_id * size
-        mine = ds.map(lambda b: {k: v[start:start + size] for k, v in b.items()})
+        mine = batches((ctx.input_pipeline_id * size, size))
+        endless = int(mine.cardinality()) == tf.data.INFINITE_CARDINALITY
         # Static batch shapes for a graph that takes the iterator, as Keras' fit
         # does (drop_remainder changes nothing: the slices divide evenly); and an
         # endless dataset said to be one (rebatch forgets it), for which

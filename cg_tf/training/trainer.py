@@ -474,7 +474,8 @@ class Trainer:
         measure.train_seconds = float(self.clock["train_seconds"])
         if start < self.total_steps:
             # Endless: fit takes the steps it is told to.
-            data = distribute(self.reader.train_dataset(start), self.strategy, cfg.batch_size)
+            data = distribute(lambda part: self.reader.train_dataset(start, part=part),
+                              self.strategy, cfg.batch_size)
             with self.termination.active():
                 self.model.fit(data, epochs=1, steps_per_epoch=self.total_steps - start,
                                verbose=0, shuffle=False,  # the reader orders the batches
