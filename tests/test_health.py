@@ -63,7 +63,8 @@ def test_health_measures_norms_growth_logits_and_dead_units(caplog):
 
 def test_a_run_writes_its_health_and_keeps_its_start_on_resume(digits_dir, tmp_path):
     cfg = TrainConfig(data_dir=digits_dir, model_dir=str(tmp_path), fc_widths=(16,), steps=20,
-                      input=InputOptions(eval_sample_size=50), checkpoint_every=10, learning_rate=0.5)
+                      input=InputOptions(eval_sample_size=50), checkpoint_every=10,
+                      learning_rate=0.5)
     trainer = Trainer(cfg)
     start = trainer.monitor.health.start.numpy().copy()
     summary = trainer.run()

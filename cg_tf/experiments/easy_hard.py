@@ -97,7 +97,8 @@ def cross_eval_stage(train: TrainConfig) -> Stage:
     def run(directory: str, inputs: dict) -> dict:
         data = {"clean": inputs["data/clean"]["outputs"]["data_dir"],
                 **{s: inputs["split"]["outputs"][f"{s}_data_dir"] for s in SETS}}
-        readers = {d: stages.evaluation_reader(path, train.input.image_size) for d, path in data.items()}
+        readers = {d: stages.evaluation_reader(path, train.input.image_size)
+                   for d, path in data.items()}
         results = {}
         for trained_on in SETS:
             model_dir = inputs[f"runs/{trained_on}"]["outputs"]["model_dir"]

@@ -17,9 +17,9 @@ learned, probes the gradients, and writes the summaries the Memorization tab
 reads. `MonitorCallback` drives a given Monitor (the CLI trainer's, whose
 learning events its checkpoints hold); `MemorizationCallback` builds one for
 the model being fit, puts the accuracies into each epoch's logs and, at the
-end, writes summary.json, the learning events and the learned-example exports. Either works with a RobustModel (its net is measured,
-its aggregator probed) or any Keras model that outputs logits (measured as
-plain SGD).
+end, writes summary.json, the learning events and the learned-example
+exports. Either works with a RobustModel (its net is measured, its aggregator
+probed) or any Keras model that outputs logits (measured as plain SGD).
 """
 
 import os
@@ -33,9 +33,9 @@ from cg_tf.data.reader import Reader
 from cg_tf.measure import tags
 from cg_tf.measure.monitor import (LEARNED_IDS, LEARNING_EVENTS, NOT_LEARNED_IDS, SUMMARY_FILE,
                                    Monitor, MonitorConfig, json_values)
-from cg_tf.storage import events, files
 from cg_tf.robust.aggregators import Mean
 from cg_tf.robust.gradients import DEFAULT_BN_MODE, example_losses
+from cg_tf.storage import events, files
 
 
 # What a MemorizationCallback writes to its log_dir (beside the event files).

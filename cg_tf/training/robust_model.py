@@ -162,9 +162,9 @@ def all_before_any(updates: list[tf.Tensor]) -> list[tf.Tensor]:
 class RobustModel(keras.Model):
     """Wraps a network; `fit` and the CLI trainer run the robust update.
 
-`model.save("m.keras")` and `keras.models.load_model("m.keras")` round-trip it
-(the net, the aggregator and its state across steps, the optimizer and the
-compiled loss); `model.net` is the plain Keras model, to serve or save alone.
+    `model.save("m.keras")` and `keras.models.load_model("m.keras")` round-trip
+    it (the net, the aggregator and its state across steps, the optimizer and
+    the compiled loss); `model.net` is the plain Keras model, to serve or save.
 
     per_example_chunk: per-example gradients computed this many at a time (a
                        memory bound; it must divide the per-replica batch)
