@@ -59,6 +59,20 @@ def test_fit_runs_the_robust_update(aggregator, replicas):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_fit_on_a_dataset_warns_of_nothing():
+    # Keras warns that shuffle=True (its default, never passed) is ignored for a
+    # dataset; fit passes shuffle=False for the data it is given.
+    import warnings
+    x, y = data(0, 2 * B)
+    model = RobustModel(net(), Winsorized(c=1))
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(B, drop_remainder=True),
+                  verbose=0)
+    assert not [str(w.message) for w in caught if "shuffle" in str(w.message)]
+
+
 def test_fit_takes_the_readers_dicts_and_evaluate_averages_the_whole_set():
     x, y = data(0, 4 * B)
     dicts = tf.data.Dataset.from_tensor_slices({"image": x, "label": y, "example_id": y})
