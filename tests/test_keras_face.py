@@ -286,7 +286,7 @@ def test_memorization_callback_needs_the_number_of_steps(digits_dir, tmp_path):
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
     ds = reader.train_dataset(num_steps=3).map(lambda b: (b["image"], b["label"]))
     with pytest.raises(ValueError, match="pass steps_per_epoch to fit"):
-        model.fit(ds, epochs=1, verbose=0,
+        model.fit(ds, epochs=1, verbose=0, shuffle=False,
                   callbacks=[MemorizationCallback(reader, str(tmp_path / "run"))])
 
 
