@@ -166,6 +166,21 @@ def test_compiled_metrics_see_the_outputs_the_update_came_from(aggregator):
     assert set(got) == {"loss", "accuracy", "top2"}
 
 
+def test_compiled_metrics_are_the_same_on_two_replicas():
+    x, y = data(0, 3 * B)
+    history = {}
+    for replicas in (1, 2):
+        strategy = two_replicas() if replicas == 2 else tf.distribute.get_strategy()
+        with strategy.scope():
+            model = RobustModel(net(), Winsorized(c=1))
+            model.compile(optimizer=keras.optimizers.SGD(0.1), metrics=[
+                keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")])
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(B, drop_remainder=True)
+        history[replicas] = model.fit(ds, epochs=2, verbose=0).history
+    assert history[1]["top2"] == pytest.approx(history[2]["top2"], abs=1e-6)
+    assert history[1]["loss"] == pytest.approx(history[2]["loss"], rel=1e-5)
+
+
 def test_fit_takes_arrays_and_leaves_out_the_last_partial_batch(capsys):
     x, y = data(1, 1400)
     model = RobustModel(net(), Winsorized(c=2))
