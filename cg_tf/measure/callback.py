@@ -31,15 +31,10 @@ import tensorflow as tf
 from cg_tf.data.arrays import ArrayData
 from cg_tf.data.reader import Reader
 from cg_tf.measure import tags
-from cg_tf.measure.monitor import (LEARNED_IDS, LEARNING_EVENTS, NOT_LEARNED_IDS, SUMMARY_FILE,
-                                   Monitor, MonitorConfig, json_values)
+from cg_tf.measure.monitor import Monitor, MonitorConfig, written_files
 from cg_tf.robust.aggregators import Mean
 from cg_tf.robust.gradients import DEFAULT_BN_MODE, example_losses
-from cg_tf.storage import events, files
 
-
-# What a MemorizationCallback writes to its log_dir (beside the event files).
-WRITES = (SUMMARY_FILE, LEARNING_EVENTS, LEARNED_IDS, NOT_LEARNED_IDS)
 
 
 class MonitorCallback(keras.callbacks.Callback):
@@ -102,19 +97,13 @@ class MemorizationCallback(MonitorCallback):
         self.overwrite = overwrite
         self.summary: dict | None = None
 
-    def _earlier_run(self) -> list[str]:
-        """The files an earlier run wrote to log_dir."""
-        paths = [os.path.join(self.log_dir, n) for n in WRITES]
-        return [*(p for p in paths if tf.io.gfile.exists(p)),
-                *tf.io.gfile.glob(os.path.join(self.log_dir, events.EVENT_FILES))]
-
     def on_train_begin(self, logs=None):
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         if not steps:
             raise ValueError("MemorizationCallback needs the number of steps per epoch: pass "
                              "steps_per_epoch to fit (reader.steps_per_epoch for a reader's "
                              "endless train_dataset())")
-        earlier = self._earlier_run()
+        earlier = written_files(self.log_dir)
         if earlier and not self.overwrite:
             raise ValueError(f"MemorizationCallback: {self.log_dir} holds an earlier run's "
                              f"files ({', '.join(sorted(os.path.basename(p) for p in earlier)[:3])}"
@@ -140,14 +129,7 @@ class MemorizationCallback(MonitorCallback):
         if self.step and not self.monitor.is_scheduled(self.step, self.total_steps):
             self.results = self.monitor.observe(self.step, self.train_seconds)
         if self.step:
-            self.summary = json_values({
-                **self.monitor.final_metrics(self.monitor.results_at(self.step)),
-                "steps": self.step, "batch_size": self.reader.batch_size,
-                "steps_per_epoch": self.reader.steps_per_epoch, "noise": self.reader.noise,
-                "aggregator": getattr(self.model, "aggregator", Mean()).to_json(),
-                "learned_examples": self.monitor.export(self.log_dir),
-                "health": self.monitor.health.summary(self.step)})
-            files.write_json(os.path.join(self.log_dir, SUMMARY_FILE), self.summary)
+            self.summary = self.monitor.write_summary(self.step, self.log_dir)
         self.monitor.writer.flush()
 
 

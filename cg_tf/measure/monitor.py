@@ -29,12 +29,14 @@ from cg_tf.measure.probe import Probe
 from cg_tf.options import option
 from cg_tf.robust.aggregators import Aggregator
 from cg_tf.robust.gradients import DEFAULT_BN_MODE, example_losses
-from cg_tf.storage import files
+from cg_tf.storage import events, files
 
 LEARNED_IDS = "learned_ids.txt"
 NOT_LEARNED_IDS = "not_learned_ids.txt"
 LEARNING_EVENTS = "learning_events.csv"
 SUMMARY_FILE = "summary.json"  # the final metrics of a run
+# What a monitored run writes beside its event files.
+RUN_FILES = (SUMMARY_FILE, LEARNING_EVENTS, LEARNED_IDS, NOT_LEARNED_IDS)
 HEALTH_SAMPLE = 500  # the first examples of the mixed subset: health's fixed sample
 
 
@@ -103,6 +105,13 @@ class LearningEvents(tf.Module):
 def _steps(sizes: dict[str, int], name: str) -> dict[str, tf.Variable]:
     return {g: tf.Variable(tf.fill([n], tf.constant(metrics.NOT_LEARNED, tf.int64)),
                            trainable=False, name=f"{name}_{g}") for g, n in sizes.items()}
+
+
+def written_files(directory: str) -> list[str]:
+    """The files a monitored run wrote to `directory`: RUN_FILES and event files."""
+    paths = [os.path.join(directory, n) for n in RUN_FILES]
+    return [*(p for p in paths if tf.io.gfile.exists(p)),
+            *tf.io.gfile.glob(os.path.join(directory, events.EVENT_FILES))]
 
 
 def json_values(record: dict) -> dict:
@@ -201,6 +210,21 @@ class Monitor:
         return metrics.adjusted_overfit(results["mixed"]["accuracy"], results["test"]["accuracy"],
                                         float(self.reader.noise.get("rate", 0.0)),
                                         self.reader.num_classes)
+
+    def write_summary(self, step: int, directory: str, **extra) -> dict:
+        """summary.json of a run ended at `step`, in `directory` (the exports
+        too): the final metrics, `extra`, and what the run was; returns it."""
+        results = self.results_at(step)
+        summary = json_values({
+            **self.final_metrics(results), **extra, "steps": step,
+            "aggregator": self._run_config["aggregator"], "noise": self.reader.noise,
+            "batch_size": self._run_config["batch_size"],
+            "steps_per_epoch": self.reader.steps_per_epoch,
+            "subset_sizes": {k: v["count"] for k, v in results.items()},
+            "learned_examples": self.export(directory),
+            "health": self.health.summary(step)})
+        files.write_json(os.path.join(directory, SUMMARY_FILE), summary)
+        return summary
 
     def final_metrics(self, results: dict[str, dict]) -> dict[str, float]:
         """The memorization metrics of summary.json from an evaluation; a group

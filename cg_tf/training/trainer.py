@@ -196,10 +196,7 @@ def dataset_identity(info: records.DatasetInfo) -> dict:
 def start_over(model_dir: str) -> None:
     """Deletes what a run writes to `model_dir`, nothing else; its config.json
     last, so an interrupted start-over is refused (and redone) like the run."""
-    names = [SUMMARY_FILE, monitor.LEARNING_EVENTS, monitor.LEARNED_IDS,
-             monitor.NOT_LEARNED_IDS, CHECKPOINTS]
-    paths = [os.path.join(model_dir, n) for n in names]
-    paths += tf.io.gfile.glob(os.path.join(model_dir, events.EVENT_FILES))
+    paths = [*monitor.written_files(model_dir), os.path.join(model_dir, CHECKPOINTS)]
     for path in [*paths, os.path.join(model_dir, CONFIG_FILE)]:
         if tf.io.gfile.isdir(path):
             tf.io.gfile.rmtree(path)
@@ -486,24 +483,9 @@ class Trainer:
         return self.finish(run.loss)
 
     def finish(self, final_loss: float) -> dict:
-        results = self.monitor.results_at(int(self.step))  # the last step is scheduled
-        summary = {
-            **self.monitor.final_metrics(results),
-            "final_loss": final_loss,
-            "steps": int(self.step),
-            "wall_seconds": float(self.wall),
-            "aggregator": self.config.aggregator.to_json(),
-            "model": self.config.model,
-            "architecture": self.architecture,
-            "data_dir": self.config.data_dir,
-            "noise": self.reader.info.noise,
-            "batch_size": self.config.batch_size,
-            "steps_per_epoch": self.reader.steps_per_epoch,
-            "subset_sizes": {k: v["count"] for k, v in results.items()},
-            "learned_examples": self.monitor.export(self.config.model_dir),
-            "time_shares": self.monitor.cost_shares(self.train_seconds),
-            "health": self.monitor.health.summary(int(self.step)),
-        }
-        summary = monitor.json_values(summary)
-        files.write_json(os.path.join(self.config.model_dir, SUMMARY_FILE), summary)
-        return summary
+        # The last step is scheduled: its evaluation is the monitor's latest.
+        return self.monitor.write_summary(
+            int(self.step), self.config.model_dir, final_loss=final_loss,
+            wall_seconds=float(self.wall), model=self.config.model,
+            architecture=self.architecture, data_dir=self.config.data_dir,
+            time_shares=self.monitor.cost_shares(self.train_seconds))
