@@ -53,11 +53,8 @@ class ArrayData:
         self.noise = {"rate": rate, "mode": "arrays"}
 
     def _examples(self, index: np.ndarray) -> tf.data.Dataset:
-        return tf.data.Dataset.from_tensor_slices({
-            "image": self.x[index], "label": self.labels[index].astype(np.int32),
-            "true_label": self.true_labels[index].astype(np.int32),
-            "is_corrupt": self.is_corrupt[index].astype(np.int32),
-            "example_id": np.array([str(i) for i in index]).astype(bytes)}).batch(EVAL_BATCH)
+        return _batched(self.x[index], self.labels[index], self.true_labels[index],
+                        [str(i) for i in index])
 
     def examples(self) -> tf.data.Dataset:
         """The whole training set, batched, in array order."""
@@ -70,9 +67,14 @@ class ArrayData:
                    "corrupt": self._examples(index[self.is_corrupt][:n]),
                    "mixed": self._examples(index[:n])}
         if self.test is not None:
-            x, y = self.test[0][:10 * n], np.asarray(self.test[1][:10 * n]).astype(np.int32)
-            subsets["test"] = tf.data.Dataset.from_tensor_slices({
-                "image": x, "label": y, "true_label": y, "is_corrupt": np.zeros_like(y),
-                "example_id": np.array([f"test/{i}" for i in range(len(y))]).astype(bytes),
-            }).batch(EVAL_BATCH)
+            x, y = self.test[0][:10 * n], np.asarray(self.test[1][:10 * n])
+            subsets["test"] = _batched(x, y, y, [f"test/{i}" for i in range(len(y))])
         return subsets
+
+
+def _batched(x, labels, true_labels, ids: list[str]) -> tf.data.Dataset:
+    """Examples as the reader serves its evaluation subsets, in batches."""
+    return tf.data.Dataset.from_tensor_slices({
+        "image": x, "label": labels.astype(np.int32), "true_label": true_labels.astype(np.int32),
+        "is_corrupt": (labels != true_labels).astype(np.int32),
+        "example_id": np.array(ids).astype(bytes)}).batch(EVAL_BATCH)
