@@ -118,7 +118,7 @@ LAYERS = [("cg_tf.train", "cg_tf.train_flags", "cg_tf.demo", "cg_tf.common_flags
            "cg_tf.tensorboard_plugin",
            "pipelines", "tools"),
           ("cg_tf.experiments",), ("cg_tf.training",), ("cg_tf.measure",), ("cg_tf.robust",),
-          ("cg_tf.data",), ("cg_tf.storage", "cg_tf.options", "cg_tf.keras_internals")]
+          ("cg_tf.data",), ("cg_tf.storage", "cg_tf.options", "cg_tf.keras_internals", "cg_tf.provenance")]
 
 
 def layer_of(module: str) -> int | None:

@@ -153,25 +153,26 @@ def test_median_of_means_is_the_median_of_group_gradients(k):
 PER_EXAMPLE = [n for n, cls in REGISTRY.items() if cls.per_example]
 
 
+@pytest.mark.parametrize("layers", ["hidden", "output"])
 @pytest.mark.parametrize("kind", ["fc", "cnn"])
 @pytest.mark.parametrize("name", PER_EXAMPLE)
-def test_a_layer_filter_leaves_the_output_layer_to_the_mean(name, kind):
+def test_a_layer_filter_leaves_the_other_layers_to_the_mean(name, kind, layers):
     """hidden: every variable but the output layer's is the aggregator's own
     value (the unfiltered aggregator's); the output layer's is the batch mean.
-    On the cnn, median_of_means takes its by-passes path."""
+    output: the reverse. On the cnn, median_of_means takes its by-passes path."""
     net = make_net(kind)
     data = batch()
     x, y = data["image"], data["label"]
     whole, _ = RobustModel(net, make_aggregator(name, c=2, k=3)).aggregated_gradient(x, y)
     mean, _ = RobustModel(net, Mean()).aggregated_gradient(x, y)
-    hidden = make_aggregator(name, c=2, k=3, layers="hidden")
-    filtered, _ = RobustModel(net, hidden).aggregated_gradient(x, y)
+    chosen = make_aggregator(name, c=2, k=3, layers=layers)
+    filtered, _ = RobustModel(net, chosen).aggregated_gradient(x, y)
     paths = [v.path for v in net.trainable_variables]
-    assert [p.startswith("logits/") for p in paths] == [not r for r in
-                                                        hidden.layers.robust(net.trainable_variables)]
-    for path, f, w, m in zip(paths, filtered, whole, mean):
-        want = m if path.startswith("logits/") else w
-        np.testing.assert_allclose(f, want, rtol=1e-5, atol=1e-6, err_msg=path)
+    output = [p.startswith("logits/") for p in paths]
+    robust = output if layers == "output" else [not o for o in output]
+    assert chosen.layers.robust(net.trainable_variables) == robust
+    for path, r, f, w, m in zip(paths, robust, filtered, whole, mean):
+        np.testing.assert_allclose(f, w if r else m, rtol=1e-5, atol=1e-6, err_msg=path)
     # The filter changed something: the output layer's robust value is not its mean.
     assert not np.allclose(whole[-2], mean[-2], rtol=1e-3, atol=1e-5)
 
@@ -195,7 +196,8 @@ def run_steps(strategy, aggregator, kind, batches, lr=0.1, chunk=None):
     return [v.numpy() for v in net.trainable_variables]
 
 
-@pytest.mark.parametrize("name", [*REGISTRY, "winsorized@hidden", "median_of_means@hidden"])
+@pytest.mark.parametrize("name", [*REGISTRY, "winsorized@hidden", "median_of_means@hidden",
+                                  "winsorized@output"])
 def test_one_and_two_replicas_give_the_same_update(name):
     name, _, layers = name.partition("@")
     config = make_aggregator(name, c=2, k=3, layers=layers or "all")
@@ -279,8 +281,8 @@ def test_bad_layouts(aggregator, batch_size, replicas, momentum, chunk, message)
     ("winsorized", r"--aggregator=winsorized: winsorized needs its c, e.g. winsorized:4"),
     ("winsorized:x", r"--aggregator=winsorized:x: c must be an integer"),
     ("median:3", r"--aggregator=median:3: median takes no parameter"),
-    ("winsorized:4@output",
-     r"--aggregator=winsorized:4@output: unknown layers 'output'; one of all, hidden"),
+    ("winsorized:4@hiden",
+     r"--aggregator=winsorized:4@hiden: unknown layers 'hiden'; one of all, hidden, output"),
     ("rm3@hidden", r"--aggregator=rm3@hidden: rm3 takes no layer filter \(@hidden\)"),
     ("mean@hidden", r"--aggregator=mean@hidden: mean takes no layer filter"),
 ])

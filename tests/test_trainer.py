@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from typing import ClassVar
 
 import keras
@@ -181,6 +182,47 @@ def test_restore_net_gives_the_final_weights_of_a_run(digits_dir, tmp_path):
     for a, b in zip(net.weights, trainer.model.net.weights):  # BatchNorm's moving statistics too
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     assert not np.array_equal(net.weights[0].numpy(), Trainer(cfg).model.net.weights[0].numpy())
+
+
+def test_clamp_norms_rescales_each_kernel_to_its_starting_norm(digits_dir, tmp_path):
+    """--clamp_norms: after the update, each kernel is the free run's kernel
+    rescaled to its starting norm; biases get the free run's update."""
+    def one_step(clamp, where):
+        trainer = Trainer(config(digits_dir, tmp_path / where, steps=1, clamp_norms=clamp,
+                                 aggregator=Winsorized(c=2), fc_widths=(16, 16)))
+        start = [v.numpy() for v in trainer.model.net.trainable_variables]
+        trainer.run()
+        return start, [v.numpy() for v in trainer.model.net.trainable_variables]
+    (start, free), (start2, clamped) = one_step(False, "free"), one_step(True, "clamped")
+    for s, s2, f, c in zip(start, start2, free, clamped):
+        np.testing.assert_array_equal(s, s2)
+        assert not np.allclose(f, s)  # it trained
+        want = f * np.linalg.norm(s) / np.linalg.norm(f) if f.ndim > 1 else f
+        np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-7)
+
+
+def test_run_records_name_the_code_that_made_them(digits_dir, tmp_path):
+    """config.json: the code that started the run; summary.json: the code that
+    finished it (the package version, the checkout's commit and whether its
+    tracked files differed). Newer code resumes a run without a refusal."""
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", REPO, "status", "--porcelain",
+                                 "--untracked-files=no"], capture_output=True, text=True,
+                                check=True).stdout.strip())
+    want = {"package_version": metadata.version("cg_tf"), "git_commit": head, "git_dirty": dirty}
+    run = tmp_path / "run"
+    Trainer(config(digits_dir, run, steps=2)).run()
+    for name in ("config.json", "summary.json"):
+        assert json.loads((run / name).read_text())["provenance"] == want, name
+    # The same run, as if started by other code and finished by this one.
+    recorded = json.loads((run / "config.json").read_text())
+    older = {**want, "git_commit": "0" * 40}
+    (run / "config.json").write_text(json.dumps({**recorded, "provenance": older}))
+    (run / "summary.json").unlink()
+    Trainer(config(digits_dir, run, steps=2)).run()
+    assert json.loads((run / "config.json").read_text())["provenance"] == older
+    assert json.loads((run / "summary.json").read_text())["provenance"] == want
 
 
 def test_optimizer_adam_trains_and_checkpoints_its_moments(digits_dir, tmp_path):
@@ -366,9 +408,9 @@ def test_every_config_holds_the_papers_settings(path, monkeypatch):
     if name.startswith("winsorize_"):
         c = int(name.rsplit("_c", 1)[1].split(".")[0]) if "_c" in name else 0
         assert c in (0, 1, 2, 4, 8)
-        assert paper.aggregator == Winsorized(c=c)
+        assert paper.aggregator == (Winsorized(c=c) if c else Mean())  # c = 0: plain SGD
         assert (paper.fc_widths, paper.steps) == ((256, 256, 256), 60_000)
-        assert "noisy50" in paper.data_dir
+        assert "permute50" in paper.data_dir  # the data its comment builds
     if name == "cifar10_resnet_m3.flags":
         assert paper.aggregator == MedianOfMeans(k=3)
         assert paper.batch_size == 3 * 128 and paper.momentum == 0

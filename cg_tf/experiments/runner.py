@@ -4,7 +4,10 @@ A `Stage` declares its kind, its parameters (JSON) and the stages it reads,
 and owns one artifact directory `<root>/<name>` with a `manifest.json`:
 
   {"kind", "params", "inputs": {stage: fingerprint}, "fingerprint",
-   "status": "running" | "complete", "outputs", "seconds"}
+   "status": "running" | "complete", "outputs", "seconds", "provenance"}
+
+(`provenance`: the code that last ran the stage, cg_tf.provenance; not part of
+the fingerprint.)
 
 The fingerprint hashes the kind, the parameters and the inputs' fingerprints,
 so it is known for every stage before anything runs. `run_stages` first checks
@@ -32,6 +35,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from cg_tf import provenance
 from cg_tf.storage import files, rundir
 
 MANIFEST = "manifest.json"
@@ -163,7 +167,8 @@ def _run_stage(stage: Stage, directory: str, want: dict, inputs: dict[str, dict]
     else:
         how = "resuming"
     say(how)
-    manifest = {**want, "status": "running", "outputs": {}}
+    manifest = {**want, "status": "running", "outputs": {},
+                provenance.FIELD: provenance.provenance()}
     write_manifest(directory, manifest)
     start = time.monotonic()
     outputs = stage.run(directory, inputs)

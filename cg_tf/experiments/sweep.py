@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from cg_tf import provenance
 from cg_tf.data import build
 from cg_tf.data.sources import Source
 from cg_tf.experiments import runner
@@ -94,15 +95,17 @@ def peak(series: list[tuple[int, float]] | None) -> tuple[int | None, float | No
 def rows(points: list[Point], manifests: dict[str, dict],
          runs: dict[str, report.Run] | None = None) -> list[dict]:
     """One row per finished run: its setting, seed, size (training examples,
-    steps), final results, and the step and value of its peak test accuracy
+    steps), final results, the step and value of its peak test accuracy
     (from the run's evaluations in `runs`, by name: the same test sample as
-    the final value)."""
+    the final value), and the code that made it (git commit, dirty tree)."""
     runs = runs or {}
     out = []
     for p in points:
-        outputs = (manifests.get(f"runs/{p.name}") or {}).get("outputs") or {}
+        manifest = manifests.get(f"runs/{p.name}") or {}
+        outputs = manifest.get("outputs") or {}
         if not outputs:
             continue
+        code = manifest.get(provenance.FIELD) or {}
         data = (manifests.get(data_stage_name(p.noise_rate)) or {}).get("outputs") or {}
         out.append({"run": p.name, "setting": p.setting, "aggregator": p.aggregator.name,
                     "parameter": p.aggregator.value, "layers": p.aggregator.layers.name,
@@ -112,7 +115,8 @@ def rows(points: list[Point], manifests: dict[str, dict],
                     **dict(zip(("peak_test_step", PEAK), peak(
                         runs[p.name].scalars.get(tags.ACCURACY_CURVES["test"])
                         if p.name in runs else None))),
-                    "steps": outputs.get("steps"), "wall_seconds": outputs.get("wall_seconds")})
+                    "steps": outputs.get("steps"), "wall_seconds": outputs.get("wall_seconds"),
+                    "commit": code.get("git_commit"), "dirty": code.get("git_dirty")})
     return out
 
 

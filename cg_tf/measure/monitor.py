@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from cg_tf import provenance
 from cg_tf.data.reader import Reader
 from cg_tf.measure import metrics, tags
 from cg_tf.measure.health import Health
@@ -222,7 +223,7 @@ class Monitor:
             "steps_per_epoch": self.reader.steps_per_epoch,
             "subset_sizes": {k: v["count"] for k, v in results.items()},
             "learned_examples": self.export(directory),
-            "health": self.health.summary(step)})
+            "health": self.health.summary(step), provenance.FIELD: provenance.provenance()})
         files.write_json(os.path.join(directory, SUMMARY_FILE), summary)
         return summary
 

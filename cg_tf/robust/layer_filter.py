@@ -3,6 +3,7 @@
   AllLayers()     every layer (the papers' setting)
   HiddenLayers()  every layer but the output layer (the layer that owns the
                   model's last trainable variable)
+  OutputLayer()   the output layer only (the complement of HiddenLayers)
 
 At the papers' length, winsorizing the output layer grows its weights without
 bound (docs/results/winsorization_fashion_mnist): its expected winsorized
@@ -59,6 +60,15 @@ class HiddenLayers(LayerFilter):
             return []
         output = layer_path(variables[-1])
         return [layer_path(v) != output for v in variables]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class OutputLayer(LayerFilter):
+    name: ClassVar[str] = "output"
+
+    def robust(self, variables):
+        return [not r for r in HiddenLayers().robust(variables)]
 
 
 ALL = REGISTRY["all"]

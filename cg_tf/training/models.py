@@ -141,3 +141,28 @@ def build_model(name: str, input_shape, num_classes: int,
     if name in apps:
         return _application(apps[name], input_shape, num_classes)
     raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {name!r}")
+
+
+class NormClamp(keras.constraints.Constraint):
+    """Rescales a weight to a fixed Frobenius norm (its norm at the start):
+    the optimizer applies it after every update, so the weight keeps its
+    direction's change and loses its norm's."""
+
+    def __init__(self, norm: float):
+        self.norm = float(norm)
+
+    def __call__(self, w):
+        return w * (self.norm / keras.ops.maximum(keras.ops.norm(keras.ops.reshape(w, [-1])),
+                                                  1e-12))
+
+    def get_config(self):
+        return {"norm": self.norm}
+
+
+def clamp_kernel_norms(net: keras.Model) -> None:
+    """Holds every kernel of `net` at its current norm from now on (`NormClamp`
+    on each trainable variable with more than one axis: dense and conv
+    kernels; biases and BatchNorm's scales are left free, biases start at 0)."""
+    for v in net.trainable_variables:
+        if len(v.shape) > 1:
+            v.constraint = NormClamp(float(keras.ops.norm(keras.ops.reshape(v, [-1]))))

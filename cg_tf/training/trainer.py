@@ -28,6 +28,7 @@ import time
 import keras
 import tensorflow as tf
 
+from cg_tf import provenance
 from cg_tf.data import records
 from cg_tf.data.reader import InputConfig, InputOptions, Reader, distribute
 from cg_tf.measure import monitor
@@ -38,7 +39,7 @@ from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.gradients import BN_MODES, DEFAULT_BN_MODE, check_bn_mode, check_chunk
 from cg_tf.storage import events, files, rundir
-from cg_tf.training.models import FC_INITS, MODELS, build_model, describe
+from cg_tf.training.models import FC_INITS, MODELS, build_model, clamp_kernel_norms, describe
 from cg_tf.training.robust_model import (NonFiniteLoss, RobustModel, check_layout,
                                          optimizer_momentum)
 from cg_tf.training.strategies import STRATEGIES, get_strategy
@@ -83,6 +84,9 @@ class TrainConfig:
         None, "Per-example gradients computed this many at a time (memory bound).")
     bn_mode: str = option(DEFAULT_BN_MODE, f"One of {', '.join(BN_MODES)}.")
     weight_decay: float = option(0.0, "L2 weight decay added to the gradient.")
+    clamp_norms: bool = option(False, "After every update, rescale each kernel (dense and conv "
+                               "weights) to its norm at the start: a control experiment for "
+                               "weight growth (biases stay free).")
     batch_size: int = option(100, "Global batch size.")
     epochs: int = option(10, "Training epochs (ignored if --steps is set).")
     steps: int | None = option(None, "Training steps (overrides --epochs).")
@@ -331,6 +335,8 @@ class Trainer:
         with self.strategy.scope():
             net = build_model(config.model, self.reader.image_shape, self.reader.num_classes,
                               config.fc_widths, config.init)
+            if config.clamp_norms:
+                clamp_kernel_norms(net)
             self.model = RobustModel(net, config.aggregator,
                                      per_example_chunk=config.per_example_chunk,
                                      bn_mode=config.bn_mode, weight_decay=config.weight_decay)
@@ -424,7 +430,9 @@ class Trainer:
         record = {**run_params(self.config), "dataset": dataset_identity(self.reader.info)}
         path = os.path.join(model_dir, CONFIG_FILE)
         recorded = files.read_json(path)
-        diff = rundir.differences(recorded, record) if recorded is not None else []
+        # The code that started the run is recorded, not compared: newer code may resume it.
+        diff = [] if recorded is None else rundir.differences(
+            {k: v for k, v in recorded.items() if k != provenance.FIELD}, record)
         if diff and not self.overwrite:
             raise rundir.RunDirError(
                 f"{model_dir} holds a run with another configuration ({'; '.join(diff)}); "
@@ -437,7 +445,7 @@ class Trainer:
         if summary is not None:
             return summary
         if recorded is None:
-            files.write_json(path, record)
+            files.write_json(path, {**record, provenance.FIELD: provenance.provenance()})
         return None
 
     def _train(self, held: rundir.RunDirLock) -> dict:
