@@ -1,5 +1,5 @@
-"""Shared fixtures. Splits the CPU into two logical devices before TensorFlow
-initializes, so MirroredStrategy tests run with two real replicas."""
+"""Shared fixtures. Splits the CPU into four logical devices before TensorFlow
+initializes, so MirroredStrategy tests run with two or four real replicas."""
 
 import contextlib
 import gzip
@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
-    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    _cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(4)])
 
 from cg_tf.data import build  # noqa: E402
 from cg_tf.data.noise import NoiseSpec  # noqa: E402
@@ -83,16 +83,27 @@ def decode_png(data):
     return tf.io.decode_image(data, expand_animations=False).numpy()
 
 
-_MIRRORED = []
+_MIRRORED = {}
 
 
-def two_replicas():
-    """One MirroredStrategy over the two logical CPUs for the whole session:
-    strategies created later in one process reuse collective instance keys and
-    collide with the earlier ones' state."""
-    if not _MIRRORED:
-        _MIRRORED.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-    return _MIRRORED[0]
+def replicas(n: int) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy over the first n logical CPUs for the whole session:
+    strategies created later in one process over the same devices reuse
+    collective instance keys and collide with the earlier ones' state. Each
+    size gets collective group keys of its own (TensorFlow's test hook
+    `_collective_key_base`), or the 2- and 4-replica groups would share key 1."""
+    if n not in _MIRRORED:
+        cls = tf.distribute.MirroredStrategy
+        base, cls._collective_key_base = cls._collective_key_base, 1000 * n
+        try:
+            _MIRRORED[n] = cls([f"/cpu:{i}" for i in range(n)])
+        finally:
+            cls._collective_key_base = base
+    return _MIRRORED[n]
+
+
+def two_replicas() -> tf.distribute.MirroredStrategy:
+    return replicas(2)
 
 
 def write_idx(directory, prefix, images, labels, truncate_images=0, gz=False):

@@ -17,11 +17,13 @@ import pytest
 import tensorflow as tf
 from conftest import read_split, run_build, run_main, write_idx
 
-from cg_tf.data import build, records
+from cg_tf.data import build, records, verify
 from cg_tf.data.reader import InputConfig, Reader
 from cg_tf.storage import rundir
 
 SHARD = records.shard_name("train", 1, 3)
+# What a reader says of a shard whose size is right but whose ends changed.
+ENDS_CHANGED = "{}: its first and last bytes do not match the ends_sha256"
 
 
 def copy_of(data_dir, tmp_path, **info_changes):
@@ -36,7 +38,13 @@ def copy_of(data_dir, tmp_path, **info_changes):
 
 
 def read(data_dir, **kwargs):
+    """Opens a reader: the check of every shard's size and ends."""
     return Reader(InputConfig(str(data_dir), batch_size=32, **kwargs))
+
+
+def full_check(data_dir):
+    """The check of every record (python -m cg_tf.data.verify; the build runs it)."""
+    verify.verify_dataset(str(data_dir), records.load_info(str(data_dir)))
 
 
 def record_spans(path):
@@ -68,8 +76,8 @@ def test_info_holds_a_count_and_digest_per_shard(digits_dir):
             digest = records.RecordDigest()
             for r in tf.data.TFRecordDataset(p):
                 digest.update(r.numpy())
-            assert s.shards[os.path.basename(p)] == records.ShardInfo(digest.count,
-                                                                      digest.hexdigest())
+            assert s.shards[os.path.basename(p)] == records.ShardInfo(
+                digest.count, digest.hexdigest(), os.path.getsize(p), records.file_ends_sha256(p))
         assert sum(x.num_records for x in s.shards.values()) == s.num_examples
 
 
@@ -77,7 +85,7 @@ def test_gzip_shards_have_the_digests_of_their_records(digits_dir, tmp_path):
     info = run_build(tmp_path, gzip=True)
     plain = records.load_info(digits_dir)
     def digests(split_info):
-        return [v for _, v in sorted(split_info.shards.items())]
+        return [(v.num_records, v.records_sha256) for _, v in sorted(split_info.shards.items())]
 
     for split, s in info.splits.items():  # The same records, gzipped: the same digests.
         assert digests(s) == digests(plain.splits[split])
@@ -149,7 +157,7 @@ def test_labels_outside_num_classes_name_the_record(digits_dir, tmp_path):
                        match=r"train.tfrecord-00000-of-00003: record \d+ \(digits-\d+\) has "
                              r"label \d and true_label \d; dataset_info.json says num_classes "
                              r"5, so labels must be in \[0, 5\)"):
-        read(copy)
+        full_check(copy)
 
 
 def test_image_shape_as_declared(digits_dir, tmp_path):
@@ -158,7 +166,7 @@ def test_image_shape_as_declared(digits_dir, tmp_path):
                        match=r"tfrecord-00000-of-00003: record 0 \(digits-\d+\) holds an "
                              r"image of shape \[8, 8, 1\]; dataset_info.json declares "
                              r"image_shape \[9, 8, 1\]"):
-        read(copy)
+        full_check(copy)
 
 
 # -- shards: corrupt records, counts, digests ---------------------------------
@@ -171,8 +179,10 @@ def test_flipped_byte_names_the_file_and_record(digits_dir, tmp_path):
     data = bytearray(path.read_bytes())
     data[spans[k][0] + 30] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(records.DatasetError) as e:
+    with pytest.raises(records.DatasetError, match=ENDS_CHANGED.format(path)):
         read(copy)
+    with pytest.raises(records.DatasetError) as e:
+        full_check(copy)
     assert str(e.value).startswith(
         f"{path}: cannot read record {k}, which starts at byte {spans[k][0]}: corrupted "
         "record at ")
@@ -189,6 +199,8 @@ def test_flipped_byte_in_a_gzip_shard_names_the_file(digits_dir, tmp_path):
     with pytest.raises(records.DatasetError,
                        match=rf"{path}: cannot read record \d+, which starts at byte \d+ "
                              r"of the decompressed stream: .*(inflate|corrupted)"):
+        full_check(out)
+    with pytest.raises(records.DatasetError, match=ENDS_CHANGED.format(path)):
         read(out)
 
 
@@ -202,20 +214,36 @@ def test_changed_record_fails_the_digest(digits_dir, tmp_path):
         return recs[:3] + [ex.SerializeToString()] + recs[4:]
 
     rewrite_shard(copy / SHARD, relabel)
+    with pytest.raises(records.DatasetError, match=ENDS_CHANGED.format(copy / SHARD)):
+        read(copy)
+    # Past the ends a reader checks, only the full check sees the change.
+    info = json.loads((copy / records.INFO_FILE).read_text())
+    info["splits"]["train"]["shards"][SHARD]["ends_sha256"] = records.file_ends_sha256(
+        str(copy / SHARD))
+    (copy / records.INFO_FILE).write_text(json.dumps(info))
+    read(copy)
     with pytest.raises(records.DatasetError,
                        match=rf"{copy / SHARD}: its records do not match the records_sha256 "
                              r"in dataset_info.json"):
-        read(copy)
+        full_check(copy)
 
 
 def test_missing_record_fails_the_count(digits_dir, tmp_path):
     copy = copy_of(digits_dir, tmp_path)
+    shard = records.load_info(str(copy)).splits["train"].shards[SHARD]
     rewrite_shard(copy / SHARD, lambda recs: recs[:-1])
-    n = records.load_info(str(copy)).splits["train"].shards[SHARD].num_records
     with pytest.raises(records.DatasetError,
-                       match=rf"{copy / SHARD} holds {n - 1} records; dataset_info.json "
-                             rf"says {n}"):
+                       match=rf"{copy / SHARD} has {os.path.getsize(copy / SHARD)} bytes; "
+                             rf"dataset_info.json says {shard.num_bytes}: the file was cut "
+                             "short, extended or replaced"):
         read(copy)
+    info = json.loads((copy / records.INFO_FILE).read_text())  # as if the size were right
+    info["splits"]["train"]["shards"][SHARD]["num_bytes"] = os.path.getsize(copy / SHARD)
+    (copy / records.INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(records.DatasetError,
+                       match=rf"{copy / SHARD} holds {shard.num_records - 1} records; "
+                             rf"dataset_info.json says {shard.num_records}"):
+        full_check(copy)
 
 
 def test_dataset_without_digests_gets_a_verified_read(digits_dir, tmp_path):
@@ -244,7 +272,8 @@ def test_train_command_prints_one_error_line(digits_dir, tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: --data_dir: {path}: cannot read record "), last
+    assert last.startswith(f"error: --data_dir: {path}: its first and last bytes do not "
+                           "match"), last
 
 
 # -- truncated gzipped IDX sources ---------------------------------------------
@@ -378,3 +407,43 @@ def test_a_full_disk_during_the_build_is_one_message(tmp_path, monkeypatch):
                                                r"incomplete \(no dataset_info.json\)"):
         run_build(out)
     assert not (out / records.INFO_FILE).exists()
+
+
+# -- what opening costs, and the full check as a command --------------------------
+
+def read_bytes() -> int:
+    """Bytes this process has read through system calls so far (Linux)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_opening_a_dataset_reads_its_shards_ends_only(digits_dir, tmp_path, monkeypatch):
+    """A reader checks each shard's size and ends (here 1 KiB a side, with the
+    digests a build would record with them), not its records: it reads a small
+    part of the shards' bytes. The full check reads all of them."""
+    monkeypatch.setattr(records, "ENDS_BYTES", 1024)
+    info = json.loads(open(os.path.join(digits_dir, records.INFO_FILE)).read())
+    for split in info["splits"].values():
+        for name, shard in split["shards"].items():
+            shard["ends_sha256"] = records.file_ends_sha256(os.path.join(digits_dir, name))
+    copy = copy_of(digits_dir, tmp_path, splits=info["splits"])
+    total = sum(os.path.getsize(copy / n) for s in info["splits"].values() for n in s["shards"])
+    before = read_bytes()
+    assert read(copy).steps_per_epoch > 0
+    opened = read_bytes() - before
+    before = read_bytes()
+    full_check(copy)
+    checked = read_bytes() - before
+    assert opened <= 0.05 * total < total <= checked, (opened, checked, total)
+
+
+def test_the_full_check_is_a_command(digits_dir, tmp_path):
+    done = run_main("cg_tf.data.verify", str(digits_dir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("records in 6 shards verified"), done.stdout
+    copy = copy_of(digits_dir, tmp_path)
+    rewrite_shard(copy / SHARD, lambda recs: recs[:-1])
+    done = run_main("cg_tf.data.verify", str(copy))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {copy / SHARD} holds "), \
+        done.stderr[-2000:]

@@ -106,7 +106,7 @@ def test_parts_of_the_global_batches_read_alone_make_them_up(digits_dir, cache_m
 
 
 def test_two_replicas_split_the_global_batch(digits_dir):
-    assert len(tf.config.list_logical_devices("CPU")) == 2
+    assert len(tf.config.list_logical_devices("CPU")) >= 2
     strategy = two_replicas()
     reader = Reader(InputConfig(digits_dir, batch_size=B))
     global_batches = ids_of(reader.train_dataset(0, 3, keep_ids=True))

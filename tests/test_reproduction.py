@@ -326,10 +326,12 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
     assert trains and all(s.inputs[0] in stages for s in stages.values() if s.inputs)
     # Coherent Gradients (ICLR 2020), from the authors' code and the paper.
     if name.startswith(("sweep_winsorize_", "sweep_label_noise_")):
+        batch = int(name.removesuffix(".flags").rpartition("_batch")[2] or 100) \
+            if "_batch" in name else 100  # the count-against-share experiments vary it
         for s in trains:
             p = s.params
             assert (p["model"], p["init"], p["learning_rate"], p["batch_size"], p["momentum"],
-                    p["lr_schedule"]) == ("fc", "authors", 0.1, 100, 0.0, "constant")
+                    p["lr_schedule"]) == ("fc", "authors", 0.1, batch, 0.0, "constant")
     if name.startswith("sweep_winsorize_"):
         # 784-256-256-256-10, 60,000 steps (100 epochs of MNIST), c in {0, 1, 2, 4, 8},
         # 50% of the labels permuted (the authors' randomize_labels); plain SGD
@@ -338,6 +340,9 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
         rate, settings, seeds, clamp = {
             "clean": ("0", ("mean", "winsorized_c2", "winsorized_c4"), 2, False),
             "clamp": ("0.5", ("mean", "winsorized_c4"), 2, True),
+            # c = 4% of the batch, as c = 4 at batch 100
+            "batch50": ("0.5", ("mean", "winsorized_c2"), 2, False),
+            "batch200": ("0.5", ("mean", "winsorized_c8"), 2, False),
         }.get(experiment, ("0.5", ("mean", "winsorized_c1", "winsorized_c2", "winsorized_c4",
                                    "winsorized_c8", "winsorized_c4_hidden",
                                    "winsorized_c4_output"), 3, False))

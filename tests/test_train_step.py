@@ -6,10 +6,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_aggregator, np_trimmed, np_winsorized, two_replicas
+from conftest import make_aggregator, np_trimmed, np_winsorized, replicas, two_replicas
 
 from cg_tf.robust.aggregators import (REGISTRY, RM3, Mean, Median, MedianOfMeans, Trimmed,
                                       Winsorized, from_json, parse)
+from cg_tf.robust import tiled
 from cg_tf.robust.collectives import Collectives
 from cg_tf.robust.gradients import GradientSource
 from cg_tf.training import models
@@ -198,16 +199,21 @@ def run_steps(strategy, aggregator, kind, batches, lr=0.1, chunk=None):
 
 @pytest.mark.parametrize("name", [*REGISTRY, "winsorized@hidden", "median_of_means@hidden",
                                   "winsorized@output"])
-def test_one_and_two_replicas_give_the_same_update(name):
+def test_one_two_and_four_replicas_give_the_same_update(name, monkeypatch):
+    """Every variable goes by tiles (SMALL = 0), so each replica computes a
+    share of its rows (the 6 hidden units' 16 input rows: 8 or 4 per replica;
+    the logits' 6 rows: 3 or 2) and one sum assembles them."""
+    monkeypatch.setattr(tiled, "SMALL", 0)
     name, _, layers = name.partition("@")
     config = make_aggregator(name, c=2, k=3, layers=layers or "all")
     batches = [batch(s) for s in range(4 if name in ("rm3", "ra3") else 1)]
     one = run_steps(tf.distribute.get_strategy(), config, "fc", batches)
-    two = run_steps(two_replicas(), config, "fc", batches)
     start = [v.numpy() for v in make_net("fc").trainable_variables]
     assert any(not np.allclose(a, s) for a, s in zip(one, start))  # It did update.
-    for a, b in zip(one, two):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # (two replicas for one aggregator: each layout compiles its own tiles)
+    for n in (2, 4) if name == "winsorized" else (4,):
+        for a, b in zip(one, run_steps(replicas(n), config, "fc", batches)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{n} replicas")
 
 
 @pytest.mark.parametrize("name", ["winsorized", "median"])

@@ -1,6 +1,8 @@
 """Step time of each aggregator relative to plain SGD, on the same model and batch.
 
   python -m tools.benchmark [--models=fc,fc3,small_cnn,cifar_resnet18] [--json PATH]
+  python -m tools.benchmark --models=fc --replicas=1,2,4 --nojit   # division of work
+  python -m tools.benchmark --models=fc3 --batches=100,200,400,800  # batch scaling
 
 Each model runs in its own process, which times plain SGD and every aggregator
 on one fixed batch, with and without `jit_compile`, in interleaved rounds
@@ -13,6 +15,14 @@ before them (the model, its state and the compiled program).
 A loaded machine slows the plain step more than a robust one and flatters the
 ratios: the table records the 1-minute load average before and after each
 model and warns when either is above LOAD_WARNING (quiet: nothing else running).
+Each step's CPU seconds (the process's, all threads) are recorded beside its
+wall time: another process's load distorts them less.
+
+--replicas splits the CPU into that many logical devices and runs the step
+under MirroredStrategy over them (without XLA, which cannot span them), the
+batch the global one: the robust part of a step (an aggregator's CPU seconds
+minus plain SGD's at the same replicas) then shows how its work divides.
+--batches times each batch size (global) in place of the model's own.
 """
 
 import ctypes
@@ -38,6 +48,10 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Timed rounds (0: a per-model default)
 _JSON = flags.DEFINE_string("json", None, "Write the results here too.")
 _JIT = flags.DEFINE_bool("jit", True, "Also time each aggregator with jit_compile=True.")
 _ONE = flags.DEFINE_string("one_model", None, "Internal: time this model in this process.")
+_REPLICAS = flags.DEFINE_list("replicas", ["1"], "Replica counts (logical CPU devices) to time "
+                              "each model on, one process each.")
+_BATCHES = flags.DEFINE_list("batches", [], "Global batch sizes to time each model at, one "
+                             "process each (default: the model's own).")
 
 # model -> (cg_tf model, widths, input shape, global batch, per-example chunk, timed rounds)
 SETUPS = {
@@ -99,17 +113,21 @@ class PeakMemory:
         return self.peak_rss - self.start
 
 
-def _one_step(step, data) -> float:
-    start = time.perf_counter()
-    float(step(data)["loss"])
-    return time.perf_counter() - start
+def _one_step(step, data) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step."""
+    start, cpu = time.perf_counter(), time.process_time()
+    float(step(data))
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def time_model(name: str, aggregators: list[str], steps: int, jit: bool) -> list[dict]:
+def time_model(name: str, aggregators: list[str], steps: int, jit: bool, replicas: int = 1,
+               batch: int | None = None) -> list[dict]:
     """Builds every (aggregator, XLA or not) step, warms it up (tracing,
-    compiling) and samples the memory of two more steps; then times them in
-    rounds, one step of each per round, so that a change in the machine's load
-    falls on all of them alike. Each time is the median over rounds."""
+    compiling: the first step's seconds are recorded) and samples the memory
+    of two more steps; then times them in rounds, one step of each per round,
+    so that a change in the machine's load falls on all of them alike. Each
+    time is the median over rounds. With `replicas` > 1 the step runs under
+    MirroredStrategy over as many logical CPUs (which must exist)."""
     import keras
     import tensorflow as tf
 
@@ -117,39 +135,54 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool) -> list
     from cg_tf.training import models
     from cg_tf.training.robust_model import RobustModel
 
-    model_name, widths, shape, batch, chunk, default_steps = SETUPS[name]
+    model_name, widths, shape, own_batch, chunk, default_steps = SETUPS[name]
+    batch = batch or own_batch
     steps = steps or default_steps
     rng = np.random.default_rng(0)
     data = {"image": tf.constant(rng.random((batch, *shape), np.float32)),
             "label": tf.constant(rng.integers(0, 10, batch).astype(np.int32))}
+    strategy = tf.distribute.get_strategy()
+    if replicas > 1:
+        strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+        data = next(iter(strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensors(data))))
     rows, timed = [], []
     for spec in aggregators:
         agg = registry.parse(spec, "--aggregators")
-        row = {"model": LABELS.get(name, name), "batch": batch, "aggregator": agg.name,
-               "detail": f"{agg.parameter}={agg.value}" if agg.parameter else "",
+        row = {"model": LABELS.get(name, name), "batch": batch, "replicas": replicas,
+               "aggregator": agg.name, "detail": f"{agg.parameter}={agg.value}"
+               if agg.parameter else "",
                "chunk": chunk if isinstance(agg, registry.OrderStatistic) else None,
-               "step_seconds": [], "jit_step_seconds": []}
-        for compiled in (False, True) if jit else (False,):
+               "step_seconds": [], "jit_step_seconds": [], "cpu_seconds": [],
+               "jit_cpu_seconds": []}
+        for compiled in (False, True) if jit and replicas == 1 else (False,):
             keras.utils.set_random_seed(0)
-            net = models.build_model(model_name, shape, 10, widths or (2048,))
-            model = RobustModel(net, agg, per_example_chunk=row["chunk"])
-            model.compile(optimizer=keras.optimizers.SGD(0.01))
-            step = tf.function(model.train_step, jit_compile=compiled)
-            for _ in range(2):
-                _one_step(step, data)
+            with strategy.scope():
+                net = models.build_model(model_name, shape, 10, widths or (2048,))
+                model = RobustModel(net, agg, per_example_chunk=row["chunk"])
+                model.compile(optimizer=keras.optimizers.SGD(0.01))
+            replica_step = tf.function(model.train_step, jit_compile=compiled)
+            step = tf.function(lambda b, f=replica_step: strategy.experimental_local_results(
+                strategy.run(f, args=(b,))["loss"])[0])
+            prefix = "jit_" if compiled else ""
+            row[f"{prefix}first_step_seconds"] = _one_step(step, data)[0]
+            _one_step(step, data)
             if not compiled:
                 with PeakMemory() as memory:
                     for _ in range(2):
                         _one_step(step, data)
                 row["peak_mb"] = memory.peak / 2**20
-            timed.append((row["jit_step_seconds" if compiled else "step_seconds"], step))
+            timed.append((row[f"{prefix}step_seconds"], row[f"{prefix}cpu_seconds"], step))
         rows.append(row)
-        print(f"  {name} {spec}: ready", file=sys.stderr, flush=True)
+        print(f"  {name} {spec} batch {batch} on {replicas} replica(s): ready", file=sys.stderr,
+              flush=True)
     for _ in range(steps):
-        for times, step in timed:
-            times.append(_one_step(step, data))
+        for wall, cpu, step in timed:
+            w, c = _one_step(step, data)
+            wall.append(w)
+            cpu.append(c)
     for row in rows:
-        for key in ("step_seconds", "jit_step_seconds"):
+        for key in ("step_seconds", "jit_step_seconds", "cpu_seconds", "jit_cpu_seconds"):
             if row[key]:
                 row[key] = float(np.median(row[key]))
             else:
@@ -157,9 +190,45 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool) -> list
     return rows
 
 
+def _same_run(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in ("model", "batch", "replicas"))
+
+
+def table(rows: list[dict]) -> str:
+    """The timings as a text table (and each row's ratios added to it): per
+    (model, batch, replicas), each aggregator's step against plain SGD's, in
+    wall time and CPU seconds, its robust part (CPU seconds beyond plain
+    SGD's), the first step (tracing and compiling), the peak memory of a step."""
+    lines = [f"{'model':<22}{'batch':>6}{'repl':>5}  {'aggregator':<20}{'step ms':>9}{'x SGD':>7}"
+             f"{'CPU ms':>9}{'robust CPU ms':>14}{'XLA ms':>9}{'x SGD':>7}{'first s':>8}"
+             f"{'peak MB':>9}"]
+    for r in rows:
+        base = next(x for x in rows if _same_run(x, r) and x["aggregator"] == "mean")
+        r["ratio_to_sgd"] = r["step_seconds"] / base["step_seconds"]
+        r["robust_cpu_seconds"] = r["cpu_seconds"] - base["cpu_seconds"]
+        label = f"{r['aggregator']} {r['detail']}".strip()
+        if r["chunk"]:
+            label += f" chunk={r['chunk']}"
+        xla = " " * 16
+        if "jit_step_seconds" in r:
+            r["jit_ratio_to_sgd"] = r["jit_step_seconds"] / base["step_seconds"]
+            xla = f"{r['jit_step_seconds'] * 1000:>9.1f}{r['jit_ratio_to_sgd']:>7.1f}"
+        lines.append(f"{r['model']:<22}{r['batch']:>6}{r['replicas']:>5}  {label:<20}"
+                     f"{r['step_seconds'] * 1000:>9.1f}{r['ratio_to_sgd']:>7.1f}"
+                     f"{r['cpu_seconds'] * 1000:>9.1f}{r['robust_cpu_seconds'] * 1000:>14.1f}"
+                     f"{xla}{r['first_step_seconds']:>8.1f}{r['peak_mb']:>9.0f}")
+    return "\n".join(lines)
+
+
 def main(_):
     if _ONE.value:
-        print(json.dumps(time_model(_ONE.value, _AGGREGATORS.value, _STEPS.value, _JIT.value)))
+        replicas, batch = int(_REPLICAS.value[0]), int(_BATCHES.value[0]) \
+            if _BATCHES.value else None
+        if replicas > 1:
+            from cg_tf.training.strategies import split_cpu
+            split_cpu(replicas)
+        print(json.dumps(time_model(_ONE.value, _AGGREGATORS.value, _STEPS.value, _JIT.value,
+                                    replicas, batch)))
         return
     from cg_tf.robust import aggregators
     try:
@@ -167,36 +236,32 @@ def main(_):
             aggregators.parse(spec, "--aggregators")
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    try:
+        replica_counts = [int(r) for r in _REPLICAS.value]
+        batches = [int(b) for b in _BATCHES.value] or [None]
+    except ValueError:
+        raise app.UsageError("--replicas and --batches take integers") from None
     rows, warnings = [], []
     for name in _MODELS.value:
         if name not in SETUPS:
             raise app.UsageError(f"--models: unknown model {name!r} (one of {', '.join(SETUPS)})")
-        print(f"timing {name} ...", file=sys.stderr, flush=True)
-        before = os.getloadavg()[0]
-        out = subprocess.run(
-            [sys.executable, "-m", "tools.benchmark", f"--one_model={name}",
-             f"--aggregators={','.join(_AGGREGATORS.value)}", f"--steps={_STEPS.value}",
-             f"--jit={_JIT.value}"],
-            stdout=subprocess.PIPE, text=True, check=True,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        after = os.getloadavg()[0]
-        rows += [{**r, "load_before": before, "load_after": after}
-                 for r in json.loads(out.stdout.strip().splitlines()[-1])]
-        warnings += [w for w in [load_warning(name, before, after)] if w]
-    print(f"{'model':<22}{'batch':>6}  {'aggregator':<22}{'step ms':>9}{'x SGD':>8}"
-          f"{'XLA ms':>9}{'x SGD':>8}{'peak MB':>9}")
-    for r in rows:
-        base = next(x for x in rows if x["model"] == r["model"] and x["aggregator"] == "mean")
-        r["ratio_to_sgd"] = r["step_seconds"] / base["step_seconds"]
-        label = f"{r['aggregator']} {r['detail']}".strip()
-        if r["chunk"]:
-            label += f" chunk={r['chunk']}"
-        xla = ""
-        if "jit_step_seconds" in r:
-            r["jit_ratio_to_sgd"] = r["jit_step_seconds"] / base["step_seconds"]
-            xla = f"{r['jit_step_seconds'] * 1000:>9.1f}{r['jit_ratio_to_sgd']:>8.1f}"
-        print(f"{r['model']:<22}{r['batch']:>6}  {label:<22}{r['step_seconds'] * 1000:>9.1f}"
-              f"{r['ratio_to_sgd']:>8.1f}{xla or ' ' * 17}{r['peak_mb']:>9.0f}")
+    for name in _MODELS.value:
+        for replicas in replica_counts:
+            for batch in batches:
+                print(f"timing {name} ...", file=sys.stderr, flush=True)
+                before = os.getloadavg()[0]
+                out = subprocess.run(
+                    [sys.executable, "-m", "tools.benchmark", f"--one_model={name}",
+                     f"--aggregators={','.join(_AGGREGATORS.value)}", f"--steps={_STEPS.value}",
+                     f"--jit={_JIT.value}", f"--replicas={replicas}",
+                     f"--batches={batch or ''}"],
+                    stdout=subprocess.PIPE, text=True, check=True,
+                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                after = os.getloadavg()[0]
+                rows += [{**r, "load_before": before, "load_after": after}
+                         for r in json.loads(out.stdout.strip().splitlines()[-1])]
+                warnings += [w for w in [load_warning(name, before, after)] if w]
+    print(table(rows))
     for name in dict.fromkeys(r["model"] for r in rows):
         r = next(x for x in rows if x["model"] == name)
         print(f"{name}: load average {r['load_before']:.2f} before, {r['load_after']:.2f} after")

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from cg_tf.data import records
+from cg_tf.data import records, verify
 from cg_tf.data.beam import noisy_labels
 from cg_tf.data.noise import NoiseSpec
 from cg_tf.data.sources import Source, make_source
@@ -204,6 +204,7 @@ def _build(source: Source, config: BuildConfig,
     check_rejects(info, config.max_reject_fraction, out)
     for line in size_warnings(info, config):
         logging.warning("%s", line)
+    verify.verify_dataset(out, info)  # every record, as written, before the info makes it a dataset
     records.write_info(out, info)
     logging.info("built %s in %.1f s", out, time.monotonic() - start)
     return info

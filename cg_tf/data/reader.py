@@ -1,8 +1,9 @@
 """tf.data input: a dataset directory -> shuffled, augmented, batched, distributed.
 
-The reader checks dataset_info.json and verifies every shard against it
-(`cg_tf.data.verify`: one pass over the records, before anything is served), then
-yields dictionaries
+The reader checks dataset_info.json and every shard's size and ends digest
+against it (`cg_tf.data.verify.verify_on_open`: O(shards), before anything is
+served; the full pass over the records is `python -m cg_tf.data.verify DIR`,
+which the build runs), then yields dictionaries
   image (float32 HxWxC in [0, 1]), label, true_label, is_corrupt (int32),
   example_id (string)
 for training (global batches, a reproducible order per epoch that depends only
@@ -94,7 +95,7 @@ class Reader:
         self.steps_per_epoch = train.num_examples // config.batch_size
         self._augment = _augmenter(config.options.augment, self.image_shape, config.seed)
         self._cached = {}  # Decoded splits, in-memory tensors, evaluation subsets.
-        verify.verify_dataset(config.data_dir, self.info)  # Once, before any batch.
+        verify.verify_on_open(config.data_dir, self.info)  # Once, before any batch.
 
     @property
     def batch_size(self) -> int:

@@ -89,10 +89,39 @@ class RecordDigest:
         return self._sha.hexdigest()
 
 
+# Bytes at each end of a shard file that `file_ends_sha256` hashes.
+ENDS_BYTES = 1 << 16
+
+
+def file_ends_sha256(path: str) -> str:
+    """sha256 of a file's size (8 bytes, little-endian), its first ENDS_BYTES
+    and its last ENDS_BYTES (the whole file if it is shorter than both): what a
+    reader checks of a shard at open, reading at most 128 KiB of it. A
+    truncated, extended or replaced shard changes it; an edit inside that keeps
+    the size and both ends does not (the full check, `verify`, finds that)."""
+    sha = hashlib.sha256()
+    size = tf.io.gfile.stat(path).length
+    sha.update(size.to_bytes(8, "little"))
+    # Local files unbuffered: GFile would read a whole buffer (all of a small shard).
+    with (open(path, "rb", buffering=0) if "://" not in path
+          else tf.io.gfile.GFile(path, "rb")) as f:
+        if size <= 2 * ENDS_BYTES:
+            sha.update(f.read())
+        else:
+            sha.update(f.read(ENDS_BYTES))
+            f.seek(size - ENDS_BYTES)
+            sha.update(f.read(ENDS_BYTES))
+    return sha.hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
     num_records: int
     records_sha256: str
+    # The file's size and `file_ends_sha256`: None in directories built before
+    # cg_tf recorded them (their readers verify every record at open).
+    num_bytes: int | None = None
+    ends_sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

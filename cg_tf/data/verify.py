@@ -1,7 +1,14 @@
-"""Verifies a dataset directory's records against its dataset_info.json, before
-a reader serves any of them.
+"""Verifies a dataset directory's shards against its dataset_info.json.
 
-For every shard of every split: each record reads (a corrupt one is named by
+  python -m cg_tf.data.verify DIR      # every record (the build runs it too)
+
+At open a reader checks what costs O(shards), not O(bytes) (`check_files`):
+each shard's size and the digest of its two ends (`records.file_ends_sha256`:
+128 KiB read a shard), so a truncated, extended or swapped shard is named
+before anything is served. Directories built before cg_tf recorded those get
+the full check at open instead.
+
+The full check (`verify_dataset`), for every shard of every split: each record reads (a corrupt one is named by
 file, record index and byte offset); the shard holds the number of records and
 the `records_sha256` the pipeline recorded for it (`records.ShardInfo`); every
 label and true label is in [0, num_classes); and, where the image shape is
@@ -19,8 +26,10 @@ of the TFRecord format, the labels, the image shapes and the split totals are
 still checked.
 """
 
+import logging
 import os
 import re
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -35,9 +44,48 @@ _REBUILD = "rebuild the dataset (the pipeline with --overwrite)"
 
 
 def verify_dataset(data_dir: str, info: records.DatasetInfo) -> None:
-    """Verifies every split; raises DatasetError naming the file and the problem."""
+    """Verifies every split, record by record, then every shard's size and
+    ends; raises DatasetError naming the file (and the record) and the problem."""
     for split in info.splits:
         verify_split(data_dir, info, split)
+    check_files(data_dir, info)
+
+
+def has_file_digests(info: records.DatasetInfo) -> bool:
+    """Whether the build recorded every shard's size and ends digest."""
+    return all(s.num_bytes is not None and s.ends_sha256 is not None
+               for split in info.splits.values() for s in split.shards.values()) \
+        and all(split.shards for split in info.splits.values())
+
+
+def check_files(data_dir: str, info: records.DatasetInfo) -> None:
+    """Each shard's size and ends digest against dataset_info.json (nothing if
+    the build did not record them); raises DatasetError naming the file."""
+    for split in info.splits.values():
+        for name, shard in split.shards.items():
+            if shard.num_bytes is None or shard.ends_sha256 is None:
+                continue
+            path = os.path.join(data_dir, name)
+            size = tf.io.gfile.stat(path).length
+            if size != shard.num_bytes:
+                raise DatasetError(f"{path} has {size} bytes; {INFO_FILE} says "
+                                   f"{shard.num_bytes}: the file was cut short, extended or "
+                                   f"replaced after the pipeline wrote it; {_REBUILD}")
+            if records.file_ends_sha256(path) != shard.ends_sha256:
+                raise DatasetError(f"{path}: its first and last bytes do not match the "
+                                   f"ends_sha256 in {INFO_FILE}: the file was changed or "
+                                   f"replaced after the pipeline wrote it; {_REBUILD}")
+
+
+def verify_on_open(data_dir: str, info: records.DatasetInfo) -> None:
+    """What a reader checks before serving: `check_files`, or every record
+    (`verify_dataset`) for a directory built before file digests were recorded."""
+    if has_file_digests(info):
+        check_files(data_dir, info)
+    else:
+        logging.info("%s records no shard file digests (an older build): verifying every "
+                     "record; rebuild it to open it without that pass", data_dir)
+        verify_dataset(data_dir, info)
 
 
 def verify_split(data_dir: str, info: records.DatasetInfo, split: str) -> None:
@@ -155,3 +203,26 @@ def _check_examples(path: str, start: int, batch: np.ndarray, info: records.Data
         if found != shape:
             raise DatasetError(f"{record(i)} holds an image of shape {list(found)}; "
                                f"{INFO_FILE} declares image_shape {list(shape)}")
+
+
+def main(argv: list[str]) -> int:
+    """`python -m cg_tf.data.verify DIR...`: the full check of each directory;
+    exit status 1 at the first failure, with its message."""
+    if not argv:
+        print("usage: python -m cg_tf.data.verify DATASET_DIR...", file=sys.stderr)
+        return 2
+    for data_dir in argv:
+        try:
+            info = records.load_info(data_dir)
+            verify_dataset(data_dir, info)
+        except DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        shards = sum(s.num_shards for s in info.splits.values())
+        examples = sum(s.num_examples for s in info.splits.values())
+        print(f"{data_dir}: {examples:,} records in {shards} shards verified")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -210,7 +210,7 @@ class OrderStatistic(Aggregator):
     def gradient(self, source, x, y, sync, chunk=None):
         values, counts = global_values(source, x, y, sync, chunk)
         return self.by_layer(values, source.variables,
-                             lambda v, w: tiled.aggregate(v, self, w)), counts
+                             lambda v, w: tiled.aggregate(v, self, w, sync)), counts
 
     def probe_cut(self, probe_size: int, batch_size: int) -> int:
         """The run's cut scaled to the probe size (at least 1 if it cuts any)."""
@@ -323,13 +323,14 @@ class MedianOfMeans(Aggregator):
         values, counts = global_values(source, x, y, sync, chunk)
         # The k group sums as k examples: their median, by tiles, over the group size.
         return self._median_of_groups([v.groups(self.k) for v in values], source.variables,
-                                      global_batch(x, sync) // self.k), counts
+                                      global_batch(x, sync) // self.k, sync), counts
 
-    def _median_of_groups(self, groups: list[PerExample], variables: list, size: int):
+    def _median_of_groups(self, groups: list[PerExample], variables: list, size: int,
+                          sync: Collectives):
         """The median of the k group sums over the group size (the mean of the
         group sums for the layers the filter leaves to the mean)."""
         medians = self.by_layer(groups, variables,
-                                lambda v, w: tiled.aggregate(v, Median(), w))
+                                lambda v, w: tiled.aggregate(v, Median(), w, sync))
         return [m / size for m in medians]
 
     def _by_passes(self, source, x, y, sync):
@@ -354,7 +355,7 @@ class MedianOfMeans(Aggregator):
                     * gi[None] for acc, gi in zip(sums, g)]
         group_sums = sync.sum(sums)
         return self._median_of_groups([Stacked(s) for s in group_sums], source.variables,
-                                      size), counts
+                                      size, sync), counts
 
 
 class History(tf.Module):

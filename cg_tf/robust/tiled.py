@@ -34,12 +34,23 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
+from cg_tf.robust.collectives import Collectives
 from cg_tf.robust.layer_rules import Outer, PerExample, Stacked
 
 TILE = 32768           # coordinates per tile
-# The running top-r list is unrolled over the n examples: its compile time grows
-# with r and n. r <= 9 covers the papers' c in {0, 1, 2, 4, 8}.
-CHAIN_MAX_R, CHAIN_BUDGET = 9, 2048
+# The running top-r lists take thresholds up to r = CHAIN_MAX_R from either end
+# when no selection network fits the batch, and up to r = CHAIN_PREFERRED_R
+# (the papers' c in {0, 1, 2, 4, 8}) always. They are unrolled over a block of
+# at most CHAIN_BLOCK examples per loop trip, r x block <= CHAIN_BUDGET: XLA's
+# compile time grows with both, and steeply past them (a Dense tile at r = 5:
+# 11 s over 150 examples, over 5 minutes over 200). One block is one fusion
+# with one output; a loop trip over a block has 2r outputs (the running lists),
+# and XLA:CPU makes a fusion for each, which forms the block's values again
+# and recomputes the lists before it: about (r + 1) / 2 times the work of the
+# single block per example (GPU and TPU fuse the outputs into one).
+CHAIN_PREFERRED_R, CHAIN_MAX_R, CHAIN_BUDGET, CHAIN_BLOCK = 9, 32, 1024, 128
+# Examples whose clipped values are summed per loop trip.
+SUM_BLOCK = 128
 # Larger c and the median go through a selection network (about n log2(n)^2 / 4
 # comparators); 3839 is the network for n = 256.
 NETWORK_BUDGET = 3839
@@ -91,31 +102,62 @@ def _formed_by_matmul(values: PerExample) -> bool:
     return isinstance(values, Outer) and values.x.shape[1] > 1
 
 
-def _tile(values: PerExample, start, size: int) -> list[tf.Tensor]:
-    """Per-example values of rows [start, start + size), one [size, columns]
-    tensor per example (formed per example: XLA fuses each into its consumers)."""
-    n = values.count
-    if isinstance(values, Outer):
-        x = tf.slice(values.x, [0, 0, start], [n, values.x.shape[1], size])
+class Examples:
+    """The per-example values of one tile (rows [start, start + size) of the 2-D
+    view), read a block of examples at a time: a block is `count` [size, columns]
+    tensors, formed where they are used (XLA fuses a Dense product into its
+    consumers). A convolution's tile is formed once, by a matmul over positions
+    for all examples, and blocks are read from it."""
+
+    def __init__(self, values: PerExample, start, size: int):
+        self.count = values.count
         if _formed_by_matmul(values):
-            return tf.unstack(tf.einsum("bti,bto->bio", x, values.d))
-        return [x[i, 0, :, None] * values.d[i, 0, None, :] for i in range(n)]
-    g = tf.reshape(values.g, [n, _layout(values)[0], -1])
-    return tf.unstack(tf.slice(g, [0, start, 0], [n, size, g.shape[2]]))
+            x = tf.slice(values.x, [0, 0, start], [self.count, values.x.shape[1], size])
+            values, start = Stacked(tf.einsum("bti,bto->bio", x, values.d)), 0
+        self.values, self.start, self.size = values, start, size
+        self.columns = _layout(values)[1]
+
+    def block(self, first, count: int) -> list[tf.Tensor]:
+        """The values of examples [first, first + count) (`first` may be a tensor)."""
+        v, start, size = self.values, self.start, self.size
+        if isinstance(v, Outer):
+            x = tf.slice(v.x, [first, 0, start], [count, 1, size])
+            d = tf.slice(v.d, [first, 0, 0], [count, 1, self.columns])
+            return [x[i, 0, :, None] * d[i, 0, None, :] for i in range(count)]
+        g = tf.reshape(v.g, [self.count, -1, self.columns])
+        return tf.unstack(tf.slice(g, [first, start, 0], [count, size, self.columns]))
+
+    def fold(self, step, state: list[tf.Tensor], block: int) -> list[tf.Tensor]:
+        """`state` after `step(state, rows)` over the examples in order, `block`
+        rows at a time: a loop over the whole blocks (so what XLA unrolls, and
+        its compile time, does not grow with the batch), the rest after it."""
+        whole, rest = divmod(self.count, block)
+        if whole > 1:
+            def body(k, *state):
+                return (k + 1, *step(list(state), self.block(k * block, block)))
+            state = list(tf.while_loop(lambda k, *_: k < whole, body,
+                                       (tf.constant(0), *state))[1:])
+        elif whole == 1:
+            state = step(state, self.block(0, block))
+        return step(state, self.block(whole * block, rest)) if rest else state
 
 
 # -- order statistics of a tile ------------------------------------------------------
 
 
-def largest(rows: list[tf.Tensor], r: int) -> tf.Tensor:
-    """The r-th largest of the n rows, elementwise (1 <= r <= n), exact with ties:
-    a running top-r list, t_j <- max(t_j, min(t_{j-1}, v))."""
-    neg = tf.fill(tf.shape(rows[0]), tf.constant(-np.inf, rows[0].dtype))
-    top = [rows[0]] + [neg] * (r - 1)
-    for x in rows[1:]:
+def fold_largest(top: list[tf.Tensor], rows: list[tf.Tensor]) -> list[tf.Tensor]:
+    """The running list of the r largest values (top[0] the largest), elementwise,
+    after the rows: t_j <- max(t_j, min(t_{j-1}, v)), exact with ties."""
+    for x in rows:
         top = [tf.maximum(top[0], x)] + [tf.maximum(top[j], tf.minimum(top[j - 1], x))
-                                         for j in range(1, r)]
-    return top[r - 1]
+                                         for j in range(1, len(top))]
+    return top
+
+
+def largest(rows: list[tf.Tensor], r: int) -> tf.Tensor:
+    """The r-th largest of the n rows, elementwise (1 <= r <= n)."""
+    neg = tf.fill(tf.shape(rows[0]), tf.constant(-np.inf, rows[0].dtype))
+    return fold_largest([rows[0]] + [neg] * (r - 1), rows[1:])[r - 1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,35 +204,68 @@ def _chain_length(ranks: tuple[int, int], n: int) -> int:
     return max(ranks[0] + 1, n - ranks[1])
 
 
+def _network(n: int) -> bool:
+    """Whether n wires make a selection network that compiles quickly."""
+    return len(sorting_network(n)) <= NETWORK_BUDGET
+
+
 def _chains(ranks: tuple[int, int], n: int) -> bool:
-    """Whether the thresholds come from running lists (cheaper than the network
-    near the ends; compile time grows with length * n)."""
+    """Whether the thresholds come from running lists: near the ends (cheaper
+    than a network there), or where no network fits the batch and the lists
+    stay short enough (their cost per value grows with their length)."""
     r = _chain_length(ranks, n)
-    return r <= CHAIN_MAX_R and r * n <= CHAIN_BUDGET
+    return r <= CHAIN_PREFERRED_R or r <= CHAIN_MAX_R and not _network(n)
+
+
+def balanced_block(n: int, most: int) -> int:
+    """The block of examples per loop trip: at most `most`, the n examples cut
+    into as few blocks as that allows, of equal sizes (a remainder of a block
+    is unrolled after the loop, and a loop of one trip is inlined whole)."""
+    return n // -(-n // max(1, most))
+
+
+def chain_block(ranks: tuple[int, int], n: int) -> int:
+    """Examples unrolled per loop trip of the running lists: XLA's compile time
+    grows with list length x block, the loop's overhead shrinks with the block."""
+    return balanced_block(n, min(CHAIN_BLOCK, CHAIN_BUDGET // _chain_length(ranks, n)))
 
 
 def fits_tiles(ranks: tuple[int, int], n: int) -> bool:
-    """Whether the unrolled order statistics stay small enough to compile quickly."""
-    return _chains(ranks, n) or len(sorting_network(n)) <= NETWORK_BUDGET
+    """Whether the tiles find these thresholds (by running lists or a selection
+    network that compiles quickly); else the values are sorted along the batch."""
+    return _chains(ranks, n) or _network(n)
 
 
-def thresholds(rows: list[tf.Tensor], ranks: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
-    """The order statistics of the n per-example rows at the two ranks, elementwise."""
-    n = len(rows)
-    if _chains(ranks, n):
-        return -largest([-x for x in rows], ranks[0] + 1), largest(rows, n - ranks[1])
-    lo, hi = ranked(rows, ranks)
-    return lo, hi
+def thresholds(tile: Examples, ranks: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
+    """The order statistics of the tile's n per-example values at the two ranks,
+    elementwise: running lists of the largest and of the smallest, folded over
+    blocks of examples, or a selection network over all of them."""
+    n = tile.count
+    if not _chains(ranks, n):
+        lo, hi = ranked(tile.block(0, n), ranks)
+        return lo, hi
+    neg = tf.fill([tile.size, tile.columns], tf.constant(-np.inf, tf.float32))
+    up, down = n - ranks[1], ranks[0] + 1  # list lengths: hi's rank from the top, lo's
+
+    def step(state, rows):
+        return (fold_largest(state[:up], rows)
+                + fold_largest(state[up:], [-x for x in rows]))
+
+    state = tile.fold(step, [neg] * (up + down), chain_block(ranks, n))
+    return -state[-1], state[up - 1]
 
 
-def reduced(rows: list[tf.Tensor], lo: tf.Tensor, hi: tf.Tensor, stat: Statistic
-            ) -> tf.Tensor:
-    """The statistic of the n per-example rows given its thresholds; one output,
-    so XLA fuses what it is made of once (two outputs would each recompute the
-    shared comparators)."""
-    n = len(rows)
-    # Unrolled over examples: one elementwise fusion with the values formed inside.
-    total = tf.add_n([tf.clip_by_value(x, lo, hi) for x in rows]) if stat.uses_sum else None
+def reduced(tile: Examples, lo: tf.Tensor, hi: tf.Tensor, stat: Statistic) -> tf.Tensor:
+    """The statistic of the tile's n per-example values given its thresholds; one
+    output, so XLA fuses what it is made of once (two outputs would each
+    recompute the shared comparators). The clipped values are summed a block
+    of examples at a time, each block one elementwise fusion."""
+    n = tile.count
+    total = None
+    if stat.uses_sum:
+        total, = tile.fold(lambda state, rows: [tf.add_n(
+            [state[0], *(tf.clip_by_value(x, lo, hi) for x in rows)])],
+            [tf.zeros_like(lo)], balanced_block(n, SUM_BLOCK))
     return stat.from_thresholds(total, lo, hi, stat.ranks(n), n)
 
 
@@ -227,15 +302,15 @@ def robust_variable(values: PerExample, stat: Statistic) -> tf.Tensor:
     rows, cols = _layout(values)
     tiles, size = _tiling(rows, cols)
     values = _padded(values, tiles * size)
-    tile = lambda i: _tile(values, i * size, size)  # noqa: E731
+    tile = lambda i: Examples(values, i * size, size)  # noqa: E731
     ranks = stat.ranks(values.count)
     if not stat.uses_sum or _formed_by_matmul(values):
         def one_pass(i):
-            x = tile(i)
-            lo, hi = thresholds(x, ranks)
+            examples = tile(i)
+            lo, hi = thresholds(examples, ranks)
             if stat.uses_sum:
                 lo, hi = xla.optimization_barrier(lo, hi)
-            return [reduced(x, lo, hi, stat)]
+            return [reduced(examples, lo, hi, stat)]
         return _over_tiles(tiles, one_pass, 1)[0][:rows]
     # The barrier keeps XLA from fusing the thresholds into the clipped sums (which
     # would recompute them for every example) when a one-tile loop is unrolled.
@@ -246,14 +321,41 @@ def robust_variable(values: PerExample, stat: Statistic) -> tf.Tensor:
     return out[:rows]
 
 
+def _rows(values: PerExample, start, count: int) -> PerExample:
+    """The values of rows [start, start + count) of the 2-D view (`start` may be
+    a tensor)."""
+    if isinstance(values, Outer):
+        x = values.x
+        return Outer(tf.slice(x, [0, 0, start], [values.count, x.shape[1], count]), values.d)
+    rows, cols = _layout(values)
+    g = tf.reshape(values.g, [values.count, rows, cols])
+    return Stacked(tf.slice(g, [0, start, 0], [values.count, count, cols]))
+
+
+def robust_share(values: PerExample, stat: Statistic, replica: tf.Tensor, replicas: int
+                 ) -> tf.Tensor:
+    """Replica `replica`'s share of the statistic of one variable, [rows,
+    columns]: its block of ceil(rows / replicas) rows computed, zeros
+    elsewhere, so that the shares of all replicas sum to `robust_variable`'s
+    value and each computes a 1 / replicas part of it."""
+    rows, cols = _layout(values)
+    share = -(-rows // replicas)
+    first = replica * share
+    part = robust_variable(_rows(_padded(values, share * replicas), first, share), stat)
+    placed = xla.dynamic_update_slice(tf.zeros([share * replicas, cols], part.dtype), part,
+                                      [first, 0])
+    return placed[:rows]
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(signature) -> tf.types.experimental.PolymorphicFunction:
-    """The XLA-compiled `robust_variable` for one signature (value type and shapes,
-    statistic). One computation per variable compiles much faster than one for
-    the whole model, and variables of one shape share it (a ResNet's repeated
-    blocks compile once); a function per signature is traced once."""
+def _compiled(signature, replicas: int) -> tf.types.experimental.PolymorphicFunction:
+    """The XLA-compiled `robust_share` of `replicas` for one signature (value
+    type and shapes, statistic). One computation per variable compiles much
+    faster than one for the whole model, and variables of one shape share it (a
+    ResNet's repeated blocks compile once); a function per signature is traced once."""
     stat = signature[-1]
-    return tf.function(lambda values: robust_variable(values, stat), jit_compile=True)
+    return tf.function(lambda values, replica: robust_share(values, stat, replica, replicas),
+                       jit_compile=True)
 
 
 def _signature(values: PerExample, stat: Statistic) -> tuple:
@@ -275,15 +377,22 @@ def sorted_along_batch(x: tf.Tensor, stat: Statistic) -> tf.Tensor:
     return stat.from_thresholds(total, lo, hi, ranks, n)
 
 
-def aggregate(values: list[PerExample], stat: Statistic, variables: list) -> list[tf.Tensor]:
-    """The statistic of each variable's per-example values, shaped like the
-    variables: an XLA computation by tiles per variable, or (small variables;
-    a batch too large for the network) a sort of the stacked values along the
-    batch."""
+def aggregate(values: list[PerExample], stat: Statistic, variables: list,
+              sync: Collectives | None = None) -> list[tf.Tensor]:
+    """The statistic of each variable's per-example values (every replica's
+    `values` those of the whole global batch), shaped like the variables: an
+    XLA computation by tiles per variable, each replica computing its share of
+    the rows (`robust_share`), which one cross-replica sum assembles; or (small
+    variables; a batch too large for the network) a sort of the stacked values
+    along the batch, on every replica."""
     n = values[0].count
+    replicas = sync.replicas if sync else 1
+    replica = sync.replica_id if sync else tf.constant(0)
     tiled = [i for i, v in enumerate(values)
              if fits_tiles(stat.ranks(n), n) and _size(v) > SMALL]
-    grads = {i: _compiled(_signature(values[i], stat))(values[i]) for i in tiled}
+    shares = [_compiled(_signature(values[i], stat), replicas)(values[i], replica)
+              for i in tiled]
+    grads = dict(zip(tiled, sync.sum(shares) if sync and shares else shares))
     rest = [i for i in range(len(values)) if i not in grads]
     if rest:
         # One sort for all of them: their stacked values side by side.

@@ -110,7 +110,8 @@ def empty_stats(splits: tuple[str, ...], num_classes: int) -> dict[str, Any]:
     return {"splits": {s: {"num_examples": 0, "num_corrupt": 0} for s in splits},
             "noise_matrix": np.zeros((num_classes, num_classes), np.int64).tolist(),
             "rejected": {"count": 0, "by_reason": {}},
-            "shards": {}}  # shard file name -> {"num_records", "records_sha256"}
+            "shards": {}}  # shard file name -> {"num_records", "records_sha256", "num_bytes",
+                          # "ends_sha256"}
 
 
 class StatsFn(beam.CombineFn):
@@ -208,10 +209,13 @@ class WriteShardFn(beam.DoFn):
                     matrix[ex.label, label] += 1
                 self.written.inc()
                 self.progress.add()
+        ends = records.file_ends_sha256(tmp)
+        num_bytes = tf.io.gfile.stat(tmp).length
         tf.io.gfile.rename(tmp, os.path.join(self.output_dir, name), overwrite=True)
         stats["noise_matrix"] = matrix.tolist()
         stats["shards"][name] = {"num_records": digest.count,
-                                 "records_sha256": digest.hexdigest()}
+                                 "records_sha256": digest.hexdigest(),
+                                 "num_bytes": num_bytes, "ends_sha256": ends}
         yield stats
 
 
