@@ -43,13 +43,13 @@ def test_a_config_read_as_phrases():
 
 def test_titles_say_what_differs_and_the_caption_what_all_share():
     titles = report.panel_titles({r.name: [r] for r in RUNS})
-    assert list(titles.values()) == ["mean, batch 25", "mean, batch 50",
+    assert list(titles.values()) == ["plain SGD, batch 25", "plain SGD, batch 50",
                                      "winsorized c=4, batch 25", "winsorized c=4, batch 50"]
     assert report.caption(RUNS) == "fashion-mnist, model fc, 50% uniform noise, lr 0.1"
     # A shared aggregator is named, last; no noise is said so.
     clean = [run("a", config(rate=0.0)), run("b", config(rate=0.0, batch=50))]
     assert report.caption(clean) == ("fashion-mnist, model fc, no noise, lr 0.1, "
-                                     "aggregator mean")
+                                     "plain SGD")
 
 
 def test_panels_of_seeds_are_titled_by_their_setting():
@@ -59,7 +59,7 @@ def test_panels_of_seeds_are_titled_by_their_setting():
               for a, agg in (("mean", None), ("winsorized_c4", WINSORIZED))
               for rate in (0.0, 0.5)}
     assert list(report.panel_titles(panels).values()) == [
-        "mean, no noise", "mean, 50% noise", "winsorized c=4, no noise",
+        "plain SGD, no noise", "plain SGD, 50% noise", "winsorized c=4, no noise",
         "winsorized c=4, 50% noise"]
     # The noise's mode is that of every noisy run.
     assert report.caption([r for rs in panels.values() for r in rs]) == (
@@ -102,7 +102,7 @@ def test_the_figure_has_titles_ticks_caption_and_legend(monkeypatch, tmp_path):
     report.accuracy_figure({r.name: [r] for r in RUNS}, str(tmp_path / "f.png"), columns=3)
     fig = drawn["fig"]
     panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
-    assert [ax.get_title() for ax in panels][:2] == ["mean, batch 25", "mean, batch 50"]
+    assert [ax.get_title() for ax in panels][:2] == ["plain SGD, batch 25", "plain SGD, batch 50"]
     for ax in panels:  # every panel shows its tick labels, though the axes are shared
         assert ax.xaxis.get_major_ticks()[0].label1.get_visible()
         assert ax.yaxis.get_major_ticks()[0].label1.get_visible()

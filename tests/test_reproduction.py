@@ -101,6 +101,7 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
         float(settings["mean_noise0.5"]["test_accuracy"]), abs=1e-6)
     md = open(os.path.join(out, "summary.md")).read()
     assert "| winsorized_c2_hidden_noise0.5 | 2 |" in md and "±" in md and "| peak_test |" in md
+    assert "| late_test |" in md and {"late_test_accuracy", "fall_step"} <= set(rows[0])
     assert os.path.getsize(os.path.join(out, "figure.png")) > 20_000
     assert open(os.path.join(out, "figure.pdf"), "rb").read(5) == b"%PDF-"
     assert f"figure_pdf: {out}/figure.pdf" in done.stdout
@@ -109,12 +110,12 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
     by_setting = {}
     for r in rows:
         by_setting.setdefault(r["aggregator"], []).append(float(r["corrupt_accuracy"]))
-    mean_row = next(line for line in done.stdout.splitlines() if line.startswith("mean "))
-    assert mean_row.split()[1] == "50%"
+    mean_row = next(line for line in done.stdout.splitlines() if line.startswith("plain SGD "))
+    assert mean_row.split()[2] == "50%"
     mean, spread = np.mean(by_setting["mean"]), np.std(by_setting["mean"])
     assert f"{mean:.3f}" + (f" ± {spread:.3f}" if spread else "") in mean_row
     assert re.search(r"At 50% noise, the corrupt training examples fit to their noisy label: "
-                     r"mean \d+% \(test 0\.\d{3}\), winsorized:2@hidden \d+%", done.stdout)
+                     r"plain SGD \d+% \(test 0\.\d{3}\), winsorized:2@hidden \d+%", done.stdout)
     m = manifest(out, "runs/" + RUNS[3])
     assert m["params"]["aggregator"] == {"name": "winsorized", "c": 2, "layers": "hidden"}
     assert (m["params"]["per_example_chunk"], m["params"]["bn_mode"]) == (None, "batch_stats")
@@ -458,3 +459,15 @@ def test_the_figure_draws_finished_runs_only(tmp_path, monkeypatch):
     finished = {f"runs/{points[0].name}": {"outputs": {"test_accuracy": 0.5, "steps": 1}}}
     sweep.write_report(str(tmp_path), points, finished)
     assert list(drawn) == [points[0].setting]
+
+
+def test_late_accuracy_and_fall_step_of_a_run():
+    """Late: the mean test accuracy over the last sixth of the steps; fall:
+    the first evaluation after the peak 0.1 or more below it."""
+    from cg_tf.experiments import sweep
+    series = [(1, 0.1), (100, 0.8), (200, 0.75), (300, 0.69), (400, 0.85), (500, 0.74),
+              (600, 0.5)]
+    assert sweep.late_mean(series, 600) == pytest.approx(0.5)
+    assert sweep.late_mean(series, 420) == pytest.approx(np.mean([0.85, 0.74, 0.5]))
+    assert sweep.fall_step(series) == 500  # after the peak at 400; 300's dip came before it
+    assert sweep.fall_step(series[:5]) is None and sweep.late_mean(None, 600) is None

@@ -30,6 +30,7 @@ from cg_tf.experiments import runner
 from cg_tf.experiments.runner import Stage
 from cg_tf.experiments.stages import dataset_stage, train_stage
 from cg_tf.measure import report, tags
+from cg_tf.robust import names
 from cg_tf.robust.aggregators import Aggregator
 from cg_tf.storage import files
 from cg_tf.training.trainer import TrainConfig, check_run_layout
@@ -38,8 +39,12 @@ RESULTS = ("pristine_accuracy", "corrupt_accuracy", "corrupt_true_label_accuracy
            "test_accuracy", "adjusted_overfit")
 # Averaged over seeds with the final RESULTS: the best test accuracy a run's
 # evaluations saw (memorization arrives after generalization, so it can be
-# well above the final one).
-PEAK = "peak_test_accuracy"
+# well above the final one); the mean of its test evaluations over the last
+# LATE_FRACTION of its steps (a run that swings from one evaluation to the
+# next is not judged by its last one); and the first step after the peak at
+# which test accuracy is FALL_DROP or more below it (None if it never is).
+PEAK, LATE, FALL = "peak_test_accuracy", "late_test_accuracy", "fall_step"
+LATE_FRACTION, FALL_DROP = 1 / 6, 0.1  # the last 10,000 of 60,000 steps; 10 points
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +97,25 @@ def peak(series: list[tuple[int, float]] | None) -> tuple[int | None, float | No
     return step, value
 
 
+def late_mean(series: list[tuple[int, float]] | None, steps: int) -> float | None:
+    """The mean of the values at steps past (1 - LATE_FRACTION) x steps."""
+    late = [v for s, v in series or () if s > (1 - LATE_FRACTION) * steps]
+    return float(np.mean(late)) if late else None
+
+
+def fall_step(series: list[tuple[int, float]] | None) -> int | None:
+    """The first step after the peak whose value is FALL_DROP or more below it."""
+    step, value = peak(series)
+    return next((s for s, v in series or () if s > step and v <= value - FALL_DROP), None)
+
+
 def rows(points: list[Point], manifests: dict[str, dict],
          runs: dict[str, report.Run] | None = None) -> list[dict]:
     """One row per finished run: its setting, seed, size (training examples,
-    steps), final results, the step and value of its peak test accuracy
-    (from the run's evaluations in `runs`, by name: the same test sample as
-    the final value), and the code that made it (git commit, dirty tree)."""
+    steps), final results, the step and value of its peak test accuracy, its
+    late test accuracy and the step of its fall (from the run's evaluations in
+    `runs`, by name: the same test sample as the final value), and the code
+    that made it (git commit, dirty tree)."""
     runs = runs or {}
     out = []
     for p in points:
@@ -106,15 +124,15 @@ def rows(points: list[Point], manifests: dict[str, dict],
         if not outputs:
             continue
         code = manifest.get(provenance.FIELD) or {}
+        test = runs[p.name].scalars.get(tags.ACCURACY_CURVES["test"]) if p.name in runs else None
         data = (manifests.get(data_stage_name(p.noise_rate)) or {}).get("outputs") or {}
         out.append({"run": p.name, "setting": p.setting, "aggregator": p.aggregator.name,
                     "parameter": p.aggregator.value, "layers": p.aggregator.layers.name,
                     "noise_rate": p.noise_rate, "seed": p.seed,
                     "train_examples": (data.get("splits") or {}).get("train"),
                     **{k: outputs.get(k) for k in RESULTS},
-                    **dict(zip(("peak_test_step", PEAK), peak(
-                        runs[p.name].scalars.get(tags.ACCURACY_CURVES["test"])
-                        if p.name in runs else None))),
+                    **dict(zip(("peak_test_step", PEAK), peak(test))),
+                    LATE: late_mean(test, outputs.get("steps") or 0), FALL: fall_step(test),
                     "steps": outputs.get("steps"), "wall_seconds": outputs.get("wall_seconds"),
                     "commit": code.get("git_commit"), "dirty": code.get("git_dirty")})
     return out
@@ -122,14 +140,16 @@ def rows(points: list[Point], manifests: dict[str, dict],
 
 def over_seeds(table: list[dict]) -> list[dict]:
     """A row per setting of `rows`: its seeds, and the mean, standard
-    deviation (population, over the seeds), min and max of each result."""
+    deviation (population, over the seeds), min and max of each result (of
+    the fall step: over the runs that fell, `fell` of them)."""
     out = []
     for setting in dict.fromkeys(r["setting"] for r in table):
         group = [r for r in table if r["setting"] == setting]
         row = {k: group[0][k] for k in ("setting", "aggregator", "parameter", "layers",
                                         "noise_rate", "train_examples", "steps")}
         row["seeds"] = len(group)
-        for k in (*RESULTS, PEAK):
+        row["fell"] = sum(r[FALL] is not None for r in group)
+        for k in (*RESULTS, PEAK, LATE, FALL):
             values = np.array([r[k] for r in group if r[k] is not None], float)
             stats = (values.mean(), values.std(), values.min(), values.max()) \
                 if len(values) else (None,) * 4
@@ -191,7 +211,7 @@ def _write_report(output_dir: str, points: list[Point], manifests: dict[str, dic
             panels.setdefault(p.setting, []).append(by_name[p.name])
     report.write_table(paths["curves"], curves(panels))
     shown = [{k: r[k] for k in ("setting", "seeds")} | {
-        k.replace("_accuracy", ""): _pm(r[k], r[f"{k}_std"]) for k in (*RESULTS, PEAK)}
+        k.replace("_accuracy", ""): _pm(r[k], r[f"{k}_std"]) for k in (*RESULTS, PEAK, LATE)}
         for r in means]
     files.write_text(paths["md"], "# Noise sweep\n\n## Mean and spread over seeds\n\n"
                      + report.markdown(shown) + "\n## Every run\n\n"
@@ -209,7 +229,8 @@ def _write_report(output_dir: str, points: list[Point], manifests: dict[str, dic
 
 SHOWN = {"pristine_accuracy": "pristine", "corrupt_accuracy": "corrupt",
          "corrupt_true_label_accuracy": "corrupt (true label)", "test_accuracy": "test",
-         "adjusted_overfit": "adjusted overfit", PEAK: "peak test"}
+         "adjusted_overfit": "adjusted overfit", PEAK: "peak test",
+         LATE: f"test, last {LATE_FRACTION:.0%}"}
 
 
 def summary_text(means: list[dict], points: list[Point], runs: list[report.Run]) -> str:
@@ -219,7 +240,7 @@ def summary_text(means: list[dict], points: list[Point], runs: list[report.Run])
     if not means:
         return "Noise sweep: no run has finished yet."
     seeds = sorted({r["seeds"] for r in means})
-    spec = {p.setting: p.aggregator.spec for p in points}
+    spec = {p.setting: names.label(p.aggregator.to_json()) for p in points}
     lines = [": ".join(filter(None, ["Noise sweep", report.caption(runs)])),
              f"accuracy: mean{' ± spread' if seeds[-1] > 1 else ''} over "
              f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}", "",

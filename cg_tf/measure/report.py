@@ -236,8 +236,8 @@ def describe(config: dict) -> dict[str, str]:
     model = config.get("architecture") or config.get("model")
     rate = noise.get("rate")
     phrases = {
-        "aggregator": record and " ".join([record.get("name", "?"), *(
-            f"{k}={v}" for k, v in record.items() if k != "name")]),
+        "aggregator": record and ("plain SGD" if record.get("name") == "mean" else " ".join(
+            [record.get("name", "?"), *(f"{k}={v}" for k, v in record.items() if k != "name")])),
         "data": dataset_name(config),
         "model": model and f"model {model}",
         "noise": rate is not None and (f"{rate * 100:g}% noise" if rate else "no noise"),
@@ -260,8 +260,9 @@ def caption(runs: list[Run]) -> str:
     shared = _shared([describe(r.config) for r in runs])
     if "noise_mode" in shared and "noise" in shared:  # "50% noise", "uniform noise"
         shared["noise"] = shared["noise"].replace("noise", shared.pop("noise_mode"))
-    if "aggregator" in shared:  # named, and last: "digits, ..., aggregator mean"
-        shared["aggregator"] = f"aggregator {shared.pop('aggregator')}"
+    if "aggregator" in shared:  # named, and last: "digits, ..., aggregator median"
+        name = shared.pop("aggregator")
+        shared["aggregator"] = name if name == "plain SGD" else f"aggregator {name}"
     return ", ".join(shared.values())
 
 

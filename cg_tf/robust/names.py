@@ -10,3 +10,9 @@ def spec(record: dict) -> str:
     out = record["name"] + "".join(f":{v}" for v in values)
     layers = record.get("layers", "all")
     return out if layers == "all" else f"{out}@{layers}"
+
+
+def label(record: dict) -> str:
+    """What tables and figures call an aggregator: its spec, except the batch's
+    mean gradient, which is plain SGD (the papers' name for it)."""
+    return "plain SGD" if record.get("name") == "mean" else spec(record)
