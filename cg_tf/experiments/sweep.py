@@ -230,7 +230,7 @@ def _write_report(output_dir: str, points: list[Point], manifests: dict[str, dic
 SHOWN = {"pristine_accuracy": "pristine", "corrupt_accuracy": "corrupt",
          "corrupt_true_label_accuracy": "corrupt (true label)", "test_accuracy": "test",
          "adjusted_overfit": "adjusted overfit", PEAK: "peak test",
-         LATE: f"test, last {LATE_FRACTION:.0%}"}
+         LATE: "late test"}
 
 
 def summary_text(means: list[dict], points: list[Point], runs: list[report.Run]) -> str:
