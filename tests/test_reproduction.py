@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -471,3 +472,28 @@ def test_late_accuracy_and_fall_step_of_a_run():
     assert sweep.late_mean(series, 420) == pytest.approx(np.mean([0.85, 0.74, 0.5]))
     assert sweep.fall_step(series) == 500  # after the peak at 400; 300's dip came before it
     assert sweep.fall_step(series[:5]) is None and sweep.late_mean(None, 600) is None
+
+
+def test_a_published_sweep_goes_on_from_its_copy(tmp_path):
+    """tools.publish_runs mid-sweep: the finished runs' records and the
+    unfinished run's last checkpoint; copied under another output directory,
+    the sweep skips the finished runs and resumes the other from the copy."""
+    out, pub, elsewhere = (str(tmp_path / d) for d in ("sweep", "pub", "elsewhere"))
+    args = ["pipelines.sweep", f"--output_dir={out}", *SWEEP]
+    second = os.path.join(out, "runs", RUNS[1])
+    kill_when(args, lambda: glob.glob(os.path.join(second, "checkpoints", "ckpt-30.index")))
+    done = run_main("tools.publish_runs", f"--sweep_dir={out}", f"--out={pub}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{RUNS[0]}: complete" in done.stdout
+    assert re.search(rf"{RUNS[1]}: resumable from ckpt-(30|40|50)", done.stdout), done.stdout
+    published = os.path.join(pub, "runs", RUNS[1])
+    assert not os.path.exists(os.path.join(pub, "runs", RUNS[0], "checkpoints"))
+    assert sorted(os.listdir(os.path.join(published, "checkpoints")))[0] == "checkpoint"
+    shutil.copytree(os.path.join(pub, "runs"), os.path.join(elsewhere, "runs"))
+    done = run_main("pipelines.sweep", f"--output_dir={elsewhere}", *SWEEP)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = stage_lines(done.stdout)
+    assert any(line.endswith(f"runs/{RUNS[0]}: complete, skipped") for line in lines), lines
+    assert any(line.endswith(f"runs/{RUNS[1]}: resuming") for line in lines), lines
+    resumed = manifest(elsewhere, f"runs/{RUNS[1]}")
+    assert resumed["status"] == "complete" and resumed["outputs"]["steps"] == 60
