@@ -236,7 +236,7 @@ def describe(config: dict) -> dict[str, str]:
     model = config.get("architecture") or config.get("model")
     rate = noise.get("rate")
     phrases = {
-        "aggregator": record and ("plain SGD" if record.get("name") == "mean" else " ".join(
+        "aggregator": record and (names.PLAIN_SGD if record.get("name") == "mean" else " ".join(
             [record.get("name", "?"), *(f"{k}={v}" for k, v in record.items() if k != "name")])),
         "data": dataset_name(config),
         "model": model and f"model {model}",
@@ -262,7 +262,7 @@ def caption(runs: list[Run]) -> str:
         shared["noise"] = shared["noise"].replace("noise", shared.pop("noise_mode"))
     if "aggregator" in shared:  # named, and last: "digits, ..., aggregator median"
         name = shared.pop("aggregator")
-        shared["aggregator"] = name if name == "plain SGD" else f"aggregator {name}"
+        shared["aggregator"] = name if name == names.PLAIN_SGD else f"aggregator {name}"
     return ", ".join(shared.values())
 
 

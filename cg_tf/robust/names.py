@@ -12,7 +12,10 @@ def spec(record: dict) -> str:
     return out if layers == "all" else f"{out}@{layers}"
 
 
+# What tables and figures call the batch's mean gradient (the papers' name for it).
+PLAIN_SGD = "plain SGD"
+
+
 def label(record: dict) -> str:
-    """What tables and figures call an aggregator: its spec, except the batch's
-    mean gradient, which is plain SGD (the papers' name for it)."""
-    return "plain SGD" if record.get("name") == "mean" else spec(record)
+    """What tables and figures call an aggregator: its spec, or PLAIN_SGD."""
+    return PLAIN_SGD if record.get("name") == "mean" else spec(record)

@@ -17,14 +17,18 @@ the median (lo + hi) / 2, without s). The statistic object (`Statistic`) says
 which ranks and what it makes of them: this module knows none by name.
 
 Thresholds near the ends stream the n values through running top-r and
-bottom-r lists kept with max/min only (2r operations per value); others
-(larger c, the median) go through a selection network (the comparators of
-Batcher's odd-even merge sort that the wanted ranks depend on, about
-n log2(n)^2 / 4). Both are unrolled and fused by XLA into one loop per tile;
-each variable's aggregate is one XLA computation, whatever the outer step is
-compiled with. Small variables (biases, normalization scales) and
-batches too large for the network to compile quickly are sorted along the
-batch instead (their stacked values in memory).
+bottom-r lists kept with max/min only (2r operations per value), a block of
+examples at a time (a loop over blocks past CHAIN_BLOCK examples, so compile
+time does not grow with the batch); others (larger c, the median) go through
+a selection network (the comparators of Batcher's odd-even merge sort that the
+wanted ranks depend on, about n log2(n)^2 / 4), or, past the network's size,
+through running lists up to r = CHAIN_MAX_R. Each is fused by XLA into loops
+per tile; each variable's aggregate is one XLA computation, whatever the outer
+step is compiled with. Under a strategy each replica computes a block of the
+rows of every tiled variable (`robust_share`), which one cross-replica sum
+assembles. Small variables (biases, normalization scales) and batches too
+large for the network and the lists are sorted along the batch instead (their
+stacked values in memory).
 """
 
 import functools
@@ -152,12 +156,6 @@ def fold_largest(top: list[tf.Tensor], rows: list[tf.Tensor]) -> list[tf.Tensor]
         top = [tf.maximum(top[0], x)] + [tf.maximum(top[j], tf.minimum(top[j - 1], x))
                                          for j in range(1, len(top))]
     return top
-
-
-def largest(rows: list[tf.Tensor], r: int) -> tf.Tensor:
-    """The r-th largest of the n rows, elementwise (1 <= r <= n)."""
-    neg = tf.fill(tf.shape(rows[0]), tf.constant(-np.inf, rows[0].dtype))
-    return fold_largest([rows[0]] + [neg] * (r - 1), rows[1:])[r - 1]
 
 
 @functools.lru_cache(maxsize=None)
