@@ -3,7 +3,7 @@
 The reader checks dataset_info.json and every shard's size and ends digest
 against it (`cg_tf.data.verify.verify_on_open`: O(shards), before anything is
 served; the full pass over the records is `python -m cg_tf.data.verify DIR`,
-which the build runs), then yields dictionaries
+which a local build runs), then yields dictionaries
   image (float32 HxWxC in [0, 1]), label, true_label, is_corrupt (int32),
   example_id (string)
 for training (global batches, a reproducible order per epoch that depends only

@@ -1,6 +1,6 @@
 """Verifies a dataset directory's shards against its dataset_info.json.
 
-  python -m cg_tf.data.verify DIR      # every record (the build runs it too)
+  python -m cg_tf.data.verify DIR      # every record (a local build runs it too)
 
 At open a reader checks what costs O(shards), not O(bytes) (`check_files`):
 each shard's size and the digest of its two ends (`records.file_ends_sha256`:
@@ -8,11 +8,12 @@ each shard's size and the digest of its two ends (`records.file_ends_sha256`:
 before anything is served. Directories built before cg_tf recorded those get
 the full check at open instead.
 
-The full check (`verify_dataset`), for every shard of every split: each record reads (a corrupt one is named by
-file, record index and byte offset); the shard holds the number of records and
-the `records_sha256` the pipeline recorded for it (`records.ShardInfo`); every
-label and true label is in [0, num_classes); and, where the image shape is
-fixed, every image header has that shape. Each split's shards together hold its
+The full check (`verify_dataset`), for every shard of every split: each
+record reads (a corrupt one is named by file, record index and byte offset);
+the shard holds the number of records and the `records_sha256` the pipeline
+recorded for it (`records.ShardInfo`); every label and true label is in [0,
+num_classes); where the image shape is fixed, every image header has that
+shape; then the shard's size and ends. Each split's shards together hold its
 num_examples. (`records.load_info` has already checked that num_classes agrees
 with the class names and the noise matrix.)
 
