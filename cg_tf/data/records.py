@@ -93,14 +93,15 @@ class RecordDigest:
 ENDS_BYTES = 1 << 16
 
 
-def file_ends_sha256(path: str) -> str:
+def file_ends_sha256(path: str, size: int | None = None) -> str:
     """sha256 of a file's size (8 bytes, little-endian), its first ENDS_BYTES
     and its last ENDS_BYTES (the whole file if it is shorter than both): what a
     reader checks of a shard at open, reading at most 128 KiB of it. A
     truncated, extended or replaced shard changes it; an edit inside that keeps
-    the size and both ends does not (the full check, `verify`, finds that)."""
+    the size and both ends does not (the full check, `verify`, finds that).
+    `size`, the file's if the caller has it, saves asking the filesystem again."""
     sha = hashlib.sha256()
-    size = tf.io.gfile.stat(path).length
+    size = tf.io.gfile.stat(path).length if size is None else size
     sha.update(size.to_bytes(8, "little"))
     # Local files unbuffered: GFile would read a whole buffer (all of a small shard).
     with (open(path, "rb", buffering=0) if "://" not in path

@@ -72,7 +72,7 @@ def check_files(data_dir: str, info: records.DatasetInfo) -> None:
                 raise DatasetError(f"{path} has {size} bytes; {INFO_FILE} says "
                                    f"{shard.num_bytes}: the file was cut short, extended or "
                                    f"replaced after the pipeline wrote it; {_REBUILD}")
-            if records.file_ends_sha256(path) != shard.ends_sha256:
+            if records.file_ends_sha256(path, size) != shard.ends_sha256:
                 raise DatasetError(f"{path}: its first and last bytes do not match the "
                                    f"ends_sha256 in {INFO_FILE}: the file was changed or "
                                    f"replaced after the pipeline wrote it; {_REBUILD}")

@@ -335,7 +335,10 @@ def robust_share(values: PerExample, stat: Statistic, replica: tf.Tensor, replic
     """Replica `replica`'s share of the statistic of one variable, [rows,
     columns]: its block of ceil(rows / replicas) rows computed, zeros
     elsewhere, so that the shares of all replicas sum to `robust_variable`'s
-    value and each computes a 1 / replicas part of it."""
+    value and each computes a 1 / replicas part of it (one replica: the
+    value, without placing it)."""
+    if replicas == 1:
+        return robust_variable(values, stat)
     rows, cols = _layout(values)
     share = -(-rows // replicas)
     first = replica * share

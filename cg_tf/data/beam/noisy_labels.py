@@ -209,8 +209,8 @@ class WriteShardFn(beam.DoFn):
                     matrix[ex.label, label] += 1
                 self.written.inc()
                 self.progress.add()
-        ends = records.file_ends_sha256(tmp)
         num_bytes = tf.io.gfile.stat(tmp).length
+        ends = records.file_ends_sha256(tmp, num_bytes)
         tf.io.gfile.rename(tmp, os.path.join(self.output_dir, name), overwrite=True)
         stats["noise_matrix"] = matrix.tolist()
         stats["shards"][name] = {"num_records": digest.count,
