@@ -131,7 +131,7 @@ def summary_text(summary: dict, model_dir: str) -> str:
     steps = f"{summary['steps']} steps"
     if summary.get("steps_per_epoch"):
         epochs = summary['steps'] / summary['steps_per_epoch']
-        steps += f" ({epochs:g} epoch{'' if epochs == 1 else 's'})"
+        steps += f" ({round(epochs, 2):g} epoch{'' if epochs == 1 else 's'})"
     data = summary["data_dir"]
     if noise.get("rate"):
         data += f" ({noise['rate']:.0%} {noise['mode']} label noise)"

@@ -253,6 +253,10 @@ class RunCounters(keras.callbacks.Callback):
         t.step.assign(step)
         t.wall.assign(self.wall0 + time.monotonic() - self.begin)
         now, (then, then_step) = time.monotonic(), self.last_log
+        if then_step == step - 1 and then < self.begin:  # this attempt's first step
+            logging.info("step %d done %.1f s after the trainer started (opening the data, "
+                         "building the model, restoring, compiling the step)", step,
+                         now - t.created)
         if (step % cfg.log_every == 0 and now - then >= self.LOG_SECONDS
                 or step == t.total_steps):
             rate = (step - then_step) / max(now - max(then, self.begin), 1e-9)
@@ -316,6 +320,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, overwrite: bool = False):
         self.config, self.overwrite = config, overwrite
+        self.created = time.monotonic()  # the start, for the time to the first step
         self.complete = False  # set by run() if the run had finished before
         self.termination = Termination()
         # First: multi-worker collectives must be configured before any TF op runs.
