@@ -163,3 +163,90 @@ def test_a_panel_of_seeds_draws_their_mean_and_band(monkeypatch, tmp_path):
     (legend,) = drawn["fig"].legends
     assert " ".join(legend.get_title().get_text().split()).endswith(
         "each panel the mean of 3 runs (band: min to max)")
+
+
+# -- tools.update_shares: f_p and f_c of the probe against their null ------------
+
+
+def write_probe_run(log_dir, noise, probe_size, shares):
+    """An event directory as a run writes it: its configuration at step 0 and
+    f_p, f_c at the steps of `shares` ({step: (f_p, f_c or None)})."""
+    import tensorflow as tf
+
+    from cg_tf.measure import monitor
+    writer = tf.summary.create_file_writer(str(log_dir))
+    monitor.write_run_config(writer, {"noise": noise, "probe_size": probe_size,
+                                      "batch_size": 4, "source": "digits",
+                                      "aggregator": {"name": "mean"}})
+    with writer.as_default():
+        for step, (f_p, f_c) in shares.items():
+            tf.summary.scalar(tags.update_share_tag("mean", "pristine"), f_p, step=step)
+            if f_c is not None:
+                tf.summary.scalar(tags.update_share_tag("mean", "corrupt"), f_c, step=step)
+    writer.close()
+
+
+def test_update_shares_csv_and_figure_from_event_files(monkeypatch, tmp_path):
+    import csv
+
+    from tools import update_shares
+    noisy = {"mode": "permute", "rate": 0.5, "seed": 0}
+    write_probe_run(tmp_path / "runs" / "noisy", noisy, 4,
+                    {1: (0.75, 0.25), 4: (0.5, 0.5), 64: (0.125, 0.875), 128: (0.5, None)})
+    write_probe_run(tmp_path / "runs" / "clean", {"mode": "permute", "rate": 0.0}, 4,
+                    {1: (1.0, -0.0), 4: (1.0, 0.0)})
+    runs = {r.name: r for r in report.load_runs(str(tmp_path / "runs"))}
+    assert sorted(runs) == ["clean", "noisy"]
+    # The null: 3 of the 4 probe examples pristine (what the source says is
+    # checked against the pipeline's records below); no noise: 1, unread.
+    read = lambda spec: pytest.fail("a clean run's null needs no data")  # noqa: E731
+    assert update_shares.null_share(runs["clean"].config, 3, read) == 1.0
+    monkeypatch.setattr(update_shares, "probe_pristine", lambda pairs, noise, c, shards, m: 3)
+    pairs = [(str(i), i % 2) for i in range(8)]  # 8 examples, 2 batches of 4
+    with pytest.raises(ValueError, match="the run had 5"):
+        update_shares.null_share({**runs["noisy"].config, "steps_per_epoch": 5}, 3,
+                                 lambda spec: (pairs, 2))
+    null = update_shares.null_share(runs["noisy"].config, 3, lambda spec: (pairs, 2))
+    assert null == 0.75
+    rows = (update_shares.share_rows(runs["clean"], 1.0)
+            + update_shares.share_rows(runs["noisy"], null))
+    path = tmp_path / update_shares.CSV_FILE
+    report.write_table(str(path), rows, update_shares.COLUMNS)
+    with open(path) as f:
+        got = [(r["run"], float(r["noise_rate"]), int(r["step"]), float(r["f_p"]),
+                r["f_c"], float(r["null_f_p"])) for r in csv.DictReader(f)]
+    # Step 128 has no f_c: left out; -0.0 written as 0.0.
+    assert got == [("clean", 0.0, 1, 1.0, "0.0", 1.0), ("clean", 0.0, 4, 1.0, "0.0", 1.0),
+                   ("noisy", 0.5, 1, 0.75, "0.25", 0.75), ("noisy", 0.5, 4, 0.5, "0.5", 0.75),
+                   ("noisy", 0.5, 64, 0.125, "0.875", 0.75)]
+    drawn = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, p: drawn.update(fig=fig) or {})
+    update_shares.figure(list(runs.values()), rows, str(tmp_path / "f.png"))
+    (ax,) = drawn["fig"].axes  # the clean run is left out
+    assert ax.get_title() == "50% noise (null 0.75)" and ax.get_xscale() == "log"
+    shares, null_line = ax.get_lines()
+    np.testing.assert_array_equal(shares.get_xdata(), [1, 4, 64])
+    np.testing.assert_array_equal(shares.get_ydata(), [0.75, 0.5, 0.125])
+    assert null_line.get_linestyle() == "--" and null_line.get_color() == shares.get_color()
+    np.testing.assert_array_equal(null_line.get_ydata(), [0.75, 0.75])
+
+
+def test_update_shares_null_counts_the_probe_the_reader_gives(tmp_path):
+    """The probe's pristine count rebuilt from the source is that of the first
+    examples the reader streams from the pipeline's records."""
+    from conftest import run_build
+
+    from cg_tf.data.reader import Reader
+    from tools import update_shares
+    noise = {"mode": "permute", "rate": 0.5, "seed": 3}
+    run_build(tmp_path, mode="permute", rate=0.5, seed=3, num_shards=3)
+    mixed = Reader.open(str(tmp_path), 50).eval_subsets(200)["mixed"]
+    ids = [i.decode() for b in mixed for i in b["example_id"].numpy()]
+    corrupt = [int(c) for b in mixed for c in b["is_corrupt"].numpy()]
+    pairs, classes = update_shares.training_examples("digits")
+    assert update_shares.file_order([i for i, _ in pairs], 3)[:200] == ids
+    assert update_shares.corrupt_ids(pairs, noise, classes) & set(ids) == {
+        i for i, c in zip(ids, corrupt) if c}
+    for m in (50, 200):
+        assert update_shares.probe_pristine(pairs, noise, classes, 3, m) == m - sum(corrupt[:m])
+    assert 0 < sum(corrupt[:50]) < 50  # both kinds in the probe
