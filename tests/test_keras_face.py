@@ -440,3 +440,35 @@ def test_quiet_silences_tensorflows_informational_lines(quiet):
     assert bool(info) != quiet, done.stderr  # e.g. oneDNN's and XLA's lines
     # The project's warnings read as the command lines print them.
     assert bool(re.search(r"^\d\d:\d\d:\d\d weights growing$", done.stderr, re.M)) == quiet
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda f, A: f([1, 15, 3], 0.5, num_classes=10),
+     "corrupt_labels: labels holds the label 15, outside the num_classes=10 classes 0 to 9"),
+    (lambda f, A: f([1, -1, 3], 0.5), "corrupt_labels: labels holds the negative label -1"),
+    (lambda f, A: f([1, 9, 3], 0.5, num_classes=1),
+     "corrupt_labels: num_classes must be an integer of 2 or more, got 1"),
+    (lambda f, A: f([], 0.5), r"corrupt_labels: labels must be integer class labels, one per "
+                              r"example; got float64 of shape \(0,\)"),
+    (lambda f, A: f([1, 2], 1.5), r"corrupt_labels: rate must be in \[0, 1\], got 1.5"),
+    (lambda f, A: A(np.zeros((3, 2)), [0, 1, 2], [0, 1, 2], 1, noise_rate=5),
+     r"ArrayData: noise_rate must be in \[0, 1\], got 5"),
+    (lambda f, A: A(np.zeros((3, 2)), [0, -1, 2], [0, 1, 2], 1),
+     "ArrayData: labels holds the negative label -1"),
+    (lambda f, A: A(np.zeros((3, 2)), [0, 1, 9], [0, 1, 2], 1, num_classes=3),
+     "ArrayData: labels holds the label 9, outside the num_classes=3 classes 0 to 2"),
+    (lambda f, A: A(np.zeros((3, 2)), [0, 1], [0, 1, 2], 1),
+     "ArrayData: labels has 2 labels for 3 inputs"),
+    (lambda f, A: A(np.zeros((3, 2)), [0, 1, 2], [0, 1, 2], 1, test=(np.zeros((2, 2)), [0])),
+     "ArrayData: test labels has 1 labels for 2 inputs"),
+    (lambda f, A: A(np.zeros((3, 2)), [0, 1, 2], [0, 1, 2], 1, test=(np.zeros((2, 5)), [0, 1])),
+     r"ArrayData: test inputs have shape \(2, 5\), the training inputs \(3, 2\)"),
+    (lambda f, A: A(np.zeros((0, 2)), [], [], 1),
+     r"ArrayData: x must hold one or more inputs, got shape \(0, 2\)"),
+], ids=["out of range", "negative", "one class", "empty", "rate", "array rate",
+        "array negative", "array out of range", "array length", "test length", "test shape",
+        "no inputs"])
+def test_labels_and_rates_out_of_range_are_refused_naming_the_argument(call, message):
+    from cg_tf import ArrayData, corrupt_labels
+    with pytest.raises(ValueError, match=f"^{message}"):
+        call(corrupt_labels, ArrayData)

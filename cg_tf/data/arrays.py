@@ -17,6 +17,8 @@ str(i), as corrupt_labels names it.
 import numpy as np
 import tensorflow as tf
 
+from cg_tf.data.noise import class_count, class_labels
+
 EVAL_BATCH = 500
 
 
@@ -30,13 +32,30 @@ class ArrayData:
     def __init__(self, x, labels, true_labels, batch_size: int, test: tuple | None = None,
                  eval_sample_size: int = 1000, noise_rate: float | None = None,
                  num_classes: int | None = None):
+        where = "ArrayData"
         self.x = np.asarray(x)
-        self.labels, self.true_labels = (np.asarray(a) for a in (labels, true_labels))
+        if not self.x.ndim or not len(self.x):
+            raise ValueError(f"{where}: x must hold one or more inputs, got shape {self.x.shape}")
         n = len(self.x)
-        for name, a in (("labels", self.labels), ("true_labels", self.true_labels)):
-            if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer):
-                raise ValueError(f"ArrayData: {name} must be {n} integer class labels (one per "
-                                 f"input), got {a.dtype} of shape {a.shape}")
+        given = [class_labels(where, "labels", labels, size=n),
+                 class_labels(where, "true_labels", true_labels, size=n)]
+        self.test = None
+        if test is not None:
+            if not isinstance(test, (tuple, list)) or len(test) != 2:
+                raise ValueError(f"{where}: test must be an (inputs, labels) pair")
+            test_x = np.asarray(test[0])
+            if not test_x.ndim or test_x.shape[1:] != self.x.shape[1:]:
+                raise ValueError(f"{where}: test inputs have shape {test_x.shape}, the training "
+                                 f"inputs {self.x.shape} (one input's shape must agree)")
+            given.append(class_labels(where, "test labels", test[1], size=len(test_x)))
+        self.num_classes = class_count(where, num_classes, *given)
+        checked = [class_labels(where, name, a, self.num_classes)
+                   for name, a in zip(("labels", "true_labels", "test labels"), given)]
+        self.labels, self.true_labels = checked[:2]
+        if test is not None:
+            self.test = (test_x, checked[2])
+        if noise_rate is not None and not 0 <= noise_rate <= 1:
+            raise ValueError(f"{where}: noise_rate must be in [0, 1], got {noise_rate}")
         if not 1 <= batch_size <= n:
             raise ValueError(f"ArrayData: batch_size must be between 1 and the {n} examples, "
                              f"got {batch_size}")
@@ -46,9 +65,6 @@ class ArrayData:
         self.batch_size, self.eval_sample_size = batch_size, eval_sample_size
         self.steps_per_epoch = n // batch_size
         self.is_corrupt = self.labels != self.true_labels
-        self.test = None if test is None else tuple(np.asarray(a) for a in test)
-        seen = [self.labels, self.true_labels, *([self.test[1]] if self.test else [])]
-        self.num_classes = num_classes or int(max(a.max() for a in seen)) + 1
         rate = float(self.is_corrupt.mean()) if noise_rate is None else noise_rate
         self.noise = {"rate": rate, "mode": "arrays"}
 

@@ -66,17 +66,48 @@ def permuted_labels(spec: NoiseSpec, selected: Iterable[tuple[str, int]]) -> dic
     return dict(zip(receivers, labels))
 
 
+def class_labels(where: str, name: str, labels, num_classes: int | None = None,
+                 size: int | None = None) -> np.ndarray:
+    """`labels` as a 1-D integer array (of `size` entries if given), each in
+    [0, num_classes) when num_classes is given; else a ValueError that names
+    `where` and the argument."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or not labels.size:
+        raise ValueError(f"{where}: {name} must be integer class labels, one per example; got "
+                         f"{labels.dtype} of shape {labels.shape}")
+    if size is not None and len(labels) != size:
+        raise ValueError(f"{where}: {name} has {len(labels)} labels for {size} inputs")
+    if labels.min() < 0:
+        raise ValueError(f"{where}: {name} holds the negative label {labels.min()}")
+    if num_classes is not None and labels.max() >= num_classes:
+        raise ValueError(f"{where}: {name} holds the label {labels.max()}, outside the "
+                         f"num_classes={num_classes} classes 0 to {num_classes - 1}")
+    return labels
+
+
+def class_count(where: str, num_classes: int | None, *labels: np.ndarray) -> int:
+    """`num_classes` (2 or more), or one more than the largest label seen."""
+    if num_classes is None:
+        return int(max(a.max() for a in labels)) + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or num_classes < 2:
+        raise ValueError(f"{where}: num_classes must be an integer of 2 or more, got "
+                         f"{num_classes!r}")
+    return int(num_classes)
+
+
 def corrupt_labels(labels, rate: float, mode: str = "uniform", seed: int = 0,
                    num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Noisy training labels for an array of integer labels, with the pipeline's
     semantics (example i's id is str(i)): (noisy labels, is_corrupt), where an
     example is corrupt when its noisy label differs from its true one."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"corrupt_labels takes integer class labels, one per example; got "
-                         f"{labels.dtype} of shape {labels.shape}")
-    spec = NoiseSpec(mode, rate, seed)
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    where = "corrupt_labels"
+    num_classes = class_count(where, num_classes, class_labels(where, "labels", labels))
+    labels = class_labels(where, "labels", labels, num_classes)
+    try:
+        spec = NoiseSpec(mode, rate, seed)
+    except ValueError as e:
+        raise ValueError(f"{where}: {str(e).replace('noise_', '')}") from None
     ids = [str(i) for i in range(len(labels))]
     if mode == "permute":
         new = permuted_labels(spec, [(i, int(y)) for i, y in zip(ids, labels)
