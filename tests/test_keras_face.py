@@ -421,9 +421,19 @@ def test_the_callback_watches_arrays_and_fills_fits_logs(tmp_path):
             MemorizationCallback(arrays, str(tmp_path / "run"))])
     for a, v in zip(before, model.net.trainable_variables):
         np.testing.assert_array_equal(a, v.numpy())
-    again = MemorizationCallback(arrays, str(tmp_path / "run"), overwrite=True)
+    again = MemorizationCallback(arrays, str(tmp_path / "run"), overwrite=True,
+                                 config=MonitorConfig(eval_log_spaced=False, probe_size=0))
     model.fit(x, noisy, batch_size=50, epochs=1, verbose=0, callbacks=[again])
     assert len(report.load_runs(str(tmp_path))) == 1 and again.summary["steps"] == 12
+    # The same callback in a second fit continues that history: nothing deleted.
+    model.fit(x, noisy, batch_size=50, epochs=2, verbose=0, callbacks=[again])
+    assert again.summary["steps"] == 36
+    (run,) = report.load_runs(str(tmp_path))
+    assert [s for s, _ in run.scalars[tags.eval_tag("test", "accuracy")]] == [12, 24, 36]
+    with pytest.raises(ValueError, match="measures the model of its first fit"):
+        other = RobustModel(net(), Mean())
+        other.compile(optimizer=keras.optimizers.SGD(0.1))
+        other.fit(x, noisy, batch_size=50, epochs=1, verbose=0, callbacks=[again])
 
 
 @pytest.mark.parametrize("quiet", [False, True])

@@ -84,6 +84,9 @@ class MemorizationCallback(MonitorCallback):
     config:     evaluation schedule and probe (MonitorConfig)
     log_every:  steps between training loss/accuracy summaries
 
+    A later `fit` of the same model with the same callback continues the same
+    history (steps go on from where the last fit ended, as Keras' TensorBoard
+    callback's do); another model's fit is refused.
     Each epoch's logs (fit's History, the progress bar) get the latest
     evaluation's pristine, corrupt and test accuracy; at the end `summary`
     holds the final metrics, also written to log_dir/summary.json.
@@ -96,6 +99,7 @@ class MemorizationCallback(MonitorCallback):
         self.reader, self.log_dir, self.config = data, log_dir, config
         self.overwrite = overwrite
         self.summary: dict | None = None
+        self.measured = None  # the model of the first fit
 
     def on_train_begin(self, logs=None):
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
@@ -103,6 +107,13 @@ class MemorizationCallback(MonitorCallback):
             raise ValueError("MemorizationCallback needs the number of steps per epoch: pass "
                              "steps_per_epoch to fit (reader.steps_per_epoch for a reader's "
                              "endless train_dataset())")
+        if self.measured is not None:
+            if self.model is not self.measured:
+                raise ValueError(f"MemorizationCallback: this callback measures the model of "
+                                 f"its first fit into {self.log_dir}; give another model's fit "
+                                 f"a callback of its own")
+            self.total_steps = self.step + epochs * steps  # the same history, continued
+            return
         earlier = written_files(self.log_dir)
         if earlier and not self.overwrite:
             raise ValueError(f"MemorizationCallback: {self.log_dir} holds an earlier run's "
@@ -119,6 +130,7 @@ class MemorizationCallback(MonitorCallback):
                           loss=getattr(getattr(self.model, "source", None), "loss", example_losses))
         monitor.write_run_config({"model": net.name})
         self.attach(monitor, epochs * steps)
+        self.measured = self.model
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.results:
