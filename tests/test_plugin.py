@@ -2,6 +2,7 @@
 data provider, on event files written here."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from cg_tf.measure import metrics, tags
 from cg_tf.measure.monitor import write_histogram, write_run_config
 
 BASE = "/data/plugin/memorization"
-RUNS = {"mean": ("mean", 0, [0.2, 0.6, 0.9]), "winsorized_c4": ("winsorized", 4, [0.1, 0.1, 0.05])}
+RUNS = {"mean": ("mean", 0, [0.2, 0.6, 0.9]), "winsorized, c=4": ("winsorized", 4, [0.1, 0.1, 0.05])}
 
 
 def write_runs(logdir):
@@ -63,15 +64,15 @@ def test_the_tab_is_active_only_with_cg_tf_runs(client):
 
 def test_runs_lists_configs_and_tags(client):
     runs = json.loads(get(client, "/runs").get_data())["runs"]
-    assert [r["name"] for r in runs] == ["mean", "winsorized_c4"]
+    assert [r["name"] for r in runs] == ["mean", "winsorized, c=4"]
     assert runs[1]["config"]["aggregator"] == {"name": "winsorized", "c": 4}
     assert tags.eval_tag("corrupt", "accuracy") in runs[0]["tags"]
 
 
 def test_scalars_of_several_runs(client):
     tag = tags.eval_tag("corrupt", "accuracy")
-    data = json.loads(get(client, f"/scalars?tag={tag}&runs=mean,winsorized_c4").get_data())
-    assert data["winsorized_c4"] == [[1, pytest.approx(0.1)], [10, pytest.approx(0.1)],
+    data = json.loads(get(client, f"/scalars?tag={tag}&runs=mean&runs=winsorized%2C%20c%3D4").get_data())
+    assert data["winsorized, c=4"] == [[1, pytest.approx(0.1)], [10, pytest.approx(0.1)],
                                      [20, pytest.approx(0.05)]]
     assert [p[0] for p in data["mean"]] == [1, 10, 20]
     # NaN becomes null: the answer stays valid JSON.
@@ -94,9 +95,9 @@ def test_histograms_are_the_latest(client):
 def test_table_has_final_values(client):
     rows = json.loads(get(client, "/table").get_data())["rows"]
     by_run = {r["run"]: r for r in rows}
-    assert by_run["winsorized_c4"]["aggregator"] == "winsorized:4"
+    assert by_run["winsorized, c=4"]["aggregator"] == "winsorized:4"
     assert by_run["mean"]["aggregator"] == "mean"
-    assert by_run["winsorized_c4"]["corrupt accuracy"] == pytest.approx(0.05)
+    assert by_run["winsorized, c=4"]["corrupt accuracy"] == pytest.approx(0.05)
     assert by_run["mean"]["test accuracy"] == pytest.approx(0.8)
     assert by_run["mean"]["adjusted overfit"] == pytest.approx(0.45)
     assert by_run["mean"]["step"] == 20 and by_run["mean"]["noise_rate"] == 0.5
@@ -106,10 +107,11 @@ def test_table_has_final_values(client):
     ("/scalars?tag=eval/corrupt/accuracy&runs=nope", "unknown run(s): nope"),
     ("/scalars?tag=eval/corrupt/accuracy&runs=not_a_cg_tf_run", "not_a_cg_tf_run"),
     ("/scalars?tag=no/such/tag", "unknown tag"),
-    ("/scalars?tag=eval/corrupt/accuracy&runs=,", "(none given)"),
+    ("/scalars?tag=eval/corrupt/accuracy&runs=", "(none given)"),
+    ("/scalars?tag=eval/corrupt/accuracy&runs=mean,winsorized", "unknown run(s): mean,winsorized"),
     ("/histograms?run=", "unknown run"),
     ("/histograms", "unknown run"),
-    ("/table?runs=mean,../../etc", "unknown run(s): ../../etc"),
+    ("/table?runs=mean&runs=../../etc", "unknown run(s): ../../etc"),
     ("/table?runs=mean%00", "unknown run(s): mean\x00"),
 ])
 def test_bad_parameters_get_400_with_a_message(client, path, message):
@@ -131,6 +133,22 @@ def test_bad_parameters_get_400_with_a_message(client, path, message):
 ])
 def test_static_files_refuse_traversal(client, path, status):
     get(client, path, status=status)
+
+
+def test_the_tab_is_served_from_a_checkout_reached_through_a_symlink(tmp_path):
+    link = tmp_path / "checkout"
+    link.symlink_to(REPO)
+    code = ("import sys; from werkzeug import test, wrappers\n"
+            "from cg_tf.tensorboard_plugin import plugin\n"
+            "assert plugin.__file__.startswith(sys.argv[1]), plugin.__file__\n"
+            "app = plugin.MemorizationPlugin.__new__(plugin.MemorizationPlugin)._serve_static\n"
+            "r = test.Client(app).get('/data/plugin/memorization/static/index.js')\n"
+            "print(r.status_code, r.mimetype)")
+    done = subprocess.run([sys.executable, "-c", code, str(link)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(link)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["200", "text/javascript"]
 
 
 def test_the_plugin_loads_without_tensorflow():

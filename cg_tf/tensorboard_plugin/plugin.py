@@ -20,7 +20,8 @@ from werkzeug import wrappers
 
 from cg_tf.measure import report, tags
 
-STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# Resolved, as the requested paths are (a checkout reached through a symlink).
+STATIC_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "static")
 # One file name: letters, digits, '_', '-', '.'; no separator, null byte or control character.
 STATIC_NAME = re.compile(r"[\w.-]*", re.ASCII)
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
@@ -62,11 +63,10 @@ class MemorizationPlugin(base_plugin.TBPlugin):
 
     @staticmethod
     def _runs(request, configs: dict[str, dict]) -> list[str]:
-        """The `runs` parameter (comma-separated; default: all), checked."""
-        asked = request.args.get("runs")
-        if asked is None:
+        """The `runs` parameters (one run each, any name; default: all), checked."""
+        if "runs" not in request.args:
             return sorted(configs)
-        runs = [r for r in asked.split(",") if r]
+        runs = [r for r in request.args.getlist("runs") if r]
         unknown = [r for r in runs if r not in configs]
         if unknown or not runs:
             raise BadRequest(f"unknown run(s): {', '.join(unknown) or '(none given)'}")
@@ -105,7 +105,7 @@ class MemorizationPlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_scalars(self, request):
-        """?tag=T[&runs=a,b]: {run: [[step, value], ...]} for the runs that have T."""
+        """?tag=T[&runs=a&runs=b]: {run: [[step, value], ...]} for the runs that have T."""
         def handler(where):
             runs = self._runs(request, self._configs(where))
             tag = request.args.get("tag", "")

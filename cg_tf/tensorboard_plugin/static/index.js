@@ -296,15 +296,16 @@ async function draw(content, runs, colorOf) {
 async function drawPanels(content, runs, colorOf) {
   content.replaceChildren();
   if (!runs.length) return;
-  const names = runs.map((r) => r.name).join(",");
+  // One parameter a run: a run's name may hold any character, commas too.
+  const names = runs.map((r) => `runs=${encodeURIComponent(r.name)}`).join("&");
   const has = (tag) => runs.some((r) => r.tags.includes(tag));
   const scalars = (tag) => getJson(`scalars?tag=${encodeURIComponent(tag)}` +
-                                   `&runs=${encodeURIComponent(names)}`);
+                                   `&${names}`);
   const section = (title, caption) => {
     el("h2", {}, content, title);
     if (caption) el("p", {class: "section-caption"}, content, caption);
   };
-  const rows = (await getJson(`table?runs=${encodeURIComponent(names)}`)).rows;
+  const rows = (await getJson(`table?${names}`)).rows;
   const xMax = Math.max(...rows.map((r) => r.step || 0));
 
   section("Accuracy against the training label",
