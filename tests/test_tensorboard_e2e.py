@@ -37,11 +37,11 @@ def logdir(digits_dir, tmp_path_factory):
 
 
 def test_plot_draws_the_figure_and_exports_every_metric(logdir, tmp_path):
-    out, table = tmp_path / "figure.png", tmp_path / "metrics.csv"
+    out, table = tmp_path / "figs" / "figure.png", tmp_path / "tables" / "metrics.csv"
     done = run_main("tools.plot", f"--logdir={logdir}", f"--out={out}", f"--csv={table}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
-    pdf = tmp_path / "figure.pdf"  # the vector copy, beside it
+    pdf = tmp_path / "figs" / "figure.pdf"  # the vector copy, beside it
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000
     assert f"figure: {out}\nfigure_pdf: {pdf}" in done.stdout
     assert "| mean | mean |" in done.stdout and "| winsorized_c4 | winsorized:4 |" in done.stdout
@@ -59,6 +59,10 @@ def test_plot_draws_the_figure_and_exports_every_metric(logdir, tmp_path):
         assert any(r["run"] == run and r["tag"] == "coherence/model" for r in rows)
     bad = run_main("tools.plot", f"--logdir={tmp_path}", f"--out={tmp_path / 'x.png'}")
     assert bad.returncode != 0 and "no cg_tf runs" in bad.stderr
+    # A folder that cannot be made: one line, before any work.
+    bad = run_main("tools.plot", f"--logdir={logdir}", f"--out={table}/x.png")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+        f"error: --out={table}/x.png: cannot make its folder: File exists"), bad.stderr[-2000:]
 
 
 def free_port():

@@ -11,6 +11,7 @@ of final values (Markdown), and with --csv exports every scalar of every run.
 import os
 import sys
 
+import tensorflow as tf
 from absl import app, flags, logging
 
 from cg_tf import common_flags
@@ -30,18 +31,28 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # TensorBoard's event loading is chatty
     if not os.path.isdir(FLAGS.logdir):
         sys.exit(f"error: --logdir={FLAGS.logdir} is not a directory")
+    for flag in ("out", "csv"):  # their folders made before any work
+        path = getattr(FLAGS, flag)
+        try:
+            if path and os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as e:
+            sys.exit(f"error: --{flag}={path}: cannot make its folder: {e.strerror}")
     runs = report.load_runs(FLAGS.logdir)
     if not runs:
         sys.exit(f"error: no cg_tf runs under --logdir={FLAGS.logdir}")
     # A run at the logdir itself is named ".": its panel takes the directory's name.
     here = os.path.basename(os.path.abspath(FLAGS.logdir))
-    figure = report.accuracy_figure({r.name if r.name != "." else here: [r] for r in runs},
-                                    FLAGS.out, FLAGS.columns)
-    print(report.markdown(report.table(runs)))
-    print("\n".join(f"{k}: {v}" for k, v in figure.items()))
-    if FLAGS.csv:
-        report.write_csv(runs, FLAGS.csv)
-        print(f"metrics: {FLAGS.csv}")
+    try:
+        figure = report.accuracy_figure({r.name if r.name != "." else here: [r] for r in runs},
+                                        FLAGS.out, FLAGS.columns)
+        print(report.markdown(report.table(runs)))
+        print("\n".join(f"{k}: {v}" for k, v in figure.items()))
+        if FLAGS.csv:
+            report.write_csv(runs, FLAGS.csv)
+            print(f"metrics: {FLAGS.csv}")
+    except (OSError, tf.errors.OpError) as e:  # a full disk, a read-only folder
+        sys.exit(f"error: cannot write the figure or the table: {getattr(e, 'message', e)}")
 
 
 if __name__ == "__main__":

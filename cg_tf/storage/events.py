@@ -18,7 +18,7 @@ _PARTIAL = ".cut-events.tmp"  # no "tfevents" in it: TensorBoard never reads it
 
 def _records(path: str) -> list[bytes]:
     """The file's complete records (a kill can leave the last one cut short)."""
-    data = tf.data.TFRecordDataset(path).apply(tf.data.experimental.ignore_errors())
+    data = tf.data.TFRecordDataset(path).ignore_errors()
     return [r.numpy() for r in data]
 
 
