@@ -1,6 +1,6 @@
 """Step time of each aggregator relative to plain SGD, on the same model and batch.
 
-  python -m tools.benchmark [--models=fc,fc3,small_cnn,cifar_resnet18] [--json PATH]
+  python -m tools.benchmark [--models=fc,fc3,small_cnn,cifar_resnet18,resnet18] [--json PATH]
   python -m tools.benchmark --models=fc --replicas=1,2,4 --nojit   # division of work
   python -m tools.benchmark --models=fc3 --batches=100,200,400,800  # batch scaling
 
@@ -59,6 +59,8 @@ SETUPS = {
     "fc3": ("fc", (256, 256, 256), (28, 28, 1), 100, None, 20),
     "small_cnn": ("small_cnn", (), (28, 28, 1), 128, None, 10),
     "cifar_resnet18": ("cifar_resnet18", (), (32, 32, 3), 128, 16, 3),
+    # The ImageNet net at ImageNet's input (10 classes: the head is 0.04% of it).
+    "resnet18": ("resnet18", (), (224, 224, 3), 32, 4, 2),
 }
 LABELS = {"fc": "fc 784-2048-10", "fc3": "fc 784-256-256-256-10"}
 # A 1-minute load average above this while timing means something else ran.

@@ -1,0 +1,108 @@
+"""What a robust step's collectives move across replicas, against plain SGD's.
+
+  python -m tools.collective_bytes [--models=fc,fc3,small_cnn,resnet18] [--replicas=8]
+      [--json PATH]
+
+Plain SGD all-reduces the gradient once: P floats (the trainable parameters).
+A per-example aggregator's step (cg_tf.robust.aggregators.global_values and
+tiled.robust_share) all-reduces three things: the factors the layer rules
+record (per example: a dense layer's input and output gradient, a
+convolution's input patches and output gradient, a normalization's per-example
+scale and shift values), gathered from every replica as one buffer of the
+global batch B; the assembled update (P, each replica filling its share of
+the coordinates); and the optimizer's all-reduce of the (identical) update
+(P). The factors per example (F) are counted from the rules themselves, on
+one example of each model, so the table is the implementation's.
+
+Printed per model: P, F, B, each collective's payload (the buffer's bytes),
+the robust step's total against plain SGD's, and the bytes a replica sends in
+a ring all-reduce (2 (R - 1) / R of the payload). For comparison, the other
+design: each replica forms its own examples' per-example gradients and sends
+every other replica that replica's share of the coordinates (an all-to-all of
+b x P (R - 1) / R floats a replica, b = B / R).
+"""
+
+import json
+
+from absl import app, flags
+
+from cg_tf import common_flags
+
+_MODELS = flags.DEFINE_list("models", ["fc", "fc3", "small_cnn", "resnet18"], "Models.")
+_REPLICAS = flags.DEFINE_integer("replicas", 8, "Replicas.")
+_JSON = flags.DEFINE_string("json", None, "Write the rows here too.")
+
+# model -> (cg_tf model, widths, input shape, classes, global batch)
+SETUPS = {
+    "fc": ("fc", (2048,), (28, 28, 1), 10, 128),
+    "fc3": ("fc", (256, 256, 256), (28, 28, 1), 10, 128),
+    "small_cnn": ("small_cnn", (), (28, 28, 1), 10, 128),
+    "resnet18": ("resnet18", (), (224, 224, 3), 1000, 256),
+}
+FLOAT = 4  # bytes
+
+
+def ring_sent(payload: int, replicas: int) -> float:
+    """Bytes one replica sends in a ring all-reduce of `payload` bytes."""
+    return 2 * (replicas - 1) / replicas * payload
+
+
+def traffic(params: int, factors: int, batch: int, replicas: int) -> dict:
+    """The step's collectives in bytes: plain SGD's and the robust step's
+    payloads, and what a replica sends of each; the all-to-all alternative."""
+    plain = FLOAT * params
+    gather = FLOAT * batch * factors
+    robust = gather + 2 * plain
+    return {"params": params, "factors_per_example": factors, "batch": batch,
+            "replicas": replicas, "plain_payload": plain, "gather_payload": gather,
+            "robust_payload": robust, "robust_over_plain": robust / plain,
+            "plain_sent": ring_sent(plain, replicas), "robust_sent": ring_sent(robust, replicas),
+            "all_to_all_sent": FLOAT * batch // replicas * params * (replicas - 1) / replicas}
+
+
+def factors_per_example(name: str) -> tuple[int, int]:
+    """(P, F) of a model: its trainable parameters, and the floats its layer
+    rules record for one example (what the replicas gather per example)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from cg_tf.robust.collectives import Collectives
+    from cg_tf.robust.gradients import GradientSource
+    from cg_tf.training import models
+    model_name, widths, shape, classes, _ = SETUPS[name]
+    net = models.build_model(model_name, shape, classes, widths or (2048,))
+    source = GradientSource(net)
+    if not source.factored:
+        raise ValueError(f"{name}: not factored by layer rules")
+    x = tf.constant(np.random.default_rng(0).random((1, *shape), np.float32))
+    y = tf.constant([0], tf.int32)
+    values, _, _ = source.per_example(x, y, None, Collectives.current())
+    factors = sum(int(np.prod(t.shape[1:])) for t in tf.nest.flatten(values))
+    return sum(int(np.prod(v.shape)) for v in net.trainable_variables), factors
+
+
+def megabytes(n: float) -> str:
+    return f"{n / 1e6:,.1f}"
+
+
+def main(argv):
+    del argv
+    rows = []
+    print(f"| model | P | F | B | plain SGD all-reduce (MB) | factor gather (MB) | robust / "
+          f"plain | sent a replica, plain / robust (MB) | all-to-all instead (MB) |")
+    print("| --- " * 9 + "|")
+    for name in _MODELS.value:
+        params, factors = factors_per_example(name)
+        row = {"model": name, **traffic(params, factors, SETUPS[name][-1], _REPLICAS.value)}
+        rows.append(row)
+        print(f"| {name} | {params:,} | {factors:,} | {row['batch']} | "
+              f"{megabytes(row['plain_payload'])} | {megabytes(row['gather_payload'])} | "
+              f"{row['robust_over_plain']:,.1f} | {megabytes(row['plain_sent'])} / "
+              f"{megabytes(row['robust_sent'])} | {megabytes(row['all_to_all_sent'])} |")
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    common_flags.run(main)
