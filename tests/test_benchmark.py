@@ -48,3 +48,16 @@ def test_the_input_benchmark_reads_each_workers_slice_both_ways(digits_dir):
     assert "each decoding 160 examples and keeping 80" in whole
     assert "each decoding 80 examples and keeping 80" in part
     assert re.search(r"; [\d,]+ examples a CPU second$", part), part
+
+
+def test_collective_bytes_counts_the_rules_factors():
+    """fc 784-2048-10: a dense layer's rule records its input and its output
+    gradient, and the bias its own copy of the latter, per example."""
+    from tools.collective_bytes import factors_per_example, ring_sent, traffic
+    params, factors = factors_per_example("fc")
+    assert params == 784 * 2048 + 2048 + 2048 * 10 + 10
+    assert factors == (784 + 2048 + 2048) + (2048 + 10 + 10)
+    row = traffic(params=1000, factors=10, batch=64, replicas=8)
+    assert row["plain_payload"] == 4000 and row["gather_payload"] == 4 * 64 * 10
+    assert row["robust_over_plain"] == (2560 + 8000) / 4000
+    assert ring_sent(800, 8) == 1400 and row["all_to_all_sent"] == 4 * 8 * 1000 * 7 / 8

@@ -28,9 +28,7 @@ from absl import app, flags
 
 from cg_tf import common_flags
 
-_MODELS = flags.DEFINE_list("models", ["fc", "fc3", "small_cnn", "resnet18"], "Models.")
-_REPLICAS = flags.DEFINE_integer("replicas", 8, "Replicas.")
-_JSON = flags.DEFINE_string("json", None, "Write the rows here too.")
+FLAGS = flags.FLAGS
 
 # model -> (cg_tf model, widths, input shape, classes, global batch)
 SETUPS = {
@@ -85,24 +83,32 @@ def megabytes(n: float) -> str:
     return f"{n / 1e6:,.1f}"
 
 
+def define_flags() -> None:
+    """The command line's flags (defined when it runs: tests import the functions)."""
+    flags.DEFINE_list("models", ["fc", "fc3", "small_cnn", "resnet18"], "Models.")
+    flags.DEFINE_integer("replicas", 8, "Replicas.")
+    flags.DEFINE_string("json", None, "Write the rows here too.")
+
+
 def main(argv):
     del argv
     rows = []
     print(f"| model | P | F | B | plain SGD all-reduce (MB) | factor gather (MB) | robust / "
           f"plain | sent a replica, plain / robust (MB) | all-to-all instead (MB) |")
     print("| --- " * 9 + "|")
-    for name in _MODELS.value:
+    for name in FLAGS.models:
         params, factors = factors_per_example(name)
-        row = {"model": name, **traffic(params, factors, SETUPS[name][-1], _REPLICAS.value)}
+        row = {"model": name, **traffic(params, factors, SETUPS[name][-1], FLAGS.replicas)}
         rows.append(row)
         print(f"| {name} | {params:,} | {factors:,} | {row['batch']} | "
               f"{megabytes(row['plain_payload'])} | {megabytes(row['gather_payload'])} | "
               f"{row['robust_over_plain']:,.1f} | {megabytes(row['plain_sent'])} / "
               f"{megabytes(row['robust_sent'])} | {megabytes(row['all_to_all_sent'])} |")
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
             json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
+    define_flags()
     common_flags.run(main)

@@ -111,25 +111,31 @@ def make_image_folder(output_dir: str, num_classes: int = 100, train_per_class: 
             "validation": len(labels), "bytes": total}
 
 
-_OUT = flags.DEFINE_string("output_dir", None, "Folder to create (must be absent or empty).")
-_CLASSES = flags.DEFINE_integer("classes", 100, "Number of classes.")
-_TRAIN = flags.DEFINE_integer("train_per_class", 20, "Training images a class.")
-_VAL = flags.DEFINE_integer("validation_per_class", 5, "Validation images a class.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the classes' patterns and the images.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags (defined when it runs: tests import the functions)."""
+    flags.DEFINE_string("output_dir", None, "Folder to create (must be absent or empty).")
+    flags.DEFINE_integer("classes", 100, "Number of classes.")
+    flags.DEFINE_integer("train_per_class", 20, "Training images a class.")
+    flags.DEFINE_integer("validation_per_class", 5, "Validation images a class.")
+    flags.DEFINE_integer("seed", 0, "Seed of the classes' patterns and the images.")
 
 
 def main(argv):
     del argv
-    if not _OUT.value:
+    if not FLAGS.output_dir:
         raise app.UsageError("--output_dir is required")
     try:
-        made = make_image_folder(_OUT.value, _CLASSES.value, _TRAIN.value, _VAL.value,
-                                 _SEED.value)
+        made = make_image_folder(FLAGS.output_dir, FLAGS.classes, FLAGS.train_per_class,
+                                 FLAGS.validation_per_class, FLAGS.seed)
     except (ValueError, OSError) as e:
         raise app.UsageError(str(e))
-    print(f"{_OUT.value}: {made['train']:,} training and {made['validation']:,} validation "
-          f"images of {made['classes']} classes, {made['bytes'] / 1e6:.1f} MB")
+    print(f"{FLAGS.output_dir}: {made['train']:,} training and {made['validation']:,} "
+          f"validation images of {made['classes']} classes, {made['bytes'] / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
