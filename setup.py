@@ -1,4 +1,5 @@
-"""Installs the cg_tf package (Dataflow workers get it through --setup_file)."""
+"""Installs the cg_tf package and its programs (pipelines, tools); Dataflow workers
+get it through --setup_file."""
 
 import setuptools
 
@@ -16,13 +17,18 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
 ]
 
+# What installs: the package and the programs' packages (the README's commands).
+PACKAGES = ["cg_tf", "cg_tf.*", "pipelines", "tools"]
+
 setuptools.setup(
     name="cg_tf",
     version="0.1.0",
     description="Coherent Gradients: memorization and generalization with robust "
     "gradient aggregation, in Keras 3 / TensorFlow.",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["cg_tf", "cg_tf.*"]),
+    # The library and, beside it, the programs: `python -m pipelines.sweep`,
+    # `python -m tools.plot`, ... run from any directory once installed.
+    packages=setuptools.find_packages(include=PACKAGES),
     package_data={"cg_tf.tensorboard_plugin": ["static/*"]},
     # `tensorboard --logdir DIR` finds the Memorization tab through this entry point.
     entry_points={"tensorboard_plugins": [

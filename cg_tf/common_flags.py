@@ -68,12 +68,28 @@ def _flag_fields(cls, skip: Iterable[str]) -> list[dataclasses.Field]:
     return out
 
 
-def define(cls, defaults: dict | None = None, skip: Iterable[str] = ()) -> None:
+def _chosen(cls, skip: Iterable[str], only: Iterable[str] | None) -> list[dataclasses.Field]:
+    """The flag fields of `cls`, or (`only`) just those named; a name that is
+    no flag field of `cls` raises ValueError."""
+    fields = _flag_fields(cls, skip)
+    if only is None:
+        return fields
+    only = set(only)
+    unknown = only - {f.name for f in fields}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no option {', '.join(sorted(unknown))}")
+    return [f for f in fields if f.name in only]
+
+
+def define(cls, defaults: dict | None = None, skip: Iterable[str] = (),
+           only: Iterable[str] | None = None) -> None:
     """Defines a flag per field of the dataclass `cls` (and of its nested
     dataclasses), named like the field, with its help text and default
-    (`defaults` overrides the dataclass's, e.g. a program's demo settings)."""
+    (`defaults` overrides the dataclass's, e.g. a program's demo settings);
+    with `only`, just the flags of those fields (a program that takes part of
+    `cls`, with `from_flags(..., only=)`)."""
     defaults = defaults or {}
-    for f in _flag_fields(cls, skip):
+    for f in _chosen(cls, skip, only):
         default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
         meta = f.metadata
         tp, _ = _is_optional(f.type)
@@ -103,16 +119,25 @@ def _value(f: dataclasses.Field, value):
     return value
 
 
-def from_flags(cls, overrides: dict | None = None):
+def from_flags(cls, overrides: dict | None = None, only: Iterable[str] | None = None,
+               defaults: dict | None = None):
     """An instance of `cls` from the flags `define` made (and `overrides`);
-    raises ValueError naming a bad flag."""
-    overrides = overrides or {}
+    raises ValueError naming a bad flag. With `only` (as `define` had it),
+    the fields without a flag take `defaults`, else the dataclass's own."""
+    if only is not None:
+        only = {f.name for f in _chosen(cls, (), only)}
+    return _from_flags(cls, overrides or {}, only, defaults or {})
+
+
+def _from_flags(cls, overrides: dict, only: set[str] | None, defaults: dict):
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in overrides:
             kwargs[f.name] = overrides[f.name]
         elif _nested(f):
-            kwargs[f.name] = from_flags(f.type, overrides)
-        else:
+            kwargs[f.name] = _from_flags(f.type, overrides, only, defaults)
+        elif only is None or f.name in only:
             kwargs[f.name] = _value(f, flags.FLAGS[f.name].value)
+        elif f.name in defaults:
+            kwargs[f.name] = defaults[f.name]
     return cls(**kwargs)

@@ -2,19 +2,17 @@
 checks live there), for every program that trains: `cg_tf.train` and the
 pipelines that run training stages (`pipelines.sweep`, `pipelines.easy_hard`).
 
-The defaults are the demo's (configs/demo.flags holds the same values).
+The defaults are the demo's (configs/demo.flags holds the same values), from
+cg_tf.train_defaults, where the studies' tools take theirs.
 """
 
 from absl import flags
 
 from cg_tf import common_flags
 from cg_tf.common_flags import SEED
-from cg_tf.data import build
-from cg_tf.robust.aggregators import Winsorized
+from cg_tf.train_defaults import DEMO
 from cg_tf.training.trainer import TrainConfig
 
-DEMO = {"data_dir": build.DEMO_DATA_DIR, "model_dir": "runs/train_demo",
-        "fc_widths": (256,), "aggregator": Winsorized(c=4), "epochs": 60}
 common_flags.define(TrainConfig, DEMO, skip=("seed",))
 NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
                                        "Split the CPU into N logical devices.")

@@ -1,1 +1,1 @@
-"""Pipeline mains, run from a checkout: python -m pipelines.NAME."""
+"""Pipeline mains, installed beside cg_tf: python -m pipelines.NAME from any directory."""

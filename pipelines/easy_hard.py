@@ -17,7 +17,7 @@ from absl import flags
 from cg_tf import common_flags
 from cg_tf import train_flags
 from cg_tf.common_flags import SEED
-from cg_tf.experiments import easy_hard, runner
+from cg_tf.experiments import easy_hard_split, runner
 from cg_tf.measure import report
 from pipelines import shared_flags
 
@@ -38,15 +38,16 @@ def make_stages(beam_args: list[str]) -> list:
     """The experiment these flags ask for; raises ValueError naming a bad flag
     (or a report file of the output directory that it did not write)."""
     if not shared_flags.KFP_PACKAGE.value:  # the package's tasks check it where they run
-        runner.check_report_files(shared_flags.OUTPUT_DIR.value, easy_hard.REPORT_FILES)
+        runner.check_report_files(shared_flags.OUTPUT_DIR.value, easy_hard_split.REPORT_FILES)
     train = train_flags.config_from_flags()
     for flag in (_FIRST_EPOCHS, _TRAIN_SIZE, _HELDOUT_SIZE):
         if flag.value is not None and flag.value < 1:
             raise ValueError(f"--{flag.name} must be positive, got {flag.value}")
-    return easy_hard.pipeline(
+    return easy_hard_split.pipeline(
         shared_flags.source(),
         shared_flags.build_config(shared_flags.OUTPUT_DIR.value, 0.0, SEED.value), beam_args,
-        train, _FIRST_EPOCHS.value, easy_hard.Sizes(_TRAIN_SIZE.value, _HELDOUT_SIZE.value))
+        train, _FIRST_EPOCHS.value,
+        easy_hard_split.Sizes(_TRAIN_SIZE.value, _HELDOUT_SIZE.value))
 
 
 def main(beam_args: list[str]) -> None:
@@ -58,7 +59,7 @@ def main(beam_args: list[str]) -> None:
         print("cross_eval has not run yet (see --only); no report")
         return
     out = shared_flags.OUTPUT_DIR.value
-    paths, text = easy_hard.write_report(out, manifests)
+    paths, text = easy_hard_split.write_report(out, manifests)
     report.print_outputs(text, paths, f"{out}/runs")
 
 

@@ -2,14 +2,12 @@
 the output directory and the dataset flags; and the split of a command line
 between a main and Beam. (Defined once, so the mains can share a process.)"""
 
-import argparse
 import sys
 from collections.abc import Callable
 
 from absl import app, flags
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from cg_tf import common_flags
+from cg_tf import common_flags, keras_internals
 from cg_tf.data import build
 from cg_tf.data.noise import NOISE_MODES, NoiseSpec
 from cg_tf.data.sources import SOURCE_KINDS, Source, SourceError, make_source
@@ -63,16 +61,7 @@ def build_config(output_dir: str, rate: float, seed: int, overwrite: bool = Fals
 
 def unknown_beam_args(args: list[str]) -> list[str]:
     """The arguments that are neither this program's flags nor Beam options."""
-    parser = argparse.ArgumentParser(add_help=False)
-    seen = set()
-    stack = list(PipelineOptions.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        if cls not in seen:
-            seen.add(cls)
-            stack.extend(cls.__subclasses__())
-            cls._add_argparse_args(parser)  # How Beam itself builds its parser.
-    _, unknown = parser.parse_known_args(args)
+    _, unknown = keras_internals.beam_options_parser().parse_known_args(args)
     return unknown
 
 

@@ -21,7 +21,7 @@ from absl import flags
 from cg_tf import common_flags
 from cg_tf import train_flags
 from cg_tf.common_flags import SEED
-from cg_tf.experiments import sweep
+from cg_tf.experiments import noise_grid
 from cg_tf.measure import report
 from cg_tf.robust import aggregators
 from pipelines import shared_flags
@@ -54,26 +54,26 @@ def _values(flag, parse, kind: str) -> list:
     return out
 
 
-def grid_from_flags() -> list[sweep.Point]:
+def grid_from_flags() -> list[noise_grid.Point]:
     """The grid's runs; raises ValueError naming a bad flag."""
     if not _AGGREGATORS.value:
         raise ValueError("--aggregators is empty: give at least one aggregator")
     settings = [aggregators.parse(s, "--aggregators") for s in _AGGREGATORS.value]
-    return sweep.grid(settings, _values(_NOISE_RATES, float, "a number"),
-                      _values(_SEEDS, int, "an integer seed"))
+    return noise_grid.grid(settings, _values(_NOISE_RATES, float, "a number"),
+                           _values(_SEEDS, int, "an integer seed"))
 
 
 def make_stages(beam_args: list[str]) -> list:
     """The sweep these flags ask for; raises ValueError naming a bad flag (or
     a report file of the output directory that the sweep did not write)."""
     if not shared_flags.KFP_PACKAGE.value:  # the package's tasks check it where they run
-        sweep.check_report_files(shared_flags.OUTPUT_DIR.value)
+        noise_grid.check_report_files(shared_flags.OUTPUT_DIR.value)
     base = train_flags.config_from_flags()
     points = grid_from_flags()
     # Every noise rate is checked before anything runs.
     builds = [shared_flags.build_config(shared_flags.OUTPUT_DIR.value, r, SEED.value)
               for r in dict.fromkeys(p.noise_rate for p in points)]
-    return sweep.stages(shared_flags.source(), builds[0], beam_args, base, points)
+    return noise_grid.stages(shared_flags.source(), builds[0], beam_args, base, points)
 
 
 def main(beam_args: list[str]) -> None:
@@ -82,7 +82,7 @@ def main(beam_args: list[str]) -> None:
     if manifests is None or not shared_flags.REPORT.value:
         return
     out = shared_flags.OUTPUT_DIR.value
-    paths, text = sweep.write_report(out, grid_from_flags(), manifests)
+    paths, text = noise_grid.write_report(out, grid_from_flags(), manifests)
     report.print_outputs(text, paths, f"{out}/runs")
 
 

@@ -2,11 +2,13 @@
 measured along a short run, and its independent check of the applied update."""
 
 import csv
+import json
 import os
+import re
 
 import numpy as np
 import pytest
-from conftest import np_trimmed, np_winsorized, run_main
+from conftest import REPO, np_trimmed, np_winsorized, run_main
 
 from tools import drift
 
@@ -91,3 +93,81 @@ def test_the_mean_against_itself_has_no_bias(digits_dir):
             assert measured[f"radial_robust_part/{group}/{layer}"] == pytest.approx(
                 measured[f"radial_mean_part/{group}/{layer}"], rel=1e-4, abs=1e-7)
 
+
+
+# Defines the trainer's flags, then each tool's (after removing the names they
+# share), and prints what each defined: its defaults and help text.
+FLAG_SOURCES = r"""
+import json
+from absl import flags
+from cg_tf import train_flags  # noqa: F401 (the trainer's flags)
+from tools import drift, median_weight
+
+FLAGS = flags.FLAGS
+def snapshot(names):
+    return {n: [FLAGS[n].default_as_str, FLAGS[n].help] for n in names}
+
+out = {"trainer": snapshot(set(drift.TRAINING) | set(median_weight.TRAINING))}
+for tool in (drift, median_weight):
+    for name in set(tool.TRAINING) & set(FLAGS):
+        delattr(FLAGS, name)
+    kept = set(FLAGS)
+    tool.define_flags()
+    out[tool.__name__] = snapshot(tool.TRAINING)
+    for name in set(FLAGS) - kept:
+        delattr(FLAGS, name)
+print(json.dumps(out))
+"""
+
+
+def test_the_tools_training_flags_are_the_trainers():
+    """tools.drift and tools.median_weight define their training flags from
+    TrainConfig with the trainer's defaults (--data_dir excepted: they require
+    it), so a tool and `python -m cg_tf.train` given the same flags train the
+    same net."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", FLAG_SOURCES], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    defined = json.loads(done.stdout.strip().splitlines()[-1])
+    trainer = defined.pop("trainer")
+    assert set(defined) == {"tools.drift", "tools.median_weight"}
+    for tool, flags in defined.items():
+        for name, (default, help_text) in flags.items():
+            assert help_text == trainer[name][1], (tool, name)
+            if name == "data_dir":
+                assert default is None, tool
+            else:
+                assert default == trainer[name][0], (tool, name, default, trainer[name][0])
+
+
+def _flags_of(text: str) -> dict[str, str]:
+    return dict(re.findall(r"--(\w+)=(\S+)", text))
+
+
+def test_the_published_commands_pin_the_recorded_settings():
+    """The studies' commands spell out the settings their recorded runs used
+    (the tools' defaults are the trainer's, which may change)."""
+    results = os.path.join(REPO, "docs", "results")
+    text = open(os.path.join(results, "winsorization_fashion_mnist", "README.md")).read()
+    net = _flags_of(re.search(r'^NET="([^"]+)"$', text, re.M).group(1))
+    with open(os.path.join(results, "winsorization_fashion_mnist", "drift", "fashion_c4_lr0.1",
+                           "config.json")) as f:
+        recorded = json.load(f)
+    assert net == {"fc_widths": ",".join(recorded["fc_widths"]), "init": recorded["init"],
+                   "learning_rate": f"{recorded['learning_rate']:g}",
+                   "batch_size": str(recorded["batch_size"]), "steps": str(recorded["steps"])}
+    commands = re.findall(r"^python -m tools\.drift --data_dir.*$", text, re.M)
+    assert len(commands) == 3 and all("$NET" in c and "--aggregator=" in c for c in commands)
+
+    text = open(os.path.join(results, "small_cnn_fashion_mnist", "README.md")).read()
+    command = re.search(r"^python -m tools\.median_weight (.*?)\n```", text, re.M | re.S)
+    published = _flags_of(command.group(1))
+    with open(os.path.join(results, "small_cnn_fashion_mnist", "median_weight",
+                           "config.json")) as f:
+        recorded = json.load(f)
+    recorded["batch_size"] = recorded.pop("train_batch")  # its name then
+    for name in ("model", "learning_rate", "batch_size", "epochs"):
+        value = recorded[name]
+        assert published[name] == (f"{value:g}" if isinstance(value, float) else str(value)), name

@@ -131,10 +131,10 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
 
 
 def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
-    from cg_tf.experiments import sweep
+    from cg_tf.experiments import noise_grid
     from cg_tf.measure import report, tags
     from cg_tf.robust.aggregators import Mean
-    points = sweep.grid([Mean()], [0.5], [0, 1, 2])
+    points = noise_grid.grid([Mean()], [0.5], [0, 1, 2])
     manifests = {f"runs/{p.name}": {"outputs": {"test_accuracy": 0.5 + p.seed / 10, "steps": 30}}
                  for p in points[:2]}  # the third run has not finished
     manifests["data/noise_0.5"] = {"outputs": {"splits": {"train": 1200, "test": 300}}}
@@ -142,13 +142,13 @@ def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
     runs = {points[0].name: report.Run(points[0].name, {}, {
         test: [(1, 0.2), (10, 0.8), (20, 0.8), (30, 0.5)],
         tags.ACCURACY_CURVES["pristine"]: [(30, 0.9)]})}
-    rows = sweep.rows(points, manifests, runs)
+    rows = noise_grid.rows(points, manifests, runs)
     assert [r["run"] for r in rows] == [p.name for p in points[:2]]
     # The earliest step of the highest value; none for a run without evaluations.
     assert (rows[0]["peak_test_step"], rows[0]["peak_test_accuracy"]) == (10, 0.8)
     assert (rows[1]["peak_test_step"], rows[1]["peak_test_accuracy"]) == (None, None)
     assert rows[0]["test_accuracy"] == 0.5 and rows[0]["train_examples"] == 1200
-    (means,) = sweep.over_seeds(rows)
+    (means,) = noise_grid.over_seeds(rows)
     assert means["peak_test_accuracy"] == 0.8 and means["seeds"] == 2
     assert (means["train_examples"], means["steps"]) == (1200, 30)
     assert means["test_accuracy"] == pytest.approx(0.55)
@@ -158,12 +158,12 @@ def test_summary_rows_give_the_step_and_value_of_peak_test_accuracy():
 
 
 def test_curves_give_each_settings_spread_at_every_shared_step():
-    from cg_tf.experiments import sweep
+    from cg_tf.experiments import noise_grid
     from cg_tf.measure import report, tags
     test, pristine = tags.ACCURACY_CURVES["test"], tags.ACCURACY_CURVES["pristine"]
     runs = [report.Run(f"s{i}", {}, {test: [(1, 0.1 * i), (10, 0.5), (20, 0.2 * i)],
                                      pristine: [(20, 0.9)] if i else []}) for i in range(3)]
-    rows = sweep.curves({"mean_noise0.5": runs})
+    rows = noise_grid.curves({"mean_noise0.5": runs})
     assert [(r["curve"], r["step"]) for r in rows] == [
         ("pristine", 20), ("test", 1), ("test", 10), ("test", 20)]
     last = rows[-1]
@@ -222,14 +222,14 @@ def test_a_sweep_never_replaces_a_report_file_it_did_not_write(tmp_path):
 
 
 def test_report_files_record_what_the_sweep_wrote(tmp_path):
-    from cg_tf.experiments import sweep
+    from cg_tf.experiments import noise_grid
     (tmp_path / "summary.md").write_text("x")
     (tmp_path / runner.REPORT_RECORD).write_text(
         json.dumps({"summary.md": "writing", "summary.csv": "0" * 64}))
-    sweep.check_report_files(str(tmp_path))  # written (or being written) by the sweep
+    noise_grid.check_report_files(str(tmp_path))  # written (or being written) by the sweep
     (tmp_path / "summary.csv").write_text("edited")
     with pytest.raises(ValueError, match="holds a summary.csv that this program did not write"):
-        sweep.check_report_files(str(tmp_path))
+        noise_grid.check_report_files(str(tmp_path))
 
 
 def test_easy_hard_end_to_end(tmp_path):
@@ -437,10 +437,10 @@ def test_the_figure_draws_finished_runs_only(tmp_path, monkeypatch):
     partial curve) gets no panel: the figure shows results, TensorBoard progress."""
     import tensorflow as tf
 
-    from cg_tf.experiments import sweep
+    from cg_tf.experiments import noise_grid
     from cg_tf.measure import monitor, report, tags
     from cg_tf.robust.aggregators import Mean, Winsorized
-    points = sweep.grid([Mean(), Winsorized(c=1), Winsorized(c=2)], [0.5], [0])
+    points = noise_grid.grid([Mean(), Winsorized(c=1), Winsorized(c=2)], [0.5], [0])
     for p, evaluated in zip(points, (True, True, False)):
         writer = tf.summary.create_file_writer(str(tmp_path / "runs" / p.name))
         monitor.write_run_config(writer, {"aggregator": p.aggregator.to_json()})
@@ -453,25 +453,25 @@ def test_the_figure_draws_finished_runs_only(tmp_path, monkeypatch):
                         lambda panels, path, columns: drawn.update(panels) or {})
     # No run finished: no figure, and the tables are there, empty (a GFile
     # written nothing to made no file).
-    sweep.write_report(str(tmp_path), points, {})
+    noise_grid.write_report(str(tmp_path), points, {})
     assert not drawn
     assert (tmp_path / "summary.csv").read_text() == "" == (tmp_path / "settings.csv").read_text()
     # The first finished; the second is still running.
     finished = {f"runs/{points[0].name}": {"outputs": {"test_accuracy": 0.5, "steps": 1}}}
-    sweep.write_report(str(tmp_path), points, finished)
+    noise_grid.write_report(str(tmp_path), points, finished)
     assert list(drawn) == [points[0].setting]
 
 
 def test_late_accuracy_and_fall_step_of_a_run():
     """Late: the mean test accuracy over the last sixth of the steps; fall:
     the first evaluation after the peak 0.1 or more below it."""
-    from cg_tf.experiments import sweep
+    from cg_tf.experiments import noise_grid
     series = [(1, 0.1), (100, 0.8), (200, 0.75), (300, 0.69), (400, 0.85), (500, 0.74),
               (600, 0.5)]
-    assert sweep.late_mean(series, 600) == pytest.approx(0.5)
-    assert sweep.late_mean(series, 420) == pytest.approx(np.mean([0.85, 0.74, 0.5]))
-    assert sweep.fall_step(series) == 500  # after the peak at 400; 300's dip came before it
-    assert sweep.fall_step(series[:5]) is None and sweep.late_mean(None, 600) is None
+    assert noise_grid.late_mean(series, 600) == pytest.approx(0.5)
+    assert noise_grid.late_mean(series, 420) == pytest.approx(np.mean([0.85, 0.74, 0.5]))
+    assert noise_grid.fall_step(series) == 500  # after the peak at 400; 300's dip came before it
+    assert noise_grid.fall_step(series[:5]) is None and noise_grid.late_mean(None, 600) is None
 
 
 def test_a_published_sweep_goes_on_from_its_copy(tmp_path):

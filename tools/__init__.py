@@ -1,1 +1,3 @@
-"""Benchmarks and plotting tools, run from a checkout: python -m tools.NAME."""
+"""Benchmarks, plots and the studies' measurements, installed beside cg_tf:
+python -m tools.NAME from any directory (tools.check_results checks a checkout's
+READMEs)."""

@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import flags
 
 from cg_tf.data import build, noise, records
-from cg_tf.data.beam import noisy_labels
+from cg_tf.data.beam import noisy_dataset
 from cg_tf.data.sources import Source, make_source
 
 _SOURCE = flags.DEFINE_string("source", "idx:/usr/share/datasets/fashion-mnist", "--source spec.")
@@ -27,8 +27,9 @@ _JSON = flags.DEFINE_string("json", None, "Also write the timings here.")
 def plain_loop(source: Source, spec: noise.NoiseSpec, out: str) -> int:
     """The same validation, labels and encoding, one process, one file per split."""
     valid = [v for task in source.read_tasks() for raw in source.read(task)
-             if isinstance(v := noisy_labels.validate(raw, source.num_classes, source.image_shape),
-                           noisy_labels.Encoded)]
+             if isinstance(v := noisy_dataset.validate(raw, source.num_classes,
+                                                       source.image_shape),
+                           noisy_dataset.Encoded)]
     permuted = {}
     if spec.mode == "permute":
         permuted = noise.permuted_labels(spec, [(e.example_id, e.label) for e in valid

@@ -6,9 +6,14 @@
       [--decompose_batches=3]
   python -m tools.drift --plot OUT1,OUT2,... --out=FIGURE.png
 
-Trains an fc net on a pipeline dataset with the trainer's update (RobustModel's
-aggregate, its layer filter included: `--aggregator=winsorized:4@hidden` keeps
-the output layer on the mean gradient). Every --measure_every steps, at the
+Trains an fc net on a pipeline dataset with plain SGD and the trainer's update
+(RobustModel's aggregate, its layer filter included:
+`--aggregator=winsorized:4@hidden` keeps the output layer on the mean
+gradient). Its training flags (TRAINING) are the trainer's, defaults included:
+`python -m cg_tf.train`'s (winsorized:4, one hidden layer of 256, Keras'
+initializer, lr 0.1, batch 100, 60 epochs unless --steps); the winsorization
+study measured --fc_widths=256,256,256 --init=authors --steps=6000
+(docs/results/winsorization_fashion_mnist). Every --measure_every steps, at the
 weights of that step, it averages over --batches fixed training batches the
 robust aggregate A (of every layer, whatever the filter) and the mean gradient
 M of each batch, and records per layer
@@ -38,6 +43,7 @@ OUT/drift.csv holds one row per (step, name, value); OUT/config.json the flags.
 
 import json
 import os
+import sys
 
 import numpy as np
 from absl import app, flags
@@ -46,25 +52,25 @@ from cg_tf import common_flags
 
 FLAGS = flags.FLAGS
 
+# The trainer's options this tool takes (cg_tf.train_defaults: the trainer's
+# flags, checks and defaults); it trains --model=fc with plain SGD (no momentum).
+TRAINING = ("data_dir", "aggregator", "fc_widths", "init", "learning_rate", "batch_size",
+            "epochs", "steps", "eval_sample_size")
+
 
 def define_flags() -> None:
     """The command line's flags (defined when it runs, so that importing the
     module's functions defines none)."""
-    flags.DEFINE_string("data_dir", None, "Dataset made by pipelines.noisy_labels.")
+    from cg_tf import train_defaults
+    train_defaults.define(TRAINING, without_default=("data_dir",))
+    for name in TRAINING:
+        flags.declare_key_flag(name)  # listed in --help as this program's own
     flags.DEFINE_string("output_dir", None, "Where drift.csv and config.json go.")
-    flags.DEFINE_string("aggregator", "winsorized:4",
-                        "The robust aggregator (name:value, with @layers for a layer filter).")
-    flags.DEFINE_list("fc_widths", ["256", "256", "256"], "Hidden layer widths.")
-    flags.DEFINE_string("init", "authors", "Kernel initializer of the fc net (keras, authors).")
-    flags.DEFINE_float("learning_rate", 0.1, "SGD learning rate (no momentum).")
-    flags.DEFINE_integer("batch_size", 100, "Batch size.")
-    flags.DEFINE_integer("steps", 6000, "Training steps.")
     flags.DEFINE_integer("measure_every", 500, "Steps between measurements (and at step 0).")
     flags.DEFINE_integer("batches", 30, "Fixed training batches each measurement averages over.")
     flags.DEFINE_integer("check_steps", 0, "Steps whose aggregate is checked against NumPy.")
     flags.DEFINE_integer("decompose_batches", 0, "Measurement batches whose radial parts are "
                          "split by group (per-example gradients: costly).")
-    flags.DEFINE_integer("eval_sample_size", 1000, "Examples per accuracy sample.")
     flags.DEFINE_list("plot", [], "Draw these output folders instead of training.")
     flags.DEFINE_string("out", None, "The figure of --plot (PNG; a PDF beside it).")
 
@@ -240,35 +246,41 @@ def _sample(dataset, n: int):
 def train_and_measure(output_dir: str) -> None:
     import keras
 
+    from cg_tf import train_defaults
     from cg_tf.data.reader import Reader
-    from cg_tf.robust import aggregators
     from cg_tf.storage import files
-    aggregator = aggregators.parse(FLAGS.aggregator)
+    try:  # the trainer's checks of its flags (no run directory: the tool writes none)
+        config = train_defaults.config_from_flags(TRAINING, model_dir="")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    aggregator = config.aggregator
     if aggregator.name not in NUMPY_PARTS and (FLAGS.check_steps or FLAGS.decompose_batches):
         raise ValueError(f"--check_steps and --decompose_batches: no NumPy reference of "
                          f"{aggregator.name} (one of {', '.join(NUMPY_PARTS)})")
     keras.utils.set_random_seed(0)
-    reader = Reader.open(FLAGS.data_dir, FLAGS.batch_size)
-    study = Study(reader, aggregator, tuple(int(w) for w in FLAGS.fc_widths), FLAGS.init,
-                  FLAGS.learning_rate)
+    reader = Reader.open(config.data_dir, config.batch_size)
+    steps = config.steps or config.epochs * reader.steps_per_epoch
+    study = Study(reader, aggregator, config.fc_widths, config.init, config.learning_rate)
     # Fixed measurement batches: the first of an epoch far beyond the run.
     fixed = [(b["image"], b["label"], b["is_corrupt"].numpy().astype(bool))
              for b in reader.train_epoch(10 ** 6).take(FLAGS.batches)]
-    eval_sets = reader.eval_subsets(FLAGS.eval_sample_size)
-    samples = {k: _sample(eval_sets[k], FLAGS.eval_sample_size)
+    sample_size = config.input.eval_sample_size
+    eval_sets = reader.eval_subsets(sample_size)
+    samples = {k: _sample(eval_sets[k], sample_size)
                for k in ("pristine", "corrupt", "test") if k in eval_sets}
     samples = {k: v for k, v in samples.items() if v is not None}
     rows = []
     files.write_json(os.path.join(output_dir, "config.json"), {
         k: FLAGS[k].value for k in ("data_dir", "aggregator", "fc_widths", "init",
-                                    "learning_rate", "batch_size", "steps", "measure_every",
-                                    "batches", "check_steps",
-                                    "decompose_batches")}
+                                    "learning_rate", "batch_size")}
+        | {"steps": steps}
+        | {k: FLAGS[k].value for k in ("measure_every", "batches", "check_steps",
+                                       "decompose_batches")}
         | {"source": reader.info.source, "noise": reader.info.noise})
     worst = 0.0
-    batches = iter(reader.train_dataset(0, FLAGS.steps))
-    for step in range(FLAGS.steps + 1):
-        if step % FLAGS.measure_every == 0 or step == FLAGS.steps:
+    batches = iter(reader.train_dataset(0, steps))
+    for step in range(steps + 1):
+        if step % FLAGS.measure_every == 0 or step == steps:
             values = study.measure(fixed, samples, FLAGS.decompose_batches)
             rows += [{"step": step, "name": k, "value": v} for k, v in values.items()]
             print(f"step {step}: test {values.get('accuracy/test', float('nan')):.3f}, "
@@ -276,7 +288,7 @@ def train_and_measure(output_dir: str) -> None:
                   f"{values['cosine/logits']:.3f}, weight_norm/logits "
                   f"{values['weight_norm/logits']:.1f}", flush=True)
             _write_rows(os.path.join(output_dir, "drift.csv"), rows)
-        if step == FLAGS.steps:
+        if step == steps:
             break
         x, y = (batch := next(batches))["image"], batch["label"]
         if step >= FLAGS.check_steps:

@@ -1,7 +1,7 @@
 """How much weight the median of three gradients gives one example's gradient.
 
   python -m tools.median_weight --data_dir=DATA --output_dir=OUT [--model=small_cnn]
-      [--learning_rate=0.1 --train_batch=128 --epochs=60 --measure_epochs=0,10,20,40,60]
+      [--learning_rate=0.1 --batch_size=128 --epochs=60 --measure_epochs=0,10,20,40,60]
       [--batch_sizes=32,128 --triples=4]
 
 RM3 takes the coordinate-wise median of three batch-mean gradients (this
@@ -15,8 +15,12 @@ summed over the three steps a batch takes part in, RM3 weighs an example as
 much as plain SGD does. It weighs one less only where d_i is large against
 the spread of the three means, where the median stops following it.
 
-The tool trains the net with plain SGD (--train_batch, constant
---learning_rate) and at each of --measure_epochs takes --triples triples of
+The tool trains the net with plain SGD (--batch_size, or its older name
+--train_batch; constant --learning_rate). Its training flags (TRAINING) are
+the trainer's, defaults included: `python -m cg_tf.train`'s (an fc net with
+one hidden layer of 256, lr 0.1, batch 100, 60 epochs); the small_cnn study
+measured --model=small_cnn --batch_size=128 (docs/results/small_cnn_fashion_mnist).
+At each of --measure_epochs it takes --triples triples of
 consecutive batches of each size in --batch_sizes, at the same weights, and
 records the mean weight of the pristine and of the corrupt examples of the
 first batch of each triple. OUT/median_weight.csv: epoch, batch, group, weight,
@@ -34,15 +38,19 @@ from cg_tf import common_flags
 
 FLAGS = flags.FLAGS
 
+# The trainer's options this tool takes (cg_tf.train_defaults: the trainer's
+# flags, checks and defaults); it trains with plain SGD at a constant rate.
+TRAINING = ("data_dir", "model", "fc_widths", "init", "learning_rate", "batch_size", "epochs")
+
 
 def define_flags() -> None:
     """The command line's flags (defined when it runs: importing defines none)."""
-    flags.DEFINE_string("data_dir", None, "Dataset made by pipelines.noisy_labels.")
+    from cg_tf import train_defaults
+    train_defaults.define(TRAINING, without_default=("data_dir",))
+    for name in TRAINING:
+        flags.declare_key_flag(name)  # listed in --help as this program's own
+    flags.DEFINE_alias("train_batch", "batch_size")  # its name before the trainer's
     flags.DEFINE_string("output_dir", None, "Where median_weight.csv and config.json go.")
-    flags.DEFINE_string("model", "small_cnn", "A cg_tf model name.")
-    flags.DEFINE_float("learning_rate", 0.1, "Plain SGD's learning rate (constant).")
-    flags.DEFINE_integer("train_batch", 128, "Training batch size.")
-    flags.DEFINE_integer("epochs", 60, "Training epochs.")
     flags.DEFINE_list("measure_epochs", ["0", "10", "20", "40", "60"],
                       "Epochs after which to measure.")
     flags.DEFINE_list("batch_sizes", ["32", "128"], "Sizes of the three batches measured.")
@@ -143,26 +151,28 @@ def main(argv):
     sizes = _sizes()
     import keras
 
+    from cg_tf import train_defaults
     from cg_tf.data.reader import Reader
     from cg_tf.measure import report
     from cg_tf.storage import files
     from cg_tf.training.models import build_model
     from cg_tf.training.robust_model import RobustModel
     keras.utils.set_random_seed(0)
-    try:
-        reader = Reader.open(FLAGS.data_dir, FLAGS.train_batch)
-    except ValueError as e:  # the dataset's own errors name the problem
+    try:  # the trainer's checks of its flags (no run directory: the tool writes none)
+        config = train_defaults.config_from_flags(TRAINING, model_dir="")
+        reader = Reader.open(config.data_dir, config.batch_size)
+    except ValueError as e:  # a bad flag, named; the dataset's own errors
         sys.exit(f"error: {e}")
-    net = build_model(FLAGS.model, reader.image_shape, reader.info.num_classes)
+    net = build_model(config.model, reader.image_shape, reader.info.num_classes,
+                      config.fc_widths, config.init)
     model = RobustModel(net)
-    model.compile(optimizer=keras.optimizers.SGD(FLAGS.learning_rate))
+    model.compile(optimizer=keras.optimizers.SGD(config.learning_rate))
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     files.write_json(os.path.join(FLAGS.output_dir, "config.json"),
-                     {k: FLAGS[k].value for k in ("data_dir", "model", "learning_rate",
-                                                  "train_batch", "epochs", "measure_epochs",
-                                                  "batch_sizes", "triples")})
+                     {k: FLAGS[k].value for k in (*TRAINING, "measure_epochs", "batch_sizes",
+                                                  "triples")})
     rows, done = [], 0
-    for epoch in sorted({int(e) for e in FLAGS.measure_epochs if int(e) <= FLAGS.epochs}):
+    for epoch in sorted({int(e) for e in FLAGS.measure_epochs if int(e) <= config.epochs}):
         if epoch > done:
             model.fit(reader.train_dataset(done * reader.steps_per_epoch),
                       epochs=1, steps_per_epoch=(epoch - done) * reader.steps_per_epoch,

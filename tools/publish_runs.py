@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from cg_tf import common_flags
-from cg_tf.experiments import runner, sweep
+from cg_tf.experiments import noise_grid, runner
 from cg_tf.training.trainer import CHECKPOINTS
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "The sweep's --output_dir.")
@@ -69,7 +69,7 @@ def main(_):
         if os.path.isdir(os.path.join(runs, name)):
             how = publish_run(os.path.join(runs, name), os.path.join(_OUT.value, "runs", name))
             print(f"{name}: {how}")
-    for name in (*sweep.REPORT_FILES, runner.REPORT_RECORD):
+    for name in (*noise_grid.REPORT_FILES, runner.REPORT_RECORD):
         path = os.path.join(_SWEEP_DIR.value, name)
         if os.path.exists(path):
             shutil.copy2(path, os.path.join(_OUT.value, name))

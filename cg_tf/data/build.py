@@ -23,7 +23,7 @@ import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from cg_tf.data import records, verify
-from cg_tf.data.beam import noisy_labels
+from cg_tf.data.beam import noisy_dataset
 from cg_tf.data.noise import NoiseSpec
 from cg_tf.data.sources import Source, make_source
 from cg_tf.options import option
@@ -72,8 +72,8 @@ def build_files(splits: tuple[str, ...], num_shards: int, compression: str | Non
     """Every name a build creates in its output directory (the manifest lists them)."""
     shards = [records.shard_name(s, i, num_shards, compression)
               for s in splits for i in range(num_shards)]
-    return [*shards, records.INFO_FILE, records.INFO_FILE + ".tmp", noisy_labels.REJECTED_FILE,
-            noisy_labels.WORK_DIR, MANIFEST_FILE]
+    return [*shards, records.INFO_FILE, records.INFO_FILE + ".tmp", noisy_dataset.REJECTED_FILE,
+            noisy_dataset.WORK_DIR, MANIFEST_FILE]
 
 
 def write_manifest(path: str, names: list[str]) -> None:
@@ -93,7 +93,7 @@ def built_names(path: str) -> set[str]:
         if tf.io.gfile.exists(info):
             with tf.io.gfile.GFile(info) as f:
                 old = records.DatasetInfo.from_json(json.load(f))
-            return {records.INFO_FILE, noisy_labels.REJECTED_FILE} | {
+            return {records.INFO_FILE, noisy_dataset.REJECTED_FILE} | {
                 os.path.basename(p) for s in old.splits for p in old.shard_paths(path, s)}
     except (ValueError, KeyError, TypeError) as e:
         raise BuildError(f"--output_dir={path}: cannot tell which files an earlier build "
@@ -176,7 +176,7 @@ def _build(source: Source, config: BuildConfig,
     out = config.output_dir
     prepare_output_dir(out, config.overwrite)
     write_manifest(out, build_files(source.splits, config.num_shards, config.compression))
-    work = os.path.join(out, noisy_labels.WORK_DIR)
+    work = os.path.join(out, noisy_dataset.WORK_DIR)
     tf.io.gfile.makedirs(work)
     options = options or beam_options([])
     logging.info("building %s from %s (noise %s, rate %.3g, seed %d) with %s", out, source.spec,
@@ -184,7 +184,7 @@ def _build(source: Source, config: BuildConfig,
                  options.get_all_options().get("runner"))
     start = time.monotonic()
     pipeline = beam.Pipeline(options=options)
-    _ = pipeline | noisy_labels.BuildNoisyDataset(
+    _ = pipeline | noisy_dataset.BuildNoisyDataset(
         source, out, config.noise, config.num_shards, config.compression,
         config.train_examples)
     try:
@@ -195,10 +195,10 @@ def _build(source: Source, config: BuildConfig,
         raise BuildError(f"cannot write {out}: no space left on device. The directory is "
                          f"left incomplete (no {records.INFO_FILE}): free space and rerun the "
                          "command with --overwrite") from None
-    with tf.io.gfile.GFile(os.path.join(work, noisy_labels.STATS_FILE)) as f:
+    with tf.io.gfile.GFile(os.path.join(work, noisy_dataset.STATS_FILE)) as f:
         stats = json.load(f)
-    tf.io.gfile.rename(os.path.join(work, noisy_labels.REJECTED_FILE),
-                       os.path.join(out, noisy_labels.REJECTED_FILE), overwrite=True)
+    tf.io.gfile.rename(os.path.join(work, noisy_dataset.REJECTED_FILE),
+                       os.path.join(out, noisy_dataset.REJECTED_FILE), overwrite=True)
     tf.io.gfile.rmtree(work)
     info = make_info(source, config, stats)
     check_rejects(info, config.max_reject_fraction, out)
@@ -244,7 +244,7 @@ def check_rejects(info: records.DatasetInfo, max_fraction: float, out: str) -> N
         raise BuildError(
             f"{rejected} of {total} records were rejected ({reasons}), more than "
             f"--max_reject_fraction={max_fraction}; see "
-            f"{os.path.join(out, noisy_labels.REJECTED_FILE)}. The directory is left "
+            f"{os.path.join(out, noisy_dataset.REJECTED_FILE)}. The directory is left "
             "incomplete (no dataset_info.json).")
 
 

@@ -3,7 +3,8 @@ dataset per noise rate, one training run per (aggregator setting, noise rate,
 seed), and a report: a row per run, a row per setting (the runs that differ
 only in their seed: mean, standard deviation, min and max), the settings' curves
 at every evaluation, and the figure (a panel per setting, the seeds' mean with
-a band).
+a band). The grid, its stages and its report; the command line is
+pipelines/sweep.py.
 
 Layout under the output directory:
   data/noise_<rate>/   dataset stages (the dataset in data/)

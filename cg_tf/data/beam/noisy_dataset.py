@@ -11,7 +11,7 @@ or retries. Everything else a run writes (shard temp files, Beam's temp
 folders, _stats.json and rejected.jsonl) goes to the work folder WORK_DIR
 inside the output directory, so no temp file name can collide with a user's.
 The driver (cg_tf.data.build) writes dataset_info.json from _stats.json after the
-run succeeds.
+run succeeds; the command line is pipelines/noisy_labels.py.
 """
 
 import json

@@ -2,7 +2,8 @@
 examples): train with SGD for a few epochs on a clean dataset; the training
 examples it then classifies correctly are "easy", the others "hard". Split each
 set into training and held-out parts, train fresh models on easy and on hard,
-and evaluate each on both held-out parts and on the original test set.
+and evaluate each on both held-out parts and on the original test set. The
+split, the stages and the report; the command line is pipelines/easy_hard.py.
 
 Stages under the output directory:
   data/clean/     the clean dataset (Beam)
