@@ -8,7 +8,6 @@ net, winsorized gradients.
 """
 
 import os
-import signal
 import sys
 
 from cg_tf import common_flags  # isort: skip (first: it quiets TensorFlow before it loads)
@@ -57,7 +56,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     except trainer.Terminated as e:
         print(f"{FLAGS.model_dir}: {e}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(e.exit_code)
     except (OSError, tf.errors.OpError) as e:
         if (message := storage_failure(e)) is None:
             raise

@@ -12,6 +12,7 @@ from cg_tf.data import build
 from cg_tf.data.noise import NOISE_MODES, NoiseSpec
 from cg_tf.data.sources import SOURCE_KINDS, Source, SourceError, make_source
 from cg_tf.experiments import runner
+from cg_tf.training.trainer import Terminated
 
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory (local or gs://).")
 ONLY = flags.DEFINE_string("only", None, "Run only the stages whose names match this glob "
@@ -91,6 +92,9 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str
                                  ONLY.value)
     except (ValueError, SourceError) as e:
         sys.exit(f"error: {e}")
+    except Terminated as e:  # a training stage stopped by a signal, checkpointed
+        print(f"{OUTPUT_DIR.value}: a training stage {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def write_kfp_package(stages: list[runner.Stage], program: str) -> None:

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import REPO, parsed_flags, read_split, run_main
 
 from cg_tf.data import records
@@ -171,6 +172,30 @@ def test_curves_give_each_settings_spread_at_every_shared_step():
     assert last["mean"] == pytest.approx(0.2)
     assert last["std"] == pytest.approx(np.std([0, 0.2, 0.4]))
     assert rows[0]["runs"] == 2  # a run without the curve is left out of its rows
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_a_sweeps_training_stage_in_one_line(tmp_path, stop):
+    """Every signal that asks a run to stop ends a sweep as it ends the trainer:
+    a checkpoint, one line that says how to go on, the shell's exit status."""
+    out = tmp_path / "sweep"
+    run = out / "runs" / "mean_noise0.5_seed0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.sweep", f"--output_dir={out}", *TINY,
+         "--aggregators=mean", "--noise_rates=0.5", "--seeds=0", "--steps=100000",
+         "--noreport"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not glob.glob(f"{run}/checkpoints/ckpt-10.index"):
+        time.sleep(0.1)
+    proc.send_signal(stop)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + stop and "Traceback" not in err, err[-3000:]
+    m = re.fullmatch(rf"{re.escape(str(out))}: a training stage stopped by {stop.name} at step "
+                     r"(\d+): its checkpoint is saved; rerun the same command to resume",
+                     err.strip().splitlines()[-1])
+    assert m, err[-3000:]
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith(f"ckpt-{m.group(1)}")
+    assert manifest(out, "runs/mean_noise0.5_seed0")["status"] == "running"
 
 
 @pytest.mark.parametrize("args,message", [

@@ -267,29 +267,38 @@ class RunCounters(keras.callbacks.Callback):
 
 
 class Terminated(Exception):
-    """The run stopped at a signal, after saving a checkpoint."""
+    """The run stopped at a signal, after saving a checkpoint; `exit_code` is
+    the shell's for that signal (128 + its number)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 class Termination:
-    """While active: SIGTERM (a scheduler's or a preemptible VM's first notice)
-    is noted, for the run to checkpoint and stop at the next step's end."""
+    """While active, the signals that ask a run to stop (SIGTERM: a scheduler's
+    or a preemptible VM's first notice; SIGINT: Ctrl-C; SIGHUP: the terminal
+    closed) are noted, for the run to checkpoint and stop at the next step's end."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
-        self.requested: str | None = None
+        self.requested: signal.Signals | None = None
 
     @contextlib.contextmanager
     def active(self):
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers belong to the main thread
             return
-        previous = signal.signal(signal.SIGTERM, self._note)
+        previous = {s: signal.signal(s, self._note) for s in self.SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def _note(self, signum, frame):
-        self.requested = signal.Signals(signum).name
+        self.requested = signal.Signals(signum)
 
 
 class Checkpoints(keras.callbacks.Callback):
@@ -311,8 +320,8 @@ class Checkpoints(keras.callbacks.Callback):
             t.manager.save(checkpoint_number=step)
         if stop:
             t.writer.flush()
-            raise Terminated(f"stopped by {stop} at step {step}: its checkpoint is saved; "
-                             "rerun the same command to resume")
+            raise Terminated(f"stopped by {stop.name} at step {step}: its checkpoint is saved; "
+                             "rerun the same command to resume", stop)
 
 
 class Trainer:
