@@ -60,7 +60,14 @@ def grid_from_flags() -> list[noise_grid.Point]:
         raise ValueError("--aggregators is empty: give at least one aggregator")
     settings = [aggregators.parse(s, "--aggregators") for s in _AGGREGATORS.value]
     return noise_grid.grid(settings, _values(_NOISE_RATES, float, "a number"),
-                           _values(_SEEDS, int, "an integer seed"))
+                           _values(_SEEDS, seed, "a seed"))
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise ValueError("seeds are integers from 0 to 2**32 - 1")
+    return value
 
 
 def make_stages(beam_args: list[str]) -> list:

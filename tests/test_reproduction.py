@@ -208,9 +208,14 @@ def test_a_signal_stops_a_sweeps_training_stage_in_one_line(tmp_path, stop):
     (["--noise_rates=1.5"], "noise_rate must be in"),
     (["--learning_rate=-1"], "--learning_rate must be positive"),
     (["--aggregators="], "--aggregators is empty: give at least one aggregator"),
-    (["--seeds="], "--seeds is empty: give at least an integer seed"),
+    (["--seeds="], "--seeds is empty: give at least a seed"),
     (["--noise_rates=abc"], "--noise_rates=abc: 'abc' is not a number"),
-    (["--seeds=0,x"], "--seeds=0,x: 'x' is not an integer seed"),
+    (["--seeds=0,x"], "--seeds=0,x: 'x' is not a seed"),
+    (["--seeds=-1"], "--seeds=-1: '-1' is not a seed (seeds are integers from 0 to 2**32 - 1)"),
+    (["--noise_rates=0.1234567,0.1234568"], "two runs of the grid would share the stage "
+     "runs/mean_noise0.123457_seed0 (noise rates 0.1234567 and 0.1234568"),
+    (["--seeds=0,0"], "would share the stage runs/mean_noise0.5_seed0"),
+    (["--seed=-1"], "--seed must be an integer from 0 to 2**32 - 1, got -1"),
 ])
 def test_sweep_bad_flags_are_named(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(REPO)
@@ -221,6 +226,7 @@ def test_sweep_bad_flags_are_named(tmp_path, monkeypatch, args, message):
 def test_bad_flags_fail_before_any_work(tmp_path):
     for main, arg, message in (
             ("pipelines.sweep", "--aggregators=winsorized:60", "--aggregators=winsorized:60: "),
+            ("pipelines.sweep", "--seeds=-1", "--seeds=-1: '-1' is not a seed"),
             ("pipelines.easy_hard", "--heldout_size=0", "--heldout_size must be positive"),
             ("pipelines.easy_hard", "--aggregator=trimmed:60", "--aggregator=trimmed:60: ")):
         done = run_main(main, f"--output_dir={tmp_path / 'x'}", *TINY, "--steps=5", arg)

@@ -66,7 +66,19 @@ class Point:
 
 def grid(settings: list[Aggregator], noise_rates: list[float], seeds: list[int]
          ) -> list[Point]:
-    return [Point(a, r, s) for r, a, s in itertools.product(noise_rates, settings, seeds)]
+    """Every (noise rate, setting, seed); a ValueError if two runs would share
+    a stage name (a value listed twice, noise rates alike in 6 digits)."""
+    points = [Point(a, r, s) for r, a, s in itertools.product(noise_rates, settings, seeds)]
+    named: dict[str, Point] = {}
+    for p in points:
+        if (q := named.setdefault(p.name, p)) is not p:
+            raise ValueError(
+                f"two runs of the grid would share the stage runs/{p.name} (noise rates "
+                f"{q.noise_rate!r} and {p.noise_rate!r}, aggregators {q.aggregator.spec} and "
+                f"{p.aggregator.spec}, seeds {q.seed} and {p.seed}): list each value of "
+                f"--noise_rates, --aggregators and --seeds once, and noise rates that differ "
+                f"in their first 6 digits")
+    return points
 
 
 def data_stage_name(rate: float) -> str:

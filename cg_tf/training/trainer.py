@@ -110,6 +110,8 @@ class TrainConfig:
     monitor: MonitorConfig = MonitorConfig()
 
     def __post_init__(self):
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be an integer from 0 to 2**32 - 1, got {self.seed}")
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if self.init not in FC_INITS:
