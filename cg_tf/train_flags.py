@@ -15,7 +15,7 @@ from cg_tf.training.trainer import TrainConfig
 
 common_flags.define(TrainConfig, DEMO, skip=("seed",))
 NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
-                                       "Split the CPU into N logical devices.")
+                                       "Split the CPU into N logical devices.", lower_bound=1)
 
 
 def config_from_flags() -> TrainConfig:

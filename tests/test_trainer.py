@@ -134,6 +134,12 @@ def test_command_line_error_names_the_flag(tmp_path):
                     "--steps=1")
     assert proc.returncode != 0
     assert "--data_dir" in proc.stderr and "does not exist" in proc.stderr
+    for arg, message in (("--num_cpu_devices=0", "flag --num_cpu_devices=0: 0 is not a "
+                                                 "positive integer"),
+                         ("--seed=-1", "error: --seed must be an integer from 0 to 2**32 - 1")):
+        proc = run_main("cg_tf.train", f"--model_dir={tmp_path}/run", arg)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("module,own,shared", [
