@@ -5,7 +5,8 @@
 # (50% uniform noise, 16 shards), what opening it and reading it cost
 # (tools.benchmark_input), then the ImageNet configs as they are, at a
 # CPU-sized batch and image size, on two replicas (logical CPUs): ResNet-18
-# stopped by SIGTERM and resumed, VGG-13-BN, and the RM3 and M3 sweeps.
+# for 300 steps, stopped by SIGTERM and resumed, then VGG-13-BN (eight times
+# ResNet-18's arithmetic) and the RM3 and M3 sweeps for 100 steps each.
 #
 #   bash docs/measurements/imagenet_shaped/run.sh [WORK_DIR]    (from the checkout)
 #
@@ -35,12 +36,12 @@ train() {  # NAME FLAGFILE [FLAGS...]: one run, its log kept (run under $STOP if
 # Stopped by SIGTERM after 4 minutes (a preempted worker), then resumed.
 STOP="timeout -s TERM 240" train resnet18 configs/resnet18_imagenet.flags --steps=300 || true
 train resnet18 configs/resnet18_imagenet.flags --steps=300
-train vgg13 configs/vgg13_imagenet.flags --steps=300
+train vgg13 configs/vgg13_imagenet.flags --steps=100
 for sweep in rm3 m3; do
   python -m pipelines.sweep --flagfile=configs/sweep_${sweep}_imagenet_resnet18.flags \
     --source=imagefolder:"$work/folder" --num_shards=16 --output_dir="$work/sweep_$sweep" \
     "${small[@]}" \
-    --steps=200 $([ $sweep = m3 ] && echo --batch_size=96) > "$here/sweep_$sweep.log" 2>&1
+    --steps=100 $([ $sweep = m3 ] && echo --batch_size=96) > "$here/sweep_$sweep.log" 2>&1
 done
 for run in "$work"/runs/*; do cp "$run/summary.json" "$here/$(basename "$run").json"; done
 for sweep in rm3 m3; do
