@@ -10,7 +10,7 @@ from conftest import make_aggregator, np_trimmed, np_winsorized, replicas, two_r
 
 from cg_tf.robust.aggregators import (REGISTRY, RM3, Mean, Median, MedianOfMeans, Trimmed,
                                       Winsorized, from_json, parse)
-from cg_tf.robust import tiled
+from cg_tf.robust import layer_rules, tiled
 from cg_tf.robust.collectives import Collectives
 from cg_tf.robust.gradients import GradientSource
 from cg_tf.training import models
@@ -362,3 +362,98 @@ def test_batch_stats_on_the_fallback_path_are_global_and_advance_once():
             step(b)
         for got, want in zip(bn_state(net), bn_state(reference)):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- the order of a step's updates (issue 30) ------------------------------------------
+
+
+class Scale(keras.layers.Layer):
+    """A layer with a weight, one input and no layer rule: the rules' per-layer
+    fallback (vectorized_map) takes it."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=shape[-1:], initializer="random_normal")
+
+    def call(self, x):
+        return keras.ops.tanh(x * self.w)
+
+
+def deep_net(kind):
+    """Two hidden layers or more, then the output layer."""
+    keras.utils.set_random_seed(0)
+    if kind == "fc2":
+        return models.fc(SHAPE, C, widths=(6, 5))
+    if kind == "cnn":
+        return models.small_cnn(SHAPE, C)
+    L = keras.layers
+    inputs = keras.Input(SHAPE)
+    h = Scale(name="scale")(L.Dense(6, activation="relu", name="d1")(L.Flatten()(inputs)))
+    h = L.Dense(5, activation="relu", name="d2")(h)
+    return keras.Model(inputs, L.Dense(C, name="logits")(h))
+
+
+@pytest.mark.parametrize("kind,jit", [("fc2", False), ("fc2", True), ("cnn", False),
+                                      ("fallback", False)])
+def test_an_update_between_forward_and_backward_changes_no_aggregate(kind, jit, monkeypatch):
+    """The step's updates may go in any order. The worst is forced here: every
+    variable changes right after the forward has read it, before the backward
+    and the layer rules run (control dependencies). Every aggregate is still
+    the one of the pre-step weights: the rules form per-example values from
+    the tensors the forward read, and an update does not change a tensor read
+    before it. A rule that read a weight again (a kernel to backpropagate
+    through, an activation recomputed) would see the changed weight here."""
+    net = deep_net(kind)
+    data = batch()
+    model = RobustModel(net, Winsorized(c=2, layers="hidden"))
+
+    def aggregate():  # traced anew: it sees the record_forward of the moment
+        fn = tf.function(lambda x, y: model.aggregated_gradient(x, y)[0], jit_compile=jit)
+        return [g.numpy() for g in fn(data["image"], data["label"])]
+
+    start = [v.numpy() for v in net.trainable_variables]
+    want = aggregate()
+    forward = layer_rules.record_forward
+
+    def forward_then_update(*args, **kwargs):
+        out, recordings = forward(*args, **kwargs)
+        updates = [v.value.assign_sub(tf.fill(v.shape, 0.1), read_value=False)
+                   for v in net.trainable_variables]
+        with tf.control_dependencies(updates):
+            return tf.identity(out), recordings
+
+    with monkeypatch.context() as m:
+        m.setattr(layer_rules, "record_forward", forward_then_update)
+        got = aggregate()
+    for v, s in zip(net.trainable_variables, start):  # updated inside the step
+        np.testing.assert_allclose(v.numpy(), s - 0.1, rtol=1e-6, atol=1e-6, err_msg=v.path)
+    for v, g, w in zip(net.trainable_variables, got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=v.path)
+    # At the changed weights the aggregates differ: a read after the update shows.
+    for v, g, w in zip(net.trainable_variables, aggregate(), want):
+        if "kernel" in v.path:
+            assert not np.allclose(g, w, rtol=1e-3, atol=1e-5), v.path
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_step_applies_the_aggregates_of_the_weights_before_it(jit):
+    """One step of fit, with its updates in whatever order the runtime takes:
+    the weights move by -lr times the aggregate of per-example gradients at
+    the weights before the step (one tape per example; NumPy's winsorized mean
+    for the hidden layers, the mean for the output layer: @hidden)."""
+    net = deep_net("fc2")
+    data = batch()
+    x, y = data["image"], data["label"]
+    start = [v.numpy() for v in net.trainable_variables]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    grads = []
+    for xi, yi in zip(x, y):
+        with tf.GradientTape() as tape:
+            value = loss(yi[None], net(xi[None]))
+        grads.append([g.numpy() for g in tape.gradient(value, net.trainable_variables)])
+    model = RobustModel(net, Winsorized(c=2, layers="hidden"))
+    model.compile(optimizer=keras.optimizers.SGD(1.0), jit_compile=jit)
+    model.fit(x.numpy(), y.numpy(), batch_size=B, epochs=1, shuffle=False, verbose=0)
+    for v, s, per in zip(net.trainable_variables, start, zip(*grads)):
+        per = np.stack(per).astype(np.float64)
+        want = per.mean(0) if v.path.startswith("logits/") else np_winsorized(per, 2)
+        np.testing.assert_allclose(s - v.numpy(), want, rtol=1e-4, atol=1e-5, err_msg=v.path)

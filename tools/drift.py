@@ -145,9 +145,7 @@ class Study:
         return robust, mean
 
     def _step(self, x, y):
-        from cg_tf.training.robust_model import all_before_any
         update, _ = self.update.aggregated_gradient(x, y)
-        update = all_before_any(update)
         self.optimizer.apply(update, self.net.trainable_variables)
         return update
 

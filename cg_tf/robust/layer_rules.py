@@ -22,6 +22,12 @@ Rules live in a registry keyed by layer class (`register`), as tf-privacy's
 fast clipping registry does; a layer with weights and no rule falls back to
 per-example vector-Jacobian products of that layer alone (`tf.vectorized_map`),
 with a one-time log line naming it.
+
+A rule reads its layer's weights in its forward, as tensors, and forms the
+per-example values from those tensors, the inputs and the output gradients,
+never from a later read of a variable: the step's updates may then be applied
+in any order, even between the forward and the backward (an update does not
+change a tensor read before it).
 """
 
 from typing import Callable, NamedTuple

@@ -147,17 +147,6 @@ def _reducible(logs: dict) -> dict:
     return logs
 
 
-def all_before_any(updates: list[tf.Tensor]) -> list[tf.Tensor]:
-    """The updates, each made to wait for all of them: no variable changes
-    while the update of another is still being computed. Without it the
-    optimizer may apply a variable's update as soon as that one is ready;
-    tools.drift saw a hidden layer's winsorized aggregate come out of its step
-    1% off its NumPy value in about half of its processes on 2 loaded cores,
-    when the output layer's update (the mean) was ready first."""
-    with tf.control_dependencies(updates):
-        return [tf.identity(u) for u in updates]
-
-
 @keras.saving.register_keras_serializable(package="cg_tf")
 class RobustModel(keras.Model):
     """Wraps a network; `fit` and the CLI trainer run the robust update.
@@ -287,7 +276,11 @@ class RobustModel(keras.Model):
         total_loss, total_correct = tf.unstack(sync.sum([counts])[0])
         # optimizer.apply sums over replicas: last in the chain of collectives.
         grads = sync.after([g / sync.replicas for g in grads])
-        self.optimizer.apply(all_before_any(grads), self.net.trainable_variables)
+        # The updates go in any order, each as soon as it is ready: every
+        # gradient above is computed from the tensors that the forward read
+        # (layer_rules), and automatic control dependencies make each
+        # variable's update wait for the reads of that variable.
+        self.optimizer.apply(grads, self.net.trainable_variables)
         n = float(x.shape[0] * sync.replicas)
         # Every replica holds the global values: its share of the trackers' sums
         # is the same, so their means are right.
