@@ -67,8 +67,14 @@ def unknown_beam_args(args: list[str]) -> list[str]:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """Parses this program's flags; returns the rest, which go to Beam."""
-    rest = flags.FLAGS(argv, known_only=True)[1:]
+    """Parses this program's flags; returns the rest, which go to Beam. A flag
+    that does not parse (or a missing flagfile) ends the program in absl's
+    one line, as the trainer's do."""
+    try:
+        rest = flags.FLAGS(argv, known_only=True)[1:]
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\n"
+                 "Pass --helpshort or --helpfull to see help on flags.")
     unknown = unknown_beam_args(rest)
     if unknown:
         raise app.UsageError(f"unknown flag(s): {' '.join(unknown)}")

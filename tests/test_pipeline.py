@@ -180,6 +180,22 @@ def test_unknown_flag_and_existing_output(cli, digits_dir, tmp_path):
     assert shard_bytes(digits_dir) == before
 
 
+@pytest.mark.parametrize("program,arg,message", [
+    ("pipelines.sweep", "--noise_mode=foo",
+     "flag --noise_mode=foo: value should be one of <uniform|uniform_other|permute>"),
+    ("pipelines.easy_hard", "--batch_size=abc",
+     "flag --batch_size=abc: invalid literal for int() with base 10: 'abc'"),
+    ("pipelines.noisy_labels", "--flagfile=no_such.flags",
+     "Unable to open flagfile: [Errno 2] No such file or directory: 'no_such.flags'"),
+])
+def test_a_flag_that_does_not_parse_ends_in_one_line(tmp_path, program, arg, message):
+    proc = run_main(program, f"--output_dir={tmp_path / 'out'}", arg)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-2].startswith("FATAL Flags parsing error: ") and message in lines[-2], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_command_line_prints_summary(tmp_path):
     out = tmp_path / "cli"
     proc = run_main("pipelines.noisy_labels", "--source=digits", f"--output_dir={out}",
