@@ -52,7 +52,8 @@ def make_stages(beam_args: list[str]) -> list:
 
 def main(beam_args: list[str]) -> None:
     train_flags.setup_devices()
-    manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args), "pipelines.easy_hard")
+    manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args),
+                                           "pipelines.easy_hard", beam_args)
     if manifests is None or not shared_flags.REPORT.value:
         return
     if (manifests.get("cross_eval") or {}).get("status") != "complete":

@@ -2,6 +2,7 @@
 the output directory and the dataset flags; and the split of a command line
 between a main and Beam. (Defined once, so the mains can share a process.)"""
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -81,18 +82,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
-def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str
-                 ) -> dict[str, dict] | None:
+def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str,
+                 beam_args: list[str] = ()) -> dict[str, dict] | None:
     """Runs the stages a main asks for under --output_dir (required), with
     --overwrite and --only; returns their manifests. With --kfp_package, writes
-    the package of those stages instead and returns None. A bad flag (a
-    ValueError naming it) ends the program with its message, before any work."""
+    the package of those stages (whose tasks repeat `beam_args`) instead and
+    returns None. A bad flag (a ValueError naming it) ends the program with its
+    message, before any work."""
     if not OUTPUT_DIR.value:
         raise app.UsageError("--output_dir is required")
     try:
         stages = make_stages()
         if KFP_PACKAGE.value:
-            write_kfp_package(stages, program)
+            write_kfp_package(stages, program, list(beam_args))
             return None
         return runner.run_stages(OUTPUT_DIR.value, stages, common_flags.OVERWRITE.value,
                                  ONLY.value)
@@ -103,17 +105,39 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str
         sys.exit(e.exit_code)
 
 
-def write_kfp_package(stages: list[runner.Stage], program: str) -> None:
-    """--kfp_package: the stages as a Kubeflow Pipelines package (kfp_package)."""
+def task_args(beam_args: list[str]) -> list[str]:
+    """What every task of a package is told: each flag this program was given
+    (on its command line or in a flagfile), by its parsed value, but the
+    package's own (KFP_OWN; each task sets --output_dir and --only), then the
+    Beam arguments. No flagfile is named: the tasks need none of this
+    machine's files."""
+    given = [flags.FLAGS[name] for name in sorted(flags.FLAGS)
+             if flags.FLAGS[name].present and name not in (*KFP_OWN, "flagfile")]
+    return [f.serialize() for f in dict.fromkeys(given)] + beam_args
+
+
+def write_kfp_package(stages: list[runner.Stage], program: str, beam_args: list[str]) -> None:
+    """--kfp_package: the stages as a Kubeflow Pipelines package (kfp_package),
+    its flags checked before anything is written."""
     from cg_tf.experiments import kfp_package
     if not KFP_IMAGE.value:
         raise ValueError("--kfp_package needs --kfp_image (the image built from the "
                          "repository's Dockerfile)")
+    output = OUTPUT_DIR.value
+    if "://" not in output and not os.path.isabs(output):
+        raise ValueError(f"--output_dir={output} is relative: a package's tasks run in their "
+                         "own containers; give a gs:// (or other shared, absolute) path")
+    folder = os.path.dirname(os.path.abspath(KFP_PACKAGE.value))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--kfp_package={KFP_PACKAGE.value}: its folder {folder} does not exist")
     training = kfp_package.Resources(KFP_CPU.value, KFP_MEMORY.value,
                                      KFP_ACCELERATOR_TYPE.value, KFP_ACCELERATOR_COUNT.value)
-    args = kfp_package.program_args(sys.argv[1:], KFP_OWN)
-    kfp_package.compile_package(KFP_PACKAGE.value, f"cg-tf-{program.split('.')[-1]}".replace(
-        "_", "-"), program, args, stages, KFP_IMAGE.value, KFP_WORKDIR.value, OUTPUT_DIR.value,
-        training)
+    try:
+        kfp_package.compile_package(
+            KFP_PACKAGE.value, f"cg-tf-{program.split('.')[-1]}".replace("_", "-"), program,
+            task_args(beam_args), stages, KFP_IMAGE.value, KFP_WORKDIR.value, output, training)
+    except OSError as e:
+        raise ValueError(f"--kfp_package={KFP_PACKAGE.value}: cannot write it: "
+                         f"{e.strerror or e}") from None
     print(f"{KFP_PACKAGE.value}: {len(stages) + 1} tasks (one per stage, then the report) "
           f"writing to {OUTPUT_DIR.value}; run it on Kubeflow Pipelines or Vertex AI Pipelines")

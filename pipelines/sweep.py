@@ -85,7 +85,8 @@ def make_stages(beam_args: list[str]) -> list:
 
 def main(beam_args: list[str]) -> None:
     train_flags.setup_devices()
-    manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args), "pipelines.sweep")
+    manifests = shared_flags.run_pipeline(lambda: make_stages(beam_args), "pipelines.sweep",
+                                           beam_args)
     if manifests is None or not shared_flags.REPORT.value:
         return
     out = shared_flags.OUTPUT_DIR.value

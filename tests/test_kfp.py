@@ -35,6 +35,12 @@ def tasks_of(path):
     return spec, by_name, tasks, executors
 
 
+DEMO_ARGS = ["--aggregators=mean,winsorized:1,winsorized:4", "--batch_size=25", "--epochs=30",
+             "--eval_sample_size=1000", "--fc_widths=256", "--learning_rate=0.5",
+             "--model=fc", "--momentum=0.0", "--noise_rates=0.5", "--probe_size=25",
+             "--seeds=0", "--source=digits"]
+
+
 def test_the_sweep_package_holds_a_task_per_stage_then_the_report(tmp_path):
     path = tmp_path / "sweep.yaml"
     out = program("sweep", "--flagfile=configs/sweep_demo.flags", "--output_dir=gs://b/sweep",
@@ -52,7 +58,8 @@ def test_the_sweep_package_holds_a_task_per_stage_then_the_report(tmp_path):
     task_of = {key: t["taskInfo"]["name"] for key, t in tasks.items()}
     for name, task in by_name.items():
         inputs = task["inputs"]["parameters"]
-        assert inputs["args"]["runtimeValue"]["constant"] == ["--flagfile=configs/sweep_demo.flags"]
+        # The flagfile's flags by value: a task needs no file of this machine.
+        assert inputs["args"]["runtimeValue"]["constant"] == DEMO_ARGS
         assert inputs["only"]["runtimeValue"]["constant"] == ("" if name == "report" else name)
         after = {task_of[k] for k in task.get("dependentTasks", [])}
         want = ({n for n in by_name if n != "report"} if name == "report"
@@ -72,7 +79,7 @@ def test_the_sweep_package_holds_a_task_per_stage_then_the_report(tmp_path):
 
 def test_the_easy_hard_package_orders_its_stages(tmp_path):
     path = tmp_path / "easy_hard.yaml"
-    program("easy_hard", "--flagfile=configs/easy_hard_demo.flags", "--output_dir=out",
+    program("easy_hard", "--flagfile=configs/easy_hard_demo.flags", "--output_dir=gs://b/eh",
             f"--kfp_package={path}", "--kfp_image=img")
     _, by_name, tasks, _ = tasks_of(path)
     task_of = {key: t["taskInfo"]["name"] for key, t in tasks.items()}
@@ -83,20 +90,39 @@ def test_the_easy_hard_package_orders_its_stages(tmp_path):
     assert after["report"] == set(by_name) - {"report"}
 
 
-def test_bad_package_flags_fail_before_writing(tmp_path):
-    for args, message in (([], "--kfp_package needs --kfp_image"),
-                          (["--kfp_image=img", "--kfp_accelerator_count=0"],
-                           "--kfp_accelerator_count must be positive")):
-        done = subprocess.run([sys.executable, "-m", "pipelines.sweep",
-                               "--flagfile=configs/sweep_demo.flags",
-                               f"--kfp_package={tmp_path / 'p.yaml'}", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
-        assert not (tmp_path / "p.yaml").exists()
-    with pytest.raises(ValueError, match="give it as --kfp_image=VALUE"):
-        kfp_package.program_args(["--epochs=3", "--kfp_image", "img"], ("kfp_image",))
-    assert kfp_package.program_args(["--epochs=3", "--only=x", "--runner=DirectRunner"],
-                                    ("only",)) == ["--epochs=3", "--runner=DirectRunner"]
+@pytest.mark.parametrize("args,message", [
+    ([], "--kfp_package needs --kfp_image"),
+    (["--kfp_accelerator_count=0"], "--kfp_accelerator_count must be positive"),
+    (["--kfp_cpu=-1"], "--kfp_cpu must be a positive number of CPUs (8, 0.5, 500m), got '-1'"),
+    (["--kfp_cpu=0"], "--kfp_cpu must be a positive number of CPUs"),
+    (["--kfp_memory=1xyz"], "--kfp_memory must be a positive size (32G, 512Mi), got '1xyz'"),
+    (["--kfp_memory=0"], "--kfp_memory must be a positive size"),
+    (["--output_dir=runs/x"], "--output_dir=runs/x is relative: a package's tasks run in "
+                              "their own containers"),
+    (["--kfp_package=/no/such/folder/p.yaml"], "--kfp_package=/no/such/folder/p.yaml: its "
+                                               "folder /no/such/folder does not exist"),
+])
+def test_bad_package_flags_fail_before_writing(tmp_path, args, message):
+    image = [] if not args else ["--kfp_image=img"]
+    done = subprocess.run([sys.executable, "-m", "pipelines.sweep",
+                           "--flagfile=configs/sweep_demo.flags", "--output_dir=gs://b/s",
+                           f"--kfp_package={tmp_path / 'p.yaml'}", *image, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and f"error: {message}" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "p.yaml").exists()
+
+
+def test_a_flagfile_of_this_machine_is_not_baked_into_the_tasks(tmp_path):
+    """The package's own flags and the flagfile's path stay out of the tasks,
+    whether given on the command line or in a (local) flagfile."""
+    local = tmp_path / "mine.flags"
+    local.write_text("--flagfile=configs/sweep_demo.flags\n--kfp_image=registry/cg_tf:1\n"
+                     f"--kfp_package={tmp_path / 'p.yaml'}\n--seeds=3\n")
+    program("sweep", f"--flagfile={local}", "--output_dir=gs://b/sweep", "--runner=DirectRunner")
+    _, by_name, _, _ = tasks_of(tmp_path / "p.yaml")
+    args = by_name["runs/mean_noise0.5_seed3"]["inputs"]["parameters"]["args"]
+    assert args["runtimeValue"]["constant"] == [
+        *(a if a != "--seeds=0" else "--seeds=3" for a in DEMO_ARGS), "--runner=DirectRunner"]
 
 
 def summary_rows(output_dir):

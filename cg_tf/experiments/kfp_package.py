@@ -16,6 +16,7 @@ the programs' relative flagfiles resolve).
 """
 
 import dataclasses
+import re
 
 from cg_tf.experiments.runner import Stage
 
@@ -36,6 +37,15 @@ class Resources:
     accelerator_count: int = 1
 
     def __post_init__(self):
+        if self.cpu is not None and not (re.fullmatch(r"\d+(\.\d+)?m?", self.cpu)
+                                         and float(self.cpu.rstrip("m")) > 0):
+            raise ValueError(f"--kfp_cpu must be a positive number of CPUs (8, 0.5, 500m), "
+                             f"got {self.cpu!r}")
+        if self.memory is not None and not (
+                re.fullmatch(r"\d+(\.\d+)?([KMGTPE]i?)?", self.memory)
+                and float(re.match(r"[\d.]+", self.memory).group()) > 0):
+            raise ValueError(f"--kfp_memory must be a positive size (32G, 512Mi), got "
+                             f"{self.memory!r}")
         if self.accelerator_count < 1:
             raise ValueError(f"--kfp_accelerator_count must be positive, got "
                              f"{self.accelerator_count}")
@@ -108,18 +118,3 @@ def compile_package(path: str, name: str, program: str, args: list[str], stages:
     compiler.Compiler().compile(
         pipeline_function(name, program, args, stages, image, workdir, output_dir, training),
         path)
-
-
-def program_args(argv: list[str], own: tuple[str, ...]) -> list[str]:
-    """The command line's arguments a task repeats: all but the flags named in
-    `own` (the package's own, --output_dir and --only, which each task sets),
-    which must be given as --flag=value."""
-    out = []
-    for arg in argv:
-        name, eq, _ = arg.lstrip("-").partition("=")
-        if arg.startswith("-") and name in own:
-            if not eq:
-                raise ValueError(f"{arg}: give it as --{name}=VALUE with --kfp_package")
-            continue
-        out.append(arg)
-    return out
