@@ -33,7 +33,7 @@ KFP_PACKAGE = flags.DEFINE_string(
 KFP_IMAGE = flags.DEFINE_string("kfp_image", None, "The image the package's tasks run in (the "
                                 "repository's Dockerfile, pushed to a registry).")
 KFP_WORKDIR = flags.DEFINE_string("kfp_workdir", "/opt/cg_tf", "The checkout in the image, "
-                                  "where the tasks run (flagfiles resolve from it).")
+                                  "where the tasks run.")
 KFP_CPU = flags.DEFINE_string("kfp_cpu", None, "CPUs a training task asks for (e.g. 8).")
 KFP_MEMORY = flags.DEFINE_string("kfp_memory", None, "Memory a training task asks for (e.g. 32G).")
 KFP_ACCELERATOR_TYPE = flags.DEFINE_string(
