@@ -85,6 +85,11 @@ def test_only_runs_matching_stages_whose_inputs_are_complete(tmp_path):
     runner.run_stages(str(tmp_path), pipeline(calls), only="a")
     runner.run_stages(str(tmp_path), pipeline(calls), only="b")
     assert calls == ["a", "b"]
+    # A glob that matches no stage is refused before anything is written.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match=r"^--only=z\* matches none of the stages: a, b, c$"):
+        runner.run_stages(str(fresh), pipeline(calls), only="z*")
+    assert not fresh.exists() and calls == ["a", "b"]
 
 
 def test_bad_pipelines():

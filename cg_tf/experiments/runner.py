@@ -129,6 +129,9 @@ def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: st
     `only` (a glob on stage names) runs just the matching stages, whose inputs
     must be complete: e.g. one training run of a grid per machine.
     """
+    if only and not any(fnmatch.fnmatch(s.name, only) for s in stages):
+        raise ValueError(f"--only={only} matches none of the stages: "
+                         f"{', '.join(s.name for s in stages)}")
     expected = plan(root, stages, overwrite)
     manifests = {}
     for n, stage in enumerate(stages, 1):
