@@ -60,7 +60,8 @@ def main(beam_args: list[str]) -> None:
         print("cross_eval has not run yet (see --only); no report")
         return
     out = shared_flags.OUTPUT_DIR.value
-    paths, text = easy_hard_split.write_report(out, manifests)
+    paths, text = shared_flags.write_report(
+        lambda: easy_hard_split.write_report(out, manifests))
     report.print_outputs(text, paths, f"{out}/runs")
 
 

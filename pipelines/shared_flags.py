@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 
+import tensorflow as tf
 from absl import app, flags
 
 from cg_tf import common_flags, keras_internals
@@ -103,6 +104,17 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str,
     except Terminated as e:  # a training stage stopped by a signal, checkpointed
         print(f"{OUTPUT_DIR.value}: a training stage {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+
+
+def write_report(write: Callable[[], object]):
+    """`write()`'s result; a write the disk refuses (full, read-only) ends the
+    program in one line that says the runs are kept."""
+    try:
+        return write()
+    except (OSError, tf.errors.OpError) as e:
+        sys.exit(f"error: cannot write the report in {OUTPUT_DIR.value}: "
+                 f"{getattr(e, 'message', None) or e.strerror or e}. The runs are complete "
+                 "and kept: rerun the same command to write it")
 
 
 def task_args(beam_args: list[str]) -> list[str]:

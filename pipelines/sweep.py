@@ -90,7 +90,8 @@ def main(beam_args: list[str]) -> None:
     if manifests is None or not shared_flags.REPORT.value:
         return
     out = shared_flags.OUTPUT_DIR.value
-    paths, text = noise_grid.write_report(out, grid_from_flags(), manifests)
+    paths, text = shared_flags.write_report(
+        lambda: noise_grid.write_report(out, grid_from_flags(), manifests))
     report.print_outputs(text, paths, f"{out}/runs")
 
 

@@ -7,9 +7,11 @@ import os
 import numpy as np
 import pytest
 from absl import flags
+import tensorflow as tf
 from conftest import (
     decode_png,
     expected_corrupt_fraction,
+    parsed_flags,
     read_split,
     run_build,
     run_main,
@@ -240,3 +242,19 @@ def test_what_the_source_cannot_give_is_said(tmp_path):
     config = build.BuildConfig(str(tmp_path / "t"), NoiseSpec(), num_shards=5, train_examples=3)
     assert build.size_warnings(tiny, config)[0] == (
         f"--num_shards=5: {empty} of the train split's shards are empty (3 examples)")
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   tf.errors.PermissionDeniedError(None, None, "read-only")])
+def test_a_report_the_disk_refuses_ends_in_one_line(error, tmp_path):
+    from pipelines import shared_flags
+
+    def write():
+        raise error
+
+    with parsed_flags("sweep", f"--output_dir={tmp_path}"):
+        with pytest.raises(SystemExit, match=rf"^error: cannot write the report in {tmp_path}: "
+                                             r"(No space left on device|read-only)\. The runs "
+                                             r"are complete and kept"):
+            shared_flags.write_report(write)
+        assert shared_flags.write_report(lambda: 7) == 7
