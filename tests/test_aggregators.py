@@ -8,7 +8,7 @@ from conftest import np_trimmed, np_winsorized
 
 from cg_tf.robust import order_stats as agg
 from cg_tf.robust import tiled
-from cg_tf.robust.aggregators import Median, Trimmed, Winsorized
+from cg_tf.robust.aggregators import Median, MedianOfMeans, Trimmed, Winsorized
 
 
 def random_gradients(kind, b, rng, shape=(7, 3)):
@@ -76,3 +76,15 @@ def test_median3():
     rng = np.random.default_rng(5)
     a, b, c = (rng.integers(-2, 3, (40,)).astype(np.float32) for _ in range(3))
     close(agg.median3(*map(tf.constant, (a, b, c))), np.median(np.stack([a, b, c]), axis=0))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Winsorized(4.0), r"Winsorized\(c=4.0\): c must be a whole number of 0 or more"),
+    (lambda: Trimmed(c=-1), r"Trimmed\(c=-1\): c must be"),
+    (lambda: MedianOfMeans(k="3"), r"MedianOfMeans\(k='3'\): k must be"),
+    (lambda: Winsorized(True), r"Winsorized\(c=True\): c must be"),
+])
+def test_an_aggregators_parameter_must_be_a_whole_number(make, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        make()
+    assert Winsorized(np.int64(4)) == Winsorized(4) and type(Winsorized(np.int64(4)).c) is int

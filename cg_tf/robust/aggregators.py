@@ -24,6 +24,7 @@ all the tiles need, and tell the gradient probe what they cut (`probe_cut`,
 
 import dataclasses
 import math
+import numbers
 from typing import ClassVar
 
 import tensorflow as tf
@@ -88,6 +89,12 @@ class Aggregator:
                                                          kw_only=True)
 
     def __post_init__(self):
+        value = self.value
+        if self.parameter:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{type(self).__name__}({self.parameter}={value!r}): "
+                                 f"{self.parameter} must be a whole number of 0 or more")
+            object.__setattr__(self, self.parameter, int(value))  # NumPy's integers too
         if isinstance(self.layers, str):
             object.__setattr__(self, "layers", layer_filter.parse(self.layers))
         if self.layers != layer_filter.ALL and not self.per_example:
