@@ -614,12 +614,15 @@ def test_progress_lines_come_at_most_every_ten_seconds(monkeypatch):
     monkeypatch.setattr(trainer.logging, "info", lambda fmt, *args: lines.append(args))
     fake = types.SimpleNamespace(config=types.SimpleNamespace(log_every=50), total_steps=420,
                                  step=tf.Variable(0, dtype=tf.int64),
-                                 wall=tf.Variable(0.0, dtype=tf.float64), manager=None)
+                                 wall=tf.Variable(0.0, dtype=tf.float64), manager=None,
+                                 created=90.0)
     counters = trainer.RunCounters(fake, start=20)  # resumed at step 20
     counters.on_train_begin()
     for _ in range(400):  # steps 21..420, 1/8 s each (exact in binary)
         clock[0] += 0.125
         counters.on_train_batch_end(0, {"loss": 1.0, "accuracy": 0.5})
+    # First: how long the attempt's first step came after the trainer started.
+    assert lines.pop(0) == (21, 10.125)
     steps = [args[0] for args in lines]
     # 50 (the first multiple), then the first multiples >= 10 s later, and the end.
     assert steps == [50, 150, 250, 350, 420]
