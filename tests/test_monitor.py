@@ -113,3 +113,62 @@ def test_bad_monitor_flags_fail_before_training(digits_dir, tmp_path):
         with pytest.raises(ValueError, match=message):
             train(digits_dir, tmp_path / "bad", **kw)
         assert not os.path.exists(tmp_path / "bad")
+
+
+def test_evaluation_equals_a_plain_computation_and_traces_once(run):
+    """Each subset's metrics are those of the logits of its examples (the
+    mixed subset's taken from the tracked ones', without a pass of its own),
+    and evaluating again runs the function traced before."""
+    import tensorflow as tf
+    trainer, _, _ = run
+    monitor, net = trainer.monitor, trainer.model.net
+    assert monitor._mixed_index is not None  # the mixed subset is not evaluated apart
+    logits_of = tf.function(lambda x: net(x, training=False))
+    first_batch = next(iter(monitor.subsets["test"]))["image"]
+    traced = metrics._eval_fn(net, first_batch)
+    traces = traced.experimental_get_tracing_count()
+    got = monitor.evaluate()
+    assert traced.experimental_get_tracing_count() == traces == 1
+    assert list(got) == list(tags.SUBSETS)
+    for name, subset in monitor.subsets.items():
+        logits, labels, true_labels = [], [], []
+        for batch in subset:
+            logits.append(logits_of(batch["image"]).numpy())
+            labels.append(batch["label"].numpy())
+            true_labels.append(batch["true_label"].numpy())
+        logits, labels, true_labels = map(np.concatenate, (logits, labels, true_labels))
+        shifted = logits - logits.max(1, keepdims=True)
+        losses = np.log(np.exp(shifted).sum(1)) - shifted[np.arange(len(labels)), labels]
+        pred = logits.argmax(1)
+        np.testing.assert_array_equal(got[name]["correct"], pred == labels, err_msg=name)
+        assert got[name]["count"] == len(labels)
+        assert got[name]["accuracy"] == np.mean(pred == labels), name
+        assert got[name]["true_label_accuracy"] == np.mean(pred == true_labels), name
+        assert got[name]["loss"] == pytest.approx(losses.mean(), rel=1e-5), name
+    # A subset on its own gives the values it gives among the others.
+    alone = monitor.evaluate(["mixed"])
+    assert list(alone) == ["mixed"]
+    for key in ("accuracy", "true_label_accuracy", "loss", "count"):
+        assert alone["mixed"][key] == got["mixed"][key], key
+
+
+def test_the_test_split_can_be_evaluated_less_often(digits_dir, tmp_path):
+    trainer, summary = train(digits_dir, tmp_path / "r", eval_every=10, test_eval_every=20,
+                             probe_size=0, export_learned=False)
+    (r,) = report.load_runs(str(tmp_path))
+    total = trainer.total_steps
+    assert total % 20  # the last step is not one of the test split's: evaluated at the end
+    schedule = trainer.monitor.schedule(total)
+    assert [s for s, _ in r.scalars[tags.eval_tag("corrupt", "accuracy")]] == schedule
+    assert [s for s, _ in r.scalars[tags.eval_tag("mixed", "loss")]] == schedule
+    test_steps = [s for s in schedule if s % 20 == 0 or s == total]
+    assert [s for s, _ in r.scalars[tags.eval_tag("test", "accuracy")]] == test_steps
+    assert [s for s, _ in r.scalars[tags.ADJUSTED_OVERFIT]] == test_steps
+    assert r.last(tags.eval_tag("test", "accuracy")) == pytest.approx(summary["test_accuracy"],
+                                                                      abs=1e-6)
+    assert summary["subset_sizes"]["test"] > 0
+    with pytest.raises(ValueError, match="--test_eval_every=15 is not a multiple"):
+        train(digits_dir, tmp_path / "bad", eval_every=10, test_eval_every=15)
+    with pytest.raises(ValueError, match="--test_eval_every must be positive"):
+        MonitorConfig(test_eval_every=0)
+    assert not os.path.exists(tmp_path / "bad")

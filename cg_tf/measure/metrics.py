@@ -90,47 +90,91 @@ def log_histogram(steps: np.ndarray, evaluated: list[int], bins: int = 20) -> np
     return np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
 
 
-def evaluate(net, subset: tf.data.Dataset, top5: bool = False) -> dict:
+def evaluate(net, subset, top5: bool = False) -> dict:
     """Accuracy and loss against the training label, accuracy against the true
     label (and top-5 accuracy) of `net` on a batched evaluation subset, and
     the per-example correctness against the training label (`correct`)."""
-    totals, correct = np.zeros(5), []
-    evaluate_batch = _eval_fn(net)
+    return summarize(example_results(net, subset), top5)
+
+
+def example_results(net, subset) -> dict[str, np.ndarray]:
+    """Per example of a batched subset, in its order: `correct` (classified as
+    its training label), `true_correct` (as its true label), `top5` (the
+    training label among the top 5 logits) and the float32 `loss`; and per
+    batch the float32 sum of its losses (`batch_loss`). One traced function
+    per network and input shape serves every batch of every call."""
+    parts = []
     for batch in subset:
-        sums, ok = evaluate_batch(batch["image"], batch["label"], batch["true_label"])
-        totals += sums.numpy()
-        correct.append(ok.numpy())
-    n = max(totals[4], 1.0)
-    out = {"accuracy": totals[0] / n, "true_label_accuracy": totals[1] / n,
-           "loss": totals[2] / n, "count": int(totals[4]),
-           "correct": np.concatenate(correct) if correct else np.zeros([0], bool)}
-    if top5:
-        out["top5"] = totals[3] / n
+        images = batch["image"]
+        parts.append([t.numpy() for t in _eval_fn(net, images)(
+            images, tf.cast(batch["label"], tf.int32), tf.cast(batch["true_label"], tf.int32))])
+    if not parts:
+        return {"correct": np.zeros([0], bool), "true_correct": np.zeros([0], bool),
+                "top5": np.zeros([0], bool), "loss": np.zeros([0], np.float32),
+                "batch_loss": np.zeros([0], np.float32)}
+    correct, true_correct, top5, loss, batch_loss = (np.concatenate(p) if p[0].ndim else
+                                                     np.stack(p) for p in zip(*parts))
+    return {"correct": correct, "true_correct": true_correct, "top5": top5, "loss": loss,
+            "batch_loss": batch_loss}
+
+
+def take_examples(parts: list[dict[str, np.ndarray]], index: np.ndarray,
+                  batch_sizes: list[int]) -> dict[str, np.ndarray]:
+    """The results of the examples at `index` of the `parts` (`example_results`
+    of subsets, concatenated) as those of a subset of exactly these examples
+    in batches of `batch_sizes`: each batch's loss summed as evaluating that
+    subset sums it (float32, one reduction per batch), so `summarize` gives
+    what evaluating it would, without a forward pass."""
+    out = {k: np.concatenate([p[k] for p in parts])[index]
+           for k in ("correct", "true_correct", "top5", "loss")}
+    bounds = np.cumsum([0, *batch_sizes])
+    if bounds[-1] != len(index):
+        raise ValueError(f"batches of {batch_sizes} examples hold {bounds[-1]}, not the "
+                         f"{len(index)} taken")
+    loss = tf.constant(out["loss"])
+    out["batch_loss"] = np.array([tf.reduce_sum(loss[a:b]).numpy()
+                                  for a, b in zip(bounds[:-1], bounds[1:])], np.float32)
     return out
 
 
-_EVAL_FNS: dict[int, object] = {}  # by id(net); each function holds its net, so ids stay unique
+def summarize(results: dict[str, np.ndarray], top5: bool = False) -> dict:
+    """`evaluate`'s metrics from a subset's `example_results`."""
+    count = len(results["correct"])
+    n = float(max(count, 1))
+    loss = 0.0
+    for batch_sum in results["batch_loss"]:  # in order, in float64
+        loss += float(batch_sum)
+    out = {"accuracy": float(np.count_nonzero(results["correct"])) / n,
+           "true_label_accuracy": float(np.count_nonzero(results["true_correct"])) / n,
+           "loss": loss / n, "count": count, "correct": results["correct"]}
+    if top5:
+        out["top5"] = float(np.count_nonzero(results["top5"])) / n
+    return out
 
 
-def _eval_fn(net):
-    """One traced evaluation function per network (the last few networks)."""
-    if id(net) not in _EVAL_FNS:
+# By (id(net), input shape, dtype); each function holds its net, so ids stay unique.
+_EVAL_FNS: dict[tuple, object] = {}
+
+
+def _eval_fn(net, images: tf.Tensor):
+    """The evaluation function of `net` for batches like `images`, of any
+    length (the last few networks and input shapes): traced once."""
+    key = (id(net), tuple(images.shape[1:]), images.dtype)
+    if key not in _EVAL_FNS:
         while len(_EVAL_FNS) >= 8:
             _EVAL_FNS.pop(next(iter(_EVAL_FNS)))
-        _EVAL_FNS[id(net)] = tf.function(functools.partial(_eval_batch, net),
-                                         reduce_retracing=True)
-    return _EVAL_FNS[id(net)]
+        labels = tf.TensorSpec([None], tf.int32)
+        _EVAL_FNS[key] = tf.function(
+            functools.partial(_eval_batch, net),
+            input_signature=[tf.TensorSpec([None, *images.shape[1:]], images.dtype),
+                             labels, labels])
+    return _EVAL_FNS[key]
 
 
 def _eval_batch(net, images, labels, true_labels):
     logits = tf.cast(net(images, training=False), tf.float32)
     pred = tf.argmax(logits, -1, output_type=tf.int32)
-    correct = pred == labels
     k = min(5, logits.shape[-1])
-    in_top5 = tf.math.in_top_k(labels, logits, k)
-    sums = tf.stack([tf.reduce_sum(tf.cast(correct, tf.float32)),
-                     tf.reduce_sum(tf.cast(pred == true_labels, tf.float32)),
-                     tf.reduce_sum(example_losses(labels, logits)),
-                     tf.reduce_sum(tf.cast(in_top5, tf.float32)),
-                     tf.cast(tf.shape(labels)[0], tf.float32)])
-    return sums, correct
+    losses = example_losses(labels, logits)
+    return (pred == labels, pred == true_labels, tf.math.in_top_k(labels, logits, k), losses,
+            tf.reduce_sum(losses))

@@ -3,11 +3,15 @@ docs/reference.md (the metrics) on the reader's fixed subsets, on the evaluation
 schedule, written as tf.summary data with explicit steps (names in
 cg_tf.measure.tags); and, at the end, the learning events and learned-example exports.
 
-Evaluation (forward passes over the subsets) runs at every scheduled step. The
-probe (per-example gradients of a fixed sample: coherence, f_p, aggregator
-diagnostics) is skipped at a scheduled step while its time so far exceeds
-`probe_max_share` of the run's time, so its cost stays bounded whatever the
-model; both shares are written as `cost/*` scalars and into summary.json.
+Evaluation runs at every scheduled step: one traced forward pass per batch of
+the pristine, corrupt and test subsets (the mixed subset's examples are among
+the first two, so its metrics come from their per-example results), the test
+split only at `test_eval_every`'s steps and at the end if that is set; its
+cost is those forward passes. The probe (per-example gradients of a fixed
+sample: coherence, f_p, aggregator diagnostics) is skipped at a scheduled
+step while its time so far exceeds `probe_max_share` of the run's time, so
+its cost stays bounded whatever the model; both shares are written as
+`cost/*` scalars and into summary.json.
 """
 
 import csv
@@ -48,6 +52,11 @@ class MonitorConfig:
 
     eval_every: int | None = option(None, "Steps between evaluations (default: every epoch).")
     eval_log_spaced: bool = option(True, "Also evaluate at steps 1, 2, 4, ... before that.")
+    test_eval_every: int | None = option(
+        None, "Steps between evaluations of the test split (most of an evaluation's cost), "
+        "a multiple of the evaluation interval; it is evaluated at the end too, not at the "
+        "log-spaced steps, and the training subsets at every evaluation. Default: at every "
+        "evaluation.")
     probe_size: int | None = option(
         None, "Examples of the gradient probe (coherence, f_p, aggregator diagnostics); "
         "default: the batch size; 0: no probe.")
@@ -62,6 +71,8 @@ class MonitorConfig:
     def __post_init__(self) -> None:
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"--eval_every must be positive, got {self.eval_every}")
+        if self.test_eval_every is not None and self.test_eval_every < 1:
+            raise ValueError(f"--test_eval_every must be positive, got {self.test_eval_every}")
         if self.probe_size is not None and self.probe_size < 0:
             raise ValueError(f"--probe_size must be >= 0, got {self.probe_size}")
         if not 0 < self.probe_max_share <= 1:
@@ -129,9 +140,30 @@ def write_histogram(tag: str, buckets: np.ndarray, step: int, description: str) 
                      metadata=metadata.create_summary_metadata(None, description))
 
 
-def _collect(ds: tf.data.Dataset, key: str) -> np.ndarray:
-    parts = [b[key].numpy() for b in ds]
-    return np.concatenate(parts) if parts else np.zeros([0])
+def _columns(ds: tf.data.Dataset) -> tuple[dict[str, np.ndarray], list[int]]:
+    """A batched subset's example ids and labels, and its batch sizes."""
+    keys = ("example_id", "label", "true_label")
+    parts, sizes = {k: [] for k in keys}, []
+    for batch in ds:
+        for k in keys:
+            parts[k].append(batch[k].numpy())
+        sizes.append(len(parts["label"][-1]))
+    return {k: np.concatenate(v) if v else np.zeros([0]) for k, v in parts.items()}, sizes
+
+
+def _index_within(part: dict[str, np.ndarray], wholes: list[dict[str, np.ndarray]]
+                  ) -> np.ndarray | None:
+    """Where each example of `part` is in the `wholes` concatenated (the same
+    id and labels), or None if one is not there."""
+    whole = {k: np.concatenate([w[k] for w in wholes]) for k in part}
+    where = {eid: i for i, eid in enumerate(whole["example_id"])}
+    if len(where) < len(whole["example_id"]):
+        return None  # an id twice: no telling which
+    index = np.array([where.get(eid, -1) for eid in part["example_id"]], np.int64)
+    if (index < 0).any():
+        return None
+    same = all(np.array_equal(whole[k][index], part[k]) for k in ("label", "true_label"))
+    return index if same else None
 
 
 def _head(subset: tf.data.Dataset, size: int) -> dict[str, tf.Tensor] | None:
@@ -157,11 +189,25 @@ class Monitor:
                  config: MonitorConfig, writer, bn_mode: str = DEFAULT_BN_MODE,
                  chunk: int | None = None, loss=example_losses):
         self.net, self.reader, self.config, self.writer = net, reader, config, writer
+        interval = config.eval_every or reader.steps_per_epoch
+        if config.test_eval_every and config.test_eval_every % interval:
+            raise ValueError(f"--test_eval_every={config.test_eval_every} is not a multiple of "
+                             f"the evaluation interval, {interval} steps (--eval_every, or the "
+                             "steps per epoch)")
         subsets = reader.eval_subsets()
         self.top5 = reader.num_classes > 10
-        ids = {g: _collect(subsets[g], "example_id") for g in tags.GROUPS if g in subsets}
+        columns = {g: _columns(subsets[g]) for g in (*tags.GROUPS, "mixed") if g in subsets}
+        ids = {g: columns[g][0]["example_id"] for g in tags.GROUPS if g in columns}
         self.ids = {g: i for g, i in ids.items() if len(i)}  # a clean dataset has no corrupt
         self.subsets = {k: v for k, v in subsets.items() if k not in ids or k in self.ids}
+        # The mixed subset's examples are the tracked ones' (the first n training
+        # examples are among the first n clean and the first n corrupt): its
+        # results are taken from theirs, without a forward pass of its own.
+        self._mixed_index = None
+        if "mixed" in columns and self.ids:
+            self._mixed_index = _index_within(columns["mixed"][0],
+                                              [columns[g][0] for g in self.ids])
+        self._mixed_batches = columns["mixed"][1] if "mixed" in columns else []
         self.events = LearningEvents({g: len(ids) for g, ids in self.ids.items()})
         self.health = Health(net, _head(self.subsets["mixed"], HEALTH_SAMPLE)["image"],
                              config.warn_growth)
@@ -194,16 +240,44 @@ class Monitor:
 
     # -- evaluations ------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, dict]:
-        return {name: metrics.evaluate(self.net, ds, self.top5)
-                for name, ds in self.subsets.items()}
+    def evaluate(self, names=None) -> dict[str, dict]:
+        """The metrics (metrics.evaluate's) of the subsets `names` (default:
+        all), one forward pass per example: the mixed subset's results are
+        taken from the tracked subsets', whose examples it holds."""
+        names = [n for n in self.subsets if names is None or n in names]
+        taken = self._mixed_index is not None and "mixed" in names
+        needed = {*names, *self.ids} if taken else set(names)
+        per = {name: metrics.example_results(self.net, ds) for name, ds in self.subsets.items()
+               if name in needed and not (taken and name == "mixed")}
+        if taken:
+            per["mixed"] = metrics.take_examples([per[g] for g in self.ids], self._mixed_index,
+                                                 self._mixed_batches)
+        return {name: metrics.summarize(per[name], self.top5) for name in names}
+
+    def subsets_at(self, step: int) -> list[str]:
+        """The subsets a scheduled evaluation at `step` evaluates: all but the
+        test split off --test_eval_every's steps."""
+        every = self.config.test_eval_every
+        return [n for n in self.subsets if not (n == "test" and every and step % every)]
 
     def results_at(self, step: int) -> dict[str, dict]:
         """The evaluation of the model at `step`: that of the scheduled
-        evaluation if it was the last one, else a new one."""
-        if self._latest and self._latest[0] == step:
-            return self._latest[1]
-        return self.evaluate()
+        evaluation if it was the last one (completed, and the subsets it
+        skipped written, if it skipped any), else a new one."""
+        if not (self._latest and self._latest[0] == step):
+            return self.evaluate()
+        results = self._latest[1]
+        missing = [n for n in self.subsets if n not in results]
+        if missing:
+            start = time.monotonic()
+            results = {**results, **self.evaluate(missing)}
+            results = {n: results[n] for n in self.subsets}
+            self.seconds["eval"] += time.monotonic() - start
+            self._latest = (step, results)
+            with self.writer.as_default(step=step):
+                self._write_eval({n: results[n] for n in missing}, results)
+            self.writer.flush()  # the run's writer may have been flushed for the last time
+        return results
 
     def adjusted_overfit(self, results: dict[str, dict]) -> float:
         if "test" not in results:
@@ -241,10 +315,10 @@ class Monitor:
                 "adjusted_overfit": self.adjusted_overfit(results)}
 
     def observe(self, step: int, train_seconds: float) -> dict[str, dict]:
-        """Evaluates at `step`, updates the learning events, probes if within
-        budget, and writes it all."""
+        """Evaluates at `step` (the subsets of `subsets_at`), updates the
+        learning events, probes if within budget, and writes it all."""
         start = time.monotonic()
-        results = self.evaluate()
+        results = self.evaluate(self.subsets_at(step))
         self._latest = (step, results)
         for group in self.ids:
             self.events.update(group, results[group]["correct"], step)
@@ -275,12 +349,14 @@ class Monitor:
         total = max(train_seconds + sum(self.seconds.values()), 1e-9)
         return {"eval": self.seconds["eval"] / total, "probe": self.seconds["probe"] / total}
 
-    def _write_eval(self, results: dict[str, dict]) -> None:
+    def _write_eval(self, results: dict[str, dict], complete: dict | None = None) -> None:
+        """Writes the subsets' `results`, and the adjusted overfit of those
+        and the `complete` ones (default: the same) if they have the test split."""
         for name, r in results.items():
             for metric in ("accuracy", "true_label_accuracy", "loss", "top5"):
                 if metric in r:
                     tf.summary.scalar(tags.eval_tag(name, metric), r[metric])
-        overfit = self.adjusted_overfit(results)
+        overfit = self.adjusted_overfit(complete or results)
         if not np.isnan(overfit):
             tf.summary.scalar(tags.ADJUSTED_OVERFIT, overfit)
 
