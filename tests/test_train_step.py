@@ -270,7 +270,7 @@ def test_temporal_ring_buffer(name, combine, tmp_path):
 
 @pytest.mark.parametrize("aggregator,batch_size,replicas,momentum,chunk,message", [
     (Winsorized(c=50), 100, 1, 0, None, r"--aggregator=winsorized:50: need 0 <= 2c <"),
-    (Trimmed(c=-1), 100, 1, 0, None, r"--aggregator=trimmed:-1: need 0 <= 2c"),
+    (Trimmed(c=60), 100, 1, 0, None, r"--aggregator=trimmed:60: need 0 <= 2c"),
     (MedianOfMeans(k=3), 100, 1, 0, None, r"--aggregator=median_of_means:3: 3 groups do not "
      "divide"),
     (RM3(), 100, 1, 0.9, None, r"--aggregator=rm3: refuses --momentum=0.9"),
@@ -287,6 +287,8 @@ def test_bad_layouts(aggregator, batch_size, replicas, momentum, chunk, message)
     ("winsorized", r"--aggregator=winsorized: winsorized needs its c, e.g. winsorized:4"),
     ("winsorized:x", r"--aggregator=winsorized:x: c must be an integer"),
     ("median:3", r"--aggregator=median:3: median takes no parameter"),
+    ("trimmed:-1", r"--aggregator=trimmed:-1: Trimmed\(c=-1\): c must be a whole number of 0 "
+                   r"or more"),
     ("winsorized:4@hiden",
      r"--aggregator=winsorized:4@hiden: unknown layers 'hiden'; one of all, hidden, output"),
     ("rm3@hidden", r"--aggregator=rm3@hidden: rm3 takes no layer filter \(@hidden\)"),
