@@ -115,6 +115,19 @@ def test_a_folder_without_a_manifest_is_refused_and_kept(tmp_path):
     assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
 
 
+def test_a_first_manifest_cut_short_by_a_kill_is_the_runners_own(tmp_path):
+    """Killed between writing a stage's first manifest and renaming it into
+    place: the folder holds manifest.json.tmp alone, and the rerun starts the
+    stage (a sweep killed between stages was refused here)."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "manifest.json.tmp").write_text('{"status": "runn')
+    calls = []
+    runner.run_stages(str(tmp_path), pipeline(calls))
+    assert calls == ["a", "b", "c"]
+    assert runner.read_manifest(str(tmp_path / "b"))["status"] == "complete"
+    assert "manifest.json.tmp" not in os.listdir(tmp_path / "b")
+
+
 def test_a_stage_another_process_runs_is_refused_naming_it(tmp_path):
     from test_run_dir import write_lock
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

@@ -80,7 +80,9 @@ def _check_directory(directory: str, found: dict | None, want: dict, overwrite: 
     """Refuses a stage directory that no stage made, or one made with other
     parameters (unless `overwrite`)."""
     if found is None:
-        foreign = rundir.entries(directory)
+        # A first manifest cut short by a kill (its temporary file alone) is this
+        # runner's own start, not a folder someone else made.
+        foreign = [e for e in rundir.entries(directory) if e != MANIFEST + files.TMP_SUFFIX]
         if foreign:
             raise StageError(
                 f"{directory} is not empty and has no {MANIFEST}, so no stage made it (it "

@@ -11,10 +11,13 @@ from typing import Callable, TextIO
 import tensorflow as tf
 
 
+TMP_SUFFIX = ".tmp"  # of the file write_atomically writes before renaming it
+
+
 def write_atomically(path: str, write: Callable[[TextIO], object], mode: str = "w") -> None:
     """Calls `write` on a temporary file beside `path` (opened with `mode`, "wb"
     for bytes), then renames it to `path`."""
-    tmp = path + ".tmp"
+    tmp = path + TMP_SUFFIX
     with tf.io.gfile.GFile(tmp, mode) as f:
         f.write(b"" if "b" in mode else "")  # GFile makes the file at its first write
         write(f)
