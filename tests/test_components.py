@@ -9,7 +9,7 @@ import pytest
 
 from cg_tf.experiments import runner
 from cg_tf.experiments.runner import Stage, StageError
-from cg_tf.storage import rundir
+from cg_tf.storage import lock
 
 
 def toy(calls, name, params, inputs=(), resumable=False, fail=False):
@@ -21,7 +21,7 @@ def toy(calls, name, params, inputs=(), resumable=False, fail=False):
         if fail:
             raise RuntimeError(f"{name} failed")
         return {"value": params.get("x", 0) + sum(u["outputs"]["value"] for u in upstream.values())}
-    return Stage(name, "toy", params, run, tuple(inputs), resumable)
+    return Stage(name, "toy", params, run, tuple(inputs), resumable, contents=("out.txt",))
 
 
 def pipeline(calls, x=1, y=2, fail_b=False):
@@ -92,6 +92,66 @@ def test_only_runs_matching_stages_whose_inputs_are_complete(tmp_path):
     assert not fresh.exists() and calls == ["a", "b"]
 
 
+def test_a_stage_changed_behind_the_runner_is_refused_naming_it(tmp_path):
+    """Another command rewrote what a complete stage made (as
+    pipelines.noisy_labels --overwrite rebuilds a sweep's dataset in place): the
+    runner does not trust it, and --overwrite rebuilds it."""
+    calls = []
+    runner.run_stages(str(tmp_path), pipeline(calls))
+    (tmp_path / "a" / "out.txt").write_text('{"x": 0}')
+    with pytest.raises(StageError, match=rf"^{tmp_path / 'a'} changed since its stage completed "
+                                         r"\(out.txt changed\): what it holds is no longer what "
+                                         r"its manifest describes; use --overwrite"):
+        runner.run_stages(str(tmp_path), pipeline(calls))
+    assert calls == ["a", "b", "c"]
+    assert (tmp_path / "a" / "out.txt").read_text() == '{"x": 0}'  # left as it was
+    lines = []
+    runner.run_stages(str(tmp_path), pipeline(calls), overwrite=True, log=lines.append)
+    # Rebuilt from its parameters it holds what it held when b and c read it,
+    # so they are kept.
+    assert calls == ["a", "b", "c", "a"]
+    assert lines[0] == "[1/3] a: rebuilding (it changed since it completed)"
+    assert (tmp_path / "a" / "out.txt").read_text() == '{"x": 1}'
+    os.remove(tmp_path / "c" / "out.txt")
+    with pytest.raises(StageError, match=r"c changed since its stage completed \(out.txt is gone\)"):
+        runner.run_stages(str(tmp_path), pipeline(calls))
+
+
+def test_what_read_a_stage_that_changed_is_refused_then_rebuilt(tmp_path):
+    """A stage rebuilt with other contents than a later stage read: that stage
+    is refused, naming its input, and --overwrite redoes it."""
+    calls, source = [], {"labels": "noisy"}
+
+    def make(directory, _inputs):
+        calls.append("data")
+        (tmp_path / "data" / "labels.txt").write_text(source["labels"])
+        return {}
+
+    def train(directory, _inputs):
+        calls.append("run")
+        labels = (tmp_path / "data" / "labels.txt").read_text()
+        (tmp_path / "run" / "model.txt").write_text(f"trained on {labels}")
+        return {}
+
+    stages = [Stage("data", "data", {}, make, contents=("labels.txt",)),
+              Stage("run", "train", {}, train, ("data",), resumable=True,
+                    contents=("model.txt",))]
+    runner.run_stages(str(tmp_path), stages)
+    # Edited behind the runner, then rebuilt by it alone, from a source that changed:
+    (tmp_path / "data" / "labels.txt").write_text("edited")
+    source["labels"] = "clean"
+    runner.run_stages(str(tmp_path), stages, overwrite=True, only="data")
+    assert calls == ["data", "run", "data"]
+    with pytest.raises(StageError, match=r"run changed since its stage completed \(its input "
+                                         r"data changed since it ran\)"):
+        runner.run_stages(str(tmp_path), stages)
+    runner.run_stages(str(tmp_path), stages, overwrite=True)
+    assert calls == ["data", "run", "data", "run"]
+    assert (tmp_path / "run" / "model.txt").read_text() == "trained on clean"
+    runner.run_stages(str(tmp_path), stages)  # all current again
+    assert calls == ["data", "run", "data", "run"]
+
+
 def test_bad_pipelines():
     with pytest.raises(StageError, match="two stages are named 'a'"):
         runner.plan("/nonexistent", [toy([], "a", {}), toy([], "a", {})])
@@ -135,7 +195,7 @@ def test_a_stage_another_process_runs_is_refused_naming_it(tmp_path):
         calls = []
         runner.run_stages(str(tmp_path), pipeline(calls, fail_b=False)[:1])
         write_lock(tmp_path / "b", pid=proc.pid, purpose="stage b")
-        with pytest.raises(rundir.Busy, match=rf"b is in use: stage b by pid {proc.pid} on "):
+        with pytest.raises(lock.Busy, match=rf"b is in use: stage b by pid {proc.pid} on "):
             runner.run_stages(str(tmp_path), pipeline(calls))
         assert calls == ["a"]
     finally:

@@ -19,7 +19,7 @@ from conftest import read_split, run_build, run_main, write_idx
 
 from cg_tf.data import build, records, verify
 from cg_tf.data.reader import InputConfig, Reader
-from cg_tf.storage import rundir
+from cg_tf.storage import lock
 
 SHARD = records.shard_name("train", 1, 3)
 # What a reader says of a shard whose size is right but whose ends changed.
@@ -373,7 +373,7 @@ def test_a_build_refuses_a_directory_in_use(tmp_path):
     held, release = threading.Event(), threading.Event()
 
     def first():
-        with rundir.lock(str(out), "dataset build"):
+        with lock.hold(str(out), "dataset build"):
             held.set()
             release.wait()
 
@@ -381,9 +381,9 @@ def test_a_build_refuses_a_directory_in_use(tmp_path):
     thread.start()
     held.wait()
     try:
-        with pytest.raises(rundir.Busy, match="is in use: .*dataset build"):
+        with pytest.raises(lock.Busy, match="is in use: .*dataset build"):
             run_build(out)
-        assert os.listdir(out) == [rundir.LOCK_FILE]
+        assert os.listdir(out) == [lock.LOCK_FILE]
     finally:
         release.set()
         thread.join()

@@ -234,6 +234,35 @@ def test_bad_flags_fail_before_any_work(tmp_path):
         assert not (tmp_path / "x").exists()
 
 
+def test_a_sweep_refuses_its_dataset_rebuilt_behind_it(tmp_path):
+    """After a finished sweep its 50% dataset is rebuilt in place without noise
+    (pipelines.noisy_labels --overwrite): new seeds would train on clean data
+    reported as 50% noise. The sweep refuses, naming the stage, before any
+    work; --overwrite rebuilds the dataset as the sweep asks, and the finished
+    run, which read exactly that, is kept."""
+    out = tmp_path / "sweep"
+    args = [f"--output_dir={out}", *TINY, "--steps=5", "--aggregators=mean", "--noise_rates=0.5"]
+    done = run_main("pipelines.sweep", *args, "--seeds=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = out / "data" / "noise_0.5" / "data"
+    done = run_main("pipelines.noisy_labels", "--source=digits", f"--output_dir={data}",
+                    "--noise_rate=0.0", "--num_shards=2", "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_main("pipelines.sweep", *args, "--seeds=0,1")
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == (
+        f"error: {out / 'data' / 'noise_0.5'} changed since its stage completed "
+        "(data/dataset_info.json changed): what it holds is no longer what its manifest "
+        "describes; use --overwrite to rebuild it and everything after it"), done.stderr[-2000:]
+    assert not (out / "runs" / "mean_noise0.5_seed1").exists()
+    done = run_main("pipelines.sweep", *args, "--seeds=0,1", "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = stage_lines(done.stdout)
+    assert any(line.endswith("data/noise_0.5: rebuilding (it changed since it completed)")
+               for line in lines), lines
+    assert any(line.endswith("runs/mean_noise0.5_seed0: complete, skipped") for line in lines)
+    assert records.load_info(str(data)).noise["rate"] == 0.5
+
+
 def test_a_sweep_never_replaces_a_report_file_it_did_not_write(tmp_path):
     out = tmp_path / "o"
     out.mkdir()

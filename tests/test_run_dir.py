@@ -19,7 +19,7 @@ import tensorflow as tf
 from conftest import REPO, parsed_flags, run_main
 
 from cg_tf import train
-from cg_tf.storage import rundir
+from cg_tf.storage import lock
 from cg_tf.training.trainer import Trainer
 
 
@@ -78,33 +78,33 @@ def live_pid():
 
 def write_lock(directory, **fields):
     """A lock file as another process would have left it (this host by default)."""
-    holder = dataclasses.replace(rundir.Holder.me("training"), nonce="someone-else", **fields)
+    holder = dataclasses.replace(lock.Holder.me("training"), nonce="someone-else", **fields)
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, rundir.LOCK_FILE), "w") as f:
+    with open(os.path.join(directory, lock.LOCK_FILE), "w") as f:
         f.write(holder.dumps())
     return holder
 
 
 def read_lock(directory):
-    with open(os.path.join(directory, rundir.LOCK_FILE)) as f:
+    with open(os.path.join(directory, lock.LOCK_FILE)) as f:
         return json.load(f)
 
 
 def test_a_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
     pid = dead_pid()
     write_lock(tmp_path, pid=pid)
-    with rundir.lock(str(tmp_path), "training"):
+    with lock.hold(str(tmp_path), "training"):
         assert read_lock(tmp_path)["pid"] == os.getpid()
     assert f"pid {pid} is gone" in caplog.text
-    assert not (tmp_path / rundir.LOCK_FILE).exists()  # released
+    assert not (tmp_path / lock.LOCK_FILE).exists()  # released
 
 
 def test_a_live_holder_is_named_and_its_lock_kept(tmp_path, live_pid):
     write_lock(tmp_path, pid=live_pid)
     before = snapshot(tmp_path)
-    with pytest.raises(rundir.Busy, match=rf"is in use: training by pid {live_pid} on "
+    with pytest.raises(lock.Busy, match=rf"is in use: training by pid {live_pid} on "
                                           rf"{socket.gethostname()} \(started "):
-        with rundir.lock(str(tmp_path), "training"):
+        with lock.hold(str(tmp_path), "training"):
             pass
     assert snapshot(tmp_path) == before
 
@@ -112,19 +112,19 @@ def test_a_live_holder_is_named_and_its_lock_kept(tmp_path, live_pid):
 def test_another_hosts_lock_is_taken_over_only_when_its_heartbeat_stops(tmp_path):
     """On a shared filesystem a pid says nothing: only the heartbeat counts
     (here through the tf.io.gfile storage of gs:// paths, on a local path)."""
-    storage = rundir.SharedStorage(settle=0.01)
+    storage = lock.SharedStorage(settle=0.01)
     write_lock(tmp_path, host="elsewhere", pid=1)  # a fresh heartbeat
-    with pytest.raises(rundir.Busy, match="training by pid 1 on elsewhere"):
-        rundir.RunDirLock(str(tmp_path), "training", storage).acquire()
+    with pytest.raises(lock.Busy, match="training by pid 1 on elsewhere"):
+        lock.Lock(str(tmp_path), "training", storage).acquire()
     write_lock(tmp_path, host="elsewhere", pid=1, heartbeat=time.time() - 1000)
-    held = rundir.RunDirLock(str(tmp_path), "training", storage).acquire()
+    held = lock.Lock(str(tmp_path), "training", storage).acquire()
     assert read_lock(tmp_path)["nonce"] == held.holder.nonce
     held.release()
-    assert not (tmp_path / rundir.LOCK_FILE).exists()
+    assert not (tmp_path / lock.LOCK_FILE).exists()
 
 
 def test_the_heartbeat_refreshes_the_lock_and_notices_losing_it(tmp_path):
-    held = rundir.RunDirLock(str(tmp_path), "training", refresh=0.05).acquire()
+    held = lock.Lock(str(tmp_path), "training", refresh=0.05).acquire()
     try:
         first = read_lock(tmp_path)["heartbeat"]
         deadline = time.time() + 10
@@ -135,7 +135,7 @@ def test_the_heartbeat_refreshes_the_lock_and_notices_losing_it(tmp_path):
         write_lock(tmp_path, host="elsewhere", pid=7)  # taken over by another host
         while not held.lost and time.time() < deadline:
             time.sleep(0.02)
-        with pytest.raises(rundir.LockLost, match="pid 7 on elsewhere"):
+        with pytest.raises(lock.LockLost, match="pid 7 on elsewhere"):
             held.check()
     finally:
         held.release()
@@ -144,30 +144,30 @@ def test_the_heartbeat_refreshes_the_lock_and_notices_losing_it(tmp_path):
 
 def test_reentrant_in_one_thread_busy_for_another(tmp_path):
     errors = []
-    with rundir.lock(str(tmp_path), "stage runs/a") as outer:
-        with rundir.lock(str(tmp_path), "training") as inner:
+    with lock.hold(str(tmp_path), "stage runs/a") as outer:
+        with lock.hold(str(tmp_path), "training") as inner:
             assert inner is outer
 
         def other():
             try:
-                with rundir.lock(str(tmp_path), "training"):
+                with lock.hold(str(tmp_path), "training"):
                     pass
-            except rundir.Busy as e:
+            except lock.Busy as e:
                 errors.append(str(e))
         thread = threading.Thread(target=other)
         thread.start()
         thread.join()
-        assert (tmp_path / rundir.LOCK_FILE).exists()  # the inner exit did not release it
+        assert (tmp_path / lock.LOCK_FILE).exists()  # the inner exit did not release it
     assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0]
-    assert not (tmp_path / rundir.LOCK_FILE).exists()
+    assert not (tmp_path / lock.LOCK_FILE).exists()
 
 
 def test_a_lock_file_this_program_did_not_write_is_not_removed(tmp_path):
-    (tmp_path / rundir.LOCK_FILE).write_text("mine")
-    with pytest.raises(rundir.Busy, match="is not a lock this program wrote"):
-        with rundir.lock(str(tmp_path), "training"):
+    (tmp_path / lock.LOCK_FILE).write_text("mine")
+    with pytest.raises(lock.Busy, match="is not a lock this program wrote"):
+        with lock.hold(str(tmp_path), "training"):
             pass
-    assert (tmp_path / rundir.LOCK_FILE).read_text() == "mine"
+    assert (tmp_path / lock.LOCK_FILE).read_text() == "mine"
 
 
 # -- training runs ----------------------------------------------------------------

@@ -27,7 +27,7 @@ from cg_tf.data.beam import noisy_dataset
 from cg_tf.data.noise import NoiseSpec
 from cg_tf.data.sources import Source, make_source
 from cg_tf.options import option
-from cg_tf.storage import rundir
+from cg_tf.storage import lock, rundir
 
 MANIFEST_FILE = "build_manifest.json"
 
@@ -81,15 +81,13 @@ def write_manifest(path: str, names: list[str]) -> None:
         json.dump({"files": names}, f, indent=1)
 
 
-def built_names(path: str) -> set[str]:
+def built_names(path: str, manifest: dict | None) -> set[str]:
     """The names in `path` a build made: those its manifest lists or, in a
     dataset built before manifests, its info file, shards and rejects file."""
-    manifest = os.path.join(path, MANIFEST_FILE)
     info = os.path.join(path, records.INFO_FILE)
     try:
-        if tf.io.gfile.exists(manifest):
-            with tf.io.gfile.GFile(manifest) as f:
-                return set(json.load(f)["files"])
+        if manifest is not None:
+            return set(manifest["files"])
         if tf.io.gfile.exists(info):
             with tf.io.gfile.GFile(info) as f:
                 old = records.DatasetInfo.from_json(json.load(f))
@@ -101,6 +99,11 @@ def built_names(path: str) -> set[str]:
     return set()
 
 
+# A dataset directory: its manifest (what the build may create) first, its
+# dataset_info.json last (cg_tf.storage.rundir).
+LAYOUT = rundir.Layout(owns=built_names, record=MANIFEST_FILE, done=records.INFO_FILE)
+
+
 def prepare_output_dir(path: str, overwrite: bool) -> None:
     """Makes `path` an empty directory, refusing to clobber anything by accident:
     --overwrite deletes only what an earlier build made (`built_names`)."""
@@ -109,24 +112,22 @@ def prepare_output_dir(path: str, overwrite: bool) -> None:
         return
     if not tf.io.gfile.isdir(path):
         raise BuildError(f"--output_dir={path} is a file, not a directory")
-    entries = rundir.entries(path)
-    if not entries:
+    if not rundir.entries(path):
         return
     if not overwrite:
-        what = ("a dataset" if records.INFO_FILE in entries
+        what = ("a dataset" if tf.io.gfile.exists(os.path.join(path, records.INFO_FILE))
                 else "files of an interrupted or failed earlier run")
         raise BuildError(f"--output_dir={path} already holds {what}; pass --overwrite to "
                          "replace it")
-    foreign = sorted(set(entries) - built_names(path))
-    if foreign:
+    try:
+        found = rundir.survey(path, LAYOUT)
+    except ValueError as e:  # a damaged manifest
+        raise BuildError(f"--output_dir={path}: cannot tell which files an earlier build "
+                         f"made ({e}); refusing to --overwrite it") from e
+    if found.foreign:
         raise BuildError(f"--output_dir={path} holds files that are not part of a dataset "
-                         f"(e.g. {foreign[0]!r}); refusing to --overwrite it")
-    # The info file goes first, so the directory never looks complete mid-delete,
-    # and the manifest last, so an interrupted delete still knows what is ours.
-    entries.sort(key=lambda e: (e != records.INFO_FILE, e == MANIFEST_FILE))
-    for e in entries:
-        p = os.path.join(path, e)
-        (tf.io.gfile.rmtree if tf.io.gfile.isdir(p) else tf.io.gfile.remove)(p)
+                         f"(e.g. {found.foreign[0]!r}); refusing to --overwrite it")
+    rundir.clear(found)
 
 
 def beam_options(beam_args: list[str]) -> PipelineOptions:
@@ -167,7 +168,7 @@ def build_dataset(source: Source, config: BuildConfig,
                   options: PipelineOptions | None = None) -> records.DatasetInfo:
     """Runs the noisy-label pipeline and writes dataset_info.json, holding the
     output directory's lock; returns it."""
-    with rundir.lock(config.output_dir, "dataset build"):
+    with lock.hold(config.output_dir, "dataset build"):
         return _build(source, config, options)
 
 

@@ -18,7 +18,7 @@ and summary.csv, summary.md, figure.png and figure.pdf.
 import dataclasses
 import os
 
-from cg_tf.data import build, hashing
+from cg_tf.data import build, hashing, records
 from cg_tf.data.noise import NoiseSpec
 from cg_tf.data.sources import Source
 from cg_tf.data.sources.records_source import RecordsSource, write_selection
@@ -91,7 +91,9 @@ def split_stage(sizes: Sizes, seed: int, num_shards: int, beam_args: list[str]) 
 
     params = {"train_size": sizes.train, "heldout_size": sizes.heldout, "seed": seed,
               "num_shards": num_shards}
-    return Stage("split", "easy_hard_split", params, run, ("data/clean", "first_training"))
+    return Stage("split", "easy_hard_split", params, run, ("data/clean", "first_training"),
+                 contents=tuple(f for name in SETS for f in (
+                     f"{name}_selection.tsv", f"{name}/{records.INFO_FILE}")))
 
 
 def cross_eval_stage(train: TrainConfig) -> Stage:

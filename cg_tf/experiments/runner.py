@@ -4,7 +4,8 @@ A `Stage` declares its kind, its parameters (JSON) and the stages it reads,
 and owns one artifact directory `<root>/<name>` with a `manifest.json`:
 
   {"kind", "params", "inputs": {stage: fingerprint}, "fingerprint",
-   "status": "running" | "complete", "outputs", "seconds", "provenance"}
+   "status": "running" | "complete", "outputs", "seconds", "provenance",
+   "contents": {file: sha256}, "input_contents": {stage: its contents}}
 
 (`provenance`: the code that last ran the stage, cg_tf.provenance; not part of
 the fingerprint.)
@@ -12,13 +13,19 @@ the fingerprint.)
 The fingerprint hashes the kind, the parameters and the inputs' fingerprints,
 so it is known for every stage before anything runs. `run_stages` first checks
 every stage's directory against it (a directory made with other parameters is
-refused, naming what differs, unless `overwrite`), then runs the stages in
-order: a complete stage with a matching manifest is skipped; an interrupted one
-("running") is restarted, in place if it is `resumable` (training continues
-from its checkpoints) and from an emptied directory otherwise. The manifest is
-written atomically, and "complete" only after the stage's work is done.
+refused, naming what differs, unless `overwrite`), and that a complete stage
+still holds what it made: the digests of its `contents` files (e.g. a dataset's
+dataset_info.json, a run's config.json and summary.json), and its inputs'
+contents as they were when it ran. A stage changed behind the runner (a
+dataset rebuilt in place by another command) is refused, naming it, unless
+`overwrite`, which rebuilds it and every stage that read it. Then the stages
+run in order: a complete, unchanged stage with a matching manifest is skipped;
+an interrupted one ("running") is restarted, in place if it is `resumable`
+(training continues from its checkpoints) and from an emptied directory
+otherwise. The manifest is written atomically, and "complete" only after the
+stage's work is done.
 
-A stage runs holding its directory's lock (cg_tf.storage.rundir), so two processes
+A stage runs holding its directory's lock (cg_tf.storage.lock), so two processes
 never run one stage; a directory another process holds is refused, naming it.
 Only what a stage made is ever deleted: a non-empty directory without a
 manifest is refused up front (with or without `overwrite`), contents kept, as
@@ -36,7 +43,7 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from cg_tf import provenance
-from cg_tf.storage import files, rundir
+from cg_tf.storage import files, lock, rundir
 
 MANIFEST = "manifest.json"
 
@@ -53,6 +60,17 @@ class Stage:
     run: Callable[[str, dict[str, dict]], dict]  # (artifact dir, input manifests) -> outputs
     inputs: tuple[str, ...] = ()
     resumable: bool = False
+    # Files (relative to the directory) whose bytes are the stage's result: their
+    # digests, recorded at completion, tell a stage changed behind the runner.
+    contents: tuple[str, ...] = ()
+
+
+# A stage's directory is the stage's alone once its manifest is there; before,
+# only the runner's own first manifest, cut short by a kill, may be.
+LAYOUT = rundir.Layout(
+    owns=lambda _directory, record: rundir.EVERYTHING if record is not None
+    else rundir.Names(frozenset({MANIFEST + files.TMP_SUFFIX})),
+    record=MANIFEST)
 
 
 def fingerprint(kind: str, params: dict, inputs: dict[str, str]) -> str:
@@ -68,38 +86,51 @@ def write_manifest(directory: str, manifest: dict) -> None:
     files.write_json(os.path.join(directory, MANIFEST), manifest, sort_keys=True)
 
 
-def _clear(directory: str) -> None:
-    """Empties a stage's directory (its lock kept), the manifest last, so an
-    interrupted clear still shows a directory this pipeline made."""
-    for e in sorted(rundir.entries(directory), key=lambda e: e == MANIFEST):
-        path = os.path.join(directory, e)
-        (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+def digests(directory: str, paths) -> dict[str, str | None]:
+    """The sha256 of each file (None for one that is gone)."""
+    return {p: files.sha256(os.path.join(directory, p))
+            if tf.io.gfile.exists(os.path.join(directory, p)) else None for p in paths}
 
 
-def _check_directory(directory: str, found: dict | None, want: dict, overwrite: bool) -> None:
+def changes(directory: str, found: dict, inputs: dict[str, dict]) -> list[str]:
+    """What changed since a complete stage ran: its content files, or those of
+    its complete inputs (an input not built yet is compared once it is; a
+    manifest without these records, from an older version, is trusted)."""
+    recorded = found.get("contents") or {}
+    now = digests(directory, recorded)
+    out = [f"{p} {'is gone' if now[p] is None else 'changed'}" for p in recorded
+           if now[p] != recorded[p]]
+    ran_on = found.get("input_contents") or {}
+    done = {i: m for i, m in inputs.items() if m and m.get("status") == "complete"}
+    return out + [f"its input {i} changed since it ran" for i in ran_on
+                  if i in done and done[i].get("contents") != ran_on[i]]
+
+
+def _check_directory(directory: str, want: dict, overwrite: bool) -> dict | None:
     """Refuses a stage directory that no stage made, or one made with other
-    parameters (unless `overwrite`)."""
-    if found is None:
-        # A first manifest cut short by a kill (its temporary file alone) is this
-        # runner's own start, not a folder someone else made.
-        foreign = [e for e in rundir.entries(directory) if e != MANIFEST + files.TMP_SUFFIX]
-        if foreign:
-            raise StageError(
-                f"{directory} is not empty and has no {MANIFEST}, so no stage made it (it "
-                f"holds {', '.join(map(repr, foreign[:3]))}{', ...' if len(foreign) > 3 else ''}"
-                f"); move it away or use another --output_dir (nothing in it was changed)")
-    elif found.get("fingerprint") != want["fingerprint"] and not overwrite:
+    parameters (unless `overwrite`); returns its manifest."""
+    found = rundir.survey(directory, LAYOUT)
+    if found.record is None and found.foreign:
+        raise StageError(
+            f"{directory} is not empty and has no {MANIFEST}, so no stage made it (it holds "
+            f"{rundir.listing(found.foreign)}); move it away or use another --output_dir "
+            "(nothing in it was changed)")
+    if found.record is not None and found.record.get("fingerprint") != want["fingerprint"] \
+            and not overwrite:
         keys = ("kind", "params", "inputs")
-        diff = rundir.differences({k: found.get(k) for k in keys}, {k: want[k] for k in keys})
+        diff = rundir.differences({k: found.record.get(k) for k in keys},
+                                  {k: want[k] for k in keys})
         raise StageError(
             f"{directory} was made with other parameters ({'; '.join(diff[:5]) or 'unknown'}); "
             f"use another --output_dir, or --overwrite to rebuild it and everything after it")
+    return found.record
 
 
 def plan(root: str, stages: list[Stage], overwrite: bool = False) -> dict[str, dict]:
     """Each stage's expected manifest header; checks names, inputs and existing
-    artifact directories before anything runs."""
-    expected = {}
+    artifact directories (their parameters, and that a complete stage still
+    holds what it made) before anything runs."""
+    expected, found = {}, {}
     for stage in stages:
         if stage.name in expected:
             raise StageError(f"two stages are named {stage.name!r}")
@@ -107,10 +138,18 @@ def plan(root: str, stages: list[Stage], overwrite: bool = False) -> dict[str, d
         if missing:
             raise StageError(f"stage {stage.name!r} reads {missing}, which no earlier stage makes")
         inputs = {i: expected[i]["fingerprint"] for i in stage.inputs}
-        expected[stage.name] = {"kind": stage.kind, "params": stage.params, "inputs": inputs,
-                                "fingerprint": fingerprint(stage.kind, stage.params, inputs)}
+        want = expected[stage.name] = {
+            "kind": stage.kind, "params": stage.params, "inputs": inputs,
+            "fingerprint": fingerprint(stage.kind, stage.params, inputs)}
         directory = os.path.join(root, stage.name)
-        _check_directory(directory, read_manifest(directory), expected[stage.name], overwrite)
+        found[stage.name] = _check_directory(directory, want, overwrite)
+        if _is_complete(found[stage.name], want) and not overwrite:
+            changed = changes(directory, found[stage.name], {i: found[i] for i in stage.inputs})
+            if changed:
+                raise StageError(
+                    f"{directory} changed since its stage completed ({'; '.join(changed[:3])}): "
+                    "what it holds is no longer what its manifest describes; use --overwrite "
+                    "to rebuild it and everything after it")
     return expected
 
 
@@ -122,6 +161,11 @@ def progress(message: str) -> None:
 def _is_complete(found: dict | None, want: dict) -> bool:
     return bool(found) and found["fingerprint"] == want["fingerprint"] \
         and found["status"] == "complete"
+
+
+def _is_current(directory: str, found: dict | None, want: dict, inputs: dict[str, dict]) -> bool:
+    """Complete, with the parameters asked, and unchanged since."""
+    return _is_complete(found, want) and not changes(directory, found, inputs)
 
 
 def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: str | None = None,
@@ -139,7 +183,8 @@ def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: st
     for n, stage in enumerate(stages, 1):
         directory = os.path.join(root, stage.name)
         found = read_manifest(directory)
-        if _is_complete(found, expected[stage.name]):
+        inputs = {i: manifests[i] for i in stage.inputs}
+        if _is_current(directory, found, expected[stage.name], inputs):
             log(f"[{n}/{len(stages)}] {stage.name}: complete, skipped")
             manifests[stage.name] = found
             continue
@@ -150,35 +195,40 @@ def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: st
                      if (manifests.get(i) or {}).get("status") != "complete"]
         if not_ready:
             raise StageError(f"stage {stage.name!r} needs {not_ready} complete first")
-        with rundir.lock(directory, f"stage {stage.name}") as held:
+        with lock.hold(directory, f"stage {stage.name}") as held:
             manifests[stage.name] = _run_stage(
-                stage, directory, expected[stage.name], {i: manifests[i] for i in stage.inputs},
-                overwrite, held, lambda what: log(f"[{n}/{len(stages)}] {stage.name}: {what}"))
+                stage, directory, expected[stage.name], inputs, overwrite, held,
+                lambda what: log(f"[{n}/{len(stages)}] {stage.name}: {what}"))
     return manifests
 
 
 def _run_stage(stage: Stage, directory: str, want: dict, inputs: dict[str, dict],
-               overwrite: bool, held: rundir.RunDirLock, say: Callable[[str], None]) -> dict:
+               overwrite: bool, held: lock.Lock, say: Callable[[str], None]) -> dict:
     """Runs one stage whose directory this process holds; returns its manifest."""
-    found = read_manifest(directory)  # again: another process may have run it meanwhile
-    if _is_complete(found, want):
+    found = _check_directory(directory, want, overwrite)  # again: another process may have run it
+    if _is_current(directory, found, want, inputs):
         say("complete, skipped")
         return found
-    _check_directory(directory, found, want, overwrite)
-    if found is None or found["fingerprint"] != want["fingerprint"] or not stage.resumable:
-        _clear(directory)
-        how = "starting" if found is None else "restarting" if found["fingerprint"] == \
-            want["fingerprint"] else "rebuilding (--overwrite)"
+    if found is None:
+        how = "starting"
+    elif found["fingerprint"] != want["fingerprint"]:
+        how = "rebuilding (--overwrite)"
+    elif _is_complete(found, want):
+        how = "rebuilding (it changed since it completed)"
     else:
-        how = "resuming"
+        how = "resuming" if stage.resumable else "restarting"
+    if how != "resuming":
+        rundir.clear(rundir.survey(directory, LAYOUT))
     say(how)
     manifest = {**want, "status": "running", "outputs": {},
+                "input_contents": {i: m.get("contents") for i, m in inputs.items()},
                 provenance.FIELD: provenance.provenance()}
     write_manifest(directory, manifest)
     start = time.monotonic()
     outputs = stage.run(directory, inputs)
     held.check()
-    manifest.update(status="complete", outputs=outputs, seconds=round(time.monotonic() - start, 1))
+    manifest.update(status="complete", outputs=outputs, contents=digests(directory, stage.contents),
+                    seconds=round(time.monotonic() - start, 1))
     write_manifest(directory, manifest)
     say(f"complete in {manifest['seconds']:.0f} s")
     return manifest

@@ -14,13 +14,14 @@ import os
 import keras
 import tensorflow as tf
 
-from cg_tf.data import build
+from cg_tf.data import build, records
 from cg_tf.data.reader import InputConfig, InputOptions, Reader
 from cg_tf.data.sources import Source
 from cg_tf.experiments.runner import Stage
 from cg_tf.measure import metrics
 from cg_tf.training.models import build_model
-from cg_tf.training.trainer import CHECKPOINTS, TrainConfig, Trainer, run_params
+from cg_tf.training.trainer import (CHECKPOINTS, CONFIG_FILE, SUMMARY_FILE, TrainConfig, Trainer,
+                                   run_params)
 
 DATA = "data"  # a dataset stage's dataset, inside its artifact directory
 
@@ -39,7 +40,7 @@ def dataset_stage(name: str, source: Source, config: build.BuildConfig,
         return {"data_dir": out, "splits": {k: v.num_examples for k, v in info.splits.items()},
                 "realized_noise_rate": info.to_json()["realized_noise_rate"]}
 
-    return Stage(name, "dataset", params, run)
+    return Stage(name, "dataset", params, run, contents=(f"{DATA}/{records.INFO_FILE}",))
 
 
 def train_stage(name: str, data_stage: str, config: TrainConfig,
@@ -57,7 +58,8 @@ def train_stage(name: str, data_stage: str, config: TrainConfig,
                 **{k: v for k, v in summary.items() if not isinstance(v, dict)}}
 
     params = {**run_params(config), "data": data_output}
-    return Stage(name, "train", params, run, (data_stage,), resumable=True)
+    return Stage(name, "train", params, run, (data_stage,), resumable=True,
+                 contents=(CONFIG_FILE, SUMMARY_FILE))
 
 
 def restore_net(config: TrainConfig, reader: Reader) -> keras.Model:

@@ -22,7 +22,6 @@ exports. Either works with a RobustModel (its net is measured, its aggregator
 probed) or any Keras model that outputs logits (measured as plain SGD).
 """
 
-import os
 import time
 
 import keras
@@ -31,9 +30,10 @@ import tensorflow as tf
 from cg_tf.data.arrays import ArrayData
 from cg_tf.data.reader import Reader
 from cg_tf.measure import tags
-from cg_tf.measure.monitor import Monitor, MonitorConfig, written_files
+from cg_tf.measure.monitor import LAYOUT, Monitor, MonitorConfig
 from cg_tf.robust.aggregators import Mean
 from cg_tf.robust.gradients import DEFAULT_BN_MODE, example_losses
+from cg_tf.storage import rundir
 
 
 
@@ -97,6 +97,9 @@ class MemorizationCallback(MonitorCallback):
                  overwrite: bool = False):
         super().__init__(log_every=log_every)
         self.reader, self.log_dir, self.config = data, log_dir, config
+        if tf.io.gfile.exists(log_dir) and not tf.io.gfile.isdir(log_dir):
+            raise ValueError(f"MemorizationCallback: log_dir={log_dir!r} is a file, not a "
+                             "directory")
         self.overwrite = overwrite
         self.summary: dict | None = None
         self.measured = None  # the model of the first fit
@@ -114,13 +117,12 @@ class MemorizationCallback(MonitorCallback):
                                  f"a callback of its own")
             self.total_steps = self.step + epochs * steps  # the same history, continued
             return
-        earlier = written_files(self.log_dir)
-        if earlier and not self.overwrite:
+        earlier = rundir.survey(self.log_dir, LAYOUT)
+        if earlier.ours and not self.overwrite:
             raise ValueError(f"MemorizationCallback: {self.log_dir} holds an earlier run's "
-                             f"files ({', '.join(sorted(os.path.basename(p) for p in earlier)[:3])}"
-                             "...): use another log_dir, or overwrite=True to delete them")
-        for path in earlier:
-            tf.io.gfile.remove(path)
+                             f"files ({rundir.listing(earlier.ours)}): use another log_dir, or "
+                             "overwrite=True to delete them")
+        rundir.clear(earlier)
         net = getattr(self.model, "net", self.model)
         monitor = Monitor(net, self.reader, getattr(self.model, "aggregator", Mean()),
                           self.reader.batch_size, self.config,

@@ -34,7 +34,7 @@ from cg_tf.measure.probe import Probe
 from cg_tf.options import option
 from cg_tf.robust.aggregators import Aggregator
 from cg_tf.robust.gradients import DEFAULT_BN_MODE, example_losses
-from cg_tf.storage import events, files
+from cg_tf.storage import events, files, rundir
 
 LEARNED_IDS = "learned_ids.txt"
 NOT_LEARNED_IDS = "not_learned_ids.txt"
@@ -77,8 +77,10 @@ class MonitorConfig:
             raise ValueError(f"--probe_size must be >= 0, got {self.probe_size}")
         if not 0 < self.probe_max_share <= 1:
             raise ValueError(f"--probe_max_share must be in (0, 1], got {self.probe_max_share}")
-        if not self.warn_growth >= 0:
-            raise ValueError(f"--warn_growth must be >= 0, got {self.warn_growth}")
+        if not (self.warn_growth == 0 or self.warn_growth > 1):
+            raise ValueError(f"--warn_growth must be 0 (never warn) or a factor above 1, got "
+                             f"{self.warn_growth}: a norm that grew never stands at or below "
+                             "its start")
 
 
 def write_run_config(writer, config: dict) -> None:
@@ -119,11 +121,10 @@ def _steps(sizes: dict[str, int], name: str) -> dict[str, tf.Variable]:
                            trainable=False, name=f"{name}_{g}") for g, n in sizes.items()}
 
 
-def written_files(directory: str) -> list[str]:
-    """The files a monitored run wrote to `directory`: RUN_FILES and event files."""
-    paths = [os.path.join(directory, n) for n in RUN_FILES]
-    return [*(p for p in paths if tf.io.gfile.exists(p)),
-            *tf.io.gfile.glob(os.path.join(directory, events.EVENT_FILES))]
+# What a monitored run writes to its directory (cg_tf.storage.rundir): a
+# training run adds its checkpoints and config.json to it.
+RUN_NAMES = rundir.Names(frozenset(RUN_FILES), (events.EVENT_FILES,))
+LAYOUT = rundir.Layout(owns=lambda _directory, _record: RUN_NAMES, done=SUMMARY_FILE)
 
 
 def json_values(record: dict) -> dict:

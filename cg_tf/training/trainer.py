@@ -5,7 +5,7 @@ is one (model, optimizer, aggregator state and step), so a killed run rerun
 with the same command continues; with `deterministic` it ends with the same
 weights as an uninterrupted run.
 
-A run holds its directory's lock (cg_tf.storage.rundir) from its first write to its
+A run holds its directory's lock (cg_tf.storage.lock) from its first write to its
 last, and records at the start, in config.json, what makes its result: the
 config without its execution-only fields (`EXECUTION_FIELDS`: where and how
 fast it runs; the pipeline's stage fingerprints leave out the same) and what
@@ -38,7 +38,7 @@ from cg_tf.options import option
 from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.gradients import BN_MODES, DEFAULT_BN_MODE, check_bn_mode, check_chunk
-from cg_tf.storage import events, files, rundir
+from cg_tf.storage import events, files, lock, rundir
 from cg_tf.training.models import FC_INITS, MODELS, build_model, clamp_kernel_norms, describe
 from cg_tf.training.robust_model import (NonFiniteLoss, RobustModel, check_layout,
                                          optimizer_momentum)
@@ -199,15 +199,13 @@ def dataset_identity(info: records.DatasetInfo) -> dict:
             "shards": {k: v.num_shards for k, v in info.splits.items()}}
 
 
-def start_over(model_dir: str) -> None:
-    """Deletes what a run writes to `model_dir`, nothing else; its config.json
-    last, so an interrupted start-over is refused (and redone) like the run."""
-    paths = [*monitor.written_files(model_dir), os.path.join(model_dir, CHECKPOINTS)]
-    for path in [*paths, os.path.join(model_dir, CONFIG_FILE)]:
-        if tf.io.gfile.isdir(path):
-            tf.io.gfile.rmtree(path)
-        elif tf.io.gfile.exists(path):
-            tf.io.gfile.remove(path)
+# A training run's directory: what its monitor writes, its checkpoints and
+# config.json (the record a resume is compared with); summary.json marks it
+# complete (cg_tf.storage.rundir).
+RUN_NAMES = rundir.Names(monitor.RUN_NAMES.exact | {CHECKPOINTS, CONFIG_FILE},
+                         monitor.RUN_NAMES.globs)
+LAYOUT = rundir.Layout(owns=lambda _directory, _record: RUN_NAMES, record=CONFIG_FILE,
+                       done=SUMMARY_FILE)
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int, total_steps: int):
@@ -308,7 +306,7 @@ class Checkpoints(keras.callbacks.Callback):
     run still holds its directory."""
 
     def __init__(self, trainer: "Trainer", counters: RunCounters, measure: MonitorCallback,
-                 held: rundir.RunDirLock):
+                 held: lock.Lock):
         super().__init__()
         self.trainer, self.counters, self.measure, self.held = trainer, counters, measure, held
 
@@ -431,7 +429,7 @@ class Trainer:
     def run(self) -> dict:
         """Trains to the end holding the run directory; returns the summary (a
         finished run's as it is, with `complete` set)."""
-        with rundir.lock(self.config.model_dir, "training") as held:
+        with lock.hold(self.config.model_dir, "training") as held:
             finished = self._claim_directory()
             if finished is not None:
                 self.complete = True
@@ -444,27 +442,24 @@ class Trainer:
         records it if new); returns the summary of a finished run."""
         model_dir = self.config.model_dir
         record = {**run_params(self.config), "dataset": dataset_identity(self.reader.info)}
-        path = os.path.join(model_dir, CONFIG_FILE)
-        recorded = files.read_json(path)
-        # The code that started the run is recorded, not compared: newer code may resume it.
-        diff = [] if recorded is None else rundir.differences(
-            {k: v for k, v in recorded.items() if k != provenance.FIELD}, record)
+        found = rundir.survey(model_dir, LAYOUT)
+        diff = [] if found.record is None else rundir.mismatch(found.record, record)
         if diff and not self.overwrite:
             raise rundir.RunDirError(
                 f"{model_dir} holds a run with another configuration ({'; '.join(diff)}); "
                 f"use another --model_dir, or --overwrite to start it over")
         if diff:
             logging.warning("--overwrite: starting %s over (%s)", model_dir, "; ".join(diff))
-            start_over(model_dir)
-            recorded = None
-        summary = files.read_json(os.path.join(model_dir, SUMMARY_FILE))
-        if summary is not None:
-            return summary
-        if recorded is None:
-            files.write_json(path, {**record, provenance.FIELD: provenance.provenance()})
+            rundir.clear(found)
+            found = rundir.survey(model_dir, LAYOUT)
+        if found.complete:
+            return files.read_json(os.path.join(model_dir, SUMMARY_FILE))
+        if found.record is None:
+            files.write_json(os.path.join(model_dir, CONFIG_FILE),
+                             {**record, provenance.FIELD: provenance.provenance()})
         return None
 
-    def _train(self, held: rundir.RunDirLock) -> dict:
+    def _train(self, held: lock.Lock) -> dict:
         """Keras' fit from the restored step to the end, with the run's callbacks:
         its counters and log lines (and a stop at a non-finite loss), the
         monitor, the checkpoints."""
