@@ -79,7 +79,7 @@ def test_median3():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: Winsorized(4.0), r"Winsorized\(c=4.0\): c must be a whole number of 0 or more"),
+    (lambda: Winsorized(4.5), r"Winsorized\(c=4.5\): c must be a whole number of 0 or more"),
     (lambda: Trimmed(c=-1), r"Trimmed\(c=-1\): c must be"),
     (lambda: MedianOfMeans(k="3"), r"MedianOfMeans\(k='3'\): k must be"),
     (lambda: Winsorized(True), r"Winsorized\(c=True\): c must be"),
@@ -88,3 +88,4 @@ def test_an_aggregators_parameter_must_be_a_whole_number(make, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         make()
     assert Winsorized(np.int64(4)) == Winsorized(4) and type(Winsorized(np.int64(4)).c) is int
+    assert Winsorized(4.0) == Winsorized(4) and Winsorized(4.0).spec == "winsorized:4"

@@ -421,6 +421,10 @@ def test_the_callback_watches_arrays_and_fills_fits_logs(tmp_path):
             MemorizationCallback(arrays, str(tmp_path / "run"))])
     for a, v in zip(before, model.net.trainable_variables):
         np.testing.assert_array_equal(a, v.numpy())
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ValueError, match=rf"^MemorizationCallback: log_dir="
+                                         rf"'{tmp_path / 'a_file'}' is a file, not a directory$"):
+        MemorizationCallback(arrays, str(tmp_path / "a_file"))
     again = MemorizationCallback(arrays, str(tmp_path / "run"), overwrite=True,
                                  config=MonitorConfig(eval_log_spaced=False, probe_size=0))
     model.fit(x, noisy, batch_size=50, epochs=1, verbose=0, callbacks=[again])
@@ -482,3 +486,69 @@ def test_labels_and_rates_out_of_range_are_refused_naming_the_argument(call, mes
     from cg_tf import ArrayData, corrupt_labels
     with pytest.raises(ValueError, match=f"^{message}"):
         call(corrupt_labels, ArrayData)
+
+
+def one_by_eight(outputs=1, inputs=1):
+    """A functional net on 8 features with `inputs` inputs and `outputs` heads."""
+    ins = [keras.Input((8,)) for _ in range(inputs)]
+    h = keras.layers.Dense(6)(ins[0] if inputs == 1 else keras.layers.Concatenate()(ins))
+    heads = [keras.layers.Dense(3)(h) for _ in range(outputs)]
+    return keras.Model(ins if inputs > 1 else ins[0], heads if outputs > 1 else heads[0])
+
+
+def generator_of(x, y):
+    while True:
+        yield x[:20], y[:20]
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return self.x[20 * i:20 * (i + 1)], self.y[20 * i:20 * (i + 1)]
+
+
+FEATURES = np.random.default_rng(0).random((40, 8), dtype=np.float32)
+CLASSES = np.arange(40) % 3
+
+
+@pytest.mark.parametrize("make, fit, message", [
+    (lambda: one_by_eight(outputs=2), None, r"^RobustModel: net '.*' has 2 outputs; the "
+     r"per-example gradients take a model of one input \(the images\) and one output"),
+    (lambda: one_by_eight(inputs=2), None, r"^RobustModel: net '.*' has 2 inputs"),
+    (one_by_eight, lambda m: m.fit(generator_of(FEATURES, CLASSES), steps_per_epoch=2),
+     r"^RobustModel.fit: x is a generator; fit takes arrays \(x and y\) or a tf.data.Dataset of "
+     r"\(inputs, labels\) batches: wrap it with tf.data.Dataset.from_generator"),
+    (one_by_eight, lambda m: m.fit(Batches(FEATURES, CLASSES)), r"^RobustModel.fit: x is a "
+     r"Batches; fit takes arrays"),
+    (one_by_eight, lambda m: m.fit(tf.data.Dataset.from_tensor_slices(FEATURES).batch(
+        20, drop_remainder=True)), r"^RobustModel.fit: the dataset gives no labels"),
+    (one_by_eight, lambda m: m.fit(FEATURES, CLASSES + 8, batch_size=20),
+     r"^RobustModel.fit: y holds the label 10, outside 0 \.\. 2, the classes of "),
+    (one_by_eight, lambda m: m.fit(FEATURES, CLASSES - 1, batch_size=20),
+     r"^RobustModel.fit: y holds the label -1, outside 0 \.\. 2"),
+    (one_by_eight, lambda m: m.fit(tf.data.Dataset.from_tensor_slices(
+        (FEATURES, CLASSES + 1)).batch(20, drop_remainder=True)),
+     r"^RobustModel.fit: a batch holds a label outside 0 \.\. 2, the classes of "),
+    (one_by_eight, lambda m: m.save("m.h5"), r"^RobustModel.save: m.h5: the legacy HDF5 format "
+     r"cannot hold a RobustModel \(it would not load\); save to a .keras file$"),
+])
+def test_what_the_python_face_cannot_take_is_refused_in_one_sentence(make, fit, message):
+    """Each ends in one ValueError in Python's terms (the argument, not a flag)
+    before or instead of a graph error deep in TensorFlow."""
+    with pytest.raises(ValueError, match=message):
+        model = RobustModel(make(), Winsorized(c=1))
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        fit(model)
+
+
+def test_a_whole_float_parameter_trains_as_its_integer():
+    model = RobustModel(one_by_eight(), Winsorized(4.0))
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.fit(FEATURES, CLASSES, batch_size=20, verbose=0)
+    assert model.aggregator == Winsorized(4)

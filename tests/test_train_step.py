@@ -10,7 +10,8 @@ from conftest import make_aggregator, np_trimmed, np_winsorized, replicas, two_r
 
 from cg_tf.robust.aggregators import (REGISTRY, RM3, Mean, Median, MedianOfMeans, Trimmed,
                                       Winsorized, from_json, parse)
-from cg_tf.robust import layer_rules, tiled
+from cg_tf.robust import layer_filter, layer_rules, tiled
+from cg_tf.robust.layer_filter import HiddenLayers
 from cg_tf.robust.collectives import Collectives
 from cg_tf.robust.gradients import GradientSource
 from cg_tf.training import models
@@ -171,7 +172,7 @@ def test_a_layer_filter_leaves_the_other_layers_to_the_mean(name, kind, layers):
     paths = [v.path for v in net.trainable_variables]
     output = [p.startswith("logits/") for p in paths]
     robust = output if layers == "output" else [not o for o in output]
-    assert chosen.layers.robust(net.trainable_variables) == robust
+    assert chosen.layers.robust(net) == robust
     for path, r, f, w, m in zip(paths, robust, filtered, whole, mean):
         np.testing.assert_allclose(f, w if r else m, rtol=1e-5, atol=1e-6, err_msg=path)
     # The filter changed something: the output layer's robust value is not its mean.
@@ -182,6 +183,46 @@ def test_a_filter_that_leaves_no_layer_is_refused():
     with pytest.raises(ValueError, match=r"winsorized:2@hidden: the layer filter 'hidden' "
                                          r"leaves no layer of .* to aggregate robustly"):
         RobustModel(make_net("softmax"), Winsorized(c=2, layers="hidden"))
+
+
+class OutputFirst(keras.Model):
+    """A subclassed model that creates its output layer before its hidden one:
+    the order of its variables says nothing of which layer makes the output."""
+
+    def __init__(self):
+        super().__init__(name="output_first")
+        self.out = keras.layers.Dense(C, name="out")
+        self.hidden = keras.layers.Dense(6, name="hidden")
+
+    def call(self, x):
+        return self.out(self.hidden(keras.ops.reshape(x, (keras.ops.shape(x)[0], -1))))
+
+
+def test_the_output_layer_is_read_from_the_models_structure():
+    """The layer that makes the output, through weightless layers after it (an
+    activation); a model whose structure does not name one layer is refused."""
+    inputs = keras.Input(SHAPE)
+    hidden = keras.layers.Dense(6, name="hidden")(keras.layers.Flatten()(inputs))
+    logits = keras.layers.Dense(C, name="logits")(hidden)
+    out = keras.layers.Dropout(0.1)(keras.layers.Activation("linear")(logits))
+    net = keras.Model(inputs, out)
+    assert layer_filter.output_layer(net) == {"logits/kernel", "logits/bias"}
+    assert HiddenLayers().robust(net) == [True, True, False, False]
+    subclassed = OutputFirst()
+    subclassed(tf.zeros([1, *SHAPE]))
+    with pytest.raises(ValueError, match=r"^winsorized:2@hidden: model 'output_first' does not "
+                                         r"show which layer makes its output \(a subclassed "
+                                         r"model\)"):
+        RobustModel(subclassed, Winsorized(c=2, layers="hidden"))
+    RobustModel(subclassed, Winsorized(c=2))  # every layer: no output layer needed
+    two_heads = keras.Model(inputs, [logits, keras.layers.Dense(2, name="aux")(hidden)])
+    with pytest.raises(ValueError, match=r"has 2 outputs, so 'the output layer' .* is ambiguous"):
+        RobustModel(two_heads, Winsorized(c=2, layers="output"))
+    joined = keras.Model(inputs, keras.layers.Add()(
+        [logits, keras.layers.Dense(C, name="skip")(hidden)]))
+    with pytest.raises(ValueError, match=r"its output comes from 'add.*', which joins several "
+                                         r"inputs"):
+        RobustModel(joined, Winsorized(c=2, layers="hidden"))
 
 
 def run_steps(strategy, aggregator, kind, batches, lr=0.1, chunk=None):

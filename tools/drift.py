@@ -130,7 +130,7 @@ class Study:
         self.mean = RobustModel(self.net, Mean())
         self.aggregator = aggregator
         self.layers = [layer_of(v, self.net.name) for v in self.net.trainable_variables]
-        self.use_mean = [not r for r in aggregator.layers.robust(self.net.trainable_variables)]
+        self.use_mean = [not r for r in aggregator.layers.robust(self.net)]
         self.optimizer = keras.optimizers.SGD(learning_rate)
         self.optimizer.build(self.net.trainable_variables)
         self.hidden = keras.Model(self.net.input, [

@@ -59,7 +59,7 @@ class Probe:
         self.cut = aggregator.probe_cut(self.size, batch_size)
         # The variables the aggregator's layer filter aggregates robustly; the
         # others' update is the mean, their values all kept.
-        self.robust = aggregator.layers.robust(self.source.variables)
+        self.robust = aggregator.layers.robust(self.source.model)
         self._measure = tf.function(self._graph)
 
     def _chunk_pristine(self, i, m):

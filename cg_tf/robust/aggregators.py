@@ -91,10 +91,13 @@ class Aggregator:
     def __post_init__(self):
         value = self.value
         if self.parameter:
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            whole = isinstance(value, numbers.Integral) or (
+                isinstance(value, numbers.Real) and float(value).is_integer())
+            if isinstance(value, bool) or not whole or value < 0:
                 raise ValueError(f"{type(self).__name__}({self.parameter}={value!r}): "
                                  f"{self.parameter} must be a whole number of 0 or more")
-            object.__setattr__(self, self.parameter, int(value))  # NumPy's integers too
+            # NumPy's integers and whole floats (4.0) alike: the spec and names say 4.
+            object.__setattr__(self, self.parameter, int(value))
         if isinstance(self.layers, str):
             object.__setattr__(self, "layers", layer_filter.parse(self.layers))
         if self.layers != layer_filter.ALL and not self.per_example:
@@ -128,11 +131,12 @@ class Aggregator:
         return {"name": self.name, **({self.parameter: self.value} if self.parameter else {}),
                 **({"layers": self.layers.name} if self._filtered else {})}
 
-    def by_layer(self, values: list[PerExample], variables: list, aggregate
-                 ) -> list[tf.Tensor]:
-        """`aggregate(values, variables)` over the robust layers' per-example
-        values, and over the others' the mean of their values, in order."""
-        robust = self.layers.robust(variables)
+    def by_layer(self, values: list[PerExample], model, aggregate) -> list[tf.Tensor]:
+        """`aggregate(values, variables)` over the per-example values of the
+        layers of `model` that are aggregated robustly, and over the others'
+        the mean of their values, in the order of its trainable variables."""
+        variables = model.trainable_variables
+        robust = self.layers.robust(model)
         (robust_values, mean_values), (robust_vars, mean_vars) = (
             layer_filter.split(values, robust), layer_filter.split(variables, robust))
         means = [tf.reshape(v.groups(1).stacked()[0] / v.count, w.shape)
@@ -216,7 +220,7 @@ class OrderStatistic(Aggregator):
 
     def gradient(self, source, x, y, sync, chunk=None):
         values, counts = global_values(source, x, y, sync, chunk)
-        return self.by_layer(values, source.variables,
+        return self.by_layer(values, source.model,
                              lambda v, w: tiled.aggregate(v, self, w, sync)), counts
 
     def probe_cut(self, probe_size: int, batch_size: int) -> int:
@@ -329,14 +333,14 @@ class MedianOfMeans(Aggregator):
             return self._by_passes(source, x, y, sync)
         values, counts = global_values(source, x, y, sync, chunk)
         # The k group sums as k examples: their median, by tiles, over the group size.
-        return self._median_of_groups([v.groups(self.k) for v in values], source.variables,
+        return self._median_of_groups([v.groups(self.k) for v in values], source.model,
                                       global_batch(x, sync) // self.k, sync), counts
 
-    def _median_of_groups(self, groups: list[PerExample], variables: list, size: int,
+    def _median_of_groups(self, groups: list[PerExample], model, size: int,
                           sync: Collectives):
         """The median of the k group sums over the group size (the mean of the
         group sums for the layers the filter leaves to the mean)."""
-        medians = self.by_layer(groups, variables,
+        medians = self.by_layer(groups, model,
                                 lambda v, w: tiled.aggregate(v, Median(), w, sync))
         return [m / size for m in medians]
 
@@ -361,7 +365,7 @@ class MedianOfMeans(Aggregator):
             sums = [acc + tf.reshape(tf.cast(slot, acc.dtype), [self.k] + [1] * gi.shape.rank)
                     * gi[None] for acc, gi in zip(sums, g)]
         group_sums = sync.sum(sums)
-        return self._median_of_groups([Stacked(s) for s in group_sums], source.variables,
+        return self._median_of_groups([Stacked(s) for s in group_sums], source.model,
                                       size, sync), counts
 
 

@@ -1,8 +1,9 @@
 """Which layers an aggregator aggregates robustly; the others get the mean gradient.
 
   AllLayers()     every layer (the papers' setting)
-  HiddenLayers()  every layer but the output layer (the layer that owns the
-                  model's last trainable variable)
+  HiddenLayers()  every layer but the output layer: the layer that makes the
+                  model's output (or, if that one has no weights, as an
+                  activation or a reshape, the nearest layer before it that has)
   OutputLayer()   the output layer only (the complement of HiddenLayers)
 
 At the papers' length, winsorizing the output layer grows its weights without
@@ -11,6 +12,11 @@ step points outward where the mean gradient's points inward. `hidden` keeps
 the robust aggregation where the papers' claim lives and the mean where the
 drift starts. A filter reads and prints by its `name` (`parse`); an
 aggregator carries one (`winsorized:4@hidden`).
+
+The output layer is read from the model's structure (`output_layer`), never
+from the order its variables were made in; a model whose structure does not
+name one layer (a subclassed model, several outputs, an output made by
+joining branches) is refused by `hidden` and `output`.
 """
 
 import dataclasses
@@ -25,19 +31,49 @@ def register(cls: type["LayerFilter"]) -> type["LayerFilter"]:
     return cls
 
 
-def layer_path(variable) -> str:
-    """The path of the layer that owns a Keras variable (its path without the
-    variable's own name)."""
-    return variable.path.rpartition("/")[0]
+def output_layer(model) -> set[str]:
+    """The paths of the variables of the layer that makes `model`'s output: the
+    layer whose output is the model's, or, while that layer has no trainable
+    variables, the one that feeds it. A ValueError when the structure does not
+    name one such layer."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        raise ValueError(f"model {model.name!r} does not show which layer makes its output (a "
+                         "subclassed model): the layer filters 'hidden' and 'output' need a "
+                         "functional or Sequential model")
+    if len(outputs) > 1:
+        raise ValueError(f"model {model.name!r} has {len(outputs)} outputs, so 'the output "
+                         "layer' of the layer filters 'hidden' and 'output' is ambiguous")
+    makers = {}
+    for layer in model.layers:
+        try:
+            makers[id(layer.output)] = layer
+        except (AttributeError, ValueError):  # a layer called more than once
+            continue
+    tensor = outputs[0]
+    while True:
+        layer = makers.get(id(tensor))
+        if layer is None:
+            raise ValueError(f"model {model.name!r}: its output is not made by one of its layers "
+                             "(an op, or a layer called more than once), so the layer filters "
+                             "'hidden' and 'output' cannot tell its output layer")
+        if layer.trainable_variables:
+            return {v.path for v in layer.trainable_variables}
+        if isinstance(layer.input, (list, tuple, dict)):
+            raise ValueError(f"model {model.name!r}: its output comes from {layer.name!r}, which "
+                             "joins several inputs, so the layer filters 'hidden' and 'output' "
+                             "cannot tell its output layer")
+        tensor = layer.input
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerFilter:
-    """Selects, per trainable variable, robust (True) or mean (False) aggregation."""
+    """Selects, per trainable variable of a model, robust (True) or mean (False)
+    aggregation."""
 
     name: ClassVar[str]
 
-    def robust(self, variables: list) -> list[bool]:
+    def robust(self, model) -> list[bool]:
         raise NotImplementedError
 
 
@@ -46,8 +82,8 @@ class LayerFilter:
 class AllLayers(LayerFilter):
     name: ClassVar[str] = "all"
 
-    def robust(self, variables):
-        return [True] * len(variables)
+    def robust(self, model):
+        return [True] * len(model.trainable_variables)
 
 
 @register
@@ -55,11 +91,9 @@ class AllLayers(LayerFilter):
 class HiddenLayers(LayerFilter):
     name: ClassVar[str] = "hidden"
 
-    def robust(self, variables):
-        if not variables:
-            return []
-        output = layer_path(variables[-1])
-        return [layer_path(v) != output for v in variables]
+    def robust(self, model):
+        output = output_layer(model)
+        return [v.path not in output for v in model.trainable_variables]
 
 
 @register
@@ -67,8 +101,8 @@ class HiddenLayers(LayerFilter):
 class OutputLayer(LayerFilter):
     name: ClassVar[str] = "output"
 
-    def robust(self, variables):
-        return [not r for r in HiddenLayers().robust(variables)]
+    def robust(self, model):
+        return [not r for r in HiddenLayers().robust(model)]
 
 
 ALL = REGISTRY["all"]

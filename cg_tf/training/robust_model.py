@@ -28,6 +28,7 @@ dataset, against the dataset's labels (the noisy ones, on a noisy dataset); a
 non-finite loss stops `fit` with NonFiniteLoss.
 """
 
+import collections.abc
 import sys
 
 import keras
@@ -64,6 +65,41 @@ def features_and_labels(data) -> tuple:
     if weights is not None:
         raise ValueError(f"RobustModel: the data carry sample weights: {WEIGHTS_REFUSED}")
     return x, y
+
+
+def check_net(net: keras.Model) -> None:
+    """The per-example gradients take a model of one input (the images) and
+    one output (the logits); a functional net shows its own (a subclassed one
+    is taken on trust)."""
+    for what in ("inputs", "outputs"):
+        try:
+            tensors = getattr(net, what, None)
+        except ValueError:  # a Sequential model not built yet
+            tensors = None
+        if tensors and len(tensors) > 1:
+            raise ValueError(f"RobustModel: net {net.name!r} has {len(tensors)} {what}; the "
+                             "per-example gradients take a model of one input (the images) and "
+                             "one output (the logits)")
+
+
+def output_classes(net: keras.Model) -> int | None:
+    """The number of logits of a functional net (None if it does not show it)."""
+    try:
+        return int(net.outputs[0].shape[-1])
+    except (AttributeError, ValueError, TypeError, IndexError):
+        return None
+
+
+LABELS_OUT_OF_RANGE = "cg_tf: a label is out of range"  # the in-graph check's marker
+
+
+def checked_labels(y: tf.Tensor, classes: int) -> tf.Tensor:
+    """`y`, once every label is in [0, classes) (an InvalidArgumentError
+    carrying LABELS_OUT_OF_RANGE otherwise)."""
+    checks = [tf.debugging.assert_non_negative(y, message=LABELS_OUT_OF_RANGE),
+              tf.debugging.assert_less(y, tf.cast(classes, y.dtype), message=LABELS_OUT_OF_RANGE)]
+    with tf.control_dependencies(checks):
+        return tf.identity(y)
 
 
 def optimizer_momentum(optimizer) -> tuple[float, str]:
@@ -170,10 +206,16 @@ class RobustModel(keras.Model):
                             f"got {aggregator!r}; parse a 'name:value' string with "
                             "aggregators.parse")
         check_chunk(per_example_chunk)
-        if not any(aggregator.layers.robust(net.trainable_variables)):
+        check_net(net)
+        try:
+            robust = aggregator.layers.robust(net)
+        except ValueError as e:
+            raise ValueError(f"{aggregator.spec}: {e}") from None
+        if not any(robust):
             raise ValueError(f"{aggregator.spec}: the layer filter {aggregator.layers.name!r} "
                              f"leaves no layer of {net.name} to aggregate robustly")
         self.net = net
+        self.classes = output_classes(net)  # None: the net does not show it
         self.aggregator = aggregator
         self.per_example_chunk = per_example_chunk
         self.bn_mode = bn_mode
@@ -268,6 +310,8 @@ class RobustModel(keras.Model):
     def train_step(self, data):
         """One robust update; returns the loss and accuracy of the global batch."""
         x, y = features_and_labels(data)
+        if self.source.loss is example_losses and self.classes is not None:
+            y = checked_labels(y, self.classes)
         sync = Collectives.current()
         with self.source.recording() as forwards:  # the outputs the gradients came from
             grads, counts = self.aggregated_gradient(x, y, sync)
@@ -327,12 +371,25 @@ class RobustModel(keras.Model):
                 raise ValueError(f"RobustModel.fit: {name} is refused: {WEIGHTS_REFUSED}")
         if self.optimizer is None:
             raise ValueError("RobustModel.fit: compile the model first")
+        if isinstance(x, (keras.utils.PyDataset, collections.abc.Iterator)):
+            raise ValueError(f"RobustModel.fit: x is a {type(x).__name__}; fit takes arrays (x "
+                             "and y) or a tf.data.Dataset of (inputs, labels) batches: wrap it "
+                             "with tf.data.Dataset.from_generator and batch it with "
+                             "drop_remainder=True")
         if not hasattr(x, "element_spec"):  # arrays (a distributed dataset is checked by its maker)
             if validation_split and validation_data is None:
                 (x, y), validation_data = split_off(x, y, validation_split)
+            self._check_label_values(y)
             x = array_batches(x, y, batch_size or 32, shuffle)
         if isinstance(x, tf.data.Dataset):
             inputs, labels = features_and_labels(x.element_spec)
+            if labels is None:
+                raise ValueError("RobustModel.fit: the dataset gives no labels; it must give "
+                                 "(inputs, labels) batches")
+            if not isinstance(inputs, tf.TensorSpec):
+                raise ValueError(f"RobustModel.fit: the dataset's inputs are a "
+                                 f"{type(inputs).__name__}, not one tensor; the per-example "
+                                 "gradients take a model of one input")
             if inputs.shape[0] is None:
                 raise ValueError("RobustModel.fit: the dataset's batch size is not static; "
                                  "batch it with drop_remainder=True (the aggregators are "
@@ -342,8 +399,32 @@ class RobustModel(keras.Model):
         if not self.optimizer.built:
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.net.trainable_variables)
-        return super().fit(x, None, None, epochs, shuffle=False, validation_data=validation_data,
-                           callbacks=[*(callbacks or []), StopOnNonFiniteLoss()], **kwargs)
+        try:
+            return super().fit(x, None, None, epochs, shuffle=False,
+                               validation_data=validation_data,
+                               callbacks=[*(callbacks or []), StopOnNonFiniteLoss()], **kwargs)
+        except tf.errors.InvalidArgumentError as e:
+            if LABELS_OUT_OF_RANGE not in str(e):
+                raise
+            raise ValueError(f"RobustModel.fit: a batch holds a label outside 0 .. "
+                             f"{self.classes - 1}, the classes of {self.net.name}") from None
+
+    def _check_label_values(self, y) -> None:
+        """Array labels of the default loss are class numbers of the net."""
+        if self.source.loss is not example_losses or self.classes is None or y is None:
+            return
+        y = np.asarray(y)
+        if y.size and np.issubdtype(y.dtype, np.integer) and (
+                y.min() < 0 or y.max() >= self.classes):
+            bad = y.min() if y.min() < 0 else y.max()
+            raise ValueError(f"RobustModel.fit: y holds the label {bad}, outside 0 .. "
+                             f"{self.classes - 1}, the classes of {self.net.name}")
+
+    def save(self, filepath, *args, **kwargs):
+        if str(filepath).endswith((".h5", ".hdf5")):
+            raise ValueError(f"RobustModel.save: {filepath}: the legacy HDF5 format cannot "
+                             "hold a RobustModel (it would not load); save to a .keras file")
+        return super().save(filepath, *args, **kwargs)
 
     def _check_labels(self, spec) -> None:
         """The default loss takes integer class labels, one per example."""
