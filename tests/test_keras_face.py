@@ -90,7 +90,7 @@ def test_fit_takes_the_readers_dicts_and_evaluate_averages_the_whole_set():
 @pytest.mark.parametrize("make,message", [
     (lambda ds: ds.batch(B), "batch size is not static; batch it with drop_remainder=True"),
     (lambda ds: ds.batch(4, drop_remainder=True),
-     re.escape("RobustModel's aggregator=winsorized:2: need 0 <= 2c < --batch_size=4")),
+     re.escape("RobustModel's aggregator=winsorized:2: need 0 <= 2c < batch_size=4")),
 ])
 def test_fit_refuses_what_the_aggregator_cannot_run_before_training(make, message):
     x, y = data(0, 4 * B)
@@ -207,7 +207,7 @@ def test_fit_takes_arrays_and_leaves_out_the_last_partial_batch(capsys):
     (MedianOfMeans(k=5), lambda: keras.optimizers.RMSprop(0.01, momentum=0.5),
      "aggregator=median_of_means:5: refuses RMSprop's momentum=0.5"),
     (Trimmed(c=25), lambda: keras.optimizers.SGD(0.1),
-     re.escape("aggregator=trimmed:25: need 0 <= 2c < --batch_size=50")),
+     re.escape("aggregator=trimmed:25: need 0 <= 2c < batch_size=50")),
     (MedianOfMeans(k=7), lambda: keras.optimizers.SGD(0.1), "7 groups do not divide"),
 ])
 def test_fit_applies_the_command_lines_rules(aggregator, optimizer, message):
@@ -552,3 +552,12 @@ def test_a_whole_float_parameter_trains_as_its_integer():
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     model.fit(FEATURES, CLASSES, batch_size=20, verbose=0)
     assert model.aggregator == Winsorized(4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"per_example_chunk": 0}, r"^per_example_chunk must be positive, got 0$"),
+    ({"bn_mode": "magic"}, r"^bn_mode must be one of .*, got 'magic'$"),
+])
+def test_robust_models_arguments_are_named_as_python_names_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RobustModel(one_by_eight(), Winsorized(c=1), **kwargs)

@@ -146,11 +146,13 @@ class Aggregator:
 
     # -- checks ------------------------------------------------------------------
 
-    def check(self, global_batch: int, replicas: int = 1) -> None:
+    def check(self, global_batch: int, replicas: int = 1, batch_name: str = "--batch_size"
+              ) -> None:
         """Raises ValueError for a batch layout it cannot run with (the caller
-        names the flag that chose this aggregator)."""
+        names the flag that chose this aggregator; `batch_name` is what the
+        global batch size is called where it was given: a flag, an argument)."""
         if global_batch % replicas:
-            raise ValueError(f"--batch_size={global_batch} is not divisible by the "
+            raise ValueError(f"{batch_name}={global_batch} is not divisible by the "
                              f"{replicas} replicas")
 
     def check_momentum(self, momentum: float, name: str = "--momentum") -> None:
@@ -253,10 +255,10 @@ class CutAtC(OrderStatistic):
     def cut_at(self, n: int) -> int:
         return self.c
 
-    def check(self, global_batch, replicas=1):
-        super().check(global_batch, replicas)
+    def check(self, global_batch, replicas=1, batch_name="--batch_size"):
+        super().check(global_batch, replicas, batch_name)
         if not 0 <= 2 * self.c < global_batch:
-            raise ValueError(f"need 0 <= 2c < --batch_size={global_batch}")
+            raise ValueError(f"need 0 <= 2c < {batch_name}={global_batch}")
 
 
 @register
@@ -323,10 +325,10 @@ class MedianOfMeans(Aggregator):
     per_example: ClassVar[bool] = True
     allows_momentum: ClassVar[bool] = False
 
-    def check(self, global_batch, replicas=1):
-        super().check(global_batch, replicas)
+    def check(self, global_batch, replicas=1, batch_name="--batch_size"):
+        super().check(global_batch, replicas, batch_name)
         if self.k < 1 or global_batch % self.k:
-            raise ValueError(f"{self.k} groups do not divide --batch_size={global_batch}")
+            raise ValueError(f"{self.k} groups do not divide {batch_name}={global_batch}")
 
     def gradient(self, source, x, y, sync, chunk=None):
         if not source.factored or source.bn or source.positions:

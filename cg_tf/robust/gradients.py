@@ -66,22 +66,24 @@ def per_example_loss(loss) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     return losses
 
 
-def check_bn_mode(bn_mode: str) -> None:
-    """Raises ValueError unless `bn_mode` (--bn_mode) is one of BN_MODES."""
+def check_bn_mode(bn_mode: str, name: str = "--bn_mode") -> None:
+    """Raises ValueError unless `bn_mode` (called `name` where it was given) is
+    one of BN_MODES."""
     if bn_mode not in BN_MODES:
-        raise ValueError(f"--bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
+        raise ValueError(f"{name} must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
 
 
-def check_chunk(chunk: int | None, per_replica_batch: int | None = None) -> None:
-    """Raises ValueError unless `chunk` (--per_example_chunk) is unset or positive
-    and, given the per-replica batch, divides it (a chunk at least as large as
-    the batch is the whole batch)."""
+def check_chunk(chunk: int | None, per_replica_batch: int | None = None,
+                name: str = "--per_example_chunk") -> None:
+    """Raises ValueError unless `chunk` (called `name` where it was given) is
+    unset or positive and, given the per-replica batch, divides it (a chunk at
+    least as large as the batch is the whole batch)."""
     if chunk is None:
         return
     if chunk < 1:
-        raise ValueError(f"--per_example_chunk must be positive, got {chunk}")
+        raise ValueError(f"{name} must be positive, got {chunk}")
     if per_replica_batch is not None and per_replica_batch % chunk_size(chunk, per_replica_batch):
-        raise ValueError(f"--per_example_chunk={chunk} does not divide the per-replica batch "
+        raise ValueError(f"{name}={chunk} does not divide the per-replica batch "
                          f"of {per_replica_batch}")
 
 

@@ -29,6 +29,7 @@ non-finite loss stops `fit` with NonFiniteLoss.
 """
 
 import collections.abc
+import dataclasses
 import sys
 
 import keras
@@ -39,7 +40,7 @@ from cg_tf import keras_internals
 from cg_tf.robust import aggregators
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.collectives import Collectives, tally
-from cg_tf.robust.gradients import (DEFAULT_BN_MODE, GradientSource, check_chunk,
+from cg_tf.robust.gradients import (DEFAULT_BN_MODE, GradientSource, check_bn_mode, check_chunk,
                                    example_losses, per_example_loss)
 
 
@@ -124,19 +125,36 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                                 "learning rate, or check the data and the loss)")
 
 
+@dataclasses.dataclass(frozen=True)
+class Names:
+    """What the settings a check names are called where they were given: the
+    command line's flags, or RobustModel's arguments (errors raised through
+    the Python API speak Python)."""
+    aggregator: str = "--aggregator"
+    batch: str = "--batch_size"
+    chunk: str = "--per_example_chunk"
+    momentum: str = "--momentum"
+    bn_mode: str = "--bn_mode"
+
+
+FLAGS = Names()
+ARGUMENTS = Names(aggregator="RobustModel's aggregator", batch="batch_size",
+                  chunk="per_example_chunk", momentum="the optimizer's momentum",
+                  bn_mode="bn_mode")
+
+
 def check_layout(aggregator: Aggregator, global_batch: int, replicas: int, momentum: float,
-                 per_example_chunk: int | None, flag: str = "--aggregator",
-                 momentum_name: str = "--momentum") -> None:
-    """Raises ValueError, naming `flag` (the one that chose the aggregator), for
-    a batch layout or an optimizer's momentum (called `momentum_name`) the
-    aggregator cannot run with: the one rule of the command lines and of fit."""
+                 per_example_chunk: int | None, names: Names = FLAGS) -> None:
+    """Raises ValueError, naming the settings as `names` calls them, for a
+    batch layout or an optimizer's momentum the aggregator cannot run with:
+    the one rule of the command lines and of fit."""
     try:
-        aggregator.check(global_batch, replicas)
-        aggregator.check_momentum(momentum, momentum_name)
+        aggregator.check(global_batch, replicas, names.batch)
+        aggregator.check_momentum(momentum, names.momentum)
     except ValueError as e:
-        raise ValueError(f"{flag}={aggregator.spec}: {e}") from None
+        raise ValueError(f"{names.aggregator}={aggregator.spec}: {e}") from None
     if aggregator.per_example:
-        check_chunk(per_example_chunk, global_batch // replicas)
+        check_chunk(per_example_chunk, global_batch // replicas, names.chunk)
 
 
 def split_off(x, y, fraction: float) -> tuple[tuple, tuple]:
@@ -205,7 +223,8 @@ class RobustModel(keras.Model):
             raise TypeError(f"aggregator must be an Aggregator (cg_tf.robust.aggregators), "
                             f"got {aggregator!r}; parse a 'name:value' string with "
                             "aggregators.parse")
-        check_chunk(per_example_chunk)
+        check_chunk(per_example_chunk, name=ARGUMENTS.chunk)
+        check_bn_mode(bn_mode, ARGUMENTS.bn_mode)
         check_net(net)
         try:
             robust = aggregator.layers.robust(net)
@@ -271,7 +290,7 @@ class RobustModel(keras.Model):
         optimizer, this model cannot train with (the command line's rule)."""
         momentum, name = optimizer_momentum(self.optimizer)
         check_layout(self.aggregator, global_batch, replicas, momentum, self.per_example_chunk,
-                     flag="RobustModel's aggregator", momentum_name=name)
+                     dataclasses.replace(ARGUMENTS, momentum=name))
 
     def aggregated_gradient(self, x, y, sync: Collectives | None = None):
         """The global update direction (the same on every replica), and this

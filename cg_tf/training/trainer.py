@@ -40,7 +40,7 @@ from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.gradients import BN_MODES, DEFAULT_BN_MODE, check_bn_mode, check_chunk
 from cg_tf.storage import events, files, lock, rundir
 from cg_tf.training.models import FC_INITS, MODELS, build_model, clamp_kernel_norms, describe
-from cg_tf.training.robust_model import (NonFiniteLoss, RobustModel, check_layout,
+from cg_tf.training.robust_model import (FLAGS, NonFiniteLoss, RobustModel, check_layout,
                                          optimizer_momentum)
 from cg_tf.training.strategies import STRATEGIES, get_strategy
 
@@ -171,7 +171,8 @@ def check_run_layout(config: TrainConfig, replicas: int, flag: str = "--aggregat
         momentum, name = optimizer_momentum(make_optimizer(config, config.learning_rate))
         name = f"--optimizer={config.optimizer}, whose {name.split()[-1]}"
     check_layout(config.aggregator, config.batch_size, replicas, momentum,
-                 config.per_example_chunk, flag, name)
+                 config.per_example_chunk,
+                 dataclasses.replace(FLAGS, aggregator=flag, momentum=name))
 
 
 def _within(path: str, folder: str) -> bool:
