@@ -243,8 +243,12 @@ def test_a_non_finite_loss_stops_fit():
     x, y = data(0, 4 * B)
     model = RobustModel(net(), Mean())
     model.compile(optimizer=keras.optimizers.SGD(1e35))  # the weights overflow at once
+    seen = []  # what a user's callback (a checkpoint, say) is shown
+    watch = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(float(logs["loss"])))
     with pytest.raises(NonFiniteLoss, match=r"the loss is (nan|inf) at batch 1 of the epoch"):
-        model.fit(x, y, batch_size=B, shuffle=False, verbose=0)
+        model.fit(x, y, batch_size=B, shuffle=False, verbose=0, callbacks=[watch])
+    assert len(seen) == 1 and np.isfinite(seen[0])  # the stop came before it saw batch 1
 
 
 def test_an_aggregator_must_be_an_object():

@@ -49,7 +49,11 @@ STATE_KEY = "aggregator_state_"
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss (`loss`)."""
+
+    def __init__(self, message: str, loss: float):
+        super().__init__(message)
+        self.loss = loss
 
 
 WEIGHTS_REFUSED = ("the aggregator alone weighs the examples of a batch (a weighted "
@@ -115,14 +119,16 @@ def optimizer_momentum(optimizer) -> tuple[float, str]:
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Raises NonFiniteLoss at the first batch whose loss is NaN or infinite."""
+    """Raises NonFiniteLoss at the first batch whose loss is NaN or infinite.
+    fit runs it before every other callback, so none of them (a checkpoint, a
+    measurement) sees that step: the one stop of both routes."""
 
     def on_train_batch_end(self, batch, logs=None):
         loss = float(np.mean((logs or {}).get("loss", 0.0)))
         if not np.isfinite(loss):
             raise NonFiniteLoss(f"RobustModel.fit: the loss is {loss} at batch {batch} of the "
                                 "epoch; stopped (the weights are no longer finite: lower the "
-                                "learning rate, or check the data and the loss)")
+                                "learning rate, or check the data and the loss)", loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +427,7 @@ class RobustModel(keras.Model):
         try:
             return super().fit(x, None, None, epochs, shuffle=False,
                                validation_data=validation_data,
-                               callbacks=[*(callbacks or []), StopOnNonFiniteLoss()], **kwargs)
+                               callbacks=[StopOnNonFiniteLoss(), *(callbacks or [])], **kwargs)
         except tf.errors.InvalidArgumentError as e:
             if LABELS_OUT_OF_RANGE not in str(e):
                 raise

@@ -228,9 +228,9 @@ def _reader(config: TrainConfig) -> Reader:
 
 
 class RunCounters(keras.callbacks.Callback):
-    """A run's step and wall-clock counters (checkpointed), a stop at a
-    non-finite loss that keeps the last good checkpoint, and a progress line
-    at a multiple of `log_every` steps at most every LOG_SECONDS, and at the end."""
+    """A run's step and wall-clock counters (checkpointed) and a progress line
+    at a multiple of `log_every` steps at most every LOG_SECONDS, and at the end.
+    (A non-finite loss stops fit before this sees its step.)"""
 
     LOG_SECONDS = 10.0  # a line a person can follow, not one per 50 fast steps
 
@@ -247,10 +247,6 @@ class RunCounters(keras.callbacks.Callback):
         t, cfg = self.trainer, self.trainer.config
         step = self.step = self.step + 1
         self.loss = float(logs["loss"])
-        if not math.isfinite(self.loss):
-            last = t.manager.latest_checkpoint or "none yet"
-            raise NonFiniteLoss(f"loss is {self.loss} at step {step}; stopped. The last good "
-                                f"checkpoint ({last}) is intact.")
         t.step.assign(step)
         t.wall.assign(self.wall0 + time.monotonic() - self.begin)
         now, (then, then_step) = time.monotonic(), self.last_log
@@ -494,9 +490,15 @@ class Trainer:
             data = distribute(lambda part: self.reader.train_dataset(start, part=part),
                               self.strategy, cfg.batch_size)
             with self.termination.active():
-                self.model.fit(data, epochs=1, steps_per_epoch=self.total_steps - start,
-                               verbose=0, shuffle=False,  # the reader orders the batches
-                               callbacks=[run, measure, Checkpoints(self, run, measure, held)])
+                try:
+                    self.model.fit(data, epochs=1, steps_per_epoch=self.total_steps - start,
+                                   verbose=0, shuffle=False,  # the reader orders the batches
+                                   callbacks=[run, measure, Checkpoints(self, run, measure, held)])
+                except NonFiniteLoss as e:  # no callback saw that step
+                    last = self.manager.latest_checkpoint or "none yet"
+                    raise NonFiniteLoss(f"loss is {e.loss} at step {run.step + 1}; stopped. The "
+                                        f"last good checkpoint ({last}) is intact.",
+                                        e.loss) from None
         self.train_seconds = measure.train_seconds
         self.writer.flush()
         held.check()
