@@ -169,9 +169,9 @@ def expected_corrupt_fraction(spec, num_classes: int,
     return spec.rate * (1.0 - float(np.sum(p * p)))
 
 
-def plugin_client(logdir):
-    """A werkzeug client of TensorBoard's app serving only the Memorization
-    plugin over the event files under `logdir`."""
+def plugin_client(logdir, plugin_class=None):
+    """A werkzeug client of TensorBoard's app serving only one plugin (by
+    default the Memorization plugin) over the event files under `logdir`."""
     from tensorboard.backend import application
     from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
     from tensorboard.plugins import base_plugin
@@ -182,8 +182,8 @@ def plugin_client(logdir):
     multiplexer.AddRunsFromDirectory(str(logdir))
     multiplexer.Reload()
     provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
-    plugin = MemorizationPlugin(base_plugin.TBContext(data_provider=provider,
-                                                      logdir=str(logdir)))
+    plugin = (plugin_class or MemorizationPlugin)(base_plugin.TBContext(
+        data_provider=provider, logdir=str(logdir), multiplexer=multiplexer))
     return werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=provider))
 
 

@@ -160,3 +160,61 @@ def test_the_plugin_loads_without_tensorflow():
                           cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_runs_fill_tensorboards_hparams_dashboard(tmp_path):
+    """Two runs of the Python face (plain SGD and winsorized c=2 @hidden), read
+    through TensorBoard's own HParams plugin: one session group a run, with
+    its settings and its metrics, the peak test accuracy among them."""
+    import keras
+    from tensorboard.plugins.hparams import hparams_plugin
+
+    from cg_tf.data.arrays import ArrayData
+    from cg_tf.data.noise import corrupt_labels
+    from cg_tf.measure import hparams
+    from cg_tf.measure.callback import MemorizationCallback
+    from cg_tf.measure.monitor import MonitorConfig
+    from cg_tf.robust.aggregators import Mean, Winsorized
+    from cg_tf.training.robust_model import RobustModel
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0)
+    noisy, _ = corrupt_labels(y, 0.4, num_classes=4, seed=0)
+    data = ArrayData(x, noisy, y, batch_size=30, test=(x[:60], y[:60]), eval_sample_size=60)
+    for name, aggregator in (("mean", Mean()), ("winsorized", Winsorized(2, layers="hidden"))):
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                                keras.layers.Dense(4)])
+        model = RobustModel(net, aggregator)
+        model.compile(optimizer=keras.optimizers.SGD(0.3))
+        model.fit(x, noisy, batch_size=30, epochs=3, verbose=0, callbacks=[MemorizationCallback(
+            data, str(tmp_path / name), MonitorConfig(eval_log_spaced=False, probe_size=0))])
+    client = plugin_client(tmp_path, hparams_plugin.HParamsPlugin)
+
+    def post(route, body):
+        response = client.post(f"/data/plugin/hparams/{route}", data=json.dumps(body),
+                               content_type="application/json")
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return json.loads(response.get_data(as_text=True))
+
+    experiment = post("experiment", {"experimentName": ""})
+    columns = {h["name"] for h in experiment["hparamInfos"]}
+    assert {"aggregator", "aggregator_parameter", "layers", "noise_rate", "steps"} <= columns
+    metric_tags = [m["name"]["tag"] for m in experiment["metricInfos"]]
+    assert metric_tags == list(hparams.METRICS)
+    groups = post("session_groups", {"startIndex": 0, "sliceSize": 10, "allowedStatuses": [
+        "STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        "colParams": [{"hparam": h} for h in columns] + [
+            {"metric": {"tag": t, "group": ""}} for t in metric_tags]})["sessionGroups"]
+    by_aggregator = {g["hparams"]["aggregator"]: g for g in groups}
+    assert set(by_aggregator) == {"mean", "winsorized"}
+    winsorized = by_aggregator["winsorized"]
+    assert winsorized["hparams"]["aggregator_parameter"] == 2
+    assert winsorized["hparams"]["layers"] == "hidden" and winsorized["hparams"]["steps"] == 12
+    assert winsorized["hparams"]["noise_rate"] == pytest.approx(0.4, abs=0.05)
+    metrics_of = {m["name"]["tag"]: m["value"] for m in winsorized["metricValues"]}
+    summary = json.loads((tmp_path / "winsorized" / "summary.json").read_text())
+    assert metrics_of[tags.eval_tag("test", "accuracy")] == pytest.approx(
+        summary["test_accuracy"], abs=1e-6)
+    assert metrics_of[hparams.PEAK_TEST_ACCURACY] >= metrics_of[tags.eval_tag("test", "accuracy")]

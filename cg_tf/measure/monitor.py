@@ -28,7 +28,7 @@ from tensorflow.core.framework import summary_pb2
 
 from cg_tf import provenance
 from cg_tf.data.reader import Reader
-from cg_tf.measure import metrics, tags
+from cg_tf.measure import hparams, metrics, tags
 from cg_tf.measure.health import Health
 from cg_tf.measure.probe import Probe
 from cg_tf.options import option
@@ -236,8 +236,13 @@ class Monitor:
         return metrics.is_evaluation_step(step, total_steps, self.reader.steps_per_epoch,
                                           self.config.eval_every, self.config.eval_log_spaced)
 
-    def write_run_config(self, extra: dict) -> None:
-        write_run_config(self.writer, {**self._run_config, **extra})
+    def write_run_config(self, extra: dict, **known) -> None:
+        """The run's configuration for the Memorization tab and its settings
+        for the HParams dashboard (`known`: seed, steps, ... the monitor does
+        not know itself), at the run's start."""
+        config = {**self._run_config, **extra}
+        write_run_config(self.writer, config)
+        hparams.write_start(self.writer, hparams.values(config, **known))
 
     # -- evaluations ------------------------------------------------------------
 
@@ -291,6 +296,9 @@ class Monitor:
         """summary.json of a run ended at `step`, in `directory` (the exports
         too): the final metrics, `extra`, and what the run was; returns it."""
         results = self.results_at(step)
+        self.writer.flush()
+        hparams.write_peak(self.writer, events.scalars(directory, tags.eval_tag("test",
+                                                                                "accuracy")))
         summary = json_values({
             **self.final_metrics(results), **extra, "steps": step,
             "aggregator": self._run_config["aggregator"], "noise": self.reader.noise,

@@ -1,4 +1,4 @@
-"""A run's event files cut back to the step it resumes from.
+"""A run's event files cut back to the step it resumes from, and read back.
 
 A run killed after its last checkpoint has written events past it; the run
 resumed from that checkpoint writes those steps again. TensorBoard would show
@@ -41,3 +41,17 @@ def cut_after(log_dir: str, step: int) -> int:
         tf.io.gfile.rename(partial, path, overwrite=True)
         removed += len(records) - len(kept)
     return removed
+
+
+def scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every scalar `tag` in the event files of `log_dir`."""
+    out = []
+    for path in sorted(tf.io.gfile.glob(os.path.join(log_dir, EVENT_FILES))):
+        for record in _records(path):
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                if value.tag == tag:
+                    number = (tf.make_ndarray(value.tensor) if value.HasField("tensor")
+                              else value.simple_value)
+                    out.append((event.step, float(number)))
+    return out
