@@ -130,7 +130,7 @@ class MemorizationCallback(MonitorCallback):
                           bn_mode=getattr(self.model, "bn_mode", DEFAULT_BN_MODE),
                           chunk=getattr(self.model, "per_example_chunk", None),
                           loss=getattr(getattr(self.model, "source", None), "loss", example_losses))
-        monitor.write_run_config({"model": net.name}, steps=epochs * steps)
+        monitor.write_run_config({"model": net.name}, self.log_dir, steps=epochs * steps)
         self.attach(monitor, epochs * steps)
         self.measured = self.model
 

@@ -17,6 +17,11 @@ from cg_tf.measure import tags
 PEAK_TEST_ACCURACY = "hparams/peak_test_accuracy"
 
 # Setting name -> its description; a run gives the ones it knows (`values`).
+# Numbers get a domain, so the dashboard shows and filters them as numbers.
+WHOLE = hp.IntInterval(0, 2 ** 31 - 1)
+DOMAINS = {"aggregator_parameter": WHOLE, "seed": WHOLE, "batch_size": WHOLE, "steps": WHOLE,
+           "noise_rate": hp.RealInterval(0.0, 1.0),
+           "learning_rate": hp.RealInterval(0.0, float("inf"))}
 COLUMNS = {
     "aggregator": "the aggregator's name (mean: plain SGD)",
     "aggregator_parameter": "its parameter: c of winsorized and trimmed, k of median of means "
@@ -54,14 +59,15 @@ def values(run_config: dict, **known) -> dict:
     return {k: v for k, v in out.items() if k in COLUMNS and v is not None}
 
 
-def write_start(writer, hparams: dict) -> None:
-    """The experiment's columns and this run's values, at the run's start."""
+def write_start(writer, hparams: dict, trial: str | None = None) -> None:
+    """The experiment's columns and this run's values (as trial `trial`, the
+    run's name), at the run's start."""
     with writer.as_default():
-        hp.hparams_config(hparams=[hp.HParam(name, description=text)
+        hp.hparams_config(hparams=[hp.HParam(name, DOMAINS.get(name), description=text)
                                    for name, text in COLUMNS.items()],
                           metrics=[hp.Metric(tag, display_name=text)
                                    for tag, text in METRICS.items()])
-        hp.hparams(hparams)
+        hp.hparams(hparams, trial_id=trial)
 
 
 def write_peak(writer, test_accuracies: list[tuple[int, float]]) -> None:

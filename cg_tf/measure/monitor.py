@@ -236,13 +236,15 @@ class Monitor:
         return metrics.is_evaluation_step(step, total_steps, self.reader.steps_per_epoch,
                                           self.config.eval_every, self.config.eval_log_spaced)
 
-    def write_run_config(self, extra: dict, **known) -> None:
+    def write_run_config(self, extra: dict, directory: str, **known) -> None:
         """The run's configuration for the Memorization tab and its settings
-        for the HParams dashboard (`known`: seed, steps, ... the monitor does
-        not know itself), at the run's start."""
+        for the HParams dashboard (a trial named after the run's `directory`;
+        `known`: seed, steps, ... the monitor does not know itself), at the
+        run's start."""
         config = {**self._run_config, **extra}
         write_run_config(self.writer, config)
-        hparams.write_start(self.writer, hparams.values(config, **known))
+        hparams.write_start(self.writer, hparams.values(config, **known),
+                            os.path.basename(os.path.normpath(directory)))
 
     # -- evaluations ------------------------------------------------------------
 

@@ -477,7 +477,7 @@ class Trainer:
                                            "data_dir": cfg.data_dir,
                                            "source": self.reader.info.source,
                                            "steps_per_epoch": self.reader.steps_per_epoch},
-                                          seed=cfg.seed, steps=self.total_steps)
+                                          cfg.model_dir, seed=cfg.seed, steps=self.total_steps)
         logging.info("training %s with %s for %d steps (%d per epoch) on %d replica(s)",
                      cfg.model, cfg.aggregator.spec, self.total_steps,
                      self.reader.steps_per_epoch, self.strategy.num_replicas_in_sync)
