@@ -216,6 +216,8 @@ def test_a_signal_stops_a_sweeps_training_stage_in_one_line(tmp_path, stop):
      "runs/mean_noise0.123457_seed0 (noise rates 0.1234567 and 0.1234568"),
     (["--seeds=0,0"], "would share the stage runs/mean_noise0.5_seed0"),
     (["--seed=-1"], "--seed must be an integer from 0 to 2**32 - 1, got -1"),
+    (["--aggregators=winsorized:4@hidden", "--fc_widths="], "--aggregators=winsorized:4@hidden: "
+     "the layer filter 'hidden' leaves no layer of fc to aggregate robustly"),
 ])
 def test_sweep_bad_flags_are_named(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(REPO)
@@ -231,6 +233,15 @@ def test_bad_flags_fail_before_any_work(tmp_path):
             ("pipelines.easy_hard", "--aggregator=trimmed:60", "--aggregator=trimmed:60: ")):
         done = run_main(main, f"--output_dir={tmp_path / 'x'}", *TINY, "--steps=5", arg)
         assert done.returncode != 0 and f"error: {message}" in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "x").exists()
+    # A layer filter the model cannot take: refused before the dataset is built.
+    for main, flag in (("pipelines.sweep", "--aggregators"), ("pipelines.easy_hard",
+                                                             "--aggregator")):
+        done = run_main(main, f"--output_dir={tmp_path / 'x'}", *TINY, "--steps=5",
+                        f"{flag}=winsorized:4@hidden", "--fc_widths=")
+        assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == (
+            f"error: {flag}=winsorized:4@hidden: the layer filter 'hidden' leaves no layer of fc "
+            "to aggregate robustly"), done.stderr[-2000:]
         assert not (tmp_path / "x").exists()
 
 

@@ -210,14 +210,15 @@ def test_the_output_layer_is_read_from_the_models_structure():
     assert HiddenLayers().robust(net) == [True, True, False, False]
     subclassed = OutputFirst()
     subclassed(tf.zeros([1, *SHAPE]))
-    with pytest.raises(ValueError, match=r"^winsorized:2@hidden: model 'output_first' does not "
+    with pytest.raises(ValueError, match=r"^RobustModel's aggregator=winsorized:2@hidden: model "
+                                         r"'output_first' does not "
                                          r"show which layer makes its output \(a subclassed "
                                          r"model\)"):
         RobustModel(subclassed, Winsorized(c=2, layers="hidden"))
     RobustModel(subclassed, Winsorized(c=2))  # every layer: no output layer needed
     two_heads = keras.Model(inputs, [logits, keras.layers.Dense(2, name="aux")(hidden)])
     with pytest.raises(ValueError, match=r"has 2 outputs, so 'the output layer' .* is ambiguous"):
-        RobustModel(two_heads, Winsorized(c=2, layers="output"))
+        layer_filter.output_layer(two_heads)  # (RobustModel refuses such a net before this)
     joined = keras.Model(inputs, keras.layers.Add()(
         [logits, keras.layers.Dense(C, name="skip")(hidden)]))
     with pytest.raises(ValueError, match=r"its output comes from 'add.*', which joins several "

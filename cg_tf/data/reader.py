@@ -64,6 +64,17 @@ class InputConfig:
     eval_batch_size: int = 500
 
 
+def output_shape(image_shape, image_size, where: str) -> tuple[int, int, int]:
+    """The shape of the images a reader gives: the dataset's (`image_shape`,
+    of the data at `where`), resized to `image_size` if that is set."""
+    h, w, c = image_shape
+    if image_size is None:
+        if h is None or w is None:
+            raise ValueError(f"{where} has images of varying size: set --image_size")
+        return (h, w, c)
+    return (image_size[0], image_size[1], c)
+
+
 def _augmenter(name: str, image_shape: tuple[int, int, int], seed: int) -> keras.Sequential | None:
     """Keras preprocessing layers for one augmentation recipe (None for 'none')."""
     h, w, _ = image_shape
@@ -114,14 +125,8 @@ class Reader:
         return cls(InputConfig(data_dir, batch_size, seed, InputOptions(**options)))
 
     def _output_shape(self) -> tuple[int, int, int]:
-        h, w, c = self.info.image_shape
-        size = self.config.options.image_size
-        if size is None:
-            if h is None or w is None:
-                raise ValueError(f"{self.config.data_dir} has images of varying size: "
-                                 "set --image_size")
-            return (h, w, c)
-        return (size[0], size[1], c)
+        return output_shape(self.info.image_shape, self.config.options.image_size,
+                            self.config.data_dir)
 
     # -- decoding -------------------------------------------------------------
 

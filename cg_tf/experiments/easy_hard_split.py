@@ -28,7 +28,7 @@ from cg_tf.measure import report, tags
 from cg_tf.measure.monitor import LEARNED_IDS, NOT_LEARNED_IDS
 from cg_tf.robust.aggregators import Mean
 from cg_tf.storage import files
-from cg_tf.training.trainer import TrainConfig, check_run_layout
+from cg_tf.training.trainer import TrainConfig, check_layer_filter, check_run_layout
 
 SETS = ("easy", "hard")
 PARTS = ("train", "heldout")
@@ -123,6 +123,7 @@ def pipeline(source: Source, build_config: build.BuildConfig, beam_args: list[st
                                 noise=dataclasses.replace(build_config.noise, rate=0.0))
     first = dataclasses.replace(train, aggregator=Mean(), epochs=first_epochs, steps=None)
     check_run_layout(train, 1)
+    check_layer_filter(train, source.image_shape, source.num_classes)
     return [stages.dataset_stage("data/clean", source, clean, beam_args),
             stages.train_stage("first_training", "data/clean", first),
             split_stage(sizes, build_config.noise.seed, build_config.num_shards, beam_args),

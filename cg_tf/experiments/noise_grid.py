@@ -34,7 +34,7 @@ from cg_tf.measure import report, tags
 from cg_tf.robust import names
 from cg_tf.robust.aggregators import Aggregator
 from cg_tf.storage import files
-from cg_tf.training.trainer import TrainConfig, check_run_layout
+from cg_tf.training.trainer import TrainConfig, check_layer_filter, check_run_layout
 
 RESULTS = ("pristine_accuracy", "corrupt_accuracy", "corrupt_true_label_accuracy",
            "test_accuracy", "adjusted_overfit")
@@ -96,6 +96,8 @@ def stages(source: Source, build_config: build.BuildConfig, beam_args: list[str]
         out.append(dataset_stage(data_stage_name(rate), source, config, beam_args))
     for p in points:
         check_run_layout(dataclasses.replace(train, aggregator=p.aggregator), 1, "--aggregators")
+        check_layer_filter(dataclasses.replace(train, aggregator=p.aggregator),
+                           source.image_shape, source.num_classes, "--aggregators")
         out.append(train_stage(f"runs/{p.name}", data_stage_name(p.noise_rate),
                                dataclasses.replace(train, aggregator=p.aggregator, seed=p.seed)))
     return out

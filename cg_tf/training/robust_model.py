@@ -163,6 +163,21 @@ def check_layout(aggregator: Aggregator, global_batch: int, replicas: int, momen
         check_chunk(per_example_chunk, global_batch // replicas, names.chunk)
 
 
+def robust_layers(aggregator: Aggregator, net: keras.Model, names: Names = FLAGS) -> list[bool]:
+    """Per trainable variable of `net`, whether `aggregator` aggregates it
+    robustly; a ValueError naming the aggregator as `names` calls it when its
+    layer filter cannot tell (cg_tf.robust.layer_filter) or leaves no layer."""
+    where = f"{names.aggregator}={aggregator.spec}"
+    try:
+        robust = aggregator.layers.robust(net)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if not any(robust):
+        raise ValueError(f"{where}: the layer filter {aggregator.layers.name!r} leaves no layer "
+                         f"of {net.name} to aggregate robustly")
+    return robust
+
+
 def split_off(x, y, fraction: float) -> tuple[tuple, tuple]:
     """((x, y) of training, (x, y) of validation): the last `fraction` of the
     examples, before any shuffling, as Keras' validation_split takes them."""
@@ -232,13 +247,7 @@ class RobustModel(keras.Model):
         check_chunk(per_example_chunk, name=ARGUMENTS.chunk)
         check_bn_mode(bn_mode, ARGUMENTS.bn_mode)
         check_net(net)
-        try:
-            robust = aggregator.layers.robust(net)
-        except ValueError as e:
-            raise ValueError(f"{aggregator.spec}: {e}") from None
-        if not any(robust):
-            raise ValueError(f"{aggregator.spec}: the layer filter {aggregator.layers.name!r} "
-                             f"leaves no layer of {net.name} to aggregate robustly")
+        robust_layers(aggregator, net, ARGUMENTS)
         self.net = net
         self.classes = output_classes(net)  # None: the net does not show it
         self.aggregator = aggregator

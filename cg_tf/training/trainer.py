@@ -30,18 +30,18 @@ import tensorflow as tf
 
 from cg_tf import provenance
 from cg_tf.data import records
-from cg_tf.data.reader import InputConfig, InputOptions, Reader, distribute
+from cg_tf.data.reader import InputConfig, InputOptions, Reader, distribute, output_shape
 from cg_tf.measure import monitor
 from cg_tf.measure.callback import MonitorCallback
 from cg_tf.measure.monitor import Monitor, MonitorConfig
 from cg_tf.options import option
-from cg_tf.robust import aggregators
+from cg_tf.robust import aggregators, layer_filter
 from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.gradients import BN_MODES, DEFAULT_BN_MODE, check_bn_mode, check_chunk
 from cg_tf.storage import events, files, lock, rundir
 from cg_tf.training.models import FC_INITS, MODELS, build_model, clamp_kernel_norms, describe
 from cg_tf.training.robust_model import (FLAGS, NonFiniteLoss, RobustModel, check_layout,
-                                         optimizer_momentum)
+                                         optimizer_momentum, robust_layers)
 from cg_tf.training.strategies import STRATEGIES, get_strategy
 
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -160,6 +160,17 @@ class TrainConfig:
 def make_optimizer(config: TrainConfig, lr) -> keras.optimizers.Optimizer:
     """The run's optimizer with learning rate (or schedule) `lr`."""
     return OPTIMIZERS[config.optimizer](lr, config.momentum)
+
+
+def check_layer_filter(config: TrainConfig, image_shape, num_classes: int,
+                       flag: str = "--aggregator") -> None:
+    """The aggregator's layer filter against the run's model (built for this
+    alone, before any work), as the trainer checks it: it must find the
+    model's output layer and leave some layer to aggregate robustly."""
+    if config.aggregator.layers != layer_filter.ALL:
+        shape = output_shape(image_shape, config.input.image_size, "the source")
+        net = build_model(config.model, shape, num_classes, config.fc_widths, config.init)
+        robust_layers(config.aggregator, net, dataclasses.replace(FLAGS, aggregator=flag))
 
 
 def check_run_layout(config: TrainConfig, replicas: int, flag: str = "--aggregator") -> None:
@@ -346,6 +357,7 @@ class Trainer:
         with self.strategy.scope():
             net = build_model(config.model, self.reader.image_shape, self.reader.num_classes,
                               config.fc_widths, config.init)
+            robust_layers(config.aggregator, net)  # named as the command line names it
             if config.clamp_norms:
                 clamp_kernel_norms(net)
             self.model = RobustModel(net, config.aggregator,
