@@ -11,7 +11,7 @@ Aggregators: Mean, Winsorized, Trimmed, Median, MedianOfMeans, RM3, RA3, and
 informational lines. The package's layers are listed in docs/DESIGN.md.
 """
 
-import importlib
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
@@ -42,7 +42,12 @@ def quiet() -> None:
     console.short_python_log_lines()
 
 
+def __dir__() -> list[str]:
+    """The public face too (imported on first use), for tab completion."""
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str):
     if name in _FACE:
-        return getattr(importlib.import_module(_FACE[name]), name)
+        return getattr(_importlib.import_module(_FACE[name]), name)
     raise AttributeError(f"module 'cg_tf' has no attribute {name!r}")

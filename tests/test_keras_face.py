@@ -565,3 +565,22 @@ def test_a_whole_float_parameter_trains_as_its_integer():
 def test_robust_models_arguments_are_named_as_python_names_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RobustModel(one_by_eight(), Winsorized(c=1), **kwargs)
+
+
+def test_the_package_lists_its_public_face():
+    """dir(cg_tf) shows what `from cg_tf import ...` gives (tab completion),
+    though each name is imported on first use."""
+    import cg_tf
+    listed = set(dir(cg_tf))
+    assert set(cg_tf.__all__) <= listed and "importlib" not in listed
+    assert {"RobustModel", "Winsorized", "MemorizationCallback", "quiet"} <= listed
+    assert all(getattr(cg_tf, n) is not None for n in cg_tf.__all__)
+
+
+def test_a_refused_momentum_says_what_to_set():
+    model = RobustModel(net(), RM3())
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    with pytest.raises(ValueError, match=r"refuses Adam's beta_1=0.9: the papers found momentum "
+                                         r"unstable with it; set it to 0 \(train without "
+                                         r"momentum\)"):
+        model.fit(*data(0, 4 * B), batch_size=B, verbose=0)

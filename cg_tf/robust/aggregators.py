@@ -160,7 +160,7 @@ class Aggregator:
         called: --momentum, Adam's beta_1) this aggregator refuses."""
         if momentum and not self.allows_momentum:
             raise ValueError(f"refuses {name}={momentum:g}: the papers found momentum "
-                             "unstable with it; train without momentum")
+                             "unstable with it; set it to 0 (train without momentum)")
 
     # -- the train step ----------------------------------------------------------
 
