@@ -347,8 +347,8 @@ def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -
     """The papers' figure: one panel per setting (e.g. the seeds of one
     setting), with accuracy on pristine and corrupt training examples and on
     the test set against step (or epoch, see `x_axis`); a panel of several
-    runs draws their mean and a band (`Band`). Panels share their axes and
-    each shows its ticks; titles say what differs (`panel_titles`), a caption
+    runs draws their mean and a band (`Band`). Panels share their y axis,
+    each has the x range of its own runs and shows its ticks; titles say what differs (`panel_titles`), a caption
     what all share, one legend the curves. Written as PNG and PDF
     (`save_figure`); returns their paths."""
     if not panels:
@@ -360,8 +360,10 @@ def accuracy_figure(panels: dict[str, list[Run]], path: str, columns: int = 3) -
     columns = min(columns, len(panels))
     rows = math.ceil(len(panels) / columns)
     with plt.rc_context(FIGURE_STYLE):
+        # Each panel its own x range (a 600-step run beside a 60,000-step one
+        # fills its panel); runs of one length get the same range anyway.
         fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.5 * rows + 0.7),
-                                 sharex=True, sharey=True, squeeze=False, layout="constrained")
+                                 sharey=True, squeeze=False, layout="constrained")
         for ax, (key, panel) in zip(axes.flat, panels.items()):
             for curve, tag in tags.ACCURACY_CURVES.items():
                 _plot_curve(ax, panel, tag, CURVE_STYLES[curve], scale)
