@@ -366,6 +366,19 @@ def test_overwrite_of_a_dataset_built_before_manifests(tmp_path):
     assert len([n for n in os.listdir(tmp_path) if ".tfrecord-" in n]) == 6
 
 
+@pytest.mark.parametrize("manifest", ['{"x": 1}', '{"files": '])
+def test_overwrite_of_a_build_whose_manifest_is_damaged_is_refused_once(tmp_path, manifest):
+    run_build(tmp_path, num_shards=2)
+    (tmp_path / build.MANIFEST_FILE).write_text(manifest)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(build.BuildError) as refused:
+        run_build(tmp_path, num_shards=2, overwrite=True)
+    message = str(refused.value)
+    assert message.count("cannot tell which files an earlier build made") == 1, message
+    assert message.endswith("refusing to --overwrite it")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_a_build_refuses_a_directory_in_use(tmp_path):
     """Two builds into one directory: the second refuses, naming the first, and
     leaves the directory as it was."""

@@ -209,7 +209,8 @@ def test_runs_fill_tensorboards_hparams_dashboard(tmp_path):
             {"metric": {"tag": t, "group": ""}} for t in metric_tags]})["sessionGroups"]
     by_aggregator = {g["hparams"]["aggregator"]: g for g in groups}
     assert set(by_aggregator) == {"mean", "winsorized"}
-    assert by_aggregator["mean"]["name"] == "mean"  # the trial is named after the run
+    # The trial is named after the run's directory (its last three parts).
+    assert by_aggregator["mean"]["name"].endswith(f"{tmp_path.name}/mean")
     winsorized = by_aggregator["winsorized"]
     assert winsorized["hparams"]["aggregator_parameter"] == 2
     assert winsorized["hparams"]["layers"] == "hidden" and winsorized["hparams"]["steps"] == 12

@@ -262,8 +262,8 @@ def test_a_sweep_refuses_its_dataset_rebuilt_behind_it(tmp_path):
     done = run_main("pipelines.sweep", *args, "--seeds=0,1")
     assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == (
         f"error: {out / 'data' / 'noise_0.5'} changed since its stage completed "
-        "(data/dataset_info.json changed): what it holds is no longer what its manifest "
-        "describes; use --overwrite to rebuild it and everything after it"), done.stderr[-2000:]
+        "(data/dataset_info.json changed); use --overwrite to rebuild it and everything after "
+        "it"), done.stderr[-2000:]
     assert not (out / "runs" / "mean_noise0.5_seed1").exists()
     done = run_main("pipelines.sweep", *args, "--seeds=0,1", "--overwrite")
     assert done.returncode == 0, done.stderr[-3000:]

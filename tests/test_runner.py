@@ -80,7 +80,8 @@ def test_a_resumable_stage_continues_in_place(tmp_path):
 
 def test_only_runs_matching_stages_whose_inputs_are_complete(tmp_path):
     calls = []
-    with pytest.raises(StageError, match=r"stage 'b' needs \['a'\] complete first"):
+    with pytest.raises(StageError, match=r"stage 'b' needs \['a'\] complete \(and unchanged "
+                                         r"since\) first"):
         runner.run_stages(str(tmp_path), pipeline(calls), only="b")
     runner.run_stages(str(tmp_path), pipeline(calls), only="a")
     runner.run_stages(str(tmp_path), pipeline(calls), only="b")
@@ -100,8 +101,7 @@ def test_a_stage_changed_behind_the_runner_is_refused_naming_it(tmp_path):
     runner.run_stages(str(tmp_path), pipeline(calls))
     (tmp_path / "a" / "out.txt").write_text('{"x": 0}')
     with pytest.raises(StageError, match=rf"^{tmp_path / 'a'} changed since its stage completed "
-                                         r"\(out.txt changed\): what it holds is no longer what "
-                                         r"its manifest describes; use --overwrite"):
+                                         r"\(out.txt changed\); use --overwrite to rebuild it"):
         runner.run_stages(str(tmp_path), pipeline(calls))
     assert calls == ["a", "b", "c"]
     assert (tmp_path / "a" / "out.txt").read_text() == '{"x": 0}'  # left as it was
@@ -150,6 +150,20 @@ def test_what_read_a_stage_that_changed_is_refused_then_rebuilt(tmp_path):
     assert (tmp_path / "run" / "model.txt").read_text() == "trained on clean"
     runner.run_stages(str(tmp_path), stages)  # all current again
     assert calls == ["data", "run", "data", "run"]
+
+
+def test_a_changed_input_outside_only_is_not_read(tmp_path):
+    """--overwrite --only=d after an input changed behind the runner: the input
+    is not among the stages to run, so a new stage that reads it is refused
+    rather than run on the changed contents."""
+    calls = []
+    runner.run_stages(str(tmp_path), pipeline(calls))
+    (tmp_path / "a" / "out.txt").write_text('{"x": 0}')
+    more = [*pipeline(calls), toy(calls, "d", {}, ["a"])]
+    with pytest.raises(StageError, match=r"stage 'd' needs \['a'\] complete \(and unchanged "
+                                         r"since\) first"):
+        runner.run_stages(str(tmp_path), more, overwrite=True, only="d")
+    assert calls == ["a", "b", "c"]
 
 
 def test_bad_pipelines():

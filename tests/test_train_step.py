@@ -206,7 +206,8 @@ def test_the_output_layer_is_read_from_the_models_structure():
     logits = keras.layers.Dense(C, name="logits")(hidden)
     out = keras.layers.Dropout(0.1)(keras.layers.Activation("linear")(logits))
     net = keras.Model(inputs, out)
-    assert layer_filter.output_layer(net) == {"logits/kernel", "logits/bias"}
+    logits_layer = net.get_layer("logits")
+    assert layer_filter.output_layer(net) == {id(v) for v in logits_layer.trainable_variables}
     assert HiddenLayers().robust(net) == [True, True, False, False]
     subclassed = OutputFirst()
     subclassed(tf.zeros([1, *SHAPE]))
@@ -216,6 +217,11 @@ def test_the_output_layer_is_read_from_the_models_structure():
                                          r"model\)"):
         RobustModel(subclassed, Winsorized(c=2, layers="hidden"))
     RobustModel(subclassed, Winsorized(c=2))  # every layer: no output layer needed
+    # A head that is a model of its own: its own output layer, not all of it.
+    head = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, name="head_hidden"),
+                             keras.layers.Dense(C, name="head_out")], name="head")
+    nested = keras.Model(inputs, head(hidden))
+    assert HiddenLayers().robust(nested) == [True, True, True, True, False, False]
     two_heads = keras.Model(inputs, [logits, keras.layers.Dense(2, name="aux")(hidden)])
     with pytest.raises(ValueError, match=r"has 2 outputs, so 'the output layer' .* is ambiguous"):
         layer_filter.output_layer(two_heads)  # (RobustModel refuses such a net before this)

@@ -121,6 +121,8 @@ def prepare_output_dir(path: str, overwrite: bool) -> None:
                          "replace it")
     try:
         found = rundir.survey(path, LAYOUT)
+    except BuildError:
+        raise
     except ValueError as e:  # a damaged manifest
         raise BuildError(f"--output_dir={path}: cannot tell which files an earlier build "
                          f"made ({e}); refusing to --overwrite it") from e

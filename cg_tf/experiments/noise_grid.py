@@ -94,10 +94,11 @@ def stages(source: Source, build_config: build.BuildConfig, beam_args: list[str]
         config = dataclasses.replace(build_config,
                                      noise=dataclasses.replace(build_config.noise, rate=rate))
         out.append(dataset_stage(data_stage_name(rate), source, config, beam_args))
+    for aggregator in {p.aggregator for p in points}:  # the model built once a filter
+        check_layer_filter(dataclasses.replace(train, aggregator=aggregator),
+                           source.image_shape, source.num_classes, "--aggregators")
     for p in points:
         check_run_layout(dataclasses.replace(train, aggregator=p.aggregator), 1, "--aggregators")
-        check_layer_filter(dataclasses.replace(train, aggregator=p.aggregator),
-                           source.image_shape, source.num_classes, "--aggregators")
         out.append(train_stage(f"runs/{p.name}", data_stage_name(p.noise_rate),
                                dataclasses.replace(train, aggregator=p.aggregator, seed=p.seed)))
     return out

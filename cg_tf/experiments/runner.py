@@ -18,7 +18,8 @@ still holds what it made: the digests of its `contents` files (e.g. a dataset's
 dataset_info.json, a run's config.json and summary.json), and its inputs'
 contents as they were when it ran. A stage changed behind the runner (a
 dataset rebuilt in place by another command) is refused, naming it, unless
-`overwrite`, which rebuilds it and every stage that read it. Then the stages
+`overwrite`, which rebuilds it and then every stage that read other contents
+than it now holds (a stage never runs on an input that is not current). Then the stages
 run in order: a complete, unchanged stage with a matching manifest is skipped;
 an interrupted one ("running") is restarted, in place if it is `resumable`
 (training continues from its checkpoints) and from an emptied directory
@@ -147,9 +148,8 @@ def plan(root: str, stages: list[Stage], overwrite: bool = False) -> dict[str, d
             changed = changes(directory, found[stage.name], {i: found[i] for i in stage.inputs})
             if changed:
                 raise StageError(
-                    f"{directory} changed since its stage completed ({'; '.join(changed[:3])}): "
-                    "what it holds is no longer what its manifest describes; use --overwrite "
-                    "to rebuild it and everything after it")
+                    f"{directory} changed since its stage completed ({'; '.join(changed[:3])}); "
+                    "use --overwrite to rebuild it and everything after it")
     return expected
 
 
@@ -179,7 +179,7 @@ def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: st
         raise ValueError(f"--only={only} matches none of the stages: "
                          f"{', '.join(s.name for s in stages)}")
     expected = plan(root, stages, overwrite)
-    manifests = {}
+    manifests, current = {}, set()  # current: complete, unchanged, as asked (or just run)
     for n, stage in enumerate(stages, 1):
         directory = os.path.join(root, stage.name)
         found = read_manifest(directory)
@@ -187,18 +187,20 @@ def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: st
         if _is_current(directory, found, expected[stage.name], inputs):
             log(f"[{n}/{len(stages)}] {stage.name}: complete, skipped")
             manifests[stage.name] = found
+            current.add(stage.name)
             continue
         if only and not fnmatch.fnmatch(stage.name, only):
             manifests[stage.name] = found
             continue
-        not_ready = [i for i in stage.inputs
-                     if (manifests.get(i) or {}).get("status") != "complete"]
+        not_ready = [i for i in stage.inputs if i not in current]
         if not_ready:
-            raise StageError(f"stage {stage.name!r} needs {not_ready} complete first")
+            raise StageError(f"stage {stage.name!r} needs {not_ready} complete (and unchanged "
+                             "since) first")
         with lock.hold(directory, f"stage {stage.name}") as held:
             manifests[stage.name] = _run_stage(
                 stage, directory, expected[stage.name], inputs, overwrite, held,
                 lambda what: log(f"[{n}/{len(stages)}] {stage.name}: {what}"))
+        current.add(stage.name)
     return manifests
 
 

@@ -9,6 +9,8 @@ accuracy, written once at the end (`PEAK_TEST_ACCURACY`). Pointed at a sweep's
 `runs/`, the dashboard tables and plots its runs by aggregator, noise and seed.
 """
 
+import os
+
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
@@ -57,6 +59,15 @@ def values(run_config: dict, **known) -> dict:
            "learning_rate": run_config.get("learning_rate"), "model": run_config.get("model"),
            **known}
     return {k: v for k, v in out.items() if k in COLUMNS and v is not None}
+
+
+def trial_name(directory: str) -> str:
+    """A run's trial in the dashboard: the last three parts of its directory
+    (`sweep_demo/runs/mean_noise0.5_seed0`). TensorBoard merges trials of one
+    name into one row, so the name must tell apart the runs of two sweeps or
+    two easy/hard experiments that a log directory may hold."""
+    parts = os.path.normpath(directory).replace("\\", "/").split("/")
+    return "/".join(p for p in parts[-3:] if p not in ("", "."))
 
 
 def write_start(writer, hparams: dict, trial: str | None = None) -> None:

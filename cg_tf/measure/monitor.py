@@ -244,7 +244,7 @@ class Monitor:
         config = {**self._run_config, **extra}
         write_run_config(self.writer, config)
         hparams.write_start(self.writer, hparams.values(config, **known),
-                            os.path.basename(os.path.normpath(directory)))
+                            hparams.trial_name(directory))
 
     # -- evaluations ------------------------------------------------------------
 
@@ -301,6 +301,7 @@ class Monitor:
         self.writer.flush()
         hparams.write_peak(self.writer, events.scalars(directory, tags.eval_tag("test",
                                                                                 "accuracy")))
+        self.writer.flush()  # before summary.json says the run is complete
         summary = json_values({
             **self.final_metrics(results), **extra, "steps": step,
             "aggregator": self._run_config["aggregator"], "noise": self.reader.noise,

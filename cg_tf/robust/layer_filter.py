@@ -22,6 +22,8 @@ joining branches) is refused by `hidden` and `output`.
 import dataclasses
 from typing import ClassVar
 
+import keras
+
 REGISTRY: dict[str, "LayerFilter"] = {}
 
 
@@ -31,11 +33,11 @@ def register(cls: type["LayerFilter"]) -> type["LayerFilter"]:
     return cls
 
 
-def output_layer(model) -> set[str]:
-    """The paths of the variables of the layer that makes `model`'s output: the
+def output_layer(model) -> set[int]:
+    """The ids of the variables of the layer that makes `model`'s output: the
     layer whose output is the model's, or, while that layer has no trainable
-    variables, the one that feeds it. A ValueError when the structure does not
-    name one such layer."""
+    variables, the one that feeds it; inside a nested model, its own output
+    layer. A ValueError when the structure does not name one such layer."""
     outputs = getattr(model, "outputs", None)
     if not outputs:
         raise ValueError(f"model {model.name!r} does not show which layer makes its output (a "
@@ -48,17 +50,19 @@ def output_layer(model) -> set[str]:
     for layer in model.layers:
         try:
             makers[id(layer.output)] = layer
-        except (AttributeError, ValueError):  # a layer called more than once
+        except (AttributeError, ValueError):  # no output of its own (not called in the graph)
             continue
     tensor = outputs[0]
     while True:
         layer = makers.get(id(tensor))
-        if layer is None:
-            raise ValueError(f"model {model.name!r}: its output is not made by one of its layers "
-                             "(an op, or a layer called more than once), so the layer filters "
-                             "'hidden' and 'output' cannot tell its output layer")
+        if layer is None or isinstance(layer, keras.layers.InputLayer):
+            raise ValueError(f"model {model.name!r}: no layer with weights makes its output (it "
+                             "comes from an op or straight from its input), so the layer "
+                             "filters 'hidden' and 'output' cannot tell its output layer")
+        if isinstance(layer, keras.Model) and layer.trainable_variables:
+            return output_layer(layer)  # a nested model: its own output layer
         if layer.trainable_variables:
-            return {v.path for v in layer.trainable_variables}
+            return {id(v) for v in layer.trainable_variables}
         if isinstance(layer.input, (list, tuple, dict)):
             raise ValueError(f"model {model.name!r}: its output comes from {layer.name!r}, which "
                              "joins several inputs, so the layer filters 'hidden' and 'output' "
@@ -93,7 +97,7 @@ class HiddenLayers(LayerFilter):
 
     def robust(self, model):
         output = output_layer(model)
-        return [v.path not in output for v in model.trainable_variables]
+        return [id(v) not in output for v in model.trainable_variables]
 
 
 @register

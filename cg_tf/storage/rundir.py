@@ -71,10 +71,6 @@ class Contents:
     def complete(self) -> bool:
         return self.layout.done is not None and self.layout.done in self.ours
 
-    @property
-    def empty(self) -> bool:
-        return not self.ours and not self.foreign
-
 
 def entries(directory: str) -> list[str]:
     """The names a directory holds, but its lock, sorted; none if it does not exist."""

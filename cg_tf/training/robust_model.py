@@ -51,7 +51,7 @@ STATE_KEY = "aggregator_state_"
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss (`loss`)."""
 
-    def __init__(self, message: str, loss: float):
+    def __init__(self, message: str, loss: float = float("nan")):
         super().__init__(message)
         self.loss = loss
 
@@ -100,7 +100,9 @@ LABELS_OUT_OF_RANGE = "cg_tf: a label is out of range"  # the in-graph check's m
 
 def checked_labels(y: tf.Tensor, classes: int) -> tf.Tensor:
     """`y`, once every label is in [0, classes) (an InvalidArgumentError
-    carrying LABELS_OUT_OF_RANGE otherwise)."""
+    carrying LABELS_OUT_OF_RANGE otherwise). XLA drops the check: a step
+    compiled whole (jit_compile) does not refuse a dataset's bad labels;
+    arrays are checked before fit starts in any case."""
     checks = [tf.debugging.assert_non_negative(y, message=LABELS_OUT_OF_RANGE),
               tf.debugging.assert_less(y, tf.cast(classes, y.dtype), message=LABELS_OUT_OF_RANGE)]
     with tf.control_dependencies(checks):

@@ -470,8 +470,8 @@ class Trainer:
 
     def _train(self, held: lock.Lock) -> dict:
         """Keras' fit from the restored step to the end, with the run's callbacks:
-        its counters and log lines (and a stop at a non-finite loss), the
-        monitor, the checkpoints."""
+        its counters and log lines, the monitor, the checkpoints (fit's own
+        stop at a non-finite loss runs before them, reworded here)."""
         cfg = self.config
         start = self.restore()
         if start:
