@@ -23,7 +23,8 @@ def write_runs(logdir):
         writer = tf.summary.create_file_writer(str(logdir / run))
         # The records Aggregator.to_json makes: mean has no parameter.
         write_run_config(writer, {"aggregator": {"name": name, **({"c": c} if c else {})},
-                                  "noise": {"rate": 0.5}, "num_classes": 10,
+                                  "noise": {"rate": 0.5}, "labels_changed": 0.45,
+                                  "num_classes": 10,
                                   "tracked": {"pristine": 30, "corrupt": 30}})
         with writer.as_default():
             for i, step in enumerate((1, 10, 20)):
@@ -101,6 +102,7 @@ def test_table_has_final_values(client):
     assert by_run["mean"]["test accuracy"] == pytest.approx(0.8)
     assert by_run["mean"]["adjusted overfit"] == pytest.approx(0.45)
     assert by_run["mean"]["step"] == 20 and by_run["mean"]["noise_rate"] == 0.5
+    assert by_run["mean"]["labels_changed"] == 0.45  # the rate asked and what it changed
 
 
 @pytest.mark.parametrize("path,message", [

@@ -65,6 +65,7 @@ class ArrayData:
         self.batch_size, self.eval_sample_size = batch_size, eval_sample_size
         self.steps_per_epoch = n // batch_size
         self.is_corrupt = self.labels != self.true_labels
+        self.labels_changed = float(self.is_corrupt.mean())  # as a Reader's
         rate = float(self.is_corrupt.mean()) if noise_rate is None else noise_rate
         self.noise = {"rate": rate, "mode": "arrays"}
 

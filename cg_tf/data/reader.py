@@ -104,6 +104,9 @@ class Reader:
             raise ValueError(f"--batch_size must be between 1 and the {train.num_examples} "
                              f"training examples of {config.data_dir}, got {config.batch_size}")
         self.steps_per_epoch = train.num_examples // config.batch_size
+        # The share of training labels the noise changed (uniform noise may
+        # redraw an example's own label: below the rate asked).
+        self.labels_changed = train.num_corrupt / train.num_examples
         self._augment = _augmenter(config.options.augment, self.image_shape, config.seed)
         self._cached = {}  # Decoded splits, in-memory tensors, evaluation subsets.
         verify.verify_on_open(config.data_dir, self.info)  # Once, before any batch.

@@ -223,7 +223,8 @@ class Monitor:
         self._latest: tuple[int, dict] | None = None  # (step, results) of the last observe
         self._probe_traced = False  # the first probe traces the graph: outside the budget
         self._run_config = {"aggregator": aggregator.to_json(),
-                            "noise": reader.noise, "num_classes": reader.num_classes,
+                            "noise": reader.noise, "labels_changed": reader.labels_changed,
+                            "num_classes": reader.num_classes,
                             "batch_size": batch_size,
                             "probe_size": size if sample is not None else 0,
                             "tracked": {g: len(i) for g, i in self.ids.items()}}

@@ -89,6 +89,7 @@ def table(runs: list[Run]) -> list[dict]:
         rows.append({
             "run": run.name, "aggregator": aggregator_spec(run.config.get("aggregator")),
             "noise_rate": run.config.get("noise", {}).get("rate"),
+            "labels_changed": run.config.get("labels_changed"),
             "step": max((s[-1][0] for s in run.scalars.values() if s), default=None),
             **{column: run.last(tag) for column, tag in tags.TABLE_COLUMNS.items()}})
     return rows

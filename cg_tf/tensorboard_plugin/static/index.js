@@ -215,8 +215,10 @@ function learnedChart(parent, run, hist) {
 function table(parent, rows, colorOf) {
   const t = el("table", {class: "runs"}, parent);
   const head = el("tr", {}, el("thead", {}, t));
-  const columns = ["run", "aggregator", "noise_rate", "step", "pristine accuracy",
-                   "corrupt accuracy", "test accuracy", "adjusted overfit"];
+  // The noise rate asked for and the share of labels it changed (uniform noise
+  // may redraw an example's own label).
+  const columns = ["run", "aggregator", "noise_rate", "labels_changed", "step",
+                   "pristine accuracy", "corrupt accuracy", "test accuracy", "adjusted overfit"];
   for (const c of columns) el("th", {}, head, c.replace("_", " "));
   const body = el("tbody", {}, t);
   for (const row of rows) {
