@@ -390,6 +390,15 @@ def test_corrupt_labels_has_the_pipelines_semantics():
             assert corrupt.mean() == pytest.approx(0.4 * 0.9, abs=0.03)
     with pytest.raises(ValueError, match="integer class labels"):
         corrupt_labels(y.astype(np.float32), 0.5)
+    # Labels that tell no class count are refused, not returned unchanged.
+    with pytest.raises(ValueError, match=r"^corrupt_labels: every label is 0, so the number of "
+                                         r"classes is unknown; pass num_classes$"):
+        corrupt_labels(np.zeros(10, int), 0.5)
+    assert corrupt_labels(np.zeros(10, int), 1.0, "uniform_other", num_classes=3)[1].all()
+    with pytest.raises(ValueError, match=r"num_classes must be an integer of 2 or more, got 0"):
+        corrupt_labels(y, 0.5, num_classes=0)
+    with pytest.raises(ValueError, match=r"integer class labels, one per example"):
+        corrupt_labels(np.array([], int), 0.5)
 
 
 def test_the_callback_watches_arrays_and_fills_fits_logs(tmp_path):
@@ -539,6 +548,12 @@ CLASSES = np.arange(40) % 3
     (one_by_eight, lambda m: m.fit(tf.data.Dataset.from_tensor_slices(
         (FEATURES, CLASSES + 1)).batch(20, drop_remainder=True)),
      r"^RobustModel.fit: a batch holds a label outside 0 \.\. 2, the classes of "),
+    (one_by_eight, lambda m: m.fit([FEATURES, FEATURES], CLASSES, batch_size=20),
+     r"^RobustModel.fit: x is a list of 2 inputs; the per-example gradients take a model of "
+     r"one input"),
+    (one_by_eight, lambda m: m.fit(tf.data.Dataset.from_tensor_slices(
+        ((FEATURES, FEATURES), CLASSES)).batch(20, drop_remainder=True)),
+     r"^RobustModel.fit: the dataset's inputs are a tuple, not one tensor"),
     (one_by_eight, lambda m: m.save("m.h5"), r"^RobustModel.save: m.h5: the legacy HDF5 format "
      r"cannot hold a RobustModel \(it would not load\); save to a .keras file$"),
 ])

@@ -86,9 +86,14 @@ def class_labels(where: str, name: str, labels, num_classes: int | None = None,
 
 
 def class_count(where: str, num_classes: int | None, *labels: np.ndarray) -> int:
-    """`num_classes` (2 or more), or one more than the largest label seen."""
+    """`num_classes` (2 or more), or one more than the largest label seen (which
+    must then be at least 1: labels of class 0 alone tell no class count)."""
     if num_classes is None:
-        return int(max(a.max() for a in labels)) + 1
+        count = int(max(a.max() for a in labels)) + 1
+        if count < 2:
+            raise ValueError(f"{where}: every label is 0, so the number of classes is unknown; "
+                             "pass num_classes")
+        return count
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
             or num_classes < 2:
         raise ValueError(f"{where}: num_classes must be an integer of 2 or more, got "

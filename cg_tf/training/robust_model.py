@@ -413,6 +413,10 @@ class RobustModel(keras.Model):
                              "with tf.data.Dataset.from_generator and batch it with "
                              "drop_remainder=True")
         if not hasattr(x, "element_spec"):  # arrays (a distributed dataset is checked by its maker)
+            if isinstance(x, (list, tuple, dict)):
+                raise ValueError(f"RobustModel.fit: x is a {type(x).__name__} of {len(x)} "
+                                 "inputs; the per-example gradients take a model of one input "
+                                 "(one array of examples)")
             if validation_split and validation_data is None:
                 (x, y), validation_data = split_off(x, y, validation_split)
             self._check_label_values(y)
