@@ -66,7 +66,7 @@ class ArrayData:
         self.steps_per_epoch = n // batch_size
         self.is_corrupt = self.labels != self.true_labels
         self.labels_changed = float(self.is_corrupt.mean())  # as a Reader's
-        rate = float(self.is_corrupt.mean()) if noise_rate is None else noise_rate
+        rate = self.labels_changed if noise_rate is None else noise_rate
         self.noise = {"rate": rate, "mode": "arrays"}
 
     def _examples(self, index: np.ndarray) -> tf.data.Dataset:
