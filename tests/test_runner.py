@@ -51,6 +51,15 @@ def test_other_parameters_are_refused_before_anything_runs(tmp_path):
     assert (tmp_path / "b" / "out.txt").read_text() == '{"x": 5}'  # emptied first
 
 
+def test_a_parameter_added_to_the_code_since_is_named(tmp_path):
+    # Newer code with a new parameter (None by default) fingerprints a stage
+    # differently; the refusal says which parameter, not "unknown".
+    runner.run_stages(str(tmp_path), [toy([], "a", {"x": 1})])
+    with pytest.raises(StageError, match=r"a was made with other parameters "
+                                         r"\(params.window: \(absent\) -> None\)"):
+        runner.run_stages(str(tmp_path), [toy([], "a", {"x": 1, "window": None})])
+
+
 def test_an_upstream_change_reaches_downstream_fingerprints(tmp_path):
     runner.run_stages(str(tmp_path), pipeline([]))
     with pytest.raises(StageError, match="a was made with other parameters"):

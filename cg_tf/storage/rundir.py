@@ -108,14 +108,24 @@ def mismatch(recorded: dict, wanted: dict) -> list[str]:
                        {k: v for k, v in wanted.items() if k != provenance.FIELD})
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """`field: old -> new` for each differing (nested) field."""
+    """`field: old -> new` for each differing (nested) field; a field on one
+    side only differs from every value, None included (a field added to the
+    code since differs from the record, as the stages' fingerprints say)."""
     out = []
     for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
+        a, b = old.get(k, ABSENT), new.get(k, ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, f"{prefix}{k}.")
-        elif a != b:
+        elif a is ABSENT or b is ABSENT or a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
 
