@@ -568,3 +568,11 @@ def test_a_published_sweep_goes_on_from_its_copy(tmp_path):
     assert any(line.endswith(f"runs/{RUNS[1]}: resuming") for line in lines), lines
     resumed = manifest(elsewhere, f"runs/{RUNS[1]}")
     assert resumed["status"] == "complete" and resumed["outputs"]["steps"] == 60
+    # --report writes the report from the published runs alone: the sweep's own.
+    again = str(tmp_path / "again")
+    shutil.copytree(os.path.join(elsewhere, "runs"), os.path.join(again, "runs"))
+    done = run_main("tools.publish_runs", f"--out={again}", "--report")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("summary.csv", "settings.csv", "curves.csv", "summary.md"):
+        with open(os.path.join(elsewhere, name)) as a, open(os.path.join(again, name)) as b:
+            assert a.read() == b.read(), name

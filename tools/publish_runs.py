@@ -14,6 +14,12 @@ runs are skipped, unfinished ones resume from the checkpoint). A run that has
 finished since loses its copied checkpoint. The sweep's report files
 (summary.csv, settings.csv, curves.csv, summary.md, figure.png, figure.pdf,
 report_files.json) are copied too when they exist.
+
+With --report, the report is then written afresh from the runs in <out>/runs
+(their config.json, manifest.json and event files), as this version of the
+code writes it: a study's runs made by older code get today's report columns
+(the late test accuracy, the fall step). --sweep_dir may then be left out, to
+rewrite the report of a folder published before.
 """
 
 import os
@@ -24,10 +30,13 @@ from absl import app, flags
 
 from cg_tf import common_flags
 from cg_tf.experiments import noise_grid, runner
+from cg_tf.measure import report
 from cg_tf.training.trainer import CHECKPOINTS
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "The sweep's --output_dir.")
 _OUT = flags.DEFINE_string("out", None, "The results folder (its runs/ is written).")
+_REPORT = flags.DEFINE_bool("report", False, "Then write the report from <out>/runs with this "
+                            "code (see the module docstring).")
 
 RECORDS = ("config.json", runner.MANIFEST, "summary.json", "learning_events.csv")
 
@@ -60,19 +69,30 @@ def publish_run(run_dir: str, out_dir: str) -> str:
 
 
 def main(_):
-    if not _SWEEP_DIR.value or not _OUT.value:
-        raise app.UsageError("--sweep_dir and --out are required")
-    runs = os.path.join(_SWEEP_DIR.value, "runs")
+    if not _OUT.value or not (_SWEEP_DIR.value or _REPORT.value):
+        raise app.UsageError("--out is required, with --sweep_dir, --report or both")
+    if _SWEEP_DIR.value:
+        publish_sweep(_SWEEP_DIR.value, _OUT.value)
+    if _REPORT.value:
+        runs = os.path.join(_OUT.value, "runs")
+        if not os.path.isdir(runs):
+            raise app.UsageError(f"--out={_OUT.value} holds no runs/ to report")
+        paths, text = noise_grid.write_report(_OUT.value, *noise_grid.published(runs))
+        report.print_outputs(text, paths, runs)
+
+
+def publish_sweep(sweep_dir: str, out: str) -> None:
+    runs = os.path.join(sweep_dir, "runs")
     if not os.path.isdir(runs):
-        raise app.UsageError(f"--sweep_dir={_SWEEP_DIR.value} holds no runs/")
+        raise app.UsageError(f"--sweep_dir={sweep_dir} holds no runs/")
     for name in sorted(os.listdir(runs)):
         if os.path.isdir(os.path.join(runs, name)):
-            how = publish_run(os.path.join(runs, name), os.path.join(_OUT.value, "runs", name))
+            how = publish_run(os.path.join(runs, name), os.path.join(out, "runs", name))
             print(f"{name}: {how}")
     for name in (*noise_grid.REPORT_FILES, runner.REPORT_RECORD):
-        path = os.path.join(_SWEEP_DIR.value, name)
+        path = os.path.join(sweep_dir, name)
         if os.path.exists(path):
-            shutil.copy2(path, os.path.join(_OUT.value, name))
+            shutil.copy2(path, os.path.join(out, name))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import itertools
 import os
 
 import numpy as np
+import tensorflow as tf
 
 from cg_tf import provenance
 from cg_tf.data import build
@@ -31,7 +32,7 @@ from cg_tf.experiments import runner
 from cg_tf.experiments.runner import Stage
 from cg_tf.experiments.stages import dataset_stage, train_stage
 from cg_tf.measure import report, tags
-from cg_tf.robust import names
+from cg_tf.robust import aggregators, layer_filter, names
 from cg_tf.robust.aggregators import Aggregator
 from cg_tf.storage import files
 from cg_tf.training.trainer import TrainConfig, check_layer_filter, check_run_layout
@@ -102,6 +103,34 @@ def stages(source: Source, build_config: build.BuildConfig, beam_args: list[str]
         out.append(train_stage(f"runs/{p.name}", data_stage_name(p.noise_rate),
                                dataclasses.replace(train, aggregator=p.aggregator, seed=p.seed)))
     return out
+
+
+def published(runs_dir: str) -> tuple[list[Point], dict[str, dict]]:
+    """The points and stage manifests of a folder of runs copied out of a
+    sweep (tools.publish_runs: each run's config.json and manifest.json),
+    in the order a sweep lists them (by noise rate; plain SGD first, then by
+    aggregator, every layer's settings before a layer filter's, by
+    parameter; then by seed); each dataset's size is the one its
+    runs recorded. A ValueError for a run whose name is not its point's."""
+    points, manifests = [], {}
+    for name in sorted(tf.io.gfile.listdir(runs_dir)):
+        directory = os.path.join(runs_dir, name.rstrip("/"))
+        config = files.read_json(os.path.join(directory, "config.json"))
+        manifest = runner.read_manifest(directory)
+        if not config or not manifest:
+            continue
+        p = Point(aggregators.from_json(config["aggregator"]),
+                  config["dataset"]["noise"]["rate"], config["seed"])
+        if p.name != name.rstrip("/"):
+            raise ValueError(f"{directory} holds the run {p.name} (by its config.json)")
+        points.append(p)
+        manifests[f"runs/{p.name}"] = manifest
+        manifests.setdefault(data_stage_name(p.noise_rate),
+                             {"outputs": {"splits": config["dataset"]["examples"]}})
+    points.sort(key=lambda p: (p.noise_rate, p.aggregator.name != "mean", p.aggregator.name,
+                               p.aggregator.layers != layer_filter.ALL, p.aggregator.layers.name,
+                               p.aggregator.value or 0, p.seed))
+    return points, manifests
 
 
 def peak(series: list[tuple[int, float]] | None) -> tuple[int | None, float | None]:
