@@ -1,9 +1,9 @@
 """The network's health along a run: how far each layer's weights have grown
 since the start, the logits' spread, and the hidden units that never fire.
 
-Winsorized SGD at the papers' length can drift: the weights of the output
-layer grow without bound, the logits blow up and hidden units die while the
-accuracy falls (docs/results/winsorization_fashion_mnist). These measures show
+Winsorized SGD at the papers' length can collapse: hidden units die while the
+accuracy falls, and the output layer's weights may grow without bound
+(docs/results/winsorization_fashion_mnist). These measures show
 it as it happens, on a fixed sample (the monitor's: the first 500 examples of
 the mixed training subset); `Health` keeps each layer's starting norm in the run's
 checkpoint, so a resumed run measures growth from the same start.

@@ -6,11 +6,11 @@
                   activation or a reshape, the nearest layer before it that has)
   OutputLayer()   the output layer only (the complement of HiddenLayers)
 
-At the papers' length, winsorizing the output layer grows its weights without
-bound (docs/results/winsorization_fashion_mnist): its expected winsorized
-step points outward where the mean gradient's points inward. `hidden` keeps
-the robust aggregation where the papers' claim lives and the mean where the
-drift starts. A filter reads and prints by its `name` (`parse`); an
+The filters exist to tell apart what a robust aggregate does in each part of
+the net: at the papers' length, winsorizing the output layer alone grows it
+without bound and keeps accuracy; winsorizing every layer but it collapses
+with the output layer bounded (docs/results/winsorization_fashion_mnist).
+A filter reads and prints by its `name` (`parse`); an
 aggregator carries one (`winsorized:4@hidden`).
 
 The output layer is read from the model's structure (`output_layer`), never
