@@ -3,6 +3,7 @@ a pipeline that builds and validates with Dataflow options (without network),
 and a wheel installed outside the checkout that runs every program the README
 names."""
 
+import glob
 import os
 import re
 import shutil
@@ -352,3 +353,40 @@ def test_private_apis_are_called_only_in_the_shim():
     assert private_uses(os.path.join(REPO, SHIM)) >= {
         "_functional", "_in_multi_worker_mode", "_add_argparse_args", "_call_has_training_arg",
         "keras.src"}
+
+
+def test_no_private_api_is_used_outside_the_shim():
+    """Outside cg_tf/keras_internals.py, an `obj._name` is one of the project's
+    own names (defined or assigned somewhere in it) or the one override the
+    shim's docstring lists; a library's private attribute read anywhere else
+    fails here, naming the file and line."""
+    import ast
+    sources = [p for d in ("cg_tf", "pipelines", "tools")
+               for p in glob.glob(os.path.join(REPO, d, "**", "*.py"), recursive=True)]
+    trees = {p: ast.parse(open(p).read()) for p in sources}
+    own = set()
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                own.add(node.attr)
+            elif isinstance(node, ast.alias):
+                own.add((node.asname or node.name).split(".")[-1])
+    listed = {"_maybe_symbolic_build"}  # RobustModel's override, in the shim's docstring
+    found = [f"{os.path.relpath(p, REPO)}:{node.lineno} ._{node.attr[1:]}"
+             for p, tree in trees.items() if not p.endswith("keras_internals.py")
+             for node in ast.walk(tree)
+             if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+             and not node.attr.startswith("__") and node.attr not in own | listed]
+    found += [f"{os.path.relpath(p, REPO)}:{node.lineno} getattr(..., {node.args[1].value!r})"
+              for p, tree in trees.items() if not p.endswith("keras_internals.py")
+              for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr"
+              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+              and str(node.args[1].value).startswith("_")
+              and not str(node.args[1].value).startswith("__")
+              and node.args[1].value not in own]
+    assert not found, found

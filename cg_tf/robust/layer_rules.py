@@ -286,7 +286,7 @@ def _fallback(layer, x, training):
     trainable = [tf.convert_to_tensor(v) for v in layer.trainable_variables]
     non_trainable = [tf.convert_to_tensor(v) for v in layer.non_trainable_variables]
     out = layer(x, training=training)
-    kwargs = {"training": training} if getattr(layer, "_call_has_training_arg", False) else {}
+    kwargs = {"training": training} if keras_internals.call_has_training_arg(layer) else {}
 
     def per_example(grads):
         def one(args):
