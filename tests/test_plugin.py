@@ -12,10 +12,19 @@ import tensorflow as tf
 from conftest import REPO, plugin_client
 
 from cg_tf.measure import metrics, tags
-from cg_tf.measure.monitor import write_histogram, write_run_config
+from cg_tf.measure.monitor import write_histogram, write_plugin_tensor, write_run_config
 
 BASE = "/data/plugin/memorization"
 RUNS = {"mean": ("mean", 0, [0.2, 0.6, 0.9]), "winsorized, c=4": ("winsorized", 4, [0.1, 0.1, 0.05])}
+
+
+PNG = tf.io.encode_png(tf.zeros([4, 4, 1], tf.uint8)).numpy()
+EXAMPLES = [json.dumps({"ids": ["p0", "p1", "c0"], "groups": ["pristine", "pristine", "corrupt"],
+                        "labels": [1, 2, 0], "true_labels": [1, 2, 2],
+                        "class_names": ["zero", "one", "two"]}).encode(), PNG, PNG, b""]
+# [prediction, first learned, learned for good] per example, by step.
+STATES = {1: [[0, 2, 2], [-1, -1, -1], [-1, -1, -1]], 10: [[1, 2, 0], [10, 1, 10], [10, 1, 10]],
+          20: [[1, 0, 0], [10, 1, 10], [10, -1, 10]]}
 
 
 def write_runs(logdir):
@@ -36,6 +45,11 @@ def write_runs(logdir):
                 for group in tags.GROUPS:
                     write_histogram(tags.learned_for_good_tag(group), metrics.log_histogram(
                         np.arange(1, 5 + step), np.arange(1, step + 1), bins=4), step, "")
+        if run == "mean":  # the other shows no examples (an older cg_tf)
+            with writer.as_default():
+                write_plugin_tensor(tags.EXAMPLES, EXAMPLES, 0)
+                for step, states in STATES.items():
+                    write_plugin_tensor(tags.EXAMPLE_STATES, np.array(states, np.int64), step)
         writer.close()
     (logdir / "not_a_cg_tf_run").mkdir()
     with tf.summary.create_file_writer(str(logdir / "not_a_cg_tf_run")).as_default():
@@ -105,6 +119,25 @@ def test_table_has_final_values(client):
     assert by_run["mean"]["labels_changed"] == 0.45  # the rate asked and what it changed
 
 
+def test_examples_at_an_evaluation(client):
+    last = json.loads(get(client, "/examples?run=mean").get_data())
+    assert last["steps"] == [1, 10, 20] and last["step"] == 20
+    assert last["class_names"] == ["zero", "one", "two"]
+    rows = last["examples"]
+    assert [(r["id"], r["group"], r["label_name"], r["true_label_name"]) for r in rows] == [
+        ("p0", "pristine", "one", "one"), ("p1", "pristine", "two", "two"),
+        ("c0", "corrupt", "zero", "two")]
+    assert [r["prediction"] for r in rows] == [1, 0, 0]
+    assert [r["first_learned"] for r in rows] == [10, 1, 10]
+    assert [r["learned_for_good"] for r in rows] == [10, None, 10]
+    assert rows[0]["thumbnail"].startswith("data:image/png;base64,")
+    assert rows[2]["thumbnail"] is None  # not an image
+    first = json.loads(get(client, "/examples?run=mean&step=1").get_data())
+    assert first["step"] == 1 and all(r["learned_for_good"] is None for r in first["examples"])
+    older = json.loads(get(client, "/examples?run=winsorized%2C%20c%3D4").get_data())
+    assert older == {"steps": [], "examples": []}
+
+
 @pytest.mark.parametrize("path,message", [
     ("/scalars?tag=eval/corrupt/accuracy&runs=nope", "unknown run(s): nope"),
     ("/scalars?tag=eval/corrupt/accuracy&runs=not_a_cg_tf_run", "not_a_cg_tf_run"),
@@ -115,6 +148,11 @@ def test_table_has_final_values(client):
     ("/histograms", "unknown run"),
     ("/table?runs=mean&runs=../../etc", "unknown run(s): ../../etc"),
     ("/table?runs=mean%00", "unknown run(s): mean\x00"),
+    ("/examples?run=nope", "unknown run: 'nope'"),
+    ("/examples?run=mean&step=5", "step '5' is not an evaluation of 'mean' that TensorBoard "
+                                  "kept (1, 10, 20)"),
+    ("/examples?run=mean&step=-1", "step '-1' is not an evaluation"),
+    ("/examples?run=mean&step=1e1", "step '1e1' is not an evaluation"),
 ])
 def test_bad_parameters_get_400_with_a_message(client, path, message):
     response = get(client, path, status=400)

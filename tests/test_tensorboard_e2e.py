@@ -22,6 +22,7 @@ from cg_tf.measure import report
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = os.path.join(REPO, "test-artifacts", "memorization_tab.png")
+EXAMPLES_SCREENSHOT = os.path.join(REPO, "test-artifacts", "memorization_examples.png")
 RUNS = {"mean": ["--aggregator=mean"], "winsorized_c4": ["--aggregator=winsorized:4"]}
 
 
@@ -93,13 +94,38 @@ def tensorboard(logdir):
     proc.wait(timeout=30)
 
 
+def test_the_examples_agree_with_the_runs_learning_events(tensorboard, logdir):
+    """The examples route of a real run, through TensorBoard: at the last
+    evaluation, each shown example's learning steps are the run's own
+    (learning_events.csv), and its prediction is its label where the final
+    evaluation counted it learned."""
+    url, _ = tensorboard
+    for run in RUNS:
+        data = json.load(urllib.request.urlopen(f"{url}/data/plugin/memorization/examples?run={run}"))
+        steps = json.loads((logdir / run / "summary.json").read_text())["steps"]
+        assert data["step"] == steps == data["steps"][-1]
+        shown = data["examples"]
+        assert [r["group"] for r in shown] == ["pristine"] * 64 + ["corrupt"] * 64
+        with open(logdir / run / "learning_events.csv") as f:
+            events = {r["example_id"]: r for r in csv.DictReader(f)}
+        for r in shown:
+            e = events[r["id"]]
+            assert e["group"] == r["group"]
+            for key, column in (("first_learned", "first_learned_step"),
+                                ("learned_for_good", "learned_for_good_step")):
+                assert (r[key] if r[key] is not None else -1) == int(e[column]), (r, e)
+            if r["learned_for_good"] is not None:  # learned at every evaluation since
+                assert r["prediction"] == r["label"]
+            assert r["thumbnail"].startswith("data:image/png;base64,")
+
+
 @pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 def test_memorization_tab_in_headless_chromium(tensorboard, logdir):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
     url, listing = tensorboard
     assert listing["memorization"]["enabled"], listing  # found through the entry point
     profile = tempfile.mkdtemp()
@@ -150,9 +176,45 @@ def test_memorization_tab_in_headless_chromium(tensorboard, logdir):
             length = json.loads((logdir / run / "summary.json").read_text())["steps"]
             assert f"learned for good by step {length}" in text
             assert re.search(r"pristine: \d+ of 200 tracked \(\d+%\)", text)
+        # The examples themselves: a card and a thumbnail per shown example,
+        # then the memorized corrupt ones alone, as the route says they are.
+        view = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR,
+                                                    "div[data-examples='drawn']"))[0]
+        cards = view.find_elements(By.CSS_SELECTOR, "div.example")
+        assert len(cards) == 128
+        images = view.find_elements(By.CSS_SELECTOR, "div.example img")
+        assert len(images) == 128 and all(
+            driver.execute_script("return arguments[0].naturalWidth", i) == 8 for i in images)
+        run = view.find_elements(By.TAG_NAME, "select")[0].get_attribute("value")
+        data = json.load(urllib.request.urlopen(
+            f"{url}/data/plugin/memorization/examples?run={run}"))
+        def show(option, count):  # the filter's cards, once drawn
+            Select(driver.find_elements(By.CSS_SELECTOR, "div.examples-view select")[2]
+                   ).select_by_visible_text(option)
+            wait.until(lambda d: f"{count} of 128 shown" in d.find_element(
+                By.CSS_SELECTOR, "div.examples-view").text)
+            return driver.find_elements(By.CSS_SELECTOR, "div.examples-view div.example")
+
+        learned = sorted(r["learned_for_good"] for r in data["examples"]
+                         if r["learned_for_good"] is not None)
+        cards = show("earliest learned for good", len(learned))
+        assert learned and [int(c.get_attribute("data-learned")) for c in cards] == learned
+        memorized = [r for r in data["examples"]
+                     if r["group"] == "corrupt" and r["learned_for_good"] is not None]
+        cards = show("memorized corrupt examples (learned for good, noisy label)", len(memorized))
+        assert len(cards) == len(memorized)
+        assert all(c.get_attribute("data-group") == "corrupt" for c in cards)
+        text = driver.find_element(By.CSS_SELECTOR, "div.examples-view").text
+        assert text.count(": the noisy label") == len(memorized)
+        show("all shown", 128)
+        driver.execute_script("arguments[0].scrollIntoView()",
+                              driver.find_element(By.CSS_SELECTOR, "div.examples-view"))
+        os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+        assert driver.find_element(By.CSS_SELECTOR, "div.examples-view").screenshot(
+            EXAMPLES_SCREENSHOT)
         driver.switch_to.default_content()
         assert "MEMORIZATION" in driver.find_element(By.TAG_NAME, "body").text.upper()
-        os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+        driver.execute_script("window.scrollTo(0, 0)")
         assert driver.save_screenshot(SCREENSHOT)
     finally:
         driver.quit()

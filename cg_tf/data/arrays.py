@@ -49,6 +49,7 @@ class ArrayData:
                                  f"inputs {self.x.shape} (one input's shape must agree)")
             given.append(class_labels(where, "test labels", test[1], size=len(test_x)))
         self.num_classes = class_count(where, num_classes, *given)
+        self.class_names = ()  # arrays carry no class names
         checked = [class_labels(where, name, a, self.num_classes)
                    for name, a in zip(("labels", "true_labels", "test labels"), given)]
         self.labels, self.true_labels = checked[:2]

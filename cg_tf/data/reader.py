@@ -121,6 +121,11 @@ class Reader:
         """How the training labels were corrupted (dataset_info.json's noise)."""
         return self.info.noise
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes' names, where the dataset records them (else ())."""
+        return self.info.class_names
+
     @classmethod
     def open(cls, data_dir: str, batch_size: int, seed: int = 0, **options) -> "Reader":
         """The reader of `data_dir` for global batches of `batch_size`, in the

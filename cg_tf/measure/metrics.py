@@ -100,7 +100,8 @@ def evaluate(net, subset, top5: bool = False) -> dict:
 def example_results(net, subset) -> dict[str, np.ndarray]:
     """Per example of a batched subset, in its order: `correct` (classified as
     its training label), `true_correct` (as its true label), `top5` (the
-    training label among the top 5 logits) and the float32 `loss`; and per
+    training label among the top 5 logits), the float32 `loss` and the
+    `prediction` (the class of the largest logit); and per
     batch the float32 sum of its losses (`batch_loss`). One traced function
     per network and input shape serves every batch of every call."""
     parts = []
@@ -111,11 +112,11 @@ def example_results(net, subset) -> dict[str, np.ndarray]:
     if not parts:
         return {"correct": np.zeros([0], bool), "true_correct": np.zeros([0], bool),
                 "top5": np.zeros([0], bool), "loss": np.zeros([0], np.float32),
-                "batch_loss": np.zeros([0], np.float32)}
-    correct, true_correct, top5, loss, batch_loss = (np.concatenate(p) if p[0].ndim else
-                                                     np.stack(p) for p in zip(*parts))
+                "prediction": np.zeros([0], np.int32), "batch_loss": np.zeros([0], np.float32)}
+    correct, true_correct, top5, loss, prediction, batch_loss = (
+        np.concatenate(p) if p[0].ndim else np.stack(p) for p in zip(*parts))
     return {"correct": correct, "true_correct": true_correct, "top5": top5, "loss": loss,
-            "batch_loss": batch_loss}
+            "prediction": prediction, "batch_loss": batch_loss}
 
 
 def take_examples(parts: list[dict[str, np.ndarray]], index: np.ndarray,
@@ -126,7 +127,7 @@ def take_examples(parts: list[dict[str, np.ndarray]], index: np.ndarray,
     subset sums it (float32, one reduction per batch), so `summarize` gives
     what evaluating it would, without a forward pass."""
     out = {k: np.concatenate([p[k] for p in parts])[index]
-           for k in ("correct", "true_correct", "top5", "loss")}
+           for k in ("correct", "true_correct", "top5", "loss", "prediction")}
     bounds = np.cumsum([0, *batch_sizes])
     if bounds[-1] != len(index):
         raise ValueError(f"batches of {batch_sizes} examples hold {bounds[-1]}, not the "
@@ -146,7 +147,8 @@ def summarize(results: dict[str, np.ndarray], top5: bool = False) -> dict:
         loss += float(batch_sum)
     out = {"accuracy": float(np.count_nonzero(results["correct"])) / n,
            "true_label_accuracy": float(np.count_nonzero(results["true_correct"])) / n,
-           "loss": loss / n, "count": count, "correct": results["correct"]}
+           "loss": loss / n, "count": count, "correct": results["correct"],
+           "prediction": results["prediction"]}
     if top5:
         out["top5"] = float(np.count_nonzero(results["top5"])) / n
     return out
@@ -177,4 +179,4 @@ def _eval_batch(net, images, labels, true_labels):
     k = min(5, logits.shape[-1])
     losses = example_losses(labels, logits)
     return (pred == labels, pred == true_labels, tf.math.in_top_k(labels, logits, k), losses,
-            tf.reduce_sum(losses))
+            pred, tf.reduce_sum(losses))

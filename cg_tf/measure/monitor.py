@@ -29,6 +29,7 @@ from tensorflow.core.framework import summary_pb2
 from cg_tf import provenance
 from cg_tf.data.reader import Reader
 from cg_tf.measure import hparams, metrics, tags
+from cg_tf.measure.examples import Shown
 from cg_tf.measure.health import Health
 from cg_tf.measure.probe import Probe
 from cg_tf.options import option
@@ -48,7 +49,7 @@ HEALTH_SAMPLE = 500  # the first examples of the mixed subset: health's fixed sa
 @dataclasses.dataclass(frozen=True)
 class MonitorConfig:
     # What only changes what a run says, not what it computes: may change on resume.
-    EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = ("warn_growth",)
+    EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = ("warn_growth", "examples_shown")
 
     eval_every: int | None = option(None, "Steps between evaluations (default: every epoch).")
     eval_log_spaced: bool = option(True, "Also evaluate at steps 1, 2, 4, ... before that.")
@@ -65,6 +66,10 @@ class MonitorConfig:
     export_learned: bool = option(True, "At the end, write the ids of the training examples "
                                   "the model classifies as their training label, and of the "
                                   "others.")
+    examples_shown: int = option(
+        64, "Tracked examples of each group (pristine, corrupt) the Memorization tab shows "
+        "themselves: a thumbnail, the labels, and at each evaluation the prediction and the "
+        "steps learned; 0: none.")
     warn_growth: float = option(20.0, "Warn once per layer whose weight norm grows past this "
                                 "multiple of its start (a drifting run); 0: never.")
 
@@ -75,6 +80,8 @@ class MonitorConfig:
             raise ValueError(f"--test_eval_every must be positive, got {self.test_eval_every}")
         if self.probe_size is not None and self.probe_size < 0:
             raise ValueError(f"--probe_size must be >= 0, got {self.probe_size}")
+        if self.examples_shown < 0:
+            raise ValueError(f"--examples_shown must be >= 0, got {self.examples_shown}")
         if not 0 < self.probe_max_share <= 1:
             raise ValueError(f"--probe_max_share must be in (0, 1], got {self.probe_max_share}")
         if not (self.warn_growth == 0 or self.warn_growth > 1):
@@ -83,15 +90,20 @@ class MonitorConfig:
                              "its start")
 
 
+def write_plugin_tensor(tag: str, value, step: int) -> None:
+    """A tensor summary under the plugin's name (readable through TensorBoard's
+    data provider), in the default writer."""
+    meta = tf.compat.v1.SummaryMetadata()
+    meta.plugin_data.plugin_name = tags.PLUGIN_NAME
+    meta.data_class = summary_pb2.DATA_CLASS_TENSOR
+    tf.summary.write(tag, tf.constant(value), step=step, metadata=meta)
+
+
 def write_run_config(writer, config: dict) -> None:
     """A run's configuration as JSON text under the plugin's name at step 0; it
     is also what makes TensorBoard show the Memorization tab."""
-    meta = tf.compat.v1.SummaryMetadata()
-    meta.plugin_data.plugin_name = tags.PLUGIN_NAME
-    meta.data_class = summary_pb2.DATA_CLASS_TENSOR  # readable by the data provider
     with writer.as_default():
-        tf.summary.write(tags.RUN_CONFIG, tf.constant(json.dumps(config)), step=0,
-                         metadata=meta)
+        write_plugin_tensor(tags.RUN_CONFIG, json.dumps(config), 0)
 
 
 class LearningEvents(tf.Module):
@@ -210,6 +222,9 @@ class Monitor:
                                               [columns[g][0] for g in self.ids])
         self._mixed_batches = columns["mixed"][1] if "mixed" in columns else []
         self.events = LearningEvents({g: len(ids) for g, ids in self.ids.items()})
+        self.shown = Shown({g: _head(self.subsets[g], config.examples_shown) for g in self.ids},
+                           config.examples_shown, reader.class_names) \
+            if config.examples_shown and self.ids else None
         self.health = Health(net, _head(self.subsets["mixed"], HEALTH_SAMPLE)["image"],
                              config.warn_growth)
         self.probe = None
@@ -244,6 +259,9 @@ class Monitor:
         run's start."""
         config = {**self._run_config, **extra}
         write_run_config(self.writer, config)
+        if self.shown:
+            with self.writer.as_default():
+                write_plugin_tensor(tags.EXAMPLES, self.shown.records(), 0)
         hparams.write_start(self.writer, hparams.values(config, **known),
                             hparams.trial_name(directory))
 
@@ -347,6 +365,9 @@ class Monitor:
         with self.writer.as_default(step=step):
             self._write_eval(results)
             self._write_learning(step)
+            if self.shown:
+                write_plugin_tensor(tags.EXAMPLE_STATES, self.shown.states(results, self.events),
+                                    step)
             shares = self.cost_shares(train_seconds)
             for tag, value in {**probe, **health, tags.EVAL_SHARE: shares["eval"],
                                tags.PROBE_SHARE: shares["probe"]}.items():

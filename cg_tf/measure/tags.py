@@ -9,6 +9,13 @@ learning-time histograms and the run's configuration.
 PLUGIN_NAME = "memorization"
 RUN_CONFIG = "memorization/run_config"  # JSON text at step 0, marks a cg_tf run
 
+# The tracked examples the tab shows (cg_tf.measure.examples): at step 0 a
+# string tensor, a JSON index (ids, groups, labels, class names) then each
+# example's PNG thumbnail; at every evaluation an int64 tensor [3, shown]: each
+# shown example's prediction, first learned step and learned-for-good step.
+EXAMPLES = "memorization/examples"
+EXAMPLE_STATES = "memorization/example_states"
+
 SUBSETS = ("pristine", "corrupt", "mixed", "test")
 GROUPS = ("pristine", "corrupt")  # tracked training examples, by label status
 

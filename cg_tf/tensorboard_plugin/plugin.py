@@ -7,6 +7,7 @@ is checked against the data (400 with a message otherwise); static files are
 served from this package's `static/` only.
 """
 
+import base64
 import json
 import math
 import os
@@ -45,7 +46,7 @@ class MemorizationPlugin(base_plugin.TBPlugin):
     def get_plugin_apps(self):
         return {"/static/*": self._serve_static, "/runs": self._serve_runs,
                 "/scalars": self._serve_scalars, "/histograms": self._serve_histograms,
-                "/table": self._serve_table}
+                "/table": self._serve_table, "/examples": self._serve_examples}
 
     def is_active(self):
         return False  # Active through data: the run config tensors (data_plugin_names).
@@ -150,6 +151,38 @@ class MemorizationPlugin(base_plugin.TBPlugin):
         return self._json(request, handler)
 
     @wrappers.Request.application
+    def _serve_examples(self, request):
+        """?run=R[&step=S]: the tracked examples the run shows, at its
+        evaluation S (default: the last one TensorBoard kept; it keeps 10
+        evaluations a run unless started with --samples_per_plugin=
+        memorization=0): {"steps": [the kept evaluations], "step": S,
+        "class_names": [...], "examples": [example_rows' rows]}; {"steps": []}
+        for a run that shows none (--examples_shown=0, or an older cg_tf)."""
+        def handler(where):
+            run = request.args.get("run", "")
+            if run not in self._configs(where):
+                raise BadRequest(f"unknown run: {run!r}")
+            data = self._provider.read_tensors(
+                where["ctx"], experiment_id=where["experiment_id"], plugin_name=tags.PLUGIN_NAME,
+                downsample=MAX_POINTS,
+                run_tag_filter=provider.RunTagFilter(runs=[run], tags=[tags.EXAMPLES,
+                                                                       tags.EXAMPLE_STATES]))
+            by_tag = data.get(run, {})
+            if not by_tag.get(tags.EXAMPLES) or not by_tag.get(tags.EXAMPLE_STATES):
+                return {"steps": [], "examples": []}
+            states = {d.step: d.numpy for d in by_tag[tags.EXAMPLE_STATES]}
+            steps = sorted(states)
+            step = request.args.get("step", str(steps[-1]))
+            if not step.isdigit() or int(step) not in states:
+                raise BadRequest(f"step {step!r} is not an evaluation of {run!r} that "
+                                 f"TensorBoard kept ({', '.join(map(str, steps))})")
+            records = list(by_tag[tags.EXAMPLES][-1].numpy)
+            index = json.loads(records[0])
+            return {"steps": steps, "step": int(step), "class_names": index["class_names"],
+                    "examples": example_rows(index, records[1:], states[int(step)].tolist())}
+        return self._json(request, handler)
+
+    @wrappers.Request.application
     def _serve_static(self, request):
         name = request.path.rsplit("/static/", 1)[-1]
         if not STATIC_NAME.fullmatch(name):
@@ -164,6 +197,30 @@ class MemorizationPlugin(base_plugin.TBPlugin):
             return http_util.Respond(request, f"no such file: {name!r}", "text/plain", code=404)
         with open(path, "rb") as f:
             return http_util.Respond(request, f.read(), STATIC_TYPES[ext])
+
+
+def example_rows(index: dict, thumbnails: list[bytes], states: list[list[int]]) -> list[dict]:
+    """One row per shown example: its id, group, labels (and their names),
+    thumbnail (a PNG data URL, or None), and at the evaluation of `states`
+    ([prediction, first learned, learned for good] rows) its prediction and
+    the steps it was first learned and learned for good (None: not)."""
+    names = index.get("class_names") or []
+
+    def name(label: int) -> str:
+        return names[label] if 0 <= label < len(names) else str(label)
+
+    def learned(step: int) -> int | None:
+        return None if step < 0 else step  # metrics.NOT_LEARNED is -1
+
+    prediction, first, since = states
+    return [{"id": i, "group": g, "label": y, "true_label": t, "prediction": p,
+             "label_name": name(y), "true_label_name": name(t), "prediction_name": name(p),
+             "first_learned": learned(f), "learned_for_good": learned(s),
+             "thumbnail": "data:image/png;base64," + base64.b64encode(png).decode()
+             if png else None}
+            for i, g, y, t, png, p, f, s in zip(index["ids"], index["groups"], index["labels"],
+                                                index["true_labels"], thumbnails, prediction,
+                                                first, since)]
 
 
 def _finite(value: float) -> float | None:

@@ -212,6 +212,96 @@ function learnedChart(parent, run, hist) {
   el("p", {class: "caption"}, box, LEARNED_CAPTION);
 }
 
+// The tracked examples themselves: filters over one run's shown examples at
+// one evaluation; each a pure function of the rows the examples route gives.
+const EXAMPLE_FILTERS = {
+  "all shown": (rows) => rows,
+  "memorized corrupt examples (learned for good, noisy label)": (rows) => rows.filter(
+      (r) => r.group === "corrupt" && r.learned_for_good !== null),
+  "pristine examples never learned": (rows) => rows.filter(
+      (r) => r.group === "pristine" && r.first_learned === null),
+  "earliest learned for good": (rows) => rows.filter((r) => r.learned_for_good !== null)
+      .sort((a, b) => a.learned_for_good - b.learned_for_good),
+  "latest learned for good": (rows) => rows.filter((r) => r.learned_for_good !== null)
+      .sort((a, b) => b.learned_for_good - a.learned_for_good)};
+const EXAMPLES_CAPTION =
+    "The first tracked training examples of each group, as the model saw them (a " +
+    "thumbnail), with their training label (noisy for a corrupt example) and true label, " +
+    "the prediction at the chosen evaluation, and the step each was first classified as " +
+    "its training label and the step since which it has been at every evaluation " +
+    "(learned for good). Blue edge: pristine, red edge: corrupt; the prediction in green " +
+    "when it is the true class, in red when it is a corrupt example's noisy label. " +
+    "TensorBoard keeps 10 evaluations of a run unless started with " +
+    "--samples_per_plugin=memorization=0.";
+
+function select(parent, label, options, value, onChange) {
+  const wrap = el("label", {class: "control"}, parent, `${label} `);
+  const s = el("select", {}, wrap);
+  for (const o of options) {
+    const opt = el("option", {value: String(o)}, s, String(o));
+    if (String(o) === String(value)) opt.selected = true;
+  }
+  s.addEventListener("change", () => onChange(s.value));
+  return s;
+}
+
+function exampleCard(parent, r) {
+  const card = el("div", {class: `example ${r.group}`, "data-group": r.group,
+                          "data-learned": r.learned_for_good ?? ""}, parent);
+  if (r.thumbnail) el("img", {src: r.thumbnail, alt: r.id, title: r.id}, card);
+  const lines = el("div", {class: "example-text"}, card);
+  el("div", {}, lines, r.group === "corrupt"
+      ? `label ${r.label_name} (true ${r.true_label_name})` : `label ${r.label_name}`);
+  // Green: the true class; red: a corrupt example's noisy label (memorized).
+  const [kind, note] = r.prediction === r.true_label
+      ? ["hit", r.group === "corrupt" ? ": the true class" : ""]
+      : r.prediction === r.label ? ["memorized", ": the noisy label"] : ["miss", ""];
+  el("div", {class: kind}, lines, `predicted ${r.prediction_name}${note}`);
+  el("div", {}, lines, r.learned_for_good !== null
+      ? `learned for good at ${r.learned_for_good}`
+      : r.first_learned !== null ? `learned at ${r.first_learned}, since forgotten`
+                                 : "never learned");
+}
+
+// The examples view of the selected runs: run, evaluation and filter choosers,
+// then a card per example.
+async function examplesView(parent, runs) {
+  const box = el("div", {class: "examples-view"}, parent);
+  const state = {run: runs[0].name, step: null, filter: Object.keys(EXAMPLE_FILTERS)[0]};
+  const redraw = async () => {
+    const query = `examples?run=${encodeURIComponent(state.run)}` +
+                  (state.step === null ? "" : `&step=${state.step}`);
+    let data;
+    try {
+      data = await getJson(query);
+    } catch (e) {
+      box.replaceChildren();
+      el("p", {class: "error"}, box, `Could not load examples: ${e.message}`);
+      return;
+    }
+    box.replaceChildren();
+    const controls = el("div", {class: "controls"}, box);
+    select(controls, "Run", runs.map((r) => r.name), state.run,
+           (v) => { state.run = v; state.step = null; redraw(); });
+    if (!data.steps.length) {
+      el("p", {class: "empty-note"}, box,
+         "This run shows no examples (--examples_shown=0, or a run of an older cg_tf).");
+      return;
+    }
+    select(controls, "Evaluation at step", data.steps, data.step,
+           (v) => { state.step = Number(v); redraw(); });
+    select(controls, "Show", Object.keys(EXAMPLE_FILTERS), state.filter,
+           (v) => { state.filter = v; redraw(); });
+    const shown = EXAMPLE_FILTERS[state.filter](data.examples.slice());
+    el("p", {class: "count"}, box,
+       `${shown.length} of ${data.examples.length} shown examples at step ${data.step}`);
+    const grid = el("div", {class: "examples"}, box);
+    for (const r of shown) exampleCard(grid, r);
+    box.dataset.examples = "drawn";
+  };
+  await redraw();
+}
+
 function table(parent, rows, colorOf) {
   const t = el("table", {class: "runs"}, parent);
   const head = el("tr", {}, el("thead", {}, t));
@@ -254,6 +344,19 @@ const STYLE = `
                                  text-align: right; }
   table.runs th:first-child, table.runs td:first-child { text-align: left; }
   .error { color: #c62828; }
+  .controls { margin: 4px 0 8px; }
+  .control { margin-right: 16px; }
+  .examples { display: flex; flex-wrap: wrap; gap: 8px; }
+  .example { width: 150px; border: 1px solid #e0e0e0; border-left: 4px solid #1f77b4;
+             border-radius: 4px; padding: 6px; background: #fff; display: flex; gap: 6px; }
+  .example.corrupt { border-left-color: #d62728; }
+  .example img { width: 48px; height: 48px; object-fit: contain; image-rendering: pixelated;
+                 background: #000; flex: none; }
+  .example-text { font-size: 11px; line-height: 1.35; }
+  .hit { color: #2e7d32; }
+  .memorized { color: #c62828; font-weight: 500; }
+  .miss { color: #757575; }
+  .count, .empty-note { color: #616161; }
 `;
 
 export async function render() {
@@ -328,6 +431,9 @@ async function drawPanels(content, runs, colorOf) {
   const hists = await Promise.all(runs.map(
       (r) => getJson(`histograms?run=${encodeURIComponent(r.name)}`)));
   runs.forEach((r, i) => learnedChart(hist, r.name, hists[i]));
+
+  section("The examples themselves", EXAMPLES_CAPTION);
+  await examplesView(content, runs);
 
   section("Coherence and the update's pristine share",
           "From the per-example gradients of a fixed probe sample of m training examples " +
