@@ -176,6 +176,20 @@ def test_memorization_tab_in_headless_chromium(tensorboard, logdir):
             length = json.loads((logdir / run / "summary.json").read_text())["steps"]
             assert f"learned for good by step {length}" in text
             assert re.search(r"pristine: \d+ of 200 tracked \(\d+%\)", text)
+        # The two f_p panels share their y range; log-scale steps redraw every
+        # line chart on a log axis.
+        def ticks(title):
+            chart = next(c for c in driver.find_elements(By.CSS_SELECTOR, "div.chart")
+                         if c.find_element(By.CLASS_NAME, "chart-title").text == title)
+            return [t.text for t in chart.find_elements(By.CSS_SELECTOR, "text.tick")]
+        fp = [ticks("Pristine share of the robust update (f_p)"),
+              ticks("Pristine share of the plain SGD update (f_p)")]
+        assert fp[0] and fp[0] == fp[1], fp
+        driver.find_element(By.CSS_SELECTOR, "label.log-steps input").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "div[data-drawn='true']"))
+        labels = driver.find_elements(By.CSS_SELECTOR, "text.axis-label.x")
+        assert len(labels) >= 3 + len(RUNS) + 2
+        assert all(a.text == "training step (log scale)" for a in labels)
         # The examples themselves: a card and a thumbnail per shown example,
         # then the memorized corrupt ones alone, as the route says they are.
         view = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR,

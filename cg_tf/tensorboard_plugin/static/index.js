@@ -121,11 +121,15 @@ function tickText(t) {
 }
 
 // A line chart of {run: [[step, value], ...]} with one colored path per run,
-// on x from 0 to `xMax` (the longest run's last step).
+// on x from 0 to `xMax` (the longest run's last step), or from 1 on a log
+// scale (VIEW.logSteps: the early, log-spaced evaluations readable).
+const VIEW = {logSteps: false};
+
 function lineChart(parent, [, title, yLabel, yRange, caption], seriesByRun, colorOf, xMax) {
   const {W, H, L, R, T, B} = SIZE;
   const {svg} = panel(parent, title, caption, W, H);
-  axisLabels(svg, W, H, L, B, "training step", yLabel);
+  axisLabels(svg, W, H, L, B, VIEW.logSteps ? "training step (log scale)" : "training step",
+             yLabel);
   const points = Object.values(seriesByRun).flat().filter((p) => p[1] !== null);
   if (!points.length) {
     el("svg:text", {x: L + 8, y: H / 2, class: "empty"}, svg, "no data yet");
@@ -136,10 +140,13 @@ function lineChart(parent, [, title, yLabel, yRange, caption], seriesByRun, colo
   const yTicks = yRange ? niceTicks(...yRange)
                         : niceTicks(Math.min(...values), Math.max(...values) || 1);
   const [yMin, yMax] = [yTicks[0], yTicks[yTicks.length - 1]];
-  const sx = (x) => L + (x / xMax) * (W - L - R);
+  const sx = VIEW.logSteps
+      ? (x) => L + (Math.log(Math.max(x, 1)) / Math.log(Math.max(xMax, 2))) * (W - L - R)
+      : (x) => L + (x / xMax) * (W - L - R);
   const sy = (y) => T + (1 - (y - yMin) / (yMax - yMin)) * (H - T - B);
   yGrid(svg, yTicks, sy);
-  for (const x of niceTicks(0, xMax).filter((t) => t <= xMax)) {
+  const xTicks = VIEW.logSteps ? logTicks(xMax) : niceTicks(0, xMax).filter((t) => t <= xMax);
+  for (const x of xTicks) {
     el("svg:text", {x: sx(x), y: H - B + 14, class: "tick", "text-anchor": "middle"}, svg,
        tickText(x));
   }
@@ -302,6 +309,32 @@ async function examplesView(parent, runs) {
   await redraw();
 }
 
+// Panels whose y ranges are drawn alike.
+const PAIRED = [["update/aggregate/f_pristine", "update/mean/f_pristine"]];
+
+// The nice range covering every value of several {run: series}, or null.
+function sharedRange(datas) {
+  const values = datas.flatMap((d) => Object.values(d).flat()).map((p) => p[1])
+      .filter((v) => v !== null);
+  if (!values.length) return null;
+  const ticks = niceTicks(Math.min(...values), Math.max(...values));
+  return [ticks[0], ticks[ticks.length - 1]];
+}
+
+// A run whose probe stopped before its last evaluation says so, and why.
+function probeNotes(parent, probeSeries, rows) {
+  for (const row of rows) {
+    const series = probeSeries[row.run] || [];
+    const last = series.length ? series[series.length - 1][0] : null;
+    if (last !== null && row.step && last < row.step) {
+      el("p", {class: "probe-note"}, parent,
+         `${row.run}: the probe's last measurement is at step ${last} of ${row.step}: ` +
+         "probing had taken more than its share of the run's time (--probe_max_share), " +
+         "so later scheduled probes were skipped.");
+    }
+  }
+}
+
 function table(parent, rows, colorOf) {
   const t = el("table", {class: "runs"}, parent);
   const head = el("tr", {}, el("thead", {}, t));
@@ -357,6 +390,8 @@ const STYLE = `
   .memorized { color: #c62828; font-weight: 500; }
   .miss { color: #757575; }
   .count, .empty-note { color: #616161; }
+  .log-steps { margin-right: 20px; }
+  .probe-note { color: #8d6e00; font-size: 12px; margin: 6px 0 0; }
 `;
 
 export async function render() {
@@ -376,8 +411,13 @@ export async function render() {
   const colorOf = (run) => COLORS[runs.findIndex((r) => r.name === run) % COLORS.length];
   const selected = new Set(runs.map((r) => r.name));
   const picker = el("div", {class: "runs-picker"}, root);
-  el("b", {}, picker, "Runs: ");
   const content = el("div", {}, root);
+  const redraw = () => draw(content, runs.filter((r) => selected.has(r.name)), colorOf);
+  const scale = el("label", {class: "log-steps"}, picker);
+  const logBox = el("input", {type: "checkbox"}, scale);
+  scale.appendChild(document.createTextNode("log-scale steps"));
+  logBox.addEventListener("change", () => { VIEW.logSteps = logBox.checked; redraw(); });
+  el("b", {}, picker, "Runs: ");
   for (const run of runs) {
     const label = el("label", {}, picker);
     const box = el("input", {type: "checkbox", checked: ""}, label);
@@ -385,7 +425,7 @@ export async function render() {
     label.appendChild(document.createTextNode(run.name));
     box.addEventListener("change", () => {
       box.checked ? selected.add(run.name) : selected.delete(run.name);
-      draw(content, runs.filter((r) => selected.has(r.name)), colorOf);
+      redraw();
     });
   }
   await draw(content, runs, colorOf);
@@ -432,16 +472,21 @@ async function drawPanels(content, runs, colorOf) {
       (r) => getJson(`histograms?run=${encodeURIComponent(r.name)}`)));
   runs.forEach((r, i) => learnedChart(hist, r.name, hists[i]));
 
-  section("The examples themselves", EXAMPLES_CAPTION);
-  await examplesView(content, runs);
 
   section("Coherence and the update's pristine share",
           "From the per-example gradients of a fixed probe sample of m training examples " +
           "(pristine and corrupt), measured while the run's time budget allows.");
   const probe = el("div", {class: "charts"}, content);
+  const probeData = Object.fromEntries(await Promise.all(PANELS.filter(([tag]) => has(tag))
+      .map(async ([tag]) => [tag, await scalars(tag)])));
   for (const spec of PANELS) {
-    if (has(spec[0])) lineChart(probe, spec, await scalars(spec[0]), colorOf, xMax);
+    if (!(spec[0] in probeData)) continue;
+    // The two f_p panels share one y range, so that they compare at a glance.
+    const pair = PAIRED.find((p) => p.includes(spec[0]));
+    const range = spec[3] || (pair && sharedRange(pair.map((t) => probeData[t] || {})));
+    lineChart(probe, [...spec.slice(0, 3), range, spec[4]], probeData[spec[0]], colorOf, xMax);
   }
+  probeNotes(content, probeData[PANELS[0][0]] || {}, rows);
 
   section("Network health",
           "Whether the run stays sound at length: weights that grow without bound, " +
@@ -450,4 +495,7 @@ async function drawPanels(content, runs, colorOf) {
   for (const spec of HEALTH) {
     if (has(spec[0])) lineChart(healthCharts, spec, await scalars(spec[0]), colorOf, xMax);
   }
+
+  section("The examples themselves", EXAMPLES_CAPTION);
+  await examplesView(content, runs);
 }
