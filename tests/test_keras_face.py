@@ -324,10 +324,11 @@ def test_the_readme_example_runs_as_printed(digits_dir, tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     names = {}
     exec(compile(code, "README.md", "exec"), names)
-    sgd, wins = names["summaries"]["mean"], names["summaries"]["winsorized_c4"]
+    sgd, wins = names["summaries"]["plain SGD"], names["summaries"]["winsorized:4"]
     assert sgd["corrupt_accuracy"] >= 0.5 and wins["corrupt_accuracy"] <= 0.1, (sgd, wins)
     assert wins["test_accuracy"] > sgd["test_accuracy"]
     out = capsys.readouterr().out
+    assert re.search(r"^ +plain SGD +winsorized:4$", out, re.M), out
     assert re.search(r"corrupt ones, against their noisy label +%.3f +%.3f" % (
         sgd["corrupt_accuracy"], wins["corrupt_accuracy"]), out), out
     runs = report.load_runs(str(tmp_path / "runs" / "python"))

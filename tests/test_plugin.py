@@ -111,7 +111,7 @@ def test_table_has_final_values(client):
     rows = json.loads(get(client, "/table").get_data())["rows"]
     by_run = {r["run"]: r for r in rows}
     assert by_run["winsorized, c=4"]["aggregator"] == "winsorized:4"
-    assert by_run["mean"]["aggregator"] == "mean"
+    assert by_run["mean"]["aggregator"] == "plain SGD"
     assert by_run["winsorized, c=4"]["corrupt accuracy"] == pytest.approx(0.05)
     assert by_run["mean"]["test accuracy"] == pytest.approx(0.8)
     assert by_run["mean"]["adjusted overfit"] == pytest.approx(0.45)
@@ -248,9 +248,9 @@ def test_runs_fill_tensorboards_hparams_dashboard(tmp_path):
         "colParams": [{"hparam": h} for h in columns] + [
             {"metric": {"tag": t, "group": ""}} for t in metric_tags]})["sessionGroups"]
     by_aggregator = {g["hparams"]["aggregator"]: g for g in groups}
-    assert set(by_aggregator) == {"mean", "winsorized"}
+    assert set(by_aggregator) == {"plain SGD", "winsorized"}
     # The trial is named after the run's directory (its last three parts).
-    assert by_aggregator["mean"]["name"].endswith(f"{tmp_path.name}/mean")
+    assert by_aggregator["plain SGD"]["name"].endswith(f"{tmp_path.name}/mean")
     winsorized = by_aggregator["winsorized"]
     assert winsorized["hparams"]["aggregator_parameter"] == 2
     assert winsorized["hparams"]["layers"] == "hidden" and winsorized["hparams"]["steps"] == 12

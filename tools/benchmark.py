@@ -37,6 +37,7 @@ import numpy as np
 from absl import app, flags
 
 from cg_tf import common_flags
+from cg_tf.robust import names
 
 _MODELS = flags.DEFINE_list("models", ["fc", "fc3", "small_cnn", "cifar_resnet18"],
                             "Models to time.")
@@ -208,7 +209,7 @@ def table(rows: list[dict]) -> str:
         base = next(x for x in rows if _same_run(x, r) and x["aggregator"] == "mean")
         r["ratio_to_sgd"] = r["step_seconds"] / base["step_seconds"]
         r["robust_cpu_seconds"] = r["cpu_seconds"] - base["cpu_seconds"]
-        label = f"{r['aggregator']} {r['detail']}".strip()
+        label = f"{names.label({'name': r['aggregator']})} {r['detail']}".strip()
         if r["chunk"]:
             label += f" chunk={r['chunk']}"
         xla = " " * 16

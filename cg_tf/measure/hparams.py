@@ -15,6 +15,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
 from cg_tf.measure import tags
+from cg_tf.robust import names
 
 PEAK_TEST_ACCURACY = "hparams/peak_test_accuracy"
 
@@ -25,7 +26,7 @@ DOMAINS = {"aggregator_parameter": WHOLE, "seed": WHOLE, "batch_size": WHOLE, "s
            "noise_rate": hp.RealInterval(0.0, 1.0),
            "learning_rate": hp.RealInterval(0.0, float("inf"))}
 COLUMNS = {
-    "aggregator": "the aggregator's name (mean: plain SGD)",
+    "aggregator": "the aggregator's name (plain SGD: the batch's mean gradient)",
     "aggregator_parameter": "its parameter: c of winsorized and trimmed, k of median of means "
                             "(0 if it has none)",
     "layers": "the layers it aggregates robustly (all, hidden, output)",
@@ -53,7 +54,8 @@ def values(run_config: dict, **known) -> dict:
     aggregator = run_config["aggregator"]
     parameter = next((v for k, v in aggregator.items() if k not in ("name", "layers")), 0)
     noise = run_config.get("noise") or {}
-    out = {"aggregator": aggregator["name"], "aggregator_parameter": parameter,
+    name = names.label({"name": aggregator["name"]})  # plain SGD for mean
+    out = {"aggregator": name, "aggregator_parameter": parameter,
            "layers": aggregator.get("layers", "all"), "noise_rate": noise.get("rate"),
            "noise_mode": noise.get("mode"), "batch_size": run_config.get("batch_size"),
            "learning_rate": run_config.get("learning_rate"), "model": run_config.get("model"),

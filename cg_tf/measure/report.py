@@ -71,13 +71,14 @@ def load_runs(logdir: str) -> list[Run]:
                      context.RequestContext())
 
 
-def aggregator_spec(record: dict | None) -> str | None:
-    """`name[:value][@layers]` of a run's recorded aggregator, or its name
-    alone for a record that has no name."""
+def aggregator_label(record: dict | None) -> str | None:
+    """What a table calls a run's recorded aggregator (`names.label`: plain
+    SGD, or `name[:value][@layers]`), or its name alone for a record that
+    does not read."""
     if not record:
         return None
     try:
-        return names.spec(record)
+        return names.label(record)
     except (KeyError, TypeError):
         return record.get("name")
 
@@ -87,7 +88,7 @@ def table(runs: list[Run]) -> list[dict]:
     rows = []
     for run in runs:
         rows.append({
-            "run": run.name, "aggregator": aggregator_spec(run.config.get("aggregator")),
+            "run": run.name, "aggregator": aggregator_label(run.config.get("aggregator")),
             "noise_rate": run.config.get("noise", {}).get("rate"),
             "labels_changed": run.config.get("labels_changed"),
             "step": max((s[-1][0] for s in run.scalars.values() if s), default=None),
@@ -237,8 +238,9 @@ def describe(config: dict) -> dict[str, str]:
     model = config.get("architecture") or config.get("model")
     rate = noise.get("rate")
     phrases = {
-        "aggregator": record and (names.PLAIN_SGD if record.get("name") == "mean" else " ".join(
-            [record.get("name", "?"), *(f"{k}={v}" for k, v in record.items() if k != "name")])),
+        "aggregator": record and (names.PLAIN_SGD if aggregator_label(record) == names.PLAIN_SGD
+                                  else " ".join([record.get("name", "?"), *(
+                                      f"{k}={v}" for k, v in record.items() if k != "name")])),
         "data": dataset_name(config),
         "model": model and f"model {model}",
         "noise": rate is not None and (f"{rate * 100:g}% noise" if rate else "no noise"),

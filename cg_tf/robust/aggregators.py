@@ -121,6 +121,11 @@ class Aggregator:
         return names.spec(self.to_json())
 
     @property
+    def label(self) -> str:
+        """What tables and figures call it: `plain SGD` for the mean, else its spec."""
+        return names.label(self.to_json())
+
+    @property
     def setting(self) -> str:
         """The spec as part of a file name (`winsorized_c4`, `winsorized_c4_hidden`)."""
         setting = (self.name if self.parameter is None
