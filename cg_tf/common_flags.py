@@ -1,6 +1,7 @@
 """Flags shared by several command-line programs (defined once per process)."""
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -140,4 +141,16 @@ def _from_flags(cls, overrides: dict, only: set[str] | None, defaults: dict):
             kwargs[f.name] = _value(f, flags.FLAGS[f.name].value)
         elif f.name in defaults:
             kwargs[f.name] = defaults[f.name]
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(as_flags(str(e), cls)) from None
+
+
+def as_flags(message: str, cls) -> str:
+    """A configuration's message in the command line's terms: one that begins
+    with a field's name (as the Python-facing ones, MonitorConfig and
+    InputOptions, word theirs) begins with its flag."""
+    first = re.match(r"\w+", message)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return f"--{message}" if first and first.group() in names else message

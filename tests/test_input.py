@@ -125,7 +125,7 @@ def test_reader_errors(digits_dir, tmp_path):
         with pytest.raises(ValueError, match=f"--batch_size must be between 1 and the .* "
                                              f"training examples .*, got {bad}"):
             Reader(InputConfig(digits_dir, batch_size=bad))
-    with pytest.raises(ValueError, match="--augment must be one of"):
+    with pytest.raises(ValueError, match="^augment must be one of"):
         InputOptions(augment="mixup9000")
     copy = tmp_path / "copy"
     shutil.copytree(digits_dir, copy)

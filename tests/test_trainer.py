@@ -74,16 +74,16 @@ def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides
 def test_bad_options_fail_when_the_config_is_made(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         config(tmp_path / "data", tmp_path / "run", **overrides)
-    with pytest.raises(ValueError, match="--eval_every must be positive"):
+    with pytest.raises(ValueError, match="^eval_every must be positive"):
         MonitorConfig(eval_every=0)
 
 
 @pytest.mark.parametrize("options,message", [
     ({"image_size": (0, 0)},
-     r"--image_size must be HEIGHT,WIDTH \(two positive integers\), got 0,0"),
-    ({"image_size": (8, 8, 8)}, "--image_size must be HEIGHT,WIDTH"),
-    ({"eval_sample_size": 0}, "--eval_sample_size must be positive, got 0"),
-    ({"augment": "mixup"}, "--augment must be one of none, flip"),
+     r"^image_size must be HEIGHT,WIDTH \(two positive integers\), got 0,0"),
+    ({"image_size": (8, 8, 8)}, "^image_size must be HEIGHT,WIDTH"),
+    ({"eval_sample_size": 0}, "^eval_sample_size must be positive, got 0"),
+    ({"augment": "mixup"}, "^augment must be one of none, flip"),
 ])
 def test_bad_input_options_fail_when_made(options, message):
     with pytest.raises(ValueError, match=message):
@@ -136,7 +136,12 @@ def test_command_line_error_names_the_flag(tmp_path):
     assert "--data_dir" in proc.stderr and "does not exist" in proc.stderr
     for arg, message in (("--num_cpu_devices=0", "flag --num_cpu_devices=0: 0 is not a "
                                                  "positive integer"),
-                         ("--seed=-1", "error: --seed must be an integer from 0 to 2**32 - 1")):
+                         ("--seed=-1", "error: --seed must be an integer from 0 to 2**32 - 1"),
+                         # The Python-facing options (MonitorConfig, InputOptions) word their
+                         # fields; the command line names them as flags.
+                         ("--eval_every=0", "error: --eval_every must be positive, got 0"),
+                         ("--eval_sample_size=0",
+                          "error: --eval_sample_size must be positive, got 0")):
         proc = run_main("cg_tf.train", f"--model_dir={tmp_path}/run", arg)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

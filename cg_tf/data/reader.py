@@ -39,14 +39,14 @@ class InputOptions:
 
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS:
-            raise ValueError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, "
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, "
                              f"got {self.augment!r}")
         if self.image_size is not None and (len(self.image_size) != 2
                                             or min(self.image_size) < 1):
-            raise ValueError("--image_size must be HEIGHT,WIDTH (two positive integers), got "
+            raise ValueError("image_size must be HEIGHT,WIDTH (two positive integers), got "
                              f"{','.join(map(str, self.image_size))}")
         if self.eval_sample_size < 1:
-            raise ValueError(f"--eval_sample_size must be positive, got {self.eval_sample_size}")
+            raise ValueError(f"eval_sample_size must be positive, got {self.eval_sample_size}")
 
 
 @dataclasses.dataclass(frozen=True)

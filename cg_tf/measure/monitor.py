@@ -75,17 +75,17 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         if self.eval_every is not None and self.eval_every < 1:
-            raise ValueError(f"--eval_every must be positive, got {self.eval_every}")
+            raise ValueError(f"eval_every must be positive, got {self.eval_every}")
         if self.test_eval_every is not None and self.test_eval_every < 1:
-            raise ValueError(f"--test_eval_every must be positive, got {self.test_eval_every}")
+            raise ValueError(f"test_eval_every must be positive, got {self.test_eval_every}")
         if self.probe_size is not None and self.probe_size < 0:
-            raise ValueError(f"--probe_size must be >= 0, got {self.probe_size}")
+            raise ValueError(f"probe_size must be >= 0, got {self.probe_size}")
         if self.examples_shown < 0:
-            raise ValueError(f"--examples_shown must be >= 0, got {self.examples_shown}")
+            raise ValueError(f"examples_shown must be >= 0, got {self.examples_shown}")
         if not 0 < self.probe_max_share <= 1:
-            raise ValueError(f"--probe_max_share must be in (0, 1], got {self.probe_max_share}")
+            raise ValueError(f"probe_max_share must be in (0, 1], got {self.probe_max_share}")
         if not (self.warn_growth == 0 or self.warn_growth > 1):
-            raise ValueError(f"--warn_growth must be 0 (never warn) or a factor above 1, got "
+            raise ValueError(f"warn_growth must be 0 (never warn) or a factor above 1, got "
                              f"{self.warn_growth}: a norm that grew never stands at or below "
                              "its start")
 
