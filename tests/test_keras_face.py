@@ -567,6 +567,24 @@ def test_what_the_python_face_cannot_take_is_refused_in_one_sentence(make, fit, 
         fit(model)
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["XLA", "no XLA"])
+def test_a_datasets_bad_labels_are_refused_with_or_without_xla(jit):
+    """XLA drops the in-graph assertion: a compiled step counts the labels
+    outside the classes instead, moves no weight, and fit refuses the batch."""
+    net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    model = RobustModel(net, Winsorized(c=1))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit)
+    before = [w.numpy().copy() for w in net.weights]
+    bad = tf.data.Dataset.from_tensor_slices((FEATURES, CLASSES + 1)).batch(20, drop_remainder=True)
+    with pytest.raises(ValueError, match=r"^RobustModel.fit: a batch holds a label outside "
+                                         r"0 \.\. 2, the classes of "):
+        model.fit(bad, verbose=0)
+    assert all(np.array_equal(b, w.numpy()) for b, w in zip(before, net.weights))
+    good = tf.data.Dataset.from_tensor_slices((FEATURES, CLASSES)).batch(20, drop_remainder=True)
+    model.fit(good, verbose=0)
+    assert not all(np.array_equal(b, w.numpy()) for b, w in zip(before, net.weights))
+
+
 def test_a_whole_float_parameter_trains_as_its_integer():
     model = RobustModel(one_by_eight(), Winsorized(4.0))
     model.compile(optimizer=keras.optimizers.SGD(0.1))

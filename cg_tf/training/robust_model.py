@@ -96,13 +96,20 @@ def output_classes(net: keras.Model) -> int | None:
 
 
 LABELS_OUT_OF_RANGE = "cg_tf: a label is out of range"  # the in-graph check's marker
+# What an XLA-compiled step (which drops assertions) counts instead, in its logs.
+LABELS_OUTSIDE = "labels_outside_classes"
+
+
+class LabelsOutOfRange(ValueError):
+    """A batch of a dataset held labels outside the net's classes."""
 
 
 def checked_labels(y: tf.Tensor, classes: int) -> tf.Tensor:
     """`y`, once every label is in [0, classes) (an InvalidArgumentError
     carrying LABELS_OUT_OF_RANGE otherwise). XLA drops the check: a step
-    compiled whole (jit_compile) does not refuse a dataset's bad labels;
-    arrays are checked before fit starts in any case."""
+    compiled whole (jit_compile) counts the labels outside instead
+    (LABELS_OUTSIDE), and StopOnNonFiniteLoss refuses the batch; arrays are
+    checked before fit starts in any case."""
     checks = [tf.debugging.assert_non_negative(y, message=LABELS_OUT_OF_RANGE),
               tf.debugging.assert_less(y, tf.cast(classes, y.dtype), message=LABELS_OUT_OF_RANGE)]
     with tf.control_dependencies(checks):
@@ -121,11 +128,17 @@ def optimizer_momentum(optimizer) -> tuple[float, str]:
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Raises NonFiniteLoss at the first batch whose loss is NaN or infinite.
-    fit runs it before every other callback, so none of them (a checkpoint, a
-    measurement) sees that step: the one stop of both routes."""
+    """Raises NonFiniteLoss at the first batch whose loss is NaN or infinite
+    (LabelsOutOfRange first, at a batch an XLA-compiled step found labels
+    outside the net's classes in). fit runs it before every other callback,
+    so none of them (a checkpoint, a measurement) sees that step: the one
+    stop of both routes."""
 
     def on_train_batch_end(self, batch, logs=None):
+        if np.any(np.asarray((logs or {}).get(LABELS_OUTSIDE, 0.0)) > 0):
+            raise LabelsOutOfRange(f"RobustModel.fit: batch {batch} of the epoch holds "
+                                   f"{int(np.max(logs[LABELS_OUTSIDE]))} labels outside the "
+                                   "net's classes (not applied)")
         loss = float(np.mean((logs or {}).get("loss", 0.0)))
         if not np.isfinite(loss):
             raise NonFiniteLoss(f"RobustModel.fit: the loss is {loss} at batch {batch} of the "
@@ -346,14 +359,22 @@ class RobustModel(keras.Model):
     def train_step(self, data):
         """One robust update; returns the loss and accuracy of the global batch."""
         x, y = features_and_labels(data)
+        outside = None
         if self.source.loss is example_losses and self.classes is not None:
-            y = checked_labels(y, self.classes)
+            if self.jit_compile:  # XLA drops assertions: counted here, refused after the step
+                outside = tf.reduce_sum(tf.cast((y < 0) | (y >= self.classes), tf.float32))
+            else:
+                y = checked_labels(y, self.classes)
         sync = Collectives.current()
         with self.source.recording() as forwards:  # the outputs the gradients came from
             grads, counts = self.aggregated_gradient(x, y, sync)
         if self._compiled_metrics():
             self.compute_metrics(x, *(tf.concat(part, 0) for part in zip(*forwards)), None)
-        total_loss, total_correct = tf.unstack(sync.sum([counts])[0])
+        totals = tf.unstack(sync.sum([counts if outside is None
+                                      else tf.concat([counts, outside[None]], 0)])[0])
+        total_loss, total_correct = totals[:2]
+        if outside is not None:  # a batch with a bad label moves no weight
+            grads = [tf.where(totals[2] > 0, tf.zeros_like(g), g) for g in grads]
         # optimizer.apply sums over replicas: last in the chain of collectives.
         grads = sync.after([g / sync.replicas for g in grads])
         # The updates go in any order, each as soon as it is ready: every
@@ -366,6 +387,7 @@ class RobustModel(keras.Model):
         # is the same, so their means are right.
         self._track(total_loss, total_correct, n)
         return _reducible({"loss": total_loss / n, "accuracy": total_correct / n,
+                           **({LABELS_OUTSIDE: totals[2]} if outside is not None else {}),
                            **self._compiled_results()})
 
     def test_step(self, data):
@@ -443,8 +465,8 @@ class RobustModel(keras.Model):
             return super().fit(x, None, None, epochs, shuffle=False,
                                validation_data=validation_data,
                                callbacks=[StopOnNonFiniteLoss(), *(callbacks or [])], **kwargs)
-        except tf.errors.InvalidArgumentError as e:
-            if LABELS_OUT_OF_RANGE not in str(e):
+        except (tf.errors.InvalidArgumentError, LabelsOutOfRange) as e:
+            if not isinstance(e, LabelsOutOfRange) and LABELS_OUT_OF_RANGE not in str(e):
                 raise
             raise ValueError(f"RobustModel.fit: a batch holds a label outside 0 .. "
                              f"{self.classes - 1}, the classes of {self.net.name}") from None
