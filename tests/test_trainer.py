@@ -49,6 +49,10 @@ def config(data_dir, model_dir, **kw):
     ({"optimizer": "adam", "momentum": 0.9}, "--momentum applies to --optimizer=sgd, not adam"),
     ({"optimizer": "lion"}, "--optimizer must be one of sgd, adam, got 'lion'"),
     ({"batch_size": 100_000}, "--batch_size must be between 1 and the .* got 100000"),
+    ({"aggregator": Winsorized(c=4, layers="hidden"), "fc_widths": ()},
+     "^--aggregator=winsorized:4@hidden: the layer filter 'hidden' leaves no layer of"),
+    ({"aggregator": Winsorized(c=2), "per_example_chunk": 7, "batch_size": 50},
+     "^--per_example_chunk=7 does not divide the per-replica batch of 50"),
 ])
 def test_bad_configurations_fail_before_training(digits_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

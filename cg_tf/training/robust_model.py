@@ -160,7 +160,7 @@ class Names:
 
 FLAGS = Names()
 ARGUMENTS = Names(aggregator="RobustModel's aggregator", batch="batch_size",
-                  chunk="per_example_chunk", momentum="the optimizer's momentum",
+                  chunk="per_example_chunk", momentum="",  # "": the optimizer's own name
                   bn_mode="bn_mode")
 
 
@@ -253,16 +253,19 @@ class RobustModel(keras.Model):
 
     def __init__(self, net: keras.Model, aggregator: Aggregator = Mean(), *,
                  per_example_chunk: int | None = None, bn_mode: str = DEFAULT_BN_MODE,
-                 weight_decay: float = 0.0, **kwargs):
+                 weight_decay: float = 0.0, names: Names = ARGUMENTS, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"aggregator must be an Aggregator (cg_tf.robust.aggregators), "
                             f"got {aggregator!r}; parse a 'name:value' string with "
                             "aggregators.parse")
-        check_chunk(per_example_chunk, name=ARGUMENTS.chunk)
-        check_bn_mode(bn_mode, ARGUMENTS.bn_mode)
+        # What its errors call the settings: its arguments, or (the trainer's) flags.
+        self.names = names
+        check_chunk(per_example_chunk, name=names.chunk)
+        check_bn_mode(bn_mode, names.bn_mode)
         check_net(net)
-        robust_layers(aggregator, net, ARGUMENTS)
+        robust_layers(aggregator, net, names)
+        self._checked_layout = None  # what check() last passed
         self.net = net
         self.classes = output_classes(net)  # None: the net does not show it
         self.aggregator = aggregator
@@ -317,10 +320,16 @@ class RobustModel(keras.Model):
 
     def check(self, global_batch: int, replicas: int) -> None:
         """Raises ValueError for a batch layout, or a momentum of the compiled
-        optimizer, this model cannot train with (the command line's rule)."""
+        optimizer, this model cannot train with (the one rule of both routes:
+        the trainer calls it before it writes anything, fit before it trains;
+        a layout it passed is not checked again)."""
+        key = (global_batch, replicas, id(self.optimizer))
+        if key == self._checked_layout:
+            return
         momentum, name = optimizer_momentum(self.optimizer)
         check_layout(self.aggregator, global_batch, replicas, momentum, self.per_example_chunk,
-                     dataclasses.replace(ARGUMENTS, momentum=name))
+                     dataclasses.replace(self.names, momentum=self.names.momentum or name))
+        self._checked_layout = key
 
     def aggregated_gradient(self, x, y, sync: Collectives | None = None):
         """The global update direction (the same on every replica), and this

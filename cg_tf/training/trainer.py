@@ -40,7 +40,7 @@ from cg_tf.robust.aggregators import Aggregator, Mean
 from cg_tf.robust.gradients import BN_MODES, DEFAULT_BN_MODE, check_bn_mode, check_chunk
 from cg_tf.storage import events, files, lock, rundir
 from cg_tf.training.models import FC_INITS, MODELS, build_model, clamp_kernel_norms, describe
-from cg_tf.training.robust_model import (FLAGS, NonFiniteLoss, RobustModel, check_layout,
+from cg_tf.training.robust_model import (FLAGS, Names, NonFiniteLoss, RobustModel, check_layout,
                                          optimizer_momentum, robust_layers)
 from cg_tf.training.strategies import STRATEGIES, get_strategy
 
@@ -173,17 +173,24 @@ def check_layer_filter(config: TrainConfig, image_shape, num_classes: int,
         robust_layers(config.aggregator, net, dataclasses.replace(FLAGS, aggregator=flag))
 
 
+def flag_names(config: TrainConfig, optimizer, flag: str = "--aggregator") -> Names:
+    """What the run's settings are called on the command line, for RobustModel's
+    errors: the aggregator's flag, and the optimizer's momentum as --momentum
+    (sgd) or as the --optimizer flag's (Adam's beta_1)."""
+    attribute = optimizer_momentum(optimizer)[1].split()[-1:]
+    momentum = "--momentum" if config.optimizer == "sgd" or not attribute \
+        else f"--optimizer={config.optimizer}, whose {attribute[0]}"
+    return dataclasses.replace(FLAGS, aggregator=flag, momentum=momentum)
+
+
 def check_run_layout(config: TrainConfig, replicas: int, flag: str = "--aggregator") -> None:
-    """The aggregator's checks of the run's batch layout and optimizer, the
-    rule RobustModel.fit applies (robust_model.check_layout)."""
-    if config.optimizer == "sgd":
-        momentum, name = config.momentum, "--momentum"
-    else:
-        momentum, name = optimizer_momentum(make_optimizer(config, config.learning_rate))
-        name = f"--optimizer={config.optimizer}, whose {name.split()[-1]}"
-    check_layout(config.aggregator, config.batch_size, replicas, momentum,
-                 config.per_example_chunk,
-                 dataclasses.replace(FLAGS, aggregator=flag, momentum=name))
+    """The rule RobustModel.check applies (robust_model.check_layout), before
+    there is a model: a sweep's or easy/hard's check of every run it will
+    make, before any of them starts."""
+    optimizer = make_optimizer(config, config.learning_rate)  # what it is, not built
+    check_layout(config.aggregator, config.batch_size, replicas,
+                 optimizer_momentum(optimizer)[0], config.per_example_chunk,
+                 flag_names(config, optimizer, flag))
 
 
 def _within(path: str, folder: str) -> bool:
@@ -348,7 +355,6 @@ class Trainer:
         keras.mixed_precision.set_global_policy(
             "mixed_bfloat16" if config.mixed_precision else "float32")
         replicas = self.strategy.num_replicas_in_sync
-        check_run_layout(config, replicas)
         self.reader = _reader(config)
         spe = self.reader.steps_per_epoch
         self.total_steps = config.steps or config.epochs * spe
@@ -357,14 +363,17 @@ class Trainer:
         with self.strategy.scope():
             net = build_model(config.model, self.reader.image_shape, self.reader.num_classes,
                               config.fc_widths, config.init)
-            robust_layers(config.aggregator, net)  # named as the command line names it
             if config.clamp_norms:
                 clamp_kernel_norms(net)
+            self.optimizer = make_optimizer(config, learning_rate(config, spe, self.total_steps))
             self.model = RobustModel(net, config.aggregator,
                                      per_example_chunk=config.per_example_chunk,
-                                     bn_mode=config.bn_mode, weight_decay=config.weight_decay)
-            self.optimizer = make_optimizer(config, learning_rate(config, spe, self.total_steps))
+                                     bn_mode=config.bn_mode, weight_decay=config.weight_decay,
+                                     names=flag_names(config, self.optimizer))
             self.model.compile(optimizer=self.optimizer, jit_compile=config.jit_compile)
+            # The one check of the batch layout and the optimizer, fit's (which
+            # then passes it), before the run writes anything.
+            self.model.check(config.batch_size, replicas)
             self.optimizer.build(net.trainable_variables)
         # Host-side counters, outside the strategy (no replicas to mirror them on).
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
