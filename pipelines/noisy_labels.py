@@ -32,8 +32,10 @@ def main(beam_args: list[str]) -> None:
     try:
         config = shared_flags.build_config(out, _NOISE_RATE.value, SEED.value,
                                            common_flags.OVERWRITE.value)
-        info = build.build_dataset(shared_flags.source(), config,
-                                   build.beam_options(beam_args))
+        with shared_flags.ends_on_signals("the dataset is not complete; rerun the same "
+                                          "command with --overwrite to build it"):
+            info = build.build_dataset(shared_flags.source(), config,
+                                       build.beam_options(beam_args))
     except (ValueError, SourceError) as e:
         # NoiseSpec, BuildConfig, sources and the build raise ValueErrors naming the flag.
         sys.exit(f"error: {e}")

@@ -2,7 +2,9 @@
 the output directory and the dataset flags; and the split of a command line
 between a main and Beam. (Defined once, so the mains can share a process.)"""
 
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -83,6 +85,61 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+class Stopped(BaseException):
+    """A signal asked the program to stop outside a training stage's steps (a
+    BaseException, as KeyboardInterrupt: no library's `except Exception`
+    takes it for an error of its own)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signal.Signals(signum)
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM and SIGHUP raise Stopped in the main thread (SIGINT raises
+    KeyboardInterrupt), so a dataset build, a split or a report ends as an
+    exception: its stage left to start again, its locks released. A training
+    stage's steps take the signals over (checkpoint, then Terminated)."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def ends_on_signals(what_next: str):
+    """A stop signal (SIGTERM, SIGHUP, SIGINT) outside a training stage's steps
+    ends the program in one line, `what_next` in it, with the shell's status."""
+    try:
+        with stopped_by_signals():
+            yield
+    except BaseException as e:  # noqa: B036 (Beam re-raises a DoFn's as a RuntimeError)
+        stop = _stop_in(e)
+        if stop is None:
+            raise
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        print(f"{OUTPUT_DIR.value}: stopped by {signum.name}; {what_next}", file=sys.stderr)
+        sys.exit(128 + int(signum))
+
+
+def _stop_in(e: BaseException | None) -> BaseException | None:
+    """The Stopped or KeyboardInterrupt that `e` is or was raised from (Beam
+    wraps what a running transform raises), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (Stopped, KeyboardInterrupt)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str,
                  beam_args: list[str] = ()) -> dict[str, dict] | None:
     """Runs the stages a main asks for under --output_dir (required), with
@@ -97,8 +154,10 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str,
         if KFP_PACKAGE.value:
             write_kfp_package(stages, program, list(beam_args))
             return None
-        return runner.run_stages(OUTPUT_DIR.value, stages, common_flags.OVERWRITE.value,
-                                 ONLY.value)
+        with ends_on_signals("the complete stages are kept and the one it interrupted starts "
+                             "again: rerun the same command to go on"):
+            return runner.run_stages(OUTPUT_DIR.value, stages, common_flags.OVERWRITE.value,
+                                     ONLY.value)
     except (ValueError, SourceError) as e:
         sys.exit(f"error: {e}")
     except Terminated as e:  # a training stage stopped by a signal, checkpointed
@@ -106,11 +165,14 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str,
         sys.exit(e.exit_code)
 
 
+
 def write_report(write: Callable[[], object]):
-    """`write()`'s result; a write the disk refuses (full, read-only) ends the
-    program in one line that says the runs are kept."""
+    """`write()`'s result; a write the disk refuses (full, read-only), or a
+    stop signal, ends the program in one line that says the runs are kept."""
     try:
-        return write()
+        with ends_on_signals("the runs are complete and kept: rerun the same command to "
+                             "write the report"):
+            return write()
     except (OSError, tf.errors.OpError) as e:
         sys.exit(f"error: cannot write the report in {OUTPUT_DIR.value}: "
                  f"{getattr(e, 'message', None) or e.strerror or e}. The runs are complete "
