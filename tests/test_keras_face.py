@@ -585,6 +585,22 @@ def test_a_datasets_bad_labels_are_refused_with_or_without_xla(jit):
     assert not all(np.array_equal(b, w.numpy()) for b, w in zip(before, net.weights))
 
 
+def test_xla_reports_the_same_epoch_means():
+    """The XLA step's label count adds no logs key (Keras would then report
+    each epoch's last batch instead of its mean)."""
+    history = {}
+    for jit in (False, True):
+        keras.utils.set_random_seed(0)
+        model = RobustModel(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
+                            Winsorized(c=1))
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit)
+        history[jit] = model.fit(tf.data.Dataset.from_tensor_slices((FEATURES, CLASSES)).batch(
+            10, drop_remainder=True), epochs=2, verbose=0).history
+    assert sorted(history[True]) == sorted(history[False]) == ["accuracy", "loss"]
+    for key in history[False]:
+        np.testing.assert_allclose(history[True][key], history[False][key], rtol=1e-5)
+
+
 def test_a_whole_float_parameter_trains_as_its_integer():
     model = RobustModel(one_by_eight(), Winsorized(4.0))
     model.compile(optimizer=keras.optimizers.SGD(0.1))

@@ -23,8 +23,9 @@ EXAMPLES = [json.dumps({"ids": ["p0", "p1", "c0"], "groups": ["pristine", "prist
                         "labels": [1, 2, 0], "true_labels": [1, 2, 2],
                         "class_names": ["zero", "one", "two"]}).encode(), PNG, PNG, b""]
 # [prediction, first learned, learned for good] per example, by step.
-STATES = {1: [[0, 2, 2], [-1, -1, -1], [-1, -1, -1]], 10: [[1, 2, 0], [10, 1, 10], [10, 1, 10]],
-          20: [[1, 0, 0], [10, 1, 10], [10, -1, 10]]}
+# (At step 5 the run showed 2: --examples_shown changed on a resume.)
+STATES = {1: [[0, 2, 2], [-1, -1, -1], [-1, -1, -1]], 5: [[0, 2], [-1, -1], [-1, -1]],
+          10: [[1, 2, 0], [10, 1, 10], [10, 1, 10]], 20: [[1, 0, 0], [10, 1, 10], [10, -1, 10]]}
 
 
 def write_runs(logdir):
@@ -121,7 +122,7 @@ def test_table_has_final_values(client):
 
 def test_examples_at_an_evaluation(client):
     last = json.loads(get(client, "/examples?run=mean").get_data())
-    assert last["steps"] == [1, 10, 20] and last["step"] == 20
+    assert last["steps"] == [1, 5, 10, 20] and last["step"] == 20
     assert last["class_names"] == ["zero", "one", "two"]
     rows = last["examples"]
     assert [(r["id"], r["group"], r["label_name"], r["true_label_name"]) for r in rows] == [
@@ -149,8 +150,10 @@ def test_examples_at_an_evaluation(client):
     ("/table?runs=mean&runs=../../etc", "unknown run(s): ../../etc"),
     ("/table?runs=mean%00", "unknown run(s): mean\x00"),
     ("/examples?run=nope", "unknown run: 'nope'"),
-    ("/examples?run=mean&step=5", "step '5' is not an evaluation of 'mean' that TensorBoard "
-                                  "kept (1, 10, 20)"),
+    ("/examples?run=mean&step=7", "step '7' is not an evaluation of 'mean' that TensorBoard "
+                                  "kept (1, 5, 10, 20)"),
+    ("/examples?run=mean&step=5", "'mean' showed 2 examples at step 5 and 3 since its last "
+                                  "start (--examples_shown changed on a resume)"),
     ("/examples?run=mean&step=-1", "step '-1' is not an evaluation"),
     ("/examples?run=mean&step=1e1", "step '1e1' is not an evaluation"),
 ])

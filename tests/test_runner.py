@@ -224,3 +224,13 @@ def test_a_stage_another_process_runs_is_refused_naming_it(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_run_resumes_past_a_field_added_at_none_a_stage_does_not():
+    """The trainer's record check lets newer code continue a run whose record
+    lacks a field asked as None; a stage's fingerprint covers every field."""
+    from cg_tf.storage import rundir
+    assert rundir.mismatch({"a": 1}, {"a": 1, "new": None}) == []
+    assert rundir.mismatch({"a": 1}, {"a": 1, "new": 3}) == ["new: (absent) -> 3"]
+    assert rundir.mismatch({"a": 1, "old": None}, {"a": 1}) == ["old: None -> (absent)"]
+    assert rundir.differences({"a": 1}, {"a": 1, "new": None}) == ["new: (absent) -> None"]

@@ -54,7 +54,10 @@ def read(way: str, worker: int) -> dict:
     bytes, then the reading's seconds, CPU seconds and examples."""
     from cg_tf.data.reader import InputConfig, InputOptions, Reader
     size = tuple(int(x) for x in _IMAGE_SIZE.value) if _IMAGE_SIZE.value else None
-    options = InputOptions(image_size=size, augment=_AUGMENT.value)
+    try:
+        options = InputOptions(image_size=size, augment=_AUGMENT.value)
+    except ValueError as e:  # worded by field: named here as the flag
+        raise app.UsageError(common_flags.as_flags(str(e), InputOptions)) from None
     began, before = time.monotonic(), bytes_read()
     reader = Reader(InputConfig(_DATA.value, _BATCH.value, options=options,
                                 cache_max_examples=0 if _STREAMED.value else 200_000))

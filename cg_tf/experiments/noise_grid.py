@@ -108,9 +108,10 @@ def stages(source: Source, build_config: build.BuildConfig, beam_args: list[str]
 def published(runs_dir: str) -> tuple[list[Point], dict[str, dict]]:
     """The points and stage manifests of a folder of runs copied out of a
     sweep (tools.publish_runs: each run's config.json and manifest.json),
-    in the order a sweep lists them (by noise rate; plain SGD first, then by
-    aggregator, every layer's settings before a layer filter's, by
-    parameter; then by seed); each dataset's size is the one its
+    in one fixed order (by noise rate; plain SGD first, then by aggregator,
+    every layer's settings before a layer filter's, by parameter; then by
+    seed: the order of --aggregators is not recorded, so a sweep that listed
+    them otherwise reports them otherwise); each dataset's size is the one its
     runs recorded. A ValueError for a run whose name is not its point's."""
     points, manifests = [], {}
     for name in sorted(tf.io.gfile.listdir(runs_dir)):

@@ -101,11 +101,15 @@ def clear(contents: Contents) -> None:
 
 
 def mismatch(recorded: dict, wanted: dict) -> list[str]:
-    """`field: old -> new` for each field of a directory's record that differs
-    from what is asked, nested fields too. The code that wrote the record
-    (provenance) is not compared: newer code may continue older work."""
-    return differences({k: v for k, v in recorded.items() if k != provenance.FIELD},
-                       {k: v for k, v in wanted.items() if k != provenance.FIELD})
+    """`field: old -> new` for each field of a run's record that differs from
+    what is asked, nested fields too. Newer code may continue older work: the
+    code that wrote the record (provenance) is not compared, nor a field the
+    record lacks that is asked as None (added since, at the default that
+    keeps the old behaviour). A stage's fingerprint (experiments.runner) is
+    stricter: it covers every field, so a stage made by older code reruns."""
+    return [d for d in differences({k: v for k, v in recorded.items() if k != provenance.FIELD},
+                                   {k: v for k, v in wanted.items() if k != provenance.FIELD})
+            if not d.endswith(f": {ABSENT!r} -> None")]
 
 
 class _Absent:

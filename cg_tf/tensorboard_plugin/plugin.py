@@ -156,8 +156,10 @@ class MemorizationPlugin(base_plugin.TBPlugin):
         evaluation S (default: the last one TensorBoard kept; it keeps 10
         evaluations a run unless started with --samples_per_plugin=
         memorization=0): {"steps": [the kept evaluations], "step": S,
-        "class_names": [...], "examples": [example_rows' rows]}; {"steps": []}
-        for a run that shows none (--examples_shown=0, or an older cg_tf)."""
+        "class_names": [...], "examples": [example_rows' rows]}; {"steps": [],
+        "examples": []} for a run that shows none (--examples_shown=0, or an
+        older cg_tf); a 400 for an evaluation of another number of examples
+        than the index (--examples_shown changed on a resume)."""
         def handler(where):
             run = request.args.get("run", "")
             if run not in self._configs(where):
@@ -178,6 +180,11 @@ class MemorizationPlugin(base_plugin.TBPlugin):
                                  f"TensorBoard kept ({', '.join(map(str, steps))})")
             records = list(by_tag[tags.EXAMPLES][-1].numpy)
             index = json.loads(records[0])
+            shown = len(states[int(step)][0])
+            if shown != len(index["ids"]):
+                raise BadRequest(f"{run!r} showed {shown} examples at step {step} and "
+                                 f"{len(index['ids'])} since its last start (--examples_shown "
+                                 "changed on a resume): choose a step of the last start")
             return {"steps": steps, "step": int(step), "class_names": index["class_names"],
                     "examples": example_rows(index, records[1:], states[int(step)].tolist())}
         return self._json(request, handler)

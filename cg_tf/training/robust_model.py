@@ -96,8 +96,9 @@ def output_classes(net: keras.Model) -> int | None:
 
 
 LABELS_OUT_OF_RANGE = "cg_tf: a label is out of range"  # the in-graph check's marker
-# What an XLA-compiled step (which drops assertions) counts instead, in its logs.
-LABELS_OUTSIDE = "labels_outside_classes"
+# What an XLA-compiled step (which drops assertions) reports as its loss when a
+# label of its batch is outside the net's classes: no cross-entropy is -inf.
+LABELS_OUTSIDE_LOSS = float("-inf")
 
 
 class LabelsOutOfRange(ValueError):
@@ -107,9 +108,11 @@ class LabelsOutOfRange(ValueError):
 def checked_labels(y: tf.Tensor, classes: int) -> tf.Tensor:
     """`y`, once every label is in [0, classes) (an InvalidArgumentError
     carrying LABELS_OUT_OF_RANGE otherwise). XLA drops the check: a step
-    compiled whole (jit_compile) counts the labels outside instead
-    (LABELS_OUTSIDE), and StopOnNonFiniteLoss refuses the batch; arrays are
-    checked before fit starts in any case."""
+    compiled whole (jit_compile) counts the labels outside instead, zeroes
+    that batch's gradients and reports its loss as LABELS_OUTSIDE_LOSS, which
+    StopOnNonFiniteLoss refuses (no logs key of its own: Keras would then
+    report the epoch's last batch instead of its mean); arrays are checked
+    before fit starts in any case."""
     checks = [tf.debugging.assert_non_negative(y, message=LABELS_OUT_OF_RANGE),
               tf.debugging.assert_less(y, tf.cast(classes, y.dtype), message=LABELS_OUT_OF_RANGE)]
     with tf.control_dependencies(checks):
@@ -129,17 +132,16 @@ def optimizer_momentum(optimizer) -> tuple[float, str]:
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Raises NonFiniteLoss at the first batch whose loss is NaN or infinite
-    (LabelsOutOfRange first, at a batch an XLA-compiled step found labels
-    outside the net's classes in). fit runs it before every other callback,
+    (LabelsOutOfRange instead for the -inf an XLA-compiled step reports at a
+    batch with labels outside the net's classes). fit runs it before every other callback,
     so none of them (a checkpoint, a measurement) sees that step: the one
     stop of both routes."""
 
     def on_train_batch_end(self, batch, logs=None):
-        if np.any(np.asarray((logs or {}).get(LABELS_OUTSIDE, 0.0)) > 0):
-            raise LabelsOutOfRange(f"RobustModel.fit: batch {batch} of the epoch holds "
-                                   f"{int(np.max(logs[LABELS_OUTSIDE]))} labels outside the "
-                                   "net's classes (not applied)")
         loss = float(np.mean((logs or {}).get("loss", 0.0)))
+        if loss == LABELS_OUTSIDE_LOSS:
+            raise LabelsOutOfRange(f"RobustModel.fit: batch {batch} of the epoch holds labels "
+                                   "outside the net's classes")
         if not np.isfinite(loss):
             raise NonFiniteLoss(f"RobustModel.fit: the loss is {loss} at batch {batch} of the "
                                 "epoch; stopped (the weights are no longer finite: lower the "
@@ -323,8 +325,9 @@ class RobustModel(keras.Model):
         optimizer, this model cannot train with (the one rule of both routes:
         the trainer calls it before it writes anything, fit before it trains;
         a layout it passed is not checked again)."""
-        key = (global_batch, replicas, id(self.optimizer))
-        if key == self._checked_layout:
+        key = (global_batch, replicas, self.optimizer)
+        if self._checked_layout is not None and self._checked_layout[:2] == key[:2] \
+                and self._checked_layout[2] is self.optimizer:
             return
         momentum, name = optimizer_momentum(self.optimizer)
         check_layout(self.aggregator, global_batch, replicas, momentum, self.per_example_chunk,
@@ -382,8 +385,9 @@ class RobustModel(keras.Model):
         totals = tf.unstack(sync.sum([counts if outside is None
                                       else tf.concat([counts, outside[None]], 0)])[0])
         total_loss, total_correct = totals[:2]
-        if outside is not None:  # a batch with a bad label moves no weight
+        if outside is not None:  # a bad label: zero gradients, and the loss says why
             grads = [tf.where(totals[2] > 0, tf.zeros_like(g), g) for g in grads]
+            total_loss = tf.where(totals[2] > 0, LABELS_OUTSIDE_LOSS, total_loss)
         # optimizer.apply sums over replicas: last in the chain of collectives.
         grads = sync.after([g / sync.replicas for g in grads])
         # The updates go in any order, each as soon as it is ready: every
@@ -396,7 +400,6 @@ class RobustModel(keras.Model):
         # is the same, so their means are right.
         self._track(total_loss, total_correct, n)
         return _reducible({"loss": total_loss / n, "accuracy": total_correct / n,
-                           **({LABELS_OUTSIDE: totals[2]} if outside is not None else {}),
                            **self._compiled_results()})
 
     def test_step(self, data):

@@ -371,8 +371,8 @@ class Trainer:
                                      bn_mode=config.bn_mode, weight_decay=config.weight_decay,
                                      names=flag_names(config, self.optimizer))
             self.model.compile(optimizer=self.optimizer, jit_compile=config.jit_compile)
-            # The one check of the batch layout and the optimizer, fit's (which
-            # then passes it), before the run writes anything.
+            # The one check of the batch layout and the optimizer (the one fit
+            # makes of a tf.data.Dataset), before the run writes anything.
             self.model.check(config.batch_size, replicas)
             self.optimizer.build(net.trainable_variables)
         # Host-side counters, outside the strategy (no replicas to mirror them on).

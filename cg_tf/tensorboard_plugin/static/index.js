@@ -271,42 +271,50 @@ function exampleCard(parent, r) {
 }
 
 // The examples view of the selected runs: run, evaluation and filter choosers,
-// then a card per example.
+// then a card per example. An evaluation's examples are fetched once; the
+// filters work on them in the browser.
 async function examplesView(parent, runs) {
   const box = el("div", {class: "examples-view"}, parent);
-  const state = {run: runs[0].name, step: null, filter: Object.keys(EXAMPLE_FILTERS)[0]};
-  const redraw = async () => {
+  const state = {run: runs[0].name, step: null, filter: Object.keys(EXAMPLE_FILTERS)[0],
+                 data: null, error: null};
+  const load = async () => {
     const query = `examples?run=${encodeURIComponent(state.run)}` +
                   (state.step === null ? "" : `&step=${state.step}`);
-    let data;
     try {
-      data = await getJson(query);
+      state.data = await getJson(query);
+      state.error = null;
     } catch (e) {
-      box.replaceChildren();
-      el("p", {class: "error"}, box, `Could not load examples: ${e.message}`);
-      return;
+      state.error = e.message;  // the controls stay: choose another run or step
     }
+    render();
+  };
+  const render = () => {
     box.replaceChildren();
     const controls = el("div", {class: "controls"}, box);
     select(controls, "Run", runs.map((r) => r.name), state.run,
-           (v) => { state.run = v; state.step = null; redraw(); });
-    if (!data.steps.length) {
+           (v) => { state.run = v; state.step = null; state.data = null; load(); });
+    const data = state.data;
+    if (data && data.steps.length) {
+      select(controls, "Evaluation at step", data.steps, state.step ?? data.step,
+             (v) => { state.step = Number(v); load(); });
+      select(controls, "Show", Object.keys(EXAMPLE_FILTERS), state.filter,
+             (v) => { state.filter = v; render(); });
+    }
+    if (state.error) {
+      el("p", {class: "error"}, box, `Could not load examples: ${state.error}`);
+    } else if (data && !data.steps.length) {
       el("p", {class: "empty-note"}, box,
          "This run shows no examples (--examples_shown=0, or a run of an older cg_tf).");
-      return;
+    } else if (data) {
+      const shown = EXAMPLE_FILTERS[state.filter](data.examples.slice());
+      el("p", {class: "count"}, box,
+         `${shown.length} of ${data.examples.length} shown examples at step ${data.step}`);
+      const grid = el("div", {class: "examples"}, box);
+      for (const r of shown) exampleCard(grid, r);
     }
-    select(controls, "Evaluation at step", data.steps, data.step,
-           (v) => { state.step = Number(v); redraw(); });
-    select(controls, "Show", Object.keys(EXAMPLE_FILTERS), state.filter,
-           (v) => { state.filter = v; redraw(); });
-    const shown = EXAMPLE_FILTERS[state.filter](data.examples.slice());
-    el("p", {class: "count"}, box,
-       `${shown.length} of ${data.examples.length} shown examples at step ${data.step}`);
-    const grid = el("div", {class: "examples"}, box);
-    for (const r of shown) exampleCard(grid, r);
     box.dataset.examples = "drawn";
   };
-  await redraw();
+  await load();
 }
 
 // Panels whose y ranges are drawn alike.
@@ -321,16 +329,18 @@ function sharedRange(datas) {
   return [ticks[0], ticks[ticks.length - 1]];
 }
 
-// A run whose probe stopped before its last evaluation says so, and why.
-function probeNotes(parent, probeSeries, rows) {
-  for (const row of rows) {
-    const series = probeSeries[row.run] || [];
+// A run whose probe stopped before its last evaluation (the last point of an
+// accuracy curve, {run: series}) says so, and why.
+function probeNotes(parent, probeSeries, evaluations) {
+  for (const [run, evals] of Object.entries(evaluations)) {
+    const series = probeSeries[run] || [];
     const last = series.length ? series[series.length - 1][0] : null;
-    if (last !== null && row.step && last < row.step) {
+    const end = evals.length ? evals[evals.length - 1][0] : null;
+    if (last !== null && end !== null && last < end) {
       el("p", {class: "probe-note"}, parent,
-         `${row.run}: the probe's last measurement is at step ${last} of ${row.step}: ` +
-         "probing had taken more than its share of the run's time (--probe_max_share), " +
-         "so later scheduled probes were skipped.");
+         `${run}: the probe's last measurement is at step ${last}, its last evaluation at ` +
+         `${end}: probing had taken more than its share of the run's time ` +
+         "(--probe_max_share), so the later scheduled probes were skipped.");
     }
   }
 }
@@ -486,7 +496,7 @@ async function drawPanels(content, runs, colorOf) {
     const range = spec[3] || (pair && sharedRange(pair.map((t) => probeData[t] || {})));
     lineChart(probe, [...spec.slice(0, 3), range, spec[4]], probeData[spec[0]], colorOf, xMax);
   }
-  probeNotes(content, probeData[PANELS[0][0]] || {}, rows);
+  probeNotes(content, probeData[PANELS[0][0]] || {}, accData[0] || {});
 
   section("Network health",
           "Whether the run stays sound at length: weights that grow without bound, " +
