@@ -390,3 +390,27 @@ def test_no_private_api_is_used_outside_the_shim():
               and not str(node.args[1].value).startswith("__")
               and node.args[1].value not in own]
     assert not found, found
+
+
+def test_every_program_loads_cg_tf_before_tensorflow():
+    """cg_tf.console silences TensorFlow's loading lines only if it comes
+    first: a program (a module run as __main__) that imports tensorflow at
+    module level before any cg_tf or pipelines module printed oneDNN's and
+    the CPU guard's lines (tools.plot and tools.publish_runs did)."""
+    import ast
+    wrong = []
+    for path in sorted(glob.glob(os.path.join(REPO, "tools", "*.py"))
+                       + glob.glob(os.path.join(REPO, "pipelines", "*.py"))
+                       + glob.glob(os.path.join(REPO, "cg_tf", "*.py"))):
+        text = open(path).read()
+        if '__name__ == "__main__"' not in text:
+            continue
+        for node in ast.parse(text).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("cg_tf", "pipelines") for n in names):
+                break
+            if any(n.split(".")[0] in ("tensorflow", "keras") for n in names):
+                wrong.append(os.path.relpath(path, REPO))
+                break
+    assert not wrong, wrong

@@ -11,7 +11,6 @@ of final values (Markdown), and with --csv exports every scalar of every run.
 import os
 import sys
 
-import tensorflow as tf
 from absl import app, flags, logging
 
 from cg_tf import common_flags
@@ -42,6 +41,7 @@ def main(argv):
     if not runs:
         sys.exit(f"error: no cg_tf runs under --logdir={FLAGS.logdir}")
     # A run at the logdir itself is named ".": its panel takes the directory's name.
+    import tensorflow as tf  # here: cg_tf.console silences its loading lines first
     here = os.path.basename(os.path.abspath(FLAGS.logdir))
     try:
         figure = report.accuracy_figure({r.name if r.name != "." else here: [r] for r in runs},

@@ -25,7 +25,6 @@ rewrite the report of a folder published before.
 import os
 import shutil
 
-import tensorflow as tf
 from absl import app, flags
 
 from cg_tf import common_flags
@@ -49,6 +48,7 @@ def run_files(run_dir: str) -> list[str]:
 
 def publish_run(run_dir: str, out_dir: str) -> str:
     """Copies one run (see the module docstring); returns what was copied, in words."""
+    import tensorflow as tf  # here: cg_tf.console silences its loading lines first
     os.makedirs(out_dir, exist_ok=True)
     for name in run_files(run_dir):
         shutil.copy2(os.path.join(run_dir, name), os.path.join(out_dir, name))
