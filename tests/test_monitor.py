@@ -108,8 +108,10 @@ def test_the_probe_keeps_to_its_time_budget(digits_dir, tmp_path):
 
 
 def test_bad_monitor_flags_fail_before_training(digits_dir, tmp_path):
-    for kw, message in (({"probe_max_share": 0}, "--probe_max_share"),
-                        ({"eval_every": 0}, "--eval_every"), ({"probe_size": -1}, "--probe_size")):
+    # Built in Python (MonitorConfig): the errors name the fields as Python does.
+    for kw, message in (({"probe_max_share": 0}, "^probe_max_share must be in"),
+                        ({"eval_every": 0}, "^eval_every must be positive"),
+                        ({"probe_size": -1}, "^probe_size must be >= 0")):
         with pytest.raises(ValueError, match=message):
             train(digits_dir, tmp_path / "bad", **kw)
         assert not os.path.exists(tmp_path / "bad")
