@@ -33,13 +33,16 @@ _STORAGE_FAILURES = ("No space left on device", "Read-only file system", "Permis
 
 
 def storage_failure(e: Exception) -> str | None:
-    """The message of a write that failed for lack of space or permission, or
-    None for any other error (which keeps its traceback)."""
+    """The message of a write that failed for lack of space or permission, on
+    one line (an event file's flush says it on three), or None for any other
+    error (which keeps its traceback)."""
     if isinstance(e, OSError):
-        return str(e)
-    if isinstance(e, tf.errors.OpError) and any(s in e.message for s in _STORAGE_FAILURES):
-        return verify.op_message(e)
-    return None
+        message = str(e)
+    elif isinstance(e, tf.errors.OpError) and any(s in e.message for s in _STORAGE_FAILURES):
+        message = verify.op_message(e)
+    else:
+        return None
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def main(argv):
