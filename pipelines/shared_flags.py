@@ -98,19 +98,28 @@ class Stopped(BaseException):
 
 @contextlib.contextmanager
 def stopped_by_signals():
-    """SIGTERM and SIGHUP raise Stopped in the main thread (SIGINT raises
-    KeyboardInterrupt), so a dataset build, a split or a report ends as an
+    """SIGTERM, SIGHUP and SIGINT raise Stopped in the main thread, so a dataset build, a split or a report ends as an
     exception: its stage left to start again, its locks released. A training
-    stage's steps take the signals over (checkpoint, then Terminated)."""
+    stage's steps take the signals over (checkpoint, then Terminated). Python
+    swallows an exception raised where the handler happened to run inside a
+    garbage collector's callback; the signal is also noted, and the function
+    this yields raises Stopped for it (call it where stopping is safe)."""
+    noted: list[int] = []
+
     def stop(signum, frame):
+        noted.append(signum)
         raise Stopped(signum)
 
+    def check() -> None:
+        if noted:
+            raise Stopped(noted[0])
+
     if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread
+        yield check  # signal handlers belong to the main thread
         return
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
-        yield
+        yield check
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -119,10 +128,12 @@ def stopped_by_signals():
 @contextlib.contextmanager
 def ends_on_signals(what_next: str):
     """A stop signal (SIGTERM, SIGHUP, SIGINT) outside a training stage's steps
-    ends the program in one line, `what_next` in it, with the shell's status."""
+    ends the program in one line, `what_next` in it, with the shell's status;
+    yields the check to call where stopping is safe (between stages)."""
     try:
-        with stopped_by_signals():
-            yield
+        with stopped_by_signals() as check:
+            yield check
+            check()  # a signal whose exception was swallowed
     except BaseException as e:  # noqa: B036 (Beam re-raises a DoFn's as a RuntimeError)
         stop = _stop_in(e)
         if stop is None:
@@ -159,9 +170,9 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str,
             write_kfp_package(stages, program, list(beam_args))
             return None
         with ends_on_signals("the complete stages are kept and the one it interrupted starts "
-                             "again: rerun the same command to go on"):
+                             "again: rerun the same command to go on") as check:
             return runner.run_stages(OUTPUT_DIR.value, stages, common_flags.OVERWRITE.value,
-                                     ONLY.value)
+                                     ONLY.value, before_each=check)
     except (ValueError, SourceError) as e:
         sys.exit(f"error: {e}")
     except Terminated as e:  # a training stage stopped by a signal, checkpointed

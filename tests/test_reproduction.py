@@ -77,11 +77,16 @@ def test_a_signal_during_a_dataset_build_ends_in_one_line(tmp_path, signum):
         f"{out}: stopped by {signal.Signals(signum).name}; the complete stages are kept and the "
         "one it interrupted starts again: rerun the same command to go on"), stderr[-3000:]
     assert "Traceback" not in stderr
-    assert manifest(out, "data/noise_0.5")["status"] == "running"
-    if signum == signal.SIGTERM:  # the rerun restarts the stage (once: a 60,000-image build)
+    # Stopped inside the build; or, where Python swallowed the handler's
+    # exception (it ran inside a garbage collector's callback), at the next
+    # stage's start: the build then completed, and nothing trained.
+    status = manifest(out, "data/noise_0.5")["status"]
+    assert status in ("running", "complete") and not os.path.exists(os.path.join(out, "runs"))
+    if signum == signal.SIGTERM:  # the rerun goes on (once: a 60,000-image build)
         done = run_main(*sweep, "--only=data/*")
         assert done.returncode == 0, done.stderr[-3000:]
-        assert any(line.endswith("data/noise_0.5: restarting")
+        assert any(line.endswith("data/noise_0.5: " + (
+            "restarting" if status == "running" else "complete, skipped"))
                    for line in stage_lines(done.stdout))
         assert manifest(out, "data/noise_0.5")["status"] == "complete"
 

@@ -234,3 +234,20 @@ def test_a_run_resumes_past_a_field_added_at_none_a_stage_does_not():
     assert rundir.mismatch({"a": 1}, {"a": 1, "new": 3}) == ["new: (absent) -> 3"]
     assert rundir.mismatch({"a": 1, "old": None}, {"a": 1}) == ["old: None -> (absent)"]
     assert rundir.differences({"a": 1}, {"a": 1, "new": None}) == ["new: (absent) -> None"]
+
+
+def test_before_each_can_stop_between_stages(tmp_path):
+    """A stop noted while a stage ran (a signal whose exception a library
+    swallowed) stops the runner before the next stage: the first is complete."""
+    calls, stops = [], []
+
+    def before_each():
+        if calls:
+            stops.append(len(calls))
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_stages(str(tmp_path), pipeline(calls), before_each=before_each)
+    assert calls == ["a"] and stops == [1]
+    assert runner.read_manifest(str(tmp_path / "a"))["status"] == "complete"
+    assert not (tmp_path / "b").exists()

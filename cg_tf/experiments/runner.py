@@ -169,11 +169,14 @@ def _is_current(directory: str, found: dict | None, want: dict, inputs: dict[str
 
 
 def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: str | None = None,
-               log: Callable[[str], None] = progress) -> dict[str, dict]:
+               log: Callable[[str], None] = progress,
+               before_each: Callable[[], None] = lambda: None) -> dict[str, dict]:
     """Runs what is not done yet; returns every stage's manifest.
 
     `only` (a glob on stage names) runs just the matching stages, whose inputs
     must be complete: e.g. one training run of a grid per machine.
+    `before_each` is called before a stage runs (it may raise to stop there:
+    a stop signal that a library swallowed).
     """
     if only and not any(fnmatch.fnmatch(s.name, only) for s in stages):
         raise ValueError(f"--only={only} matches none of the stages: "
@@ -196,6 +199,7 @@ def run_stages(root: str, stages: list[Stage], overwrite: bool = False, only: st
         if not_ready:
             raise StageError(f"stage {stage.name!r} needs {not_ready} complete (and unchanged "
                              "since) first")
+        before_each()
         with lock.hold(directory, f"stage {stage.name}") as held:
             manifests[stage.name] = _run_stage(
                 stage, directory, expected[stage.name], inputs, overwrite, held,
