@@ -4,6 +4,7 @@ panel, and the PNG and PDF files."""
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cg_tf.measure import report, tags
 
@@ -250,3 +251,24 @@ def test_update_shares_null_counts_the_probe_the_reader_gives(tmp_path):
     for m in (50, 200):
         assert update_shares.probe_pristine(pairs, noise, classes, 3, m) == m - sum(corrupt[:m])
     assert 0 < sum(corrupt[:50]) < 50  # both kinds in the probe
+
+
+def test_plot_draws_a_figure_per_dataset(tmp_path):
+    """A figure compares runs of one dataset: tools.plot draws one per dataset
+    of a mixed logdir, named after it, instead of mixing them."""
+    from conftest import run_main
+
+    from cg_tf.measure.monitor import write_run_config
+    for run, source in (("a", "digits"), ("b", "idx:/data/fashion-mnist"), ("c", "digits")):
+        writer = tf.summary.create_file_writer(str(tmp_path / "runs" / run))
+        write_run_config(writer, {"aggregator": {"name": "mean"}, "source": source})
+        with writer.as_default():
+            for step in (1, 2):
+                tf.summary.scalar(tags.eval_tag("test", "accuracy"), 0.5, step=step)
+        writer.close()
+    done = run_main("tools.plot", f"--logdir={tmp_path / 'runs'}", f"--out={tmp_path / 'f.png'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for dataset in ("digits", "fashion-mnist"):
+        assert f"figure: {tmp_path / f'f_{dataset}.png'}" in done.stdout, done.stdout
+        assert (tmp_path / f"f_{dataset}.png").stat().st_size > 5_000
+    assert not (tmp_path / "f.png").exists()

@@ -40,14 +40,24 @@ def main(argv):
     runs = report.load_runs(FLAGS.logdir)
     if not runs:
         sys.exit(f"error: no cg_tf runs under --logdir={FLAGS.logdir}")
+    # One figure compares runs of one dataset: a logdir of several gets one
+    # figure each, named after it (a run that does not record its dataset, of
+    # an older cg_tf, goes in "unknown").
+    datasets = {}
+    for r in runs:
+        datasets.setdefault(report.dataset_name(r.config) or "unknown", []).append(r)
+    stem, ext = os.path.splitext(FLAGS.out)
+    outs = {d: FLAGS.out if len(datasets) == 1 else f"{stem}_{d}{ext}" for d in datasets}
     # A run at the logdir itself is named ".": its panel takes the directory's name.
     import tensorflow as tf  # here: cg_tf.console silences its loading lines first
     here = os.path.basename(os.path.abspath(FLAGS.logdir))
     try:
-        figure = report.accuracy_figure({r.name if r.name != "." else here: [r] for r in runs},
-                                        FLAGS.out, FLAGS.columns)
         print(report.markdown(report.table(runs)))
-        print("\n".join(f"{k}: {v}" for k, v in figure.items()))
+        for dataset, group in sorted(datasets.items()):
+            figure = report.accuracy_figure(
+                {r.name if r.name != "." else here: [r] for r in group}, outs[dataset],
+                FLAGS.columns)
+            print("\n".join(f"{k}: {v}" for k, v in figure.items()))
         if FLAGS.csv:
             report.write_csv(runs, FLAGS.csv)
             print(f"metrics: {FLAGS.csv}")
