@@ -98,8 +98,9 @@ class Stopped(BaseException):
 
 @contextlib.contextmanager
 def stopped_by_signals():
-    """SIGTERM, SIGHUP and SIGINT raise Stopped in the main thread, so a dataset build, a split or a report ends as an
-    exception: its stage left to start again, its locks released. A training
+    """SIGTERM, SIGHUP and SIGINT raise Stopped in the main thread, so a
+    dataset build, a split or a report ends as an exception: its stage left to
+    start again, its locks released. A training
     stage's steps take the signals over (checkpoint, then Terminated). Python
     swallows an exception raised where the handler happened to run inside a
     garbage collector's callback; the signal is also noted, and the function

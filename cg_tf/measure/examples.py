@@ -3,9 +3,9 @@ each tracked group (pristine, corrupt), each with a thumbnail, its noisy and
 true label, and at every evaluation its prediction, the step it was first
 classified as its training label and the step since which it has been so at
 every evaluation (learned for good). What the monitor writes of them
-(tags.EXAMPLES at the start, tags.EXAMPLE_STATES at each evaluation) is bounded by the number shown: a
-thumbnail of at most THUMBNAIL_SIDE pixels a side each, then 24 bytes an
-example an evaluation.
+(tags.EXAMPLES at the start, tags.EXAMPLE_STATES at each evaluation) is
+bounded by the number shown: a thumbnail of at most THUMBNAIL_SIDE pixels a
+side each, then 24 bytes an example an evaluation.
 """
 
 import json
