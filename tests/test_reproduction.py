@@ -607,6 +607,8 @@ def test_a_published_sweep_goes_on_from_its_copy(tmp_path):
     lines = stage_lines(done.stdout)
     assert any(line.endswith(f"runs/{RUNS[0]}: complete, skipped") for line in lines), lines
     assert any(line.endswith(f"runs/{RUNS[1]}: resuming") for line in lines), lines
+    assert re.search(r"resumed from \S*ckpt-(30|40|50) at step (30|40|50)\b",
+                     done.stdout + done.stderr), done.stderr[-3000:]
     resumed = manifest(elsewhere, f"runs/{RUNS[1]}")
     assert resumed["status"] == "complete" and resumed["outputs"]["steps"] == 60
     # --report writes the report from the published runs alone: the sweep's own.

@@ -664,6 +664,26 @@ def test_a_damaged_checkpoint_gives_way_to_the_one_before(digits_dir, tmp_path, 
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("state", ["without timestamps", "missing"])
+def test_checkpoints_the_state_file_does_not_list_are_resumed_from(digits_dir, tmp_path, state):
+    """A checkpoint state written by hand or another tool (no timestamps: TensorFlow's
+    manager then lists nothing), or none at all: the run resumes from its newest
+    checkpoint instead of starting over beside it."""
+    from cg_tf.training import trainer as trainer_module
+    run = tmp_path / "run"
+    cfg = config(digits_dir, run, steps=20, checkpoint_every=10)
+    Trainer(cfg).run()
+    (run / trainer_module.SUMMARY_FILE).unlink()  # as if killed after its last checkpoint
+    state_file = run / "checkpoints" / "checkpoint"
+    if state == "missing":
+        state_file.unlink()
+    else:
+        state_file.write_text('model_checkpoint_path: "ckpt-20"\n'
+                              'all_model_checkpoint_paths: "ckpt-10"\n'
+                              'all_model_checkpoint_paths: "ckpt-20"\n')
+    assert Trainer(cfg).restore() == 20
+
+
 def test_a_dataset_rebuilt_under_a_run_stops_it(digits_dir, tmp_path):
     """The dataset changes while the run reads it: the run stops at its next
     checkpoint, naming the directory, and writes no checkpoint or summary of it."""

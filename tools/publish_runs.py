@@ -24,6 +24,7 @@ rewrite the report of a folder published before.
 
 import os
 import shutil
+import time
 
 from absl import app, flags
 
@@ -63,8 +64,10 @@ def publish_run(run_dir: str, out_dir: str) -> str:
     for path in tf.io.gfile.glob(latest + ".*"):
         shutil.copy2(path, copied)
     name = os.path.basename(latest)
-    with open(os.path.join(copied, "checkpoint"), "w") as f:
-        f.write(f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
+    # With its timestamp: TensorFlow's CheckpointManager lists no checkpoint
+    # whose state has none.
+    tf.compat.v1.train.update_checkpoint_state(copied, name, [name],
+                                               all_model_checkpoint_timestamps=[time.time()])
     return f"resumable from {name}"
 
 

@@ -425,7 +425,8 @@ class Trainer:
             self.checkpoint, os.path.join(self.config.model_dir, CHECKPOINTS), max_to_keep=2)
         # Newest first; a damaged one (a flipped byte, a cut-short index) gives
         # way to the one before it.
-        for path in reversed(self.manager.checkpoints):
+        paths = self._checkpoints()
+        for path in paths:
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
             except AssertionError as e:  # e.g. state an older cg_tf did not checkpoint
@@ -439,10 +440,19 @@ class Trainer:
                 continue
             logging.info("resumed from %s at step %d", path, int(self.step))
             return int(self.step)
-        if self.manager.checkpoints:
+        if paths:
             raise ValueError(f"every checkpoint in {self.manager.directory} is damaged; start "
                              "the run over with --overwrite")
         return int(self.step)
+
+    def _checkpoints(self) -> list[str]:
+        """The directory's checkpoints, newest first: every ckpt-<step> it holds,
+        not only those its state file lists. TensorFlow's manager lists none
+        from a state file without timestamps (as a copy made by hand or by
+        another tool may be), and the run would start over beside them."""
+        indexes = tf.io.gfile.glob(os.path.join(self.manager.directory, "ckpt-*.index"))
+        paths = {p[:-len(".index")] for p in indexes} | set(self.manager.checkpoints)
+        return sorted(paths, key=lambda p: int(p.rsplit("-", 1)[1]), reverse=True)
 
     def run(self) -> dict:
         """Trains to the end holding the run directory; returns the summary (a
