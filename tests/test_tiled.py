@@ -26,7 +26,7 @@ def test_sorting_network_sorts_every_zero_one_input():
 
 
 # Running lists (c <= 8), selection networks (larger c, the median) and, past
-# the network's budget (n = 257), running lists up to c = 31, then the sort.
+# the network's budget (n = 257), running lists up to c = 31, then bisection.
 # The lists and the clipped sums go over the examples in one block, or (small
 # budgets) in a loop over blocks with a remainder after it.
 @pytest.mark.parametrize("n,c,blocks", [
@@ -81,6 +81,37 @@ def test_replica_shares_are_disjoint_and_sum_to_the_whole(replicas):
             outside[r * share:(r + 1) * share] = False
             assert not s[outside].any(), (stat.name, r)
         np.testing.assert_allclose(sum(shares), ref, rtol=2e-5, atol=2e-5, err_msg=stat.name)
+
+
+def test_together_gives_its_tensors_back_exactly():
+    """One fusion for several outputs changes no bit: signed zeros, infinities,
+    denormals and the ends of int32."""
+    floats = tf.constant([[-0.0, 0.0, np.inf, -np.inf, 1e-45, -3.5]], tf.float32)
+    ints = tf.constant([[tf.int32.min, tf.int32.max, 0, -1, 7, 2]], tf.int32)
+    got = tf.function(lambda a, b: tiled.together([a * 2, a - 1, a]) + tiled.together([b, b]),
+                      jit_compile=True)(floats, ints)
+    for g, want in zip(got, [floats * 2, floats - 1, floats, ints, ints]):
+        assert g.numpy().tobytes() == want.numpy().tobytes()
+
+
+@pytest.mark.parametrize("n", [5, 40, 300])
+def test_bisection_finds_every_rank_among_extreme_values(n):
+    """Order statistics by bisection on bit patterns, exact for any ranks: values
+    spanning infinities, signed zeros, denormals, the largest floats and long
+    runs of ties, in one block or a loop over blocks."""
+    rng = np.random.default_rng(n)
+    pool = np.array([-np.inf, np.inf, -0.0, 0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0, 2.5],
+                    np.float32)
+    v = np.where(rng.random((n, 6, 7)) < 0.5, rng.choice(pool, (n, 6, 7)),
+                 rng.normal(size=(n, 6, 7)) * 10.0 ** rng.integers(-30, 30, (n, 6, 7)))
+    v = v.astype(np.float32)
+    s = np.sort(v, axis=0)
+    for ranks in {(0, n - 1), (n // 3, n // 2), ((n - 1) // 2, n // 2), (n - 1, n - 1)}:
+        tile = lambda g: tiled.Examples(Stacked(g), 0, 6)  # noqa: E731
+        lo, hi = tf.function(lambda g: tiled.bisected(tile(g), ranks), jit_compile=True)(
+            tf.constant(v))
+        np.testing.assert_array_equal(lo, s[ranks[0]], err_msg=str(ranks))
+        np.testing.assert_array_equal(hi, s[ranks[1]], err_msg=str(ranks))
 
 
 def test_small_variables_are_sorted_beside_tiled_ones(monkeypatch):

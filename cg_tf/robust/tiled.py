@@ -16,19 +16,19 @@ coordinate:
 the median (lo + hi) / 2, without s). The statistic object (`Statistic`) says
 which ranks and what it makes of them: this module knows none by name.
 
-Thresholds near the ends stream the n values through running top-r and
-bottom-r lists kept with max/min only (2r operations per value), a block of
-examples at a time (a loop over blocks past CHAIN_BLOCK examples, so compile
+Thresholds near the ends stream the n values through a running list of the
+r largest (or smallest) kept with max/min only (2r operations per value), a
+block of examples at a time (a loop over blocks past one block, so compile
 time does not grow with the batch); others (larger c, the median) go through
 a selection network (the comparators of Batcher's odd-even merge sort that the
 wanted ranks depend on, about n log2(n)^2 / 4), or, past the network's size,
-through running lists up to r = CHAIN_MAX_R. Each is fused by XLA into loops
-per tile; each variable's aggregate is one XLA computation, whatever the outer
-step is compiled with. Under a strategy each replica computes a block of the
-rows of every tiled variable (`robust_share`), which one cross-replica sum
-assembles. Small variables (biases, normalization scales) and batches too
-large for the network and the lists are sorted along the batch instead (their
-stacked values in memory).
+through running lists up to r = CHAIN_MAX_R, or by bisection on the values'
+bit patterns (32 counting passes, any ranks, any batch). Each is fused by XLA
+into loops per tile; each variable's aggregate is one XLA computation,
+whatever the outer step is compiled with. Under a strategy each replica
+computes a block of the rows of every tiled variable (`robust_share`), which
+one cross-replica sum assembles. Small variables (biases, normalization
+scales) are sorted along the batch instead (their stacked values in memory).
 """
 
 import functools
@@ -42,22 +42,22 @@ from cg_tf.robust.collectives import Collectives
 from cg_tf.robust.layer_rules import Outer, PerExample, Stacked
 
 TILE = 32768           # coordinates per tile
-# The running top-r lists take thresholds up to r = CHAIN_MAX_R from either end
-# when no selection network fits the batch, and up to r = CHAIN_PREFERRED_R
-# (the papers' c in {0, 1, 2, 4, 8}) always. They are unrolled over a block of
-# at most CHAIN_BLOCK examples per loop trip, r x block <= CHAIN_BUDGET: XLA's
-# compile time grows with both, and steeply past them (a Dense tile at r = 5:
-# 11 s over 150 examples, over 5 minutes over 200). One block is one fusion
-# with one output; a loop trip over a block has 2r outputs (the running lists),
-# and XLA:CPU makes a fusion for each, which forms the block's values again
-# and recomputes the lists before it: about (r + 1) / 2 times the work of the
-# single block per example (GPU and TPU fuse the outputs into one).
+# The running lists take thresholds up to r = CHAIN_MAX_R from either end when
+# no selection network fits the batch, and up to r = CHAIN_PREFERRED_R (the
+# papers' c in {0, 1, 2, 4, 8}) always. A list is unrolled over a block of at
+# most CHAIN_BLOCK examples per loop trip, r x block <= CHAIN_BUDGET: XLA:CPU's
+# fusion emitter splits a fusion of more than 2,000 operations into functions
+# that compute again what they share (a Dense tile at r = 5 over 200
+# examples: 11 s a call, against 3 ms over two blocks of 100). A loop trip
+# emits its r list entries as one fusion (`together`).
 CHAIN_PREFERRED_R, CHAIN_MAX_R, CHAIN_BUDGET, CHAIN_BLOCK = 9, 32, 1024, 128
 # Examples whose clipped values are summed per loop trip.
 SUM_BLOCK = 128
 # Larger c and the median go through a selection network (about n log2(n)^2 / 4
-# comparators); 3839 is the network for n = 256.
-NETWORK_BUDGET = 3839
+# comparators) up to 160 examples (2257 comparators: the median of a Dense tile
+# compiles in 8 s; over 200 examples, 18 s, and over 256, more than 10
+# minutes); past that, by bisection.
+NETWORK_BUDGET = 2257
 # A variable of at most this many coordinates is aggregated by sorting its
 # stacked values: cheaper than compiling a loop of tiles for it.
 SMALL = 4096
@@ -138,12 +138,33 @@ class Examples:
         whole, rest = divmod(self.count, block)
         if whole > 1:
             def body(k, *state):
-                return (k + 1, *step(list(state), self.block(k * block, block)))
+                return (k + 1, *together(step(list(state), self.block(k * block, block))))
             state = list(tf.while_loop(lambda k, *_: k < whole, body,
                                        (tf.constant(0), *state))[1:])
         elif whole == 1:
             state = step(state, self.block(0, block))
         return step(state, self.block(whole * block, rest)) if rest else state
+
+
+def together(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
+    """The tensors, computed by XLA as one fusion with an output for each, which
+    computes what they share once. XLA:CPU otherwise makes a fusion per output,
+    each computing again all it depends on: a running list of r entries cost
+    about (r + 1) / 2 times its work when a loop carried it. A reduction with
+    an operand per tensor is one fusion whatever its operands; each tensor is
+    broadcast along a new axis of two and reduced by max, which gives it back
+    exactly (one axis would be simplified away, and a padding row would be
+    computed as if it were one more example)."""
+    if len(tensors) < 2:
+        return tensors
+    dtype = tensors[0].dtype
+    lowest = tf.constant(-np.inf if dtype.is_floating else dtype.min, dtype)
+    scalars = [tf.TensorSpec([], dtype)] * (2 * len(tensors))
+    reducer = tf.function(lambda *a: [tf.maximum(x, y) for x, y in zip(a[:len(tensors)],
+                                                                       a[len(tensors):])],
+                          input_signature=scalars)
+    return xla.variadic_reduce([tf.broadcast_to(t, [2, *t.shape]) for t in tensors],
+                               [lowest] * len(tensors), [0], reducer.get_concrete_function())
 
 
 # -- order statistics of a tile ------------------------------------------------------
@@ -222,35 +243,78 @@ def balanced_block(n: int, most: int) -> int:
     return n // -(-n // max(1, most))
 
 
-def chain_block(ranks: tuple[int, int], n: int) -> int:
-    """Examples unrolled per loop trip of the running lists: XLA's compile time
-    grows with list length x block, the loop's overhead shrinks with the block."""
-    return balanced_block(n, min(CHAIN_BLOCK, CHAIN_BUDGET // _chain_length(ranks, n)))
+def chain_block(length: int, n: int) -> int:
+    """Examples unrolled per loop trip of a running list of `length` entries:
+    XLA's compile time grows with length x block, the loop's overhead shrinks
+    with the block."""
+    return balanced_block(n, min(CHAIN_BLOCK, CHAIN_BUDGET // length))
 
 
-def fits_tiles(ranks: tuple[int, int], n: int) -> bool:
-    """Whether the tiles find these thresholds (by running lists or a selection
-    network that compiles quickly); else the values are sorted along the batch."""
-    return _chains(ranks, n) or _network(n)
+def _key(bits: tf.Tensor) -> tf.Tensor:
+    """The int32 bit pattern of a float32 made to order as the floats do (its
+    magnitude bits flipped when negative; -0.0 just below +0.0); its own
+    inverse."""
+    return tf.bitwise.bitwise_xor(bits, tf.bitwise.bitwise_and(
+        tf.bitwise.right_shift(bits, 31), tf.constant(0x7FFFFFFF, tf.int32)))
+
+
+SIGN = tf.int32.min  # flips a key between signed and unsigned order
+
+
+def bisected(tile: Examples, ranks: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
+    """The order statistics of the tile's n per-example values at the two ranks,
+    elementwise, for any ranks and batch: each found bit by bit, from the top,
+    in 32 passes over the examples. At each pass a rank's answer a (the
+    ordered bit pattern `_key`, read as unsigned) gets the next bit when at
+    most `rank` values lie below a with that bit set. A pass counts them a
+    block of examples at a time, for both ranks at once, comparing the
+    values' keys (as integers: a comparison of floats would take denormals
+    for zeros, as XLA:CPU does)."""
+    n = tile.count
+
+    def one_bit(bit, *found):
+        trial = [tf.bitwise.bitwise_or(f, tf.bitwise.left_shift(1, bit)) for f in found]
+        bounds = [tf.bitwise.bitwise_xor(t, SIGN) for t in trial]
+
+        def count(state, rows):
+            keys = [_key(tf.bitcast(x, tf.int32)) for x in rows]
+            return [tf.add_n([c, *(tf.cast(k < b, tf.int32) for k in keys)])
+                    for c, b in zip(state, bounds)]
+
+        zeros = tf.zeros([tile.size, tile.columns], tf.int32)
+        below = together(tile.fold(count, [zeros, zeros], balanced_block(n, SUM_BLOCK)))
+        return (bit - 1, *(tf.where(c <= r, t, f)
+                           for c, r, t, f in zip(below, ranks, trial, found)))
+
+    start = tf.zeros([tile.size, tile.columns], tf.int32)
+    _, lo, hi = tf.while_loop(lambda bit, *_: bit >= 0, one_bit, (tf.constant(31), start, start))
+    return tuple(tf.bitcast(_key(tf.bitwise.bitwise_xor(f, SIGN)), tf.float32) for f in (lo, hi))
+
+
+def _kth_largest(tile: Examples, k: int, negated: bool) -> tf.Tensor:
+    """The k-th largest of the tile's n per-example values (of their negatives if
+    `negated`), elementwise: a running list of the k largest, folded over
+    blocks of examples."""
+    lowest = tf.fill([tile.size, tile.columns], tf.constant(-np.inf, tf.float32))
+    sign = (lambda x: -x) if negated else (lambda x: x)  # noqa: E731
+    top = tile.fold(lambda top, rows: fold_largest(top, [sign(x) for x in rows]),
+                    [lowest] * k, chain_block(k, tile.count))
+    return top[-1]
 
 
 def thresholds(tile: Examples, ranks: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
     """The order statistics of the tile's n per-example values at the two ranks,
-    elementwise: running lists of the largest and of the smallest, folded over
-    blocks of examples, or a selection network over all of them."""
+    elementwise: running lists of the largest and of the smallest, each folded
+    over blocks of examples; or a selection network over all of them; or,
+    past the network's size, by bisection on their bit patterns."""
     n = tile.count
-    if not _chains(ranks, n):
+    if _chains(ranks, n):
+        # List lengths: lo's rank from the bottom, hi's from the top.
+        return -_kth_largest(tile, ranks[0] + 1, True), _kth_largest(tile, n - ranks[1], False)
+    if _network(n):
         lo, hi = ranked(tile.block(0, n), ranks)
         return lo, hi
-    neg = tf.fill([tile.size, tile.columns], tf.constant(-np.inf, tf.float32))
-    up, down = n - ranks[1], ranks[0] + 1  # list lengths: hi's rank from the top, lo's
-
-    def step(state, rows):
-        return (fold_largest(state[:up], rows)
-                + fold_largest(state[up:], [-x for x in rows]))
-
-    state = tile.fold(step, [neg] * (up + down), chain_block(ranks, n))
-    return -state[-1], state[up - 1]
+    return bisected(tile, ranks)
 
 
 def reduced(tile: Examples, lo: tf.Tensor, hi: tf.Tensor, stat: Statistic) -> tf.Tensor:
@@ -384,13 +448,12 @@ def aggregate(values: list[PerExample], stat: Statistic, variables: list,
     `values` those of the whole global batch), shaped like the variables: an
     XLA computation by tiles per variable, each replica computing its share of
     the rows (`robust_share`), which one cross-replica sum assembles; or (small
-    variables; a batch too large for the network) a sort of the stacked values
-    along the batch, on every replica."""
+    variables) a sort of the stacked values along the batch, on every
+    replica."""
     n = values[0].count
     replicas = sync.replicas if sync else 1
     replica = sync.replica_id if sync else tf.constant(0)
-    tiled = [i for i, v in enumerate(values)
-             if fits_tiles(stat.ranks(n), n) and _size(v) > SMALL]
+    tiled = [i for i, v in enumerate(values) if _size(v) > SMALL]
     shares = [_compiled(_signature(values[i], stat), replicas)(values[i], replica)
               for i in tiled]
     grads = dict(zip(tiled, sync.sum(shares) if sync and shares else shares))
