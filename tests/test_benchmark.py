@@ -24,13 +24,15 @@ def test_the_benchmark_times_sgd_and_an_aggregator_and_records_the_load(tmp_path
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "tools.benchmark", "--models=fc3",
-         "--aggregators=mean,winsorized:4", "--steps=2", "--nojit", f"--json={out}"],
+         "--aggregators=mean,winsorized:4", "--steps=2", "--nojit", "--memory",
+         f"--json={out}"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [r["aggregator"] for r in rows] == ["mean", "winsorized"]
     for r in rows:
         assert r["step_seconds"] > 0 and r["load_before"] >= 0 and r["load_after"] >= 0
+        assert r["peak_mb"] > 0  # each measured alone, from before its first step
     assert rows[0]["ratio_to_sgd"] == 1.0
     assert "fc 784-256-256-256-10: load average" in done.stdout
 

@@ -7,10 +7,13 @@
 Each model runs in its own process, which times plain SGD and every aggregator
 on one fixed batch, with and without `jit_compile`, in interleaved rounds
 (median over rounds after warm-up), so ratios are measured side by side on a
-busy machine (the ratio of both columns is to plain SGD without XLA). Peak
-memory is what a step allocates: the largest growth of the process's resident
-memory during two steps after warm-up (without XLA), over its live memory
-before them (the model, its state and the compiled program).
+busy machine (the ratio of both columns is to plain SGD without XLA). With
+--memory, each (model, aggregator) also runs alone in a process of its own,
+for the memory a step takes: the largest growth of the process's resident
+memory over its first three steps (without XLA), from before the first (the
+model and its state built). Alone, because TensorFlow's allocator keeps what
+a step freed for the next: in a process that ran other steps before, a step
+reuses their memory and seems to take none.
 
 A loaded machine slows the plain step more than a robust one and flatters the
 ratios: the table records the 1-minute load average before and after each
@@ -49,6 +52,10 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Timed rounds (0: a per-model default)
 _JSON = flags.DEFINE_string("json", None, "Write the results here too.")
 _JIT = flags.DEFINE_bool("jit", True, "Also time each aggregator with jit_compile=True.")
 _ONE = flags.DEFINE_string("one_model", None, "Internal: time this model in this process.")
+_MEMORY = flags.DEFINE_bool("memory", False, "Also measure each step's memory, each (model, "
+                             "aggregator) alone in a process of its own.")
+_MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "Internal: with --one_model, measure "
+                                 "the memory of its one aggregator's step.")
 _REPLICAS = flags.DEFINE_list("replicas", ["1"], "Replica counts (logical CPU devices) to time "
                               "each model on, one process each.")
 _BATCHES = flags.DEFINE_list("batches", [], "Global batch sizes to time each model at, one "
@@ -124,13 +131,14 @@ def _one_step(step, data) -> tuple[float, float]:
 
 
 def time_model(name: str, aggregators: list[str], steps: int, jit: bool, replicas: int = 1,
-               batch: int | None = None) -> list[dict]:
-    """Builds every (aggregator, XLA or not) step, warms it up (tracing,
-    compiling: the first step's seconds are recorded) and samples the memory
-    of two more steps; then times them in rounds, one step of each per round,
-    so that a change in the machine's load falls on all of them alike. Each
-    time is the median over rounds. With `replicas` > 1 the step runs under
-    MirroredStrategy over as many logical CPUs (which must exist)."""
+               batch: int | None = None, memory_only: bool = False) -> list[dict]:
+    """Builds every (aggregator, XLA or not) step and warms it up (tracing,
+    compiling: the first step's seconds are recorded); then times them in
+    rounds, one step of each per round, so that a change in the machine's load
+    falls on all of them alike. Each time is the median over rounds. With
+    `replicas` > 1 the step runs under MirroredStrategy over as many logical
+    CPUs (which must exist). `memory_only`: the first aggregator's row with
+    only the memory of its first three steps (`PeakMemory`)."""
     import keras
     import tensorflow as tf
 
@@ -168,13 +176,13 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool, replica
             step = tf.function(lambda b, f=replica_step: strategy.experimental_local_results(
                 strategy.run(f, args=(b,))["loss"])[0])
             prefix = "jit_" if compiled else ""
+            if memory_only:
+                with PeakMemory() as memory:
+                    for _ in range(3):
+                        _one_step(step, data)
+                return [{**row, "peak_mb": memory.peak / 2**20}]
             row[f"{prefix}first_step_seconds"] = _one_step(step, data)[0]
             _one_step(step, data)
-            if not compiled:
-                with PeakMemory() as memory:
-                    for _ in range(2):
-                        _one_step(step, data)
-                row["peak_mb"] = memory.peak / 2**20
             timed.append((row[f"{prefix}step_seconds"], row[f"{prefix}cpu_seconds"], step))
         rows.append(row)
         print(f"  {name} {spec} batch {batch} on {replicas} replica(s): ready", file=sys.stderr,
@@ -219,8 +227,21 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['model']:<22}{r['batch']:>6}{r['replicas']:>5}  {label:<20}"
                      f"{r['step_seconds'] * 1000:>9.1f}{r['ratio_to_sgd']:>7.1f}"
                      f"{r['cpu_seconds'] * 1000:>9.1f}{r['robust_cpu_seconds'] * 1000:>14.1f}"
-                     f"{xla}{r['first_step_seconds']:>8.1f}{r['peak_mb']:>9.0f}")
+                     f"{xla}{r['first_step_seconds']:>8.1f}"
+                     f"{'-' if r.get('peak_mb') is None else format(r['peak_mb'], '.0f'):>9}")
     return "\n".join(lines)
+
+
+def _child(name: str, aggregators: list[str], replicas: int, batch: int | None,
+           *extra: str) -> list[dict]:
+    """The rows of `time_model` run in a process of its own."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.benchmark", f"--one_model={name}",
+         f"--aggregators={','.join(aggregators)}", f"--steps={_STEPS.value}",
+         f"--jit={_JIT.value}", f"--replicas={replicas}", f"--batches={batch or ''}", *extra],
+        stdout=subprocess.PIPE, text=True, check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(_):
@@ -231,7 +252,7 @@ def main(_):
             from cg_tf.training.strategies import split_cpu
             split_cpu(replicas)
         print(json.dumps(time_model(_ONE.value, _AGGREGATORS.value, _STEPS.value, _JIT.value,
-                                    replicas, batch)))
+                                    replicas, batch, _MEMORY_ONLY.value)))
         return
     from cg_tf.robust import aggregators
     try:
@@ -253,16 +274,12 @@ def main(_):
             for batch in batches:
                 print(f"timing {name} ...", file=sys.stderr, flush=True)
                 before = os.getloadavg()[0]
-                out = subprocess.run(
-                    [sys.executable, "-m", "tools.benchmark", f"--one_model={name}",
-                     f"--aggregators={','.join(_AGGREGATORS.value)}", f"--steps={_STEPS.value}",
-                     f"--jit={_JIT.value}", f"--replicas={replicas}",
-                     f"--batches={batch or ''}"],
-                    stdout=subprocess.PIPE, text=True, check=True,
-                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                timed = _child(name, _AGGREGATORS.value, replicas, batch)
                 after = os.getloadavg()[0]
-                rows += [{**r, "load_before": before, "load_after": after}
-                         for r in json.loads(out.stdout.strip().splitlines()[-1])]
+                for r, spec in zip(timed, _AGGREGATORS.value):
+                    r["peak_mb"] = _child(name, [spec], replicas, batch, "--memory_only")[0][
+                        "peak_mb"] if _MEMORY.value else None
+                rows += [{**r, "load_before": before, "load_after": after} for r in timed]
                 warnings += [w for w in [load_warning(name, before, after)] if w]
     print(table(rows))
     for name in dict.fromkeys(r["model"] for r in rows):
