@@ -26,7 +26,7 @@ def test_sorting_network_sorts_every_zero_one_input():
 
 
 # Running lists (c <= 8), selection networks (larger c, the median) and, past
-# the network's budget (n = 257), running lists up to c = 31, then bisection.
+# the network's budget (n > 160), running lists up to c = 31, then bisection.
 # The lists and the clipped sums go over the examples in one block, or (small
 # budgets) in a loop over blocks with a remainder after it.
 @pytest.mark.parametrize("n,c,blocks", [
@@ -98,14 +98,16 @@ def test_together_gives_its_tensors_back_exactly():
 def test_bisection_finds_every_rank_among_extreme_values(n):
     """Order statistics by bisection on bit patterns, exact for any ranks: values
     spanning infinities, signed zeros, denormals, the largest floats and long
-    runs of ties, in one block or a loop over blocks."""
+    runs of ties, in one block or a loop over blocks; NaN where a NaN is."""
     rng = np.random.default_rng(n)
     pool = np.array([-np.inf, np.inf, -0.0, 0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0, 2.5],
                     np.float32)
     v = np.where(rng.random((n, 6, 7)) < 0.5, rng.choice(pool, (n, 6, 7)),
                  rng.normal(size=(n, 6, 7)) * 10.0 ** rng.integers(-30, 30, (n, 6, 7)))
     v = v.astype(np.float32)
+    v[rng.integers(n), 0, :3] = np.nan  # a NaN makes its coordinate's statistic NaN
     s = np.sort(v, axis=0)
+    s[:, 0, :3] = np.nan
     for ranks in {(0, n - 1), (n // 3, n // 2), ((n - 1) // 2, n // 2), (n - 1, n - 1)}:
         tile = lambda g: tiled.Examples(Stacked(g), 0, 6)  # noqa: E731
         lo, hi = tf.function(lambda g: tiled.bisected(tile(g), ranks), jit_compile=True)(

@@ -681,7 +681,10 @@ def test_checkpoints_the_state_file_does_not_list_are_resumed_from(digits_dir, t
         state_file.write_text('model_checkpoint_path: "ckpt-20"\n'
                               'all_model_checkpoint_paths: "ckpt-10"\n'
                               'all_model_checkpoint_paths: "ckpt-20"\n')
-    assert Trainer(cfg).restore() == 20
+    resumed = Trainer(cfg)
+    assert resumed.restore() == 20
+    # The checkpoint is the manager's own again: the latest, deleted in turn.
+    assert resumed.manager.latest_checkpoint == str(run / "checkpoints" / "ckpt-20")
 
 
 def test_a_dataset_rebuilt_under_a_run_stops_it(digits_dir, tmp_path):

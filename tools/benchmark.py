@@ -11,7 +11,7 @@ busy machine (the ratio of both columns is to plain SGD without XLA). With
 --memory, each (model, aggregator) also runs alone in a process of its own,
 for the memory a step takes: the largest growth of the process's resident
 memory over its first three steps (without XLA), from before the first (the
-model and its state built). Alone, because TensorFlow's allocator keeps what
+model and its state built; so it includes what tracing and compiling take). Alone, because TensorFlow's allocator keeps what
 a step freed for the next: in a process that ran other steps before, a step
 reuses their memory and seems to take none.
 

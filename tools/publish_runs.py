@@ -66,7 +66,7 @@ def publish_run(run_dir: str, out_dir: str) -> str:
     name = os.path.basename(latest)
     # With its timestamp: TensorFlow's CheckpointManager lists no checkpoint
     # whose state has none.
-    tf.compat.v1.train.update_checkpoint_state(copied, name, [name],
+    tf.compat.v1.train.update_checkpoint_state(os.path.abspath(copied), name, [name],
                                                all_model_checkpoint_timestamps=[time.time()])
     return f"resumable from {name}"
 

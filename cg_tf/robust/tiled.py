@@ -157,14 +157,13 @@ def together(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
     computed as if it were one more example)."""
     if len(tensors) < 2:
         return tensors
-    dtype = tensors[0].dtype
-    lowest = tf.constant(-np.inf if dtype.is_floating else dtype.min, dtype)
-    scalars = [tf.TensorSpec([], dtype)] * (2 * len(tensors))
-    reducer = tf.function(lambda *a: [tf.maximum(x, y) for x, y in zip(a[:len(tensors)],
-                                                                       a[len(tensors):])],
-                          input_signature=scalars)
+    lowest = [tf.constant(-np.inf if t.dtype.is_floating else t.dtype.min, t.dtype)
+              for t in tensors]
+    k = len(tensors)
+    reducer = tf.function(lambda *a: [tf.maximum(x, y) for x, y in zip(a[:k], a[k:])],
+                          input_signature=[tf.TensorSpec([], t.dtype) for t in tensors] * 2)
     return xla.variadic_reduce([tf.broadcast_to(t, [2, *t.shape]) for t in tensors],
-                               [lowest] * len(tensors), [0], reducer.get_concrete_function())
+                               lowest, [0], reducer.get_concrete_function())
 
 
 # -- order statistics of a tile ------------------------------------------------------
@@ -267,10 +266,12 @@ def bisected(tile: Examples, ranks: tuple[int, int]) -> tuple[tf.Tensor, tf.Tens
     in 32 passes over the examples. At each pass a rank's answer a (the
     ordered bit pattern `_key`, read as unsigned) gets the next bit when at
     most `rank` values lie below a with that bit set. A pass counts them a
-    block of examples at a time, for both ranks at once, comparing the
-    values' keys (as integers: a comparison of floats would take denormals
-    for zeros, as XLA:CPU does)."""
+    block of examples at a time, for both ranks at once (once for equal
+    ranks), comparing the values' keys (as integers: a comparison of floats
+    would take denormals for zeros, as XLA:CPU does). A coordinate with a NaN
+    among its values gets NaN, as from the lists and the network."""
     n = tile.count
+    wanted = sorted(set(ranks))
 
     def one_bit(bit, *found):
         trial = [tf.bitwise.bitwise_or(f, tf.bitwise.left_shift(1, bit)) for f in found]
@@ -282,13 +283,19 @@ def bisected(tile: Examples, ranks: tuple[int, int]) -> tuple[tf.Tensor, tf.Tens
                     for c, b in zip(state, bounds)]
 
         zeros = tf.zeros([tile.size, tile.columns], tf.int32)
-        below = together(tile.fold(count, [zeros, zeros], balanced_block(n, SUM_BLOCK)))
+        below = together(tile.fold(count, [zeros] * len(wanted), balanced_block(n, SUM_BLOCK)))
         return (bit - 1, *(tf.where(c <= r, t, f)
-                           for c, r, t, f in zip(below, ranks, trial, found)))
+                           for c, r, t, f in zip(below, wanted, trial, found)))
 
-    start = tf.zeros([tile.size, tile.columns], tf.int32)
-    _, lo, hi = tf.while_loop(lambda bit, *_: bit >= 0, one_bit, (tf.constant(31), start, start))
-    return tuple(tf.bitcast(_key(tf.bitwise.bitwise_xor(f, SIGN)), tf.float32) for f in (lo, hi))
+    start = [tf.zeros([tile.size, tile.columns], tf.int32)] * len(wanted)
+    found = tf.while_loop(lambda bit, *_: bit >= 0, one_bit, (tf.constant(31), *start))[1:]
+    nans, = tile.fold(lambda state, rows: [tf.add_n(
+        [state[0], *(tf.cast(tf.math.is_nan(x), tf.int32) for x in rows)])],
+        [tf.zeros([tile.size, tile.columns], tf.int32)], balanced_block(n, SUM_BLOCK))
+    value = {r: tf.where(nans > 0, np.float32(np.nan),
+                         tf.bitcast(_key(tf.bitwise.bitwise_xor(f, SIGN)), tf.float32))
+             for r, f in zip(wanted, found)}
+    return value[ranks[0]], value[ranks[1]]
 
 
 def _kth_largest(tile: Examples, k: int, negated: bool) -> tf.Tensor:

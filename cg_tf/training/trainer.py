@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -56,6 +57,7 @@ EXECUTION_FIELDS = ("data_dir", "model_dir", "strategy", "tpu", "checkpoint_ever
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = monitor.SUMMARY_FILE
 CHECKPOINTS = "checkpoints"
+KEPT = 2  # checkpoints kept: the newest, and the one before it in case it is damaged
 
 
 # More steps (or epochs) than any run takes: past it, a typo.
@@ -422,7 +424,7 @@ class Trainer:
     def restore(self) -> int:
         """Restores the directory's last checkpoint, if any; returns its step."""
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self.config.model_dir, CHECKPOINTS), max_to_keep=2)
+            self.checkpoint, os.path.join(self.config.model_dir, CHECKPOINTS), max_to_keep=KEPT)
         # Newest first; a damaged one (a flipped byte, a cut-short index) gives
         # way to the one before it.
         paths = self._checkpoints()
@@ -438,6 +440,8 @@ class Trainer:
                 logging.warning("checkpoint %s is damaged (%s): trying the one before it",
                                 path, str(e).splitlines()[0][:200])
                 continue
+            if path not in self.manager.checkpoints:
+                self._adopt(path)
             logging.info("resumed from %s at step %d", path, int(self.step))
             return int(self.step)
         if paths:
@@ -450,9 +454,22 @@ class Trainer:
         not only those its state file lists. TensorFlow's manager lists none
         from a state file without timestamps (as a copy made by hand or by
         another tool may be), and the run would start over beside them."""
-        indexes = tf.io.gfile.glob(os.path.join(self.manager.directory, "ckpt-*.index"))
-        paths = {p[:-len(".index")] for p in indexes} | set(self.manager.checkpoints)
-        return sorted(paths, key=lambda p: int(p.rsplit("-", 1)[1]), reverse=True)
+        directory = self.manager.directory
+        indexes = tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index"))
+        steps = {int(m.group(1)) for m in (re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(p))
+                                           for p in indexes) if m}
+        steps |= {int(m.group(1)) for m in (re.fullmatch(r"ckpt-(\d+)", os.path.basename(p))
+                                            for p in self.manager.checkpoints) if m}
+        return [os.path.join(directory, f"ckpt-{step}") for step in sorted(steps, reverse=True)]
+
+    def _adopt(self, path: str) -> None:
+        """Makes a checkpoint the manager did not list its own (its state file
+        rewritten to name it, with a timestamp), so that it is the latest and
+        is deleted in turn."""
+        tf.compat.v1.train.update_checkpoint_state(
+            self.manager.directory, path, [path], all_model_checkpoint_timestamps=[time.time()])
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.manager.directory,
+                                                  max_to_keep=KEPT)
 
     def run(self) -> dict:
         """Trains to the end holding the run directory; returns the summary (a
