@@ -11,9 +11,10 @@ busy machine (the ratio of both columns is to plain SGD without XLA). With
 --memory, each (model, aggregator) also runs alone in a process of its own,
 for the memory a step takes: the largest growth of the process's resident
 memory over its first three steps (without XLA), from before the first (the
-model and its state built; so it includes what tracing and compiling take). Alone, because TensorFlow's allocator keeps what
-a step freed for the next: in a process that ran other steps before, a step
-reuses their memory and seems to take none.
+model and its state built; so it includes what tracing and compiling take).
+Alone, because TensorFlow's allocator keeps what a step freed for the next:
+in a process that ran other steps before, a step reuses their memory and
+seems to take none.
 
 A loaded machine slows the plain step more than a robust one and flatters the
 ratios: the table records the 1-minute load average before and after each
