@@ -457,6 +457,7 @@ def test_pipeline_configs_hold_the_papers_settings(path, tmp_path, monkeypatch):
             # c = 4% of the batch, as c = 4 at batch 100
             "batch50": ("0.5", ("mean", "winsorized_c2"), 2, False),
             "batch200": ("0.5", ("mean", "winsorized_c8"), 2, False),
+            "batch400": ("0.5", ("mean", "winsorized_c16"), 2, False),
         }.get(experiment, ("0.5", ("mean", "winsorized_c1", "winsorized_c2", "winsorized_c4",
                                    "winsorized_c8", "winsorized_c4_hidden",
                                    "winsorized_c4_output"), 3, False))
