@@ -63,3 +63,14 @@ def test_collective_bytes_counts_the_rules_factors():
     assert row["plain_payload"] == 4000 and row["gather_payload"] == 4 * 64 * 10
     assert row["robust_over_plain"] == (2560 + 8000) / 4000
     assert ring_sent(800, 8) == 1400 and row["all_to_all_sent"] == 4 * 8 * 1000 * 7 / 8
+
+
+def test_the_tile_benchmark_times_the_tiles_and_checks_them_against_numpy():
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.benchmark_tile", "--ways=tiles,sort", "--batches=12,30",
+         "--c=2", "--calls=1"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("tiles", "12"), ("tiles", "30"), ("sort", "12"),
+                                            ("sort", "30")]
+    assert all(r[-1] == "True" for r in rows), done.stdout
