@@ -24,7 +24,7 @@ def test_the_benchmark_times_sgd_and_an_aggregator_and_records_the_load(tmp_path
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "tools.benchmark", "--models=fc3",
-         "--aggregators=mean,winsorized:4", "--steps=2", "--nojit", "--memory",
+         "--aggregators=mean,winsorized:4", "--steps=2", "--nojit", "--memory", "--batches=20",
          f"--json={out}"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
