@@ -594,7 +594,11 @@ def test_a_published_sweep_goes_on_from_its_copy(tmp_path):
     out, pub, elsewhere = (str(tmp_path / d) for d in ("sweep", "pub", "elsewhere"))
     args = ["pipelines.sweep", f"--output_dir={out}", *SWEEP]
     second = os.path.join(out, "runs", RUNS[1])
-    kill_when(args, lambda: glob.glob(os.path.join(second, "checkpoints", "ckpt-30.index")))
+    state = os.path.join(second, "checkpoints", "checkpoint")
+    # Killed once the run records ckpt-30 as its latest (its files come before
+    # the state that names it).
+    kill_when(args, lambda: os.path.exists(state) and re.search(
+        r'^model_checkpoint_path: "ckpt-(30|40|50)"', open(state).read(), re.M))
     done = run_main("tools.publish_runs", f"--sweep_dir={out}", f"--out={pub}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{RUNS[0]}: complete" in done.stdout
