@@ -24,14 +24,13 @@ rewrite the report of a folder published before.
 
 import os
 import shutil
-import time
 
 from absl import app, flags
 
 from cg_tf import common_flags
 from cg_tf.experiments import noise_grid, runner
 from cg_tf.measure import report
-from cg_tf.training.trainer import CHECKPOINTS
+from cg_tf.training.trainer import CHECKPOINTS, name_latest
 
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "The sweep's --output_dir.")
 _OUT = flags.DEFINE_string("out", None, "The results folder (its runs/ is written).")
@@ -63,12 +62,8 @@ def publish_run(run_dir: str, out_dir: str) -> str:
     os.makedirs(copied)
     for path in tf.io.gfile.glob(latest + ".*"):
         shutil.copy2(path, copied)
-    name = os.path.basename(latest)
-    # With its timestamp: TensorFlow's CheckpointManager lists no checkpoint
-    # whose state has none.
-    tf.compat.v1.train.update_checkpoint_state(os.path.abspath(copied), name, [name],
-                                               all_model_checkpoint_timestamps=[time.time()])
-    return f"resumable from {name}"
+    name_latest(copied, latest)
+    return f"resumable from {os.path.basename(latest)}"
 
 
 def main(_):

@@ -341,6 +341,15 @@ class Checkpoints(keras.callbacks.Callback):
                              "rerun the same command to resume", stop)
 
 
+def name_latest(directory: str, path: str) -> None:
+    """Rewrites a checkpoint directory's state to name `path` (a checkpoint in
+    it) alone, as the latest, with the timestamp without which TensorFlow's
+    CheckpointManager lists nothing."""
+    tf.compat.v1.train.update_checkpoint_state(
+        os.path.abspath(directory), os.path.basename(path), [os.path.basename(path)],
+        all_model_checkpoint_timestamps=[time.time()])
+
+
 class Trainer:
     """Builds everything a run needs (writing nothing); `run()` trains to the end."""
 
@@ -455,19 +464,17 @@ class Trainer:
         from a state file without timestamps (as a copy made by hand or by
         another tool may be), and the run would start over beside them."""
         directory = self.manager.directory
-        indexes = tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index"))
-        steps = {int(m.group(1)) for m in (re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(p))
-                                           for p in indexes) if m}
-        steps |= {int(m.group(1)) for m in (re.fullmatch(r"ckpt-(\d+)", os.path.basename(p))
-                                            for p in self.manager.checkpoints) if m}
+        names = [os.path.basename(p) for p in
+                 tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index"))
+                 + self.manager.checkpoints]
+        steps = {int(m.group(1)) for m in (re.fullmatch(r"ckpt-(\d+)(\.index)?", n)
+                                           for n in names) if m}
         return [os.path.join(directory, f"ckpt-{step}") for step in sorted(steps, reverse=True)]
 
     def _adopt(self, path: str) -> None:
-        """Makes a checkpoint the manager did not list its own (its state file
-        rewritten to name it, with a timestamp), so that it is the latest and
-        is deleted in turn."""
-        tf.compat.v1.train.update_checkpoint_state(
-            self.manager.directory, path, [path], all_model_checkpoint_timestamps=[time.time()])
+        """Makes a checkpoint the manager did not list its own, so that it is
+        the latest and is deleted in turn."""
+        name_latest(self.manager.directory, path)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.manager.directory,
                                                   max_to_keep=KEPT)
 
