@@ -56,6 +56,15 @@ def run_main(module, *args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def checkpointed(run_dir, step: int) -> bool:
+    """Whether the run under `run_dir` has saved a checkpoint at `step` or later.
+    Polls for a checkpoint ask this, not for one file: the trainer keeps only the
+    newest two, so a fast run deletes `ckpt-<step>` within milliseconds."""
+    import glob
+    names = glob.glob(os.path.join(str(run_dir), "checkpoints", "ckpt-*.index"))
+    return any(int(os.path.basename(n)[len("ckpt-"):-len(".index")]) >= step for n in names)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """Noisy digits (uniform noise, rate 0.5, seed 0), built once per test session."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_build
+from conftest import REPO, checkpointed, run_build
 from cg_tf.data.reader import Reader
 from cg_tf.measure import report
 from tools.make_image_folder import class_names, make_image_folder
@@ -72,7 +72,7 @@ def test_the_resnet18_config_trains_on_it_stops_and_resumes(tmp_path):
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not glob.glob(f"{run}/checkpoints/ckpt-2.index"):
+    while time.time() < deadline and first.poll() is None and not checkpointed(run, 2):
         time.sleep(0.2)
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=600)

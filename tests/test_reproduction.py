@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, parsed_flags, read_split, run_main
+from conftest import REPO, checkpointed, parsed_flags, read_split, run_main
 
 from cg_tf.data import records
 from cg_tf.experiments import runner
@@ -96,7 +96,7 @@ def test_sweep_killed_inside_and_between_stages_then_completed(tmp_path):
     args = ["pipelines.sweep", f"--output_dir={out}", *SWEEP]
     # Inside the second run: it has checkpointed, but is not complete.
     second = os.path.join(out, "runs", RUNS[1])
-    kill_when(args, lambda: glob.glob(os.path.join(second, "checkpoints", "ckpt-20.index")))
+    kill_when(args, lambda: checkpointed(second, 20))
     assert manifest(out, "runs/" + RUNS[0])["status"] == "complete"
     assert manifest(out, "runs/" + RUNS[1])["status"] == "running"
     first_done = manifest(out, "runs/" + RUNS[0])
@@ -226,7 +226,7 @@ def test_a_signal_stops_a_sweeps_training_stage_in_one_line(tmp_path, stop):
          "--aggregators=mean", "--noise_rates=0.5", "--seeds=0", "--steps=100000",
          "--noreport"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not glob.glob(f"{run}/checkpoints/ckpt-10.index"):
+    while time.time() < deadline and proc.poll() is None and not checkpointed(run, 10):
         time.sleep(0.1)
     proc.send_signal(stop)
     _, err = proc.communicate(timeout=300)

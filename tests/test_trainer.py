@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, jpeg, parsed_flags, run_build, run_main, write_idx
+from conftest import REPO, checkpointed, jpeg, parsed_flags, run_build, run_main, write_idx
 
 from cg_tf import train
 from cg_tf.data import records
@@ -275,7 +275,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(digits_dir, tmp_path)
     # Killed once it has logged an evaluation past its checkpoint of step 100.
     deadline = time.time() + 300
     while time.time() < deadline and not (
-            glob.glob(f"{killed}/checkpoints/ckpt-100.index") and _last_step(killed) > 100):
+            checkpointed(killed, 100) and _last_step(killed) > 100):
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
