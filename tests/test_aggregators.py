@@ -8,6 +8,7 @@ from conftest import np_trimmed, np_winsorized
 
 from cg_tf.robust import order_stats as agg
 from cg_tf.robust import tiled
+from cg_tf.robust.layer_rules import Stacked
 from cg_tf.robust.aggregators import Median, MedianOfMeans, Trimmed, Winsorized
 
 
@@ -32,14 +33,20 @@ def close(a, b):
     np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("b,c", CASES)
-def test_statistics_by_sorting_along_the_batch(kind, b, c):
-    """The form the tiles fall back on (small variables, large batches)."""
-    x = tf.constant(random_gradients(kind, b, np.random.default_rng(b * 10 + c)))
-    close(tiled.sorted_along_batch(x, Winsorized(c)), np_winsorized(x.numpy(), c))
-    close(tiled.sorted_along_batch(x, Trimmed(c)), np_trimmed(x.numpy(), c))
-    close(tiled.sorted_along_batch(x, Median()), np.median(x.numpy(), axis=0))
+def test_small_variables_side_by_side(b, c):
+    """Small variables (biases, normalization scales) go side by side into one
+    tiled computation, the last row padded: one of each kind of values, and one
+    of another shape."""
+    rng = np.random.default_rng(b * 10 + c)
+    xs = [random_gradients(kind, b, rng) for kind in KINDS] + [rng.normal(size=(b, 5))]
+    values = [Stacked(tf.constant(x, tf.float32)) for x in xs]
+    variables = [tf.zeros(x.shape[1:]) for x in xs]
+    for stat, ref in [(Winsorized(c), lambda x: np_winsorized(x, c)),
+                      (Trimmed(c), lambda x: np_trimmed(x, c)),
+                      (Median(), lambda x: np.median(x, axis=0))]:
+        for got, x in zip(tiled.aggregate(values, stat, variables), xs):
+            close(got, ref(x))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -116,7 +116,7 @@ def test_bisection_finds_every_rank_among_extreme_values(n):
         np.testing.assert_array_equal(hi, s[ranks[1]], err_msg=str(ranks))
 
 
-def test_small_variables_are_sorted_beside_tiled_ones(monkeypatch):
+def test_small_variables_go_side_by_side_beside_tiled_ones(monkeypatch):
     monkeypatch.setattr(tiled, "TILE", 64)
     monkeypatch.setattr(tiled, "SMALL", 100)
     rng = np.random.default_rng(1)

@@ -265,6 +265,16 @@ def test_one_two_and_four_replicas_give_the_same_update(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["winsorized", "median"])
+def test_small_variables_side_by_side_divide_among_replicas(name):
+    """At the default tiled.SMALL every variable of the small net goes side by
+    side into one computation, whose rows 4 replicas divide."""
+    config = make_aggregator(name, c=2)
+    one = run_steps(tf.distribute.get_strategy(), config, "fc", [batch(0)])
+    for a, b in zip(one, run_steps(replicas(4), config, "fc", [batch(0)])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["winsorized", "median"])
 def test_batchnorm_statistics_are_global_for_per_example_aggregators(name):
     config = make_aggregator(name, c=1)
     data = [batch(0, shape=(6, 6, 2))]

@@ -28,7 +28,7 @@ into loops per tile; each variable's aggregate is one XLA computation,
 whatever the outer step is compiled with. Under a strategy each replica
 computes a block of the rows of every tiled variable (`robust_share`), which
 one cross-replica sum assembles. Small variables (biases, normalization
-scales) are sorted along the batch instead (their stacked values in memory).
+scales) go side by side into one more such computation (`side_by_side`).
 """
 
 import functools
@@ -58,9 +58,10 @@ SUM_BLOCK = 128
 # compiles in 8 s; over 200 examples, 18 s, and over 256, more than 10
 # minutes); past that, by bisection.
 NETWORK_BUDGET = 2257
-# A variable of at most this many coordinates is aggregated by sorting its
-# stacked values: cheaper than compiling a loop of tiles for it.
-SMALL = 4096
+# Variables of at most this many coordinates are aggregated together, their
+# stacked values side by side in rows of SMALL_COLUMNS: cheaper than compiling
+# a loop of tiles for each (a ResNet has dozens of biases and BN scales).
+SMALL, SMALL_COLUMNS = 4096, 128
 
 
 class Statistic(Protocol):
@@ -439,35 +440,37 @@ def _size(values: PerExample) -> int:
     return rows * cols
 
 
-def sorted_along_batch(x: tf.Tensor, stat: Statistic) -> tf.Tensor:
-    """The statistic of stacked values x [n, ...] by a sort along the batch."""
-    n = x.shape[0]
-    ranks = stat.ranks(n)
-    s = tf.sort(x, axis=0)
-    lo, hi = s[ranks[0]], s[ranks[1]]
-    total = tf.reduce_sum(tf.clip_by_value(x, lo, hi), 0) if stat.uses_sum else None
-    return stat.from_thresholds(total, lo, hi, ranks, n)
+def side_by_side(values: list[PerExample], replicas: int) -> Stacked:
+    """Several variables' stacked values side by side, zero-padded to rows of
+    SMALL_COLUMNS: one variable's values [n, rows, SMALL_COLUMNS], with at least
+    two rows per replica (each replica's share then makes two tiles, `_tiling`)."""
+    n = values[0].count
+    flat = tf.concat([tf.reshape(v.stacked(), [n, -1]) for v in values], 1)
+    rows = max(-(-flat.shape[1] // SMALL_COLUMNS), 2 * replicas)
+    flat = tf.pad(flat, [[0, 0], [0, rows * SMALL_COLUMNS - flat.shape[1]]])
+    return Stacked(tf.reshape(flat, [n, rows, SMALL_COLUMNS]))
 
 
 def aggregate(values: list[PerExample], stat: Statistic, variables: list,
               sync: Collectives | None = None) -> list[tf.Tensor]:
     """The statistic of each variable's per-example values (every replica's
     `values` those of the whole global batch), shaped like the variables: an
-    XLA computation by tiles per variable, each replica computing its share of
-    the rows (`robust_share`), which one cross-replica sum assembles; or (small
-    variables) a sort of the stacked values along the batch, on every
-    replica."""
-    n = values[0].count
+    XLA computation by tiles per variable, and one for all small variables
+    side by side, each replica computing its share of the rows
+    (`robust_share`), which one cross-replica sum assembles."""
     replicas = sync.replicas if sync else 1
     replica = sync.replica_id if sync else tf.constant(0)
-    tiled = [i for i, v in enumerate(values) if _size(v) > SMALL]
-    shares = [_compiled(_signature(values[i], stat), replicas)(values[i], replica)
-              for i in tiled]
-    grads = dict(zip(tiled, sync.sum(shares) if sync and shares else shares))
-    rest = [i for i in range(len(values)) if i not in grads]
-    if rest:
-        # One sort for all of them: their stacked values side by side.
-        stacked = [tf.reshape(values[i].stacked(), [n, -1]) for i in rest]
-        flat = sorted_along_batch(tf.concat(stacked, 1), stat)
-        grads.update(zip(rest, tf.split(flat, [s.shape[1] for s in stacked])))
+    small = [i for i, v in enumerate(values) if _size(v) <= SMALL]
+    large = [i for i in range(len(values)) if i not in small]
+    parts = [values[i] for i in large]
+    if small:
+        parts.append(side_by_side([values[i] for i in small], replicas))
+    shares = [_compiled(_signature(p, stat), replicas)(p, replica) for p in parts]
+    if sync:
+        shares = sync.sum(shares)
+    grads = dict(zip(large, shares))
+    if small:
+        sizes = [int(np.prod(variables[i].shape)) for i in small]
+        flat = tf.reshape(shares[-1], [-1])[:sum(sizes)]
+        grads.update(zip(small, tf.split(flat, sizes)))
     return [tf.reshape(grads[i], v.shape) for i, v in enumerate(variables)]
