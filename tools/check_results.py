@@ -2,8 +2,8 @@
 
   python -m tools.check_results [DIR ...] [--update]
 
-DIR defaults to every study under docs/results/; every README.md under a DIR
-(sub-folders too) is read. A Markdown table is marked with an HTML comment
+DIR defaults to docs/results/README.md and every study under docs/results/;
+every README.md under a DIR (sub-folders too) is read. A Markdown table is marked with an HTML comment
 right above it (blank lines between are allowed) that names its source and
 gives the template of its rows:
 
@@ -71,6 +71,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")
+INDEX = os.path.join(RESULTS, "README.md")  # the studies' tables copied, with their summaries
 IN_PROGRESS = "in_progress"
 
 
@@ -480,11 +481,12 @@ def _line_order(error: str):
 
 
 def check(dirs: list[str] | None = None, update: bool = False) -> tuple[list[str], int]:
-    """The errors of every README under `dirs` (default every study of
-    docs/results) and the number of tables checked."""
-    dirs = dirs or sorted(d for d in glob.glob(os.path.join(RESULTS, "*")) if os.path.isdir(d))
+    """The errors of every README under `dirs` (default docs/results' index
+    and every study under it) and the number of tables checked."""
+    found = readmes(dirs) if dirs else [(INDEX, True)] + readmes(
+        sorted(d for d in glob.glob(os.path.join(RESULTS, "*")) if os.path.isdir(d)))
     errors, checked = [], 0
-    for path, require_markers in readmes(dirs):
+    for path, require_markers in found:
         e, n = check_readme(path, update, require_markers)
         errors += e
         checked += n
