@@ -585,6 +585,23 @@ def test_a_datasets_bad_labels_are_refused_with_or_without_xla(jit):
     assert not all(np.array_equal(b, w.numpy()) for b, w in zip(before, net.weights))
 
 
+def test_a_step_under_a_strategy_that_always_compiles_counts_bad_labels(monkeypatch):
+    """TPUStrategy compiles every step with XLA, jit_compile or not, and XLA
+    drops the assertion (here: a step compiled as TPUStrategy would, of a model
+    compiled without jit_compile, under a strategy standing for TPUStrategy).
+    The step counts the labels outside the classes and moves no weight."""
+    from cg_tf.training import robust_model
+    net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    model = RobustModel(net, Winsorized(c=1))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False)
+    bad = (tf.constant(FEATURES[:20]), tf.constant(CLASSES[:20] + 1))
+    monkeypatch.setattr(robust_model, "ALWAYS_COMPILED", (type(tf.distribute.get_strategy()),))
+    before = [w.numpy().copy() for w in net.weights]
+    logs = tf.function(model.train_step, jit_compile=True)(bad)
+    assert logs["loss"] == robust_model.LABELS_OUTSIDE_LOSS
+    assert all(np.array_equal(b, w.numpy()) for b, w in zip(before, net.weights))
+
+
 def test_xla_reports_the_same_epoch_means():
     """The XLA step's label count adds no logs key (Keras would then report
     each epoch's last batch instead of its mean)."""

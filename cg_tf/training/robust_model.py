@@ -99,6 +99,8 @@ LABELS_OUT_OF_RANGE = "cg_tf: a label is out of range"  # the in-graph check's m
 # What an XLA-compiled step (which drops assertions) reports as its loss when a
 # label of its batch is outside the net's classes: no cross-entropy is -inf.
 LABELS_OUTSIDE_LOSS = float("-inf")
+# Strategies whose steps XLA compiles whole whatever jit_compile says.
+ALWAYS_COMPILED = (tf.distribute.TPUStrategy,)
 
 
 class LabelsOutOfRange(ValueError):
@@ -108,7 +110,8 @@ class LabelsOutOfRange(ValueError):
 def checked_labels(y: tf.Tensor, classes: int) -> tf.Tensor:
     """`y`, once every label is in [0, classes) (an InvalidArgumentError
     carrying LABELS_OUT_OF_RANGE otherwise). XLA drops the check: a step
-    compiled whole (jit_compile) counts the labels outside instead, zeroes
+    compiled whole (jit_compile, or any step under TPUStrategy) counts the
+    labels outside instead, zeroes
     that batch's gradients and reports its loss as LABELS_OUTSIDE_LOSS, which
     StopOnNonFiniteLoss refuses (no logs key of its own: Keras would then
     report the epoch's last batch instead of its mean); arrays are checked
@@ -373,7 +376,8 @@ class RobustModel(keras.Model):
         x, y = features_and_labels(data)
         outside = None
         if self.source.loss is example_losses and self.classes is not None:
-            if self.jit_compile:  # XLA drops assertions: counted here, refused after the step
+            if self.jit_compile or isinstance(tf.distribute.get_strategy(), ALWAYS_COMPILED):
+                # XLA drops assertions: counted here, refused after the step
                 outside = tf.reduce_sum(tf.cast((y < 0) | (y >= self.classes), tf.float32))
             else:
                 y = checked_labels(y, self.classes)
