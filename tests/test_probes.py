@@ -7,7 +7,7 @@ from conftest import make_aggregator
 
 from cg_tf.measure import tags
 from cg_tf.measure.probe import Probe
-from cg_tf.robust.aggregators import Mean, Median, Trimmed, Winsorized
+from cg_tf.robust.aggregators import Median, Trimmed, Winsorized
 from cg_tf.training.models import fc
 
 M, D, C = 10, 6, 4
@@ -30,10 +30,11 @@ def problem():
     return net, {"image": x, "label": y, "is_corrupt": corrupt}, grads.astype(np.float64)
 
 
-def reference(grads, corrupt, name, c, robust=None):
-    """Every probe metric from the stacked per-example gradients, in NumPy;
-    `robust` (per coordinate) marks what the aggregator's layer filter
-    aggregates robustly (the rest: the mean, nothing cut)."""
+def reference(grads, corrupt, name, ranks, robust=None):
+    """Every probe metric from the stacked per-example gradients, in NumPy, for
+    thresholds at `ranks`; `robust` (per coordinate) marks what the
+    aggregator's layer filter aggregates robustly (the rest: the mean, nothing
+    cut)."""
     robust = np.ones(grads.shape[1], bool) if robust is None else robust
     pristine = corrupt == 0
     total, part = grads.sum(0), grads[pristine].sum(0)
@@ -42,14 +43,14 @@ def reference(grads, corrupt, name, c, robust=None):
     if name == "mean":
         return out
     s = np.sort(grads, 0)
-    lo, hi = s[c], s[M - 1 - c]
+    lo, hi = s[ranks[0]], s[ranks[1]]
     beyond = ((grads < lo) | (grads > hi)) & robust
     kept = np.clip(grads, lo, hi) if name == "winsorized" else np.where(beyond, 0, grads)
     kept = np.where(robust, kept, grads)
-    n = np.where(robust, M if name == "winsorized" else M - 2 * c, M)
+    n = np.where(robust, M if name == "winsorized" else ranks[1] - ranks[0] + 1, M)
     update = kept.sum(0) / n
     expected_update = np.where(robust, np.clip(grads, lo, hi).mean(0) if name == "winsorized"
-                               else s[c:M - c].mean(0), grads.mean(0))
+                               else s[ranks[0]:ranks[1] + 1].mean(0), grads.mean(0))
     np.testing.assert_allclose(update, expected_update, atol=1e-12)  # the decomposition
     u_p = kept[pristine].sum(0) / n
     out[tags.update_share_tag("aggregate", "pristine")] = update @ u_p / (update @ update)
@@ -67,8 +68,8 @@ def test_probe_matches_closed_form(problem, name, c, chunk):
     net, sample, grads = problem
     aggregator = make_aggregator(name, c=c)
     got = Probe(net, aggregator, sample, batch_size=M, chunk=chunk).measure()
-    cut = aggregator.probe_cut(M, M)
-    want = reference(grads, sample["is_corrupt"], "mean" if name == "rm3" else name, cut)
+    ranks = aggregator.probe_ranks(M, M) if name not in ("mean", "rm3") else None
+    want = reference(grads, sample["is_corrupt"], "mean" if name == "rm3" else name, ranks)
     for tag, value in want.items():
         assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
     # The one layer's coherence is the model's; shares add up to one.
@@ -103,7 +104,7 @@ def test_probe_follows_the_layer_filter(problem, name):
     aggregator = make_aggregator(name, c=2, layers="hidden")
     got = Probe(net, aggregator, sample, batch_size=M).measure()
     want = reference(np.array(grads, np.float64), sample["is_corrupt"], name,
-                     aggregator.probe_cut(M, M), robust)
+                     aggregator.probe_ranks(M, M), robust)
     for tag, value in want.items():
         assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
     # Against the unfiltered aggregator, the filter changes the aggregate's share.
@@ -112,13 +113,38 @@ def test_probe_follows_the_layer_filter(problem, name):
     assert whole[tag] != pytest.approx(got[tag], rel=1e-3)
 
 
-def test_probe_cut_scales_c_to_the_probe():
-    assert Winsorized(c=4).probe_cut(100, 100) == 4
-    assert Winsorized(c=4).probe_cut(50, 100) == 2
-    assert Trimmed(c=1).probe_cut(10, 100) == 1
-    assert Median().probe_cut(10, 100) == 4
-    assert Median().probe_cut(9, 100) == 4
-    assert Mean().probe_cut(9, 100) is None
+def test_probe_ranks_scale_the_steps_cut_to_the_probe():
+    assert Winsorized(c=4).probe_ranks(100, 100) == (4, 95)
+    assert Winsorized(c=4).probe_ranks(50, 100) == (2, 47)
+    assert Trimmed(c=1).probe_ranks(10, 100) == (1, 8)  # at least one if it cuts any
+    assert Winsorized(c=0).probe_ranks(10, 100) == (0, 9)
+    assert Trimmed(c=40).probe_ranks(10, 100) == (4, 5)  # at most up to the middle
+    assert Median().probe_ranks(10, 100) == (4, 5)
+    assert Median().probe_ranks(9, 100) == (4, 4)
+    assert Median().probe_ranks(300, 100) == (149, 150)  # the probe's own middle
+
+
+def test_a_registered_statistic_with_its_own_ranks_gets_a_probe(problem):
+    """Any OrderStatistic: one that cuts the low end only is measured at its
+    own ranks by the step's tiles, against the NumPy reference."""
+    import dataclasses
+    from typing import ClassVar
+
+    from cg_tf.robust.aggregators import CutAtC
+
+    @dataclasses.dataclass(frozen=True)
+    class LowTrimmed(CutAtC):
+        name: ClassVar[str] = "low_trimmed"
+
+        def ranks(self, n):
+            return self.c, n - 1
+
+    net, sample, grads = problem
+    aggregator = LowTrimmed(2)
+    assert aggregator.probe_ranks(M, 2 * M) == (1, M - 1)
+    got = Probe(net, aggregator, sample, batch_size=M).measure()
+    for tag, value in reference(grads, sample["is_corrupt"], "trimmed", (2, M - 1)).items():
+        assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
 
 
 def test_probe_changes_no_state():

@@ -768,15 +768,12 @@ def test_a_run_killed_after_its_last_checkpoint_reports_its_loss_and_time(digits
 @dataclasses.dataclass(frozen=True)
 class LowTrimmed(CutAtC):
     """A toy order statistic registered by a user: the mean without the c
-    smallest values (thresholds at uneven ranks; the probe measures no cut)."""
+    smallest values (thresholds at uneven ranks)."""
 
     name: ClassVar[str] = "low_trimmed"
 
     def ranks(self, n):
         return self.c, n - 1
-
-    def probe_cut(self, probe_size, batch_size):
-        return None
 
 
 def test_a_registered_order_statistic_trains_by_its_name(digits_dir, tmp_path, monkeypatch):

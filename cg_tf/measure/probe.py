@@ -14,20 +14,22 @@ to its moving statistics, so measuring changes nothing):
   enter the robust update with their mean and all their values kept, and
   count in neither the clipped coordinates nor the removed mass.
 
-The thresholds are the exact per-coordinate order statistics of the probe
-(order_stats.OrderStats); the per-example contributions need them, so the
-aggregators with thresholds take a second pass over the probe. Ties at a
-nonzero threshold count as kept (for trimmed means and the median a tied value
-that the aggregator drops is attributed to no example). M3, RM3 and RA3 have
-no per-example decomposition: their runs get coherence and the mean's f_p.
+The thresholds are the exact per-coordinate order statistics of the probe at
+the aggregator's ranks scaled to the probe (`probe_ranks`), found by the
+step's own tiles from the per-example values of the step's own layer rules;
+the same computation (`tiled.probe`) then sums, from the same values, what
+each example keeps and what the cut removed. Ties at a nonzero
+threshold count as kept (for trimmed means and the median a tied value that
+the aggregator drops is attributed to no example). M3, RM3 and RA3 have no
+per-example decomposition: their runs get coherence and the mean's f_p.
 """
 
 import numpy as np
 import tensorflow as tf
 
 from cg_tf.measure import metrics, tags
-from cg_tf.robust import order_stats
-from cg_tf.robust.aggregators import Aggregator
+from cg_tf.robust import tiled
+from cg_tf.robust.aggregators import Aggregator, OrderStatistic
 from cg_tf.robust.gradients import DEFAULT_BN_MODE, GradientSource, chunk_size, example_losses
 
 
@@ -55,8 +57,9 @@ class Probe:
         self.layers = sorted({layer_of(v, net.name) for v in self.source.variables})
         self._layer_index = [self.layers.index(layer_of(v, net.name))
                              for v in self.source.variables]
-        # Values cut per side per coordinate on the probe, or None (no thresholds).
-        self.cut = aggregator.probe_cut(self.size, batch_size)
+        # The ranks of the thresholds on the probe, or None (no thresholds).
+        self.ranks = (aggregator.probe_ranks(self.size, batch_size)
+                      if isinstance(aggregator, OrderStatistic) else None)
         # The variables the aggregator's layer filter aggregates robustly; the
         # others' update is the mean, their values all kept.
         self.robust = aggregator.layers.robust(self.source.model)
@@ -74,70 +77,54 @@ class Probe:
             frozen_bn=True)
 
     def _first_pass(self):
-        """Sums of all and of the pristine gradients, per-layer sums of squared
-        per-example norms, and the order statistics for the thresholds."""
-        variables = self.source.variables
-        k = None if self.cut is None else self.cut + 1
-
+        """Sums of all and of the pristine gradients, and per-layer sums of
+        squared per-example norms."""
         def step(state, p, grads):
-            total, pristine, norms, stats = state
+            total, pristine, norms = state
             sq = [tf.reduce_sum(tf.square(g)) for g in grads]
             norms = norms + tf.math.unsorted_segment_sum(tf.stack(sq), self._layer_index,
                                                          len(self.layers))
             return ([t + tf.reduce_sum(g, 0) for t, g in zip(total, grads)],
                     [s + tf.tensordot(p, g, 1) for s, g in zip(pristine, grads)],
-                    norms,
-                    [order_stats.add(s, g) for s, g in zip(stats, grads)] if k else stats)
+                    norms)
 
-        zeros = [tf.zeros(v.shape) for v in variables]
-        stats = [order_stats.empty_stats(v.shape, k) for v in variables] if k else []
-        return self._fold((zeros, zeros, tf.zeros([len(self.layers)]), stats), step)
+        zeros = [tf.zeros(v.shape) for v in self.source.variables]
+        return self._fold((zeros, zeros, tf.zeros([len(self.layers)])), step)
 
-    def _second_pass(self, stats):
-        """The pristine examples' contributions to the robust update, and per
-        group (pristine, corrupt) the coordinates cut, the L1 mass removed and
-        the L1 mass in all."""
-        bounds = [order_stats.thresholds(s, self.cut) for s in stats]
-
-        def step(state, p, grads):
-            contrib_p, cut, removed, mass = state
-            groups = tf.stack([p, 1.0 - p])  # [2, m]
-            new_contrib = []
-            for c_p, g, (lo, hi), robust in zip(contrib_p, grads, bounds, self.robust):
-                if not robust:
-                    new_contrib.append(c_p)
-                    continue
-                beyond = (g < lo) | (g > hi)
-                kept = self.aggregator.kept(g, lo, hi)
-                axes = list(range(1, g.shape.rank))
-                per_example = tf.stack([tf.reduce_sum(tf.cast(beyond, tf.float32), axes),
-                                        tf.reduce_sum(tf.abs(g - kept), axes),
-                                        tf.reduce_sum(tf.abs(g), axes)])  # [3, m]
-                sums = tf.linalg.matmul(per_example, groups, transpose_b=True)  # [3, 2]
-                cut, removed, mass = cut + sums[0], removed + sums[1], mass + sums[2]
-                new_contrib.append(c_p + tf.tensordot(p, kept, 1))
-            return new_contrib, cut, removed, mass
-
-        zeros2 = tf.zeros([2])
-        init = ([tf.zeros(v.shape) for v in self.source.variables], zeros2, zeros2, zeros2)
-        return self._fold(init, step)
+    def _robust_part(self):
+        """Per variable the aggregator cuts, [lo, hi, clipped sum, pristine kept
+        sum]; and per group (pristine, corrupt) the values cut, the L1 mass
+        removed and the L1 mass in all: by the step's own tiles, from the values
+        of the step's own layer rules."""
+        values, _, _ = self.source.per_example(self.x, self.y, self.chunk, None, frozen_bn=True)
+        variables = self.source.variables
+        robust = [i for i, r in enumerate(self.robust) if r]
+        per_variable, groups = tiled.probe([values[i] for i in robust], self.aggregator,
+                                           self.ranks, self.pristine, [variables[i] for i in robust])
+        return dict(zip(robust, per_variable)), tf.cast(groups, tf.float32)
 
     def _graph(self):
-        total, pristine, norms, stats = self._first_pass()
+        total, pristine, norms = self._first_pass()
         out = {"total": total, "pristine": pristine, "norms": norms,
                "layer_sum_sq": tf.math.unsorted_segment_sum(
                    tf.stack([tf.reduce_sum(tf.square(t)) for t in total]),
                    self._layer_index, len(self.layers))}
-        if self.cut is not None:
-            contrib_p, cut, removed, mass = self._second_pass(stats)
-            kept = self.aggregator.kept_count(self.size, self.cut)
+        if self.ranks is not None:
+            robust, groups = self._robust_part()
+            kept = self.aggregator.kept_count(self.ranks, self.size)
             # Per variable, the update and the pristine examples' part of it.
             update, share_p = [], []
-            for s, t, p, c_p, robust in zip(stats, total, pristine, contrib_p, self.robust):
-                update.append(self.aggregator.from_stats(s, self.cut, self.size) if robust
-                              else t / self.size)
-                share_p.append(c_p / kept if robust else p / self.size)
-            out.update(update=update, share_p=share_p, cut=cut, removed=removed, mass=mass)
+            for i, (t, p) in enumerate(zip(total, pristine)):
+                if i in robust:
+                    lo, hi, clipped, kept_p = robust[i]
+                    update.append(self.aggregator.from_thresholds(clipped, lo, hi, self.ranks,
+                                                                  self.size))
+                    share_p.append(kept_p / kept)
+                else:
+                    update.append(t / self.size)
+                    share_p.append(p / self.size)
+            out.update(update=update, share_p=share_p, cut=groups[0], removed=groups[1],
+                       mass=groups[2])
         return out
 
     def measure(self) -> dict[str, float]:

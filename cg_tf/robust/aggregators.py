@@ -18,8 +18,8 @@ The per-example aggregators get their values from the layer rules, gathered
 from all replicas as factors, and reduce them tile by tile (`tiled`);
 Winsorized, Trimmed and Median are order statistics (`OrderStatistic`): they say
 which ranks they threshold at and what they make of the thresholds, which is
-all the tiles need, and tell the gradient probe what they cut (`probe_cut`,
-`from_stats`, `kept`).
+all the tiles need; the gradient probe measures them with the same tiles
+(`probe_ranks`, `kept`).
 """
 
 import dataclasses
@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import tensorflow as tf
 
-from cg_tf.robust import layer_filter, names, order_stats, tiled
+from cg_tf.robust import layer_filter, names, tiled
 from cg_tf.robust.collectives import Collectives, tally
 from cg_tf.robust.gradients import GradientSource
 from cg_tf.robust.layer_rules import PerExample, Stacked
@@ -183,13 +183,6 @@ class Aggregator:
         """The update direction from this step's gradient (weight decay added)."""
         return grads
 
-    # -- the gradient probe --------------------------------------------------------
-
-    def probe_cut(self, probe_size: int, batch_size: int) -> int | None:
-        """Values cut per side per coordinate on a probe of `probe_size` examples,
-        or None if this aggregator has no thresholds."""
-        return None
-
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +198,8 @@ class OrderStatistic(Aggregator):
     aggregate made of them (`tiled.Statistic`, computed tile by tile); here the
     ranks cut `cut_at(n)` values per side and the aggregate is the trimmed mean.
     A subclass with other ranks or another aggregate overrides `ranks` or
-    `from_thresholds` (and `probe_cut`, which measures symmetric cuts)."""
+    `from_thresholds`, and then `kept` and `kept_count` (the gradient probe's
+    decomposition of the aggregate into the examples' parts) to match."""
 
     per_example: ClassVar[bool] = True
     uses_sum: ClassVar[bool] = True
@@ -230,24 +224,28 @@ class OrderStatistic(Aggregator):
         return self.by_layer(values, source.model,
                              lambda v, w: tiled.aggregate(v, self, w, sync)), counts
 
-    def probe_cut(self, probe_size: int, batch_size: int) -> int:
-        """The run's cut scaled to the probe size (at least 1 if it cuts any)."""
-        cut = self.cut_at(batch_size)
-        c = round(cut * probe_size / batch_size)
-        return min(max(c, 1 if cut else 0), (probe_size - 1) // 2)
+    # -- the gradient probe --------------------------------------------------------
 
-    def from_stats(self, stats: order_stats.OrderStats, cut: int, count: int) -> tf.Tensor:
-        """The aggregate of the `count` values that `stats` summarizes, `cut` per side."""
-        total, lo, hi = order_stats.clipped_sum(stats, cut)
-        return self.from_thresholds(total, lo, hi, (cut, count - 1 - cut), count)
+    def probe_ranks(self, probe_size: int, batch_size: int) -> tuple[int, int]:
+        """The ranks measured on a probe of `probe_size` examples: the values the
+        step cuts below and above at the batch, each scaled to the probe (at
+        least 1 if it cuts any, at most up to the middle)."""
+        lo, hi = self.ranks(batch_size)
+
+        def scaled(cut: int) -> int:
+            return min(max(round(cut * probe_size / batch_size), 1 if cut else 0),
+                       (probe_size - 1) // 2)
+
+        return scaled(lo), probe_size - 1 - scaled(batch_size - 1 - hi)
 
     def kept(self, g: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor) -> tf.Tensor:
-        """What remains of per-example values g between the thresholds."""
+        """What remains of per-example values g given the thresholds: here the
+        values between them (a value at a threshold counts as kept)."""
         return tf.where((g < lo) | (g > hi), tf.zeros_like(g), g)
 
-    def kept_count(self, count: int, cut: int) -> int:
-        """The divisor of the kept values' sum."""
-        return count - 2 * cut
+    def kept_count(self, ranks: tuple[int, int], n: int) -> int:
+        """The divisor that makes the kept values' sum the aggregate of n values."""
+        return ranks[1] - ranks[0] + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,8 +278,8 @@ class Winsorized(CutAtC):
     def kept(self, g, lo, hi):
         return tf.clip_by_value(g, lo, hi)
 
-    def kept_count(self, count, cut):
-        return count
+    def kept_count(self, ranks, n):
+        return n
 
 
 @register
@@ -306,8 +304,8 @@ class Median(OrderStatistic):
     def from_thresholds(self, total, lo, hi, ranks, n):
         return (lo + hi) / 2
 
-    def probe_cut(self, probe_size, batch_size):
-        return self.cut_at(probe_size)
+    def probe_ranks(self, probe_size, batch_size):
+        return self.ranks(probe_size)  # the probe's own middle
 
 
 @register
@@ -423,9 +421,14 @@ class Temporal(Aggregator):
 # the 784-2048-10 net).
 
 @tf.function(jit_compile=True)
+def median3(a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
+    """Elementwise median of three tensors."""
+    return tf.maximum(tf.minimum(a, b), tf.minimum(tf.maximum(a, b), c))
+
+
 def median3_after_two(gs: list, older: list, oldest: list, ready: tf.Tensor) -> list:
     """median3 of each (g, older, oldest) once `ready` (two stored steps), else zeros."""
-    return [tf.where(ready, order_stats.median3(g, a, b), tf.zeros_like(g))
+    return [tf.where(ready, median3(g, a, b), tf.zeros_like(g))
             for g, a, b in zip(gs, older, oldest)]
 
 

@@ -251,14 +251,17 @@ class GradientSource:
 
         return tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), init))[1]
 
-    def per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync
-                    ) -> tuple[list[PerExample], tf.Tensor, tf.Tensor]:
+    def per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync,
+                    frozen_bn: bool = False) -> tuple[list[PerExample], tf.Tensor, tf.Tensor]:
         """Per-example values of every variable for the replica's batch, the
         per-example losses and the logits. Factored by layer where the model
-        allows; otherwise per-example gradients in chunks of `chunk` examples."""
-        if self.factored:
+        allows; otherwise per-example gradients in chunks of `chunk` examples.
+        With `frozen_bn`, BatchNorm uses its moving averages and no state
+        changes (for measurements)."""
+        if self.ruled if frozen_bn else self.factored:
             with tf.GradientTape() as tape:
-                logits, recordings = layer_rules.record_forward(self.model, x, sync)
+                logits, recordings = layer_rules.record_forward(
+                    self.model, x, None if frozen_bn else sync, frozen=frozen_bn)
                 losses = self.loss(y, logits)
                 total = tf.reduce_sum(losses)
             grads = tape.gradient(total, [r.watched for r in recordings])
@@ -274,7 +277,7 @@ class GradientSource:
 
         init = ([tf.TensorArray(v.dtype, size=n) for v in self.variables],
                 tf.TensorArray(tf.float32, size=n), tf.TensorArray(tf.float32, size=n))
-        arrays, losses, logits = self.fold_per_example(x, y, chunk, sync, init, step)
+        arrays, losses, logits = self.fold_per_example(x, y, chunk, sync, init, step, frozen_bn)
         logits = logits.concat()
         self._record(y, logits)
         return ([Stacked(tf.reshape(a.concat(), [x.shape[0], *v.shape]))

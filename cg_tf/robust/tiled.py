@@ -78,6 +78,9 @@ class Statistic(Protocol):
         """The aggregate of n values given the thresholds at `ranks` and the sum
         of the values clipped to them (None unless `uses_sum`)."""
 
+    def kept(self, g: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor) -> tf.Tensor:
+        """What remains of values g given the thresholds (for the gradient probe)."""
+
 
 # -- tiles ------------------------------------------------------------------------
 
@@ -132,19 +135,23 @@ class Examples:
         g = tf.reshape(v.g, [self.count, -1, self.columns])
         return tf.unstack(tf.slice(g, [first, start, 0], [count, size, self.columns]))
 
-    def fold(self, step, state: list[tf.Tensor], block: int) -> list[tf.Tensor]:
+    def fold(self, step, state: list[tf.Tensor], block: int, first: bool = False
+             ) -> list[tf.Tensor]:
         """`state` after `step(state, rows)` over the examples in order, `block`
         rows at a time: a loop over the whole blocks (so what XLA unrolls, and
-        its compile time, does not grow with the batch), the rest after it."""
+        its compile time, does not grow with the batch), the rest after it.
+        With `first`, `step(state, rows, index of the first row)`."""
         whole, rest = divmod(self.count, block)
+        at = (lambda s, start, count: step(s, self.block(start, count), start)) if first else (
+            lambda s, start, count: step(s, self.block(start, count)))
         if whole > 1:
             def body(k, *state):
-                return (k + 1, *together(step(list(state), self.block(k * block, block))))
+                return (k + 1, *together(at(list(state), k * block, block)))
             state = list(tf.while_loop(lambda k, *_: k < whole, body,
                                        (tf.constant(0), *state))[1:])
         elif whole == 1:
-            state = step(state, self.block(0, block))
-        return step(state, self.block(whole * block, rest)) if rest else state
+            state = at(state, 0, block)
+        return at(state, whole * block, rest) if rest else state
 
 
 def together(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
@@ -364,6 +371,12 @@ def _tiling(rows: int, cols: int) -> tuple[int, int]:
     return tiles, -(-rows // tiles)
 
 
+def _tiled_thresholds(values: PerExample, tiles: int, size: int, ranks: tuple[int, int]
+                      ) -> list[tf.Tensor]:
+    """[lo, hi] of values padded to tiles x size rows, by tiles."""
+    return _over_tiles(tiles, lambda i: thresholds(Examples(values, i * size, size), ranks), 2)
+
+
 def robust_variable(values: PerExample, stat: Statistic) -> tf.Tensor:
     """The statistic of one variable's per-example values, [rows, columns]: in one
     pass over tiles when it needs no clipped sum, or when forming a tile's
@@ -384,11 +397,50 @@ def robust_variable(values: PerExample, stat: Statistic) -> tf.Tensor:
         return _over_tiles(tiles, one_pass, 1)[0][:rows]
     # The barrier keeps XLA from fusing the thresholds into the clipped sums (which
     # would recompute them for every example) when a one-tile loop is unrolled.
-    lo, hi = xla.optimization_barrier(*_over_tiles(tiles, lambda i: thresholds(tile(i), ranks), 2))
+    lo, hi = xla.optimization_barrier(*_tiled_thresholds(values, tiles, size, ranks))
     cut_lo = lambda i: tf.slice(lo, [i * size, 0], [size, cols])  # noqa: E731
     cut_hi = lambda i: tf.slice(hi, [i * size, 0], [size, cols])  # noqa: E731
     out, = _over_tiles(tiles, lambda i: [reduced(tile(i), cut_lo(i), cut_hi(i), stat)], 1)
     return out[:rows]
+
+
+def probe_variable(values: PerExample, stat: Statistic, ranks: tuple[int, int],
+                   pristine: tf.Tensor) -> list[tf.Tensor]:
+    """What the gradient probe measures of one variable's n per-example values,
+    with the thresholds at `ranks` found as the step finds them, and from the
+    same values (so a value at a threshold is one): lo, hi, the sum of the
+    values clipped to them, and the sum of the pristine examples' kept parts
+    (`stat.kept`), each [rows, columns]; and [3, 2]: the values beyond the
+    thresholds, the L1 mass the cut removed and the L1 mass in all, of the
+    pristine (`pristine`, [n], 1 or 0 per example) and of the other examples."""
+    rows, cols = _layout(values)
+    tiles, size = _tiling(rows, cols)
+    values = _padded(values, tiles * size)
+    lo, hi = xla.optimization_barrier(*_tiled_thresholds(values, tiles, size, ranks))
+
+    def sums(i):
+        lo_t, hi_t = (tf.slice(t, [i * size, 0], [size, cols]) for t in (lo, hi))
+
+        def step(state, rows, first):
+            clipped, kept_p, *groups = state
+            for j, g in enumerate(rows):
+                p = pristine[first + j]
+                kept = stat.kept(g, lo_t, hi_t)
+                clipped = clipped + tf.clip_by_value(g, lo_t, hi_t)
+                kept_p = kept_p + p * kept
+                measures = [tf.cast((g < lo_t) | (g > hi_t), tf.float32), tf.abs(g - kept),
+                            tf.abs(g)]
+                groups = [a + w * m for a, (w, m) in zip(
+                    groups, [(w, m) for m in measures for w in (p, 1 - p)])]
+            return [clipped, kept_p, *groups]
+
+        zeros = tf.zeros([size, cols])
+        return Examples(values, i * size, size).fold(
+            step, [zeros] * 8, balanced_block(values.count, SUM_BLOCK), first=True)
+
+    clipped, kept_p, *groups = _over_tiles(tiles, sums, 8)
+    totals = tf.reshape(tf.stack([tf.reduce_sum(tf.cast(g, tf.float64)) for g in groups]), [3, 2])
+    return [lo[:rows], hi[:rows], clipped[:rows], kept_p[:rows], totals]
 
 
 def _rows(values: PerExample, start, count: int) -> PerExample:
@@ -431,8 +483,18 @@ def _compiled(signature, replicas: int) -> tf.types.experimental.PolymorphicFunc
                        jit_compile=True)
 
 
-def _signature(values: PerExample, stat: Statistic) -> tuple:
-    return type(values).__name__, tuple(tuple(t.shape) for t in values), stat
+@functools.lru_cache(maxsize=None)
+def _compiled_probe(signature) -> tf.types.experimental.PolymorphicFunction:
+    """The XLA-compiled `probe_variable` for one signature ((statistic, ranks) last)."""
+    stat, ranks = signature[-1]
+    return tf.function(lambda values, pristine: probe_variable(values, stat, ranks, pristine),
+                       jit_compile=True)
+
+
+def _signature(values: PerExample, what) -> tuple:
+    """What a compiled computation is made for: the values' type and shapes, and
+    `what` it computes (a statistic, or ranks)."""
+    return type(values).__name__, tuple(tuple(t.shape) for t in values), what
 
 
 def _size(values: PerExample) -> int:
@@ -451,6 +513,26 @@ def side_by_side(values: list[PerExample], replicas: int) -> Stacked:
     return Stacked(tf.reshape(flat, [n, rows, SMALL_COLUMNS]))
 
 
+def _grouped(values: list[PerExample], replicas: int) -> tuple[list[PerExample], list[int]]:
+    """The values as computations go: each large variable's alone, then (if
+    any) the small ones side by side; and the indices of the small ones."""
+    small = [i for i, v in enumerate(values) if _size(v) <= SMALL]
+    parts = [v for i, v in enumerate(values) if i not in small]
+    if small:
+        parts.append(side_by_side([values[i] for i in small], replicas))
+    return parts, small
+
+
+def _ungrouped(results: list[tf.Tensor], small: list[int], variables: list) -> list[tf.Tensor]:
+    """Per variable, shaped like it, from one result per computation of `_grouped`."""
+    large = [i for i in range(len(variables)) if i not in small]
+    out = dict(zip(large, results))
+    if small:
+        sizes = [int(np.prod(variables[i].shape)) for i in small]
+        out.update(zip(small, tf.split(tf.reshape(results[-1], [-1])[:sum(sizes)], sizes)))
+    return [tf.reshape(out[i], v.shape) for i, v in enumerate(variables)]
+
+
 def aggregate(values: list[PerExample], stat: Statistic, variables: list,
               sync: Collectives | None = None) -> list[tf.Tensor]:
     """The statistic of each variable's per-example values (every replica's
@@ -460,17 +542,17 @@ def aggregate(values: list[PerExample], stat: Statistic, variables: list,
     (`robust_share`), which one cross-replica sum assembles."""
     replicas = sync.replicas if sync else 1
     replica = sync.replica_id if sync else tf.constant(0)
-    small = [i for i, v in enumerate(values) if _size(v) <= SMALL]
-    large = [i for i in range(len(values)) if i not in small]
-    parts = [values[i] for i in large]
-    if small:
-        parts.append(side_by_side([values[i] for i in small], replicas))
+    parts, small = _grouped(values, replicas)
     shares = [_compiled(_signature(p, stat), replicas)(p, replica) for p in parts]
-    if sync:
-        shares = sync.sum(shares)
-    grads = dict(zip(large, shares))
-    if small:
-        sizes = [int(np.prod(variables[i].shape)) for i in small]
-        flat = tf.reshape(shares[-1], [-1])[:sum(sizes)]
-        grads.update(zip(small, tf.split(flat, sizes)))
-    return [tf.reshape(grads[i], v.shape) for i, v in enumerate(variables)]
+    return _ungrouped(sync.sum(shares) if sync else shares, small, variables)
+
+
+def probe(values: list[PerExample], stat: Statistic, ranks: tuple[int, int],
+          pristine: tf.Tensor, variables: list) -> tuple[list[list[tf.Tensor]], tf.Tensor]:
+    """`probe_variable` of every variable, in the computations the step makes
+    (small variables side by side): per variable [lo, hi, clipped sum, pristine
+    kept sum] shaped like it, and the [3, 2] counts and masses of all."""
+    parts, small = _grouped(values, 1)
+    found = [_compiled_probe(_signature(p, (stat, ranks)))(p, pristine) for p in parts]
+    per_variable = [_ungrouped([f[k] for f in found], small, variables) for k in range(4)]
+    return [list(v) for v in zip(*per_variable)], tf.add_n([f[4] for f in found])
