@@ -416,16 +416,16 @@ class Temporal(Aggregator):
         return out
 
 
-# RM3 / RA3 run beside an ordinary step: one fused XLA computation for all
-# variables (five separate kernels per variable cost 1.5x a plain SGD step on
-# the 784-2048-10 net).
-
-@tf.function(jit_compile=True)
 def median3(a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
     """Elementwise median of three tensors."""
     return tf.maximum(tf.minimum(a, b), tf.minimum(tf.maximum(a, b), c))
 
 
+# RM3 / RA3 run beside an ordinary step: one fused XLA computation for all
+# variables (five separate kernels per variable cost 1.5x a plain SGD step on
+# the 784-2048-10 net).
+
+@tf.function(jit_compile=True)
 def median3_after_two(gs: list, older: list, oldest: list, ready: tf.Tensor) -> list:
     """median3 of each (g, older, oldest) once `ready` (two stored steps), else zeros."""
     return [tf.where(ready, median3(g, a, b), tf.zeros_like(g))

@@ -111,11 +111,10 @@ def checked_labels(y: tf.Tensor, classes: int) -> tf.Tensor:
     """`y`, once every label is in [0, classes) (an InvalidArgumentError
     carrying LABELS_OUT_OF_RANGE otherwise). XLA drops the check: a step
     compiled whole (jit_compile, or any step under TPUStrategy) counts the
-    labels outside instead, zeroes
-    that batch's gradients and reports its loss as LABELS_OUTSIDE_LOSS, which
-    StopOnNonFiniteLoss refuses (no logs key of its own: Keras would then
-    report the epoch's last batch instead of its mean); arrays are checked
-    before fit starts in any case."""
+    labels outside instead, zeroes that batch's gradients and reports its loss
+    as LABELS_OUTSIDE_LOSS, which StopOnNonFiniteLoss refuses (no logs key of
+    its own: Keras would then report the epoch's last batch instead of its
+    mean); arrays are checked before fit starts in any case."""
     checks = [tf.debugging.assert_non_negative(y, message=LABELS_OUT_OF_RANGE),
               tf.debugging.assert_less(y, tf.cast(classes, y.dtype), message=LABELS_OUT_OF_RANGE)]
     with tf.control_dependencies(checks):
