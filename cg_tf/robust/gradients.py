@@ -207,12 +207,7 @@ class GradientSource:
     def _factored_frozen(self, x: tf.Tensor, y: tf.Tensor):
         """Per-example gradients [m, *shape] per variable, losses and logits of a
         chunk by the layer rules, with BatchNorm frozen (the inference forward)."""
-        with tf.GradientTape() as tape:
-            logits, recordings = layer_rules.record_forward(self.model, x, None, frozen=True)
-            losses = self.loss(y, logits)
-            total = tf.reduce_sum(losses)
-        grads = tape.gradient(total, [r.watched for r in recordings])
-        values = layer_rules.per_example_values(self.variables, recordings, grads)
+        values, losses, logits = self.per_example(x, y, None, None, frozen_bn=True)
         return ([tf.reshape(p.stacked(), [x.shape[0], *v.shape])
                  for p, v in zip(values, self.variables)], losses, tf.cast(logits, tf.float32))
 
