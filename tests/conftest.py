@@ -22,6 +22,8 @@ tf.config.set_logical_device_configuration(
 from cg_tf.data import build  # noqa: E402
 from cg_tf.data.noise import NoiseSpec  # noqa: E402
 from cg_tf.data.sources import make_source  # noqa: E402
+from cg_tf.robust.reference import trimmed as np_trimmed  # noqa: E402, F401
+from cg_tf.robust.reference import winsorized as np_winsorized  # noqa: E402, F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -143,17 +145,6 @@ def make_aggregator(name: str, c: int = 2, k: int = 3, layers: str = "all"):
     cls = aggregators.REGISTRY[name]
     return cls(**({cls.parameter: {"c": c, "k": k}[cls.parameter]} if cls.parameter else {}),
                **({"layers": layers} if layers != "all" else {}))
-
-
-def np_winsorized(x, c):
-    """NumPy reference: per coordinate, the mean with c values per side clipped."""
-    s = np.sort(x, axis=0)
-    return np.clip(x, s[c], s[len(x) - 1 - c]).mean(axis=0)
-
-
-def np_trimmed(x, c):
-    """NumPy reference: per coordinate, the mean of the B - 2c middle values."""
-    return np.sort(x, axis=0)[c:len(x) - c].mean(axis=0)
 
 
 def noise_matrix(pairs: Iterable[tuple[int, int]], num_classes: int) -> np.ndarray:

@@ -5,9 +5,9 @@ import pytest
 import tensorflow as tf
 from conftest import np_trimmed, np_winsorized
 
-from cg_tf.robust import tiled
-from cg_tf.robust.layer_rules import Stacked
+from cg_tf.robust import reference, tiled
 from cg_tf.robust.aggregators import Median, MedianOfMeans, Trimmed, Winsorized, median3
+from cg_tf.robust.layer_rules import Stacked
 
 
 def random_gradients(kind, b, rng, shape=(7, 3)):
@@ -46,14 +46,14 @@ def test_small_variables_side_by_side(b, c):
             close(got, ref(x))
 
 
-def test_winsorized_c0_is_mean_and_outliers_do_not_cost_precision():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(20, 50)).astype(np.float32) * 1e-3
-    variable = [tf.zeros([50])]
-    close(tiled.aggregate([Stacked(tf.constant(x))], Winsorized(0), variable)[0], x.mean(axis=0))
-    x[3] = 1e9  # One example with an enormous gradient: clipped before any sum.
-    got = tiled.aggregate([Stacked(tf.constant(x))], Winsorized(1), variable)[0].numpy()
-    np.testing.assert_allclose(got, np_winsorized(x.astype(np.float64), 1), rtol=1e-5, atol=1e-9)
+def test_the_references_parts_sum_to_their_aggregate():
+    """Without ties, each example's parts of the winsorized and trimmed means
+    (what the probe splits the update into) sum to the aggregate."""
+    g = np.random.default_rng(2).standard_t(2, size=(50, 7))
+    ranks = reference.symmetric(50, 3)
+    np.testing.assert_allclose(reference.winsorized_parts(g, ranks).sum(0),
+                               np.mean(np.clip(g, *np.sort(g, 0)[[3, 46]]), 0))
+    np.testing.assert_allclose(reference.trimmed_parts(g, ranks).sum(0), np_trimmed(g, 3))
 
 
 def test_median3():

@@ -7,6 +7,7 @@ from conftest import make_aggregator
 
 from cg_tf.measure import tags
 from cg_tf.measure.probe import Probe
+from cg_tf.robust import reference
 from cg_tf.robust.aggregators import Median, Trimmed, Winsorized
 from cg_tf.training.models import fc
 
@@ -30,7 +31,7 @@ def problem():
     return net, {"image": x, "label": y, "is_corrupt": corrupt}, grads.astype(np.float64)
 
 
-def reference(grads, corrupt, name, ranks, robust=None):
+def expected_metrics(grads, corrupt, name, ranks, robust=None):
     """Every probe metric from the stacked per-example gradients, in NumPy, for
     thresholds at `ranks`; `robust` (per coordinate) marks what the
     aggregator's layer filter aggregates robustly (the rest: the mean, nothing
@@ -42,17 +43,19 @@ def reference(grads, corrupt, name, ranks, robust=None):
            tags.update_share_tag("mean", "pristine"): total @ part / (total @ total)}
     if name == "mean":
         return out
-    s = np.sort(grads, 0)
-    lo, hi = s[ranks[0]], s[ranks[1]]
+    lo, hi = reference.thresholds(grads, ranks)
     beyond = ((grads < lo) | (grads > hi)) & robust
-    kept = np.clip(grads, lo, hi) if name == "winsorized" else np.where(beyond, 0, grads)
-    kept = np.where(robust, kept, grads)
-    n = np.where(robust, M if name == "winsorized" else ranks[1] - ranks[0] + 1, M)
-    update = kept.sum(0) / n
+    parts = (reference.winsorized_parts if name == "winsorized"
+             else reference.trimmed_parts)(grads, ranks)
+    parts = np.where(robust, parts, grads / M)
+    update = parts.sum(0)
     expected_update = np.where(robust, np.clip(grads, lo, hi).mean(0) if name == "winsorized"
-                               else s[ranks[0]:ranks[1] + 1].mean(0), grads.mean(0))
+                               else np.sort(grads, 0)[ranks[0]:ranks[1] + 1].mean(0),
+                               grads.mean(0))
     np.testing.assert_allclose(update, expected_update, atol=1e-12)  # the decomposition
-    u_p = kept[pristine].sum(0) / n
+    kept = np.where(robust, np.clip(grads, lo, hi) if name == "winsorized"
+                    else np.where(beyond, 0, grads), grads)
+    u_p = parts[pristine].sum(0)
     out[tags.update_share_tag("aggregate", "pristine")] = update @ u_p / (update @ update)
     for group, rows in (("pristine", pristine), ("corrupt", ~pristine)):
         out[tags.clipped_fraction_tag(group)] = beyond[rows][:, robust].mean()
@@ -69,7 +72,7 @@ def test_probe_matches_closed_form(problem, name, c, chunk):
     aggregator = make_aggregator(name, c=c)
     got = Probe(net, aggregator, sample, batch_size=M, chunk=chunk).measure()
     ranks = aggregator.probe_ranks(M, M) if name not in ("mean", "rm3") else None
-    want = reference(grads, sample["is_corrupt"], "mean" if name == "rm3" else name, ranks)
+    want = expected_metrics(grads, sample["is_corrupt"], "mean" if name == "rm3" else name, ranks)
     for tag, value in want.items():
         assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
     # The one layer's coherence is the model's; shares add up to one.
@@ -103,7 +106,7 @@ def test_probe_follows_the_layer_filter(problem, name):
                              for v in net.trainable_variables])
     aggregator = make_aggregator(name, c=2, layers="hidden")
     got = Probe(net, aggregator, sample, batch_size=M).measure()
-    want = reference(np.array(grads, np.float64), sample["is_corrupt"], name,
+    want = expected_metrics(np.array(grads, np.float64), sample["is_corrupt"], name,
                      aggregator.probe_ranks(M, M), robust)
     for tag, value in want.items():
         assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
@@ -143,7 +146,7 @@ def test_a_registered_statistic_with_its_own_ranks_gets_a_probe(problem):
     aggregator = LowTrimmed(2)
     assert aggregator.probe_ranks(M, 2 * M) == (1, M - 1)
     got = Probe(net, aggregator, sample, batch_size=M).measure()
-    for tag, value in reference(grads, sample["is_corrupt"], "trimmed", (2, M - 1)).items():
+    for tag, value in expected_metrics(grads, sample["is_corrupt"], "trimmed", (2, M - 1)).items():
         assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
 
 

@@ -49,6 +49,7 @@ import numpy as np
 from absl import app, flags
 
 from cg_tf import common_flags
+from cg_tf.robust import reference
 
 FLAGS = flags.FLAGS
 
@@ -75,25 +76,11 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "The figure of --plot (PNG; a PDF beside it).")
 
 
-def np_winsorized(g: np.ndarray, c: int) -> np.ndarray:
-    """Each example's part of the per-coordinate winsorized mean over axis 0
-    (their sum is the aggregate): its values clipped to the (c+1)-th smallest
-    and (c+1)-th largest of their coordinate, over B."""
-    s = np.sort(g, axis=0)
-    return np.clip(g, s[c], s[len(g) - 1 - c]) / len(g)
-
-
-def np_trimmed(g: np.ndarray, c: int) -> np.ndarray:
-    """Each example's part of the per-coordinate trimmed mean: its values
-    between the thresholds (the c smallest and c largest dropped), over B - 2c."""
-    s = np.sort(g, axis=0)
-    kept = (g >= s[c]) & (g <= s[len(g) - 1 - c])
-    return np.where(kept, g, 0) / (len(g) - 2 * c)
-
-
-# Per-example parts of an aggregate, by aggregator name: NumPy references.
-NUMPY_PARTS = {"mean": lambda g, c: g / len(g), "winsorized": np_winsorized,
-               "trimmed": np_trimmed}
+# Per-example parts of an aggregate cutting c per side, by aggregator name.
+NUMPY_PARTS = {
+    "mean": lambda g, c: g / len(g),
+    "winsorized": lambda g, c: reference.winsorized_parts(g, reference.symmetric(len(g), c)),
+    "trimmed": lambda g, c: reference.trimmed_parts(g, reference.symmetric(len(g), c))}
 
 
 def bias(robust: np.ndarray, mean: np.ndarray, weights: np.ndarray) -> dict[str, float]:
