@@ -2,6 +2,7 @@
 initializes, so MirroredStrategy tests run with two or four real replicas."""
 
 import contextlib
+import glob
 import gzip
 import io
 import os
@@ -62,7 +63,6 @@ def checkpointed(run_dir, step: int) -> bool:
     """Whether the run under `run_dir` has saved a checkpoint at `step` or later.
     Polls for a checkpoint ask this, not for one file: the trainer keeps only the
     newest two, so a fast run deletes `ckpt-<step>` within milliseconds."""
-    import glob
     names = glob.glob(os.path.join(str(run_dir), "checkpoints", "ckpt-*.index"))
     return any(int(os.path.basename(n)[len("ckpt-"):-len(".index")]) >= step for n in names)
 

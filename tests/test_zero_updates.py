@@ -104,8 +104,9 @@ def test_checkpoint_steps_need_an_index_and_data(tmp_path):
 @pytest.mark.parametrize("c", [1, 2])
 def test_at_most_c_nonzero_values_winsorize_to_exactly_zero(c):
     """The claim on per-example values alone, through the aggregator's own paths
-    (a small variable sorted along the batch, a large one by tiles): at most c
-    nonzero values of a coordinate, of one sign or of both, give exactly 0."""
+    (a small variable side by side with the others, a large one by its own
+    tiles): at most c nonzero values of a coordinate, of one sign or of both,
+    give exactly 0."""
     from cg_tf.robust import tiled
     from cg_tf.robust.aggregators import Winsorized
     from cg_tf.robust.layer_rules import Outer, Stacked

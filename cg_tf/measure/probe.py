@@ -18,10 +18,12 @@ The thresholds are the exact per-coordinate order statistics of the probe at
 the aggregator's ranks scaled to the probe (`probe_ranks`), found by the
 step's own tiles from the per-example values of the step's own layer rules;
 the same computation (`tiled.probe`) then sums, from the same values, what
-each example keeps and what the cut removed. Ties at a nonzero
-threshold count as kept (for trimmed means and the median a tied value that
-the aggregator drops is attributed to no example). M3, RM3 and RA3 have no
-per-example decomposition: their runs get coherence and the mean's f_p.
+each example keeps and what the cut removed. A value equal to a threshold
+counts as kept: for trimmed means and the median, a tied value that the
+aggregator drops is then credited to every example that holds it, so with
+ties at a nonzero threshold the kept parts add up to more than the update.
+M3, RM3 and RA3 have no per-example decomposition: their runs get coherence
+and the mean's f_p.
 """
 
 import numpy as np
@@ -100,8 +102,9 @@ class Probe:
         variables = self.source.variables
         robust = [i for i, r in enumerate(self.robust) if r]
         per_variable, groups = tiled.probe([values[i] for i in robust], self.aggregator,
-                                           self.ranks, self.pristine, [variables[i] for i in robust])
-        return dict(zip(robust, per_variable)), tf.cast(groups, tf.float32)
+                                           self.ranks, self.pristine,
+                                           [variables[i] for i in robust])
+        return dict(zip(robust, per_variable)), groups
 
     def _graph(self):
         total, pristine, norms = self._first_pass()

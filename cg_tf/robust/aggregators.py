@@ -197,9 +197,9 @@ class OrderStatistic(Aggregator):
     """Per coordinate, thresholds at two ranks of the per-example values and an
     aggregate made of them (`tiled.Statistic`, computed tile by tile); here the
     ranks cut `cut_at(n)` values per side and the aggregate is the trimmed mean.
-    A subclass with other ranks or another aggregate overrides `ranks` or
-    `from_thresholds`, and then `kept` and `kept_count` (the gradient probe's
-    decomposition of the aggregate into the examples' parts) to match."""
+    A subclass with other ranks overrides `ranks`; one with another aggregate
+    overrides `from_thresholds`, and then `kept` and `kept_count` (the
+    gradient probe's split of the aggregate into the examples' parts) to match."""
 
     per_example: ClassVar[bool] = True
     uses_sum: ClassVar[bool] = True

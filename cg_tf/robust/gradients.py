@@ -251,16 +251,18 @@ class GradientSource:
         """Per-example values of every variable for the replica's batch, the
         per-example losses and the logits. Factored by layer where the model
         allows; otherwise per-example gradients in chunks of `chunk` examples.
-        With `frozen_bn`, BatchNorm uses its moving averages and no state
-        changes (for measurements)."""
-        if self.ruled if frozen_bn else self.factored:
+        With `frozen_bn`, BatchNorm uses its moving averages, no state changes
+        and the forward is not recorded (for measurements)."""
+        by_rules = self.ruled if frozen_bn else self.factored  # frozen BN: any rule fits
+        record = (lambda logits: None) if frozen_bn else (lambda logits: self._record(y, logits))
+        if by_rules:
             with tf.GradientTape() as tape:
                 logits, recordings = layer_rules.record_forward(
                     self.model, x, None if frozen_bn else sync, frozen=frozen_bn)
                 losses = self.loss(y, logits)
                 total = tf.reduce_sum(losses)
             grads = tape.gradient(total, [r.watched for r in recordings])
-            self._record(y, logits)
+            record(logits)
             return (layer_rules.per_example_values(self.variables, recordings, grads),
                     losses, logits)
         n = x.shape[0] // chunk_size(chunk, x.shape[0])
@@ -274,7 +276,7 @@ class GradientSource:
                 tf.TensorArray(tf.float32, size=n), tf.TensorArray(tf.float32, size=n))
         arrays, losses, logits = self.fold_per_example(x, y, chunk, sync, init, step, frozen_bn)
         logits = logits.concat()
-        self._record(y, logits)
+        record(logits)
         return ([Stacked(tf.reshape(a.concat(), [x.shape[0], *v.shape]))
                  for a, v in zip(arrays, self.variables)], losses.concat(), logits)
 

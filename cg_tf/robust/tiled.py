@@ -140,7 +140,8 @@ class Examples:
         """`state` after `step(state, rows)` over the examples in order, `block`
         rows at a time: a loop over the whole blocks (so what XLA unrolls, and
         its compile time, does not grow with the batch), the rest after it.
-        With `first`, `step(state, rows, index of the first row)`."""
+        (`rows` are a block's examples, one [size, columns] tensor each.) With
+        `first`, `step(state, rows, index of the block's first example)`."""
         whole, rest = divmod(self.count, block)
         at = (lambda s, start, count: step(s, self.block(start, count), start)) if first else (
             lambda s, start, count: step(s, self.block(start, count)))
@@ -371,12 +372,6 @@ def _tiling(rows: int, cols: int) -> tuple[int, int]:
     return tiles, -(-rows // tiles)
 
 
-def _tiled_thresholds(values: PerExample, tiles: int, size: int, ranks: tuple[int, int]
-                      ) -> list[tf.Tensor]:
-    """[lo, hi] of values padded to tiles x size rows, by tiles."""
-    return _over_tiles(tiles, lambda i: thresholds(Examples(values, i * size, size), ranks), 2)
-
-
 def robust_variable(values: PerExample, stat: Statistic) -> tf.Tensor:
     """The statistic of one variable's per-example values, [rows, columns]: in one
     pass over tiles when it needs no clipped sum, or when forming a tile's
@@ -397,7 +392,7 @@ def robust_variable(values: PerExample, stat: Statistic) -> tf.Tensor:
         return _over_tiles(tiles, one_pass, 1)[0][:rows]
     # The barrier keeps XLA from fusing the thresholds into the clipped sums (which
     # would recompute them for every example) when a one-tile loop is unrolled.
-    lo, hi = xla.optimization_barrier(*_tiled_thresholds(values, tiles, size, ranks))
+    lo, hi = xla.optimization_barrier(*_over_tiles(tiles, lambda i: thresholds(tile(i), ranks), 2))
     cut_lo = lambda i: tf.slice(lo, [i * size, 0], [size, cols])  # noqa: E731
     cut_hi = lambda i: tf.slice(hi, [i * size, 0], [size, cols])  # noqa: E731
     out, = _over_tiles(tiles, lambda i: [reduced(tile(i), cut_lo(i), cut_hi(i), stat)], 1)
@@ -407,38 +402,41 @@ def robust_variable(values: PerExample, stat: Statistic) -> tf.Tensor:
 def probe_variable(values: PerExample, stat: Statistic, ranks: tuple[int, int],
                    pristine: tf.Tensor) -> list[tf.Tensor]:
     """What the gradient probe measures of one variable's n per-example values,
-    with the thresholds at `ranks` found as the step finds them, and from the
-    same values (so a value at a threshold is one): lo, hi, the sum of the
-    values clipped to them, and the sum of the pristine examples' kept parts
-    (`stat.kept`), each [rows, columns]; and [3, 2]: the values beyond the
-    thresholds, the L1 mass the cut removed and the L1 mass in all, of the
-    pristine (`pristine`, [n], 1 or 0 per example) and of the other examples."""
+    tile by tile: the thresholds at `ranks` found as the step finds them, then,
+    from the same tile (formed once), the sums that need them, so that each
+    threshold is exactly one of the values summed. Returns lo, hi, the sum of
+    the values clipped to them and the sum of the pristine examples' kept
+    parts (`stat.kept`), each [rows, columns]; and [3, 2] (float64): the values
+    beyond the thresholds, the L1 mass the cut removed and the L1 mass in all,
+    of the pristine examples (`pristine`, [n], 1 or 0 per example) and of the
+    others."""
     rows, cols = _layout(values)
     tiles, size = _tiling(rows, cols)
     values = _padded(values, tiles * size)
-    lo, hi = xla.optimization_barrier(*_tiled_thresholds(values, tiles, size, ranks))
 
-    def sums(i):
-        lo_t, hi_t = (tf.slice(t, [i * size, 0], [size, cols]) for t in (lo, hi))
+    def tile_parts(i):
+        examples = Examples(values, i * size, size)
+        # The barrier keeps XLA from fusing the thresholds into every example's sums.
+        lo, hi = xla.optimization_barrier(*thresholds(examples, ranks))
 
-        def step(state, rows, first):
+        def step(state, examples_block, first):
             clipped, kept_p, *groups = state
-            for j, g in enumerate(rows):
+            for j, g in enumerate(examples_block):
                 p = pristine[first + j]
-                kept = stat.kept(g, lo_t, hi_t)
-                clipped = clipped + tf.clip_by_value(g, lo_t, hi_t)
+                kept = stat.kept(g, lo, hi)
+                clipped = clipped + tf.clip_by_value(g, lo, hi)
                 kept_p = kept_p + p * kept
-                measures = [tf.cast((g < lo_t) | (g > hi_t), tf.float32), tf.abs(g - kept),
+                measures = [tf.cast((g < lo) | (g > hi), tf.float32), tf.abs(g - kept),
                             tf.abs(g)]
                 groups = [a + w * m for a, (w, m) in zip(
                     groups, [(w, m) for m in measures for w in (p, 1 - p)])]
             return [clipped, kept_p, *groups]
 
         zeros = tf.zeros([size, cols])
-        return Examples(values, i * size, size).fold(
-            step, [zeros] * 8, balanced_block(values.count, SUM_BLOCK), first=True)
+        return [lo, hi, *examples.fold(step, [zeros] * 8, balanced_block(values.count, SUM_BLOCK),
+                                       first=True)]
 
-    clipped, kept_p, *groups = _over_tiles(tiles, sums, 8)
+    lo, hi, clipped, kept_p, *groups = _over_tiles(tiles, tile_parts, 10)
     totals = tf.reshape(tf.stack([tf.reduce_sum(tf.cast(g, tf.float64)) for g in groups]), [3, 2])
     return [lo[:rows], hi[:rows], clipped[:rows], kept_p[:rows], totals]
 
@@ -551,8 +549,9 @@ def probe(values: list[PerExample], stat: Statistic, ranks: tuple[int, int],
           pristine: tf.Tensor, variables: list) -> tuple[list[list[tf.Tensor]], tf.Tensor]:
     """`probe_variable` of every variable, in the computations the step makes
     (small variables side by side): per variable [lo, hi, clipped sum, pristine
-    kept sum] shaped like it, and the [3, 2] counts and masses of all."""
+    kept sum] shaped like it, and the [3, 2] counts and masses of all (float64)."""
     parts, small = _grouped(values, 1)
     found = [_compiled_probe(_signature(p, (stat, ranks)))(p, pristine) for p in parts]
     per_variable = [_ungrouped([f[k] for f in found], small, variables) for k in range(4)]
-    return [list(v) for v in zip(*per_variable)], tf.add_n([f[4] for f in found])
+    totals = tf.add_n([f[4] for f in found]) if found else tf.zeros([3, 2], tf.float64)
+    return [list(v) for v in zip(*per_variable)], totals

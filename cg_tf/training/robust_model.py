@@ -100,7 +100,7 @@ LABELS_OUT_OF_RANGE = "cg_tf: a label is out of range"  # the in-graph check's m
 # label of its batch is outside the net's classes: no cross-entropy is -inf.
 LABELS_OUTSIDE_LOSS = float("-inf")
 # Strategies whose steps XLA compiles whole whatever jit_compile says.
-ALWAYS_COMPILED = (tf.distribute.TPUStrategy,)
+ALWAYS_COMPILED = (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)
 
 
 class LabelsOutOfRange(ValueError):
