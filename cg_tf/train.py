@@ -16,33 +16,15 @@ from absl import app, flags
 
 from cg_tf import train_flags
 from cg_tf.common_flags import OVERWRITE
-from cg_tf.data import build, verify
+from cg_tf.data import build
 from cg_tf.measure import report
+from cg_tf.storage.files import refused_write
 from cg_tf.training import trainer
 from cg_tf.train_flags import config_from_flags, setup_devices
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(train_flags)
 flags.adopt_module_key_flags(common_flags)  # --seed and --overwrite in --help
-
-
-# What a write failing for lack of space or permission says, in an OSError or in
-# TensorFlow's error (a checkpoint, an event file).
-_STORAGE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied",
-                     "Disk quota exceeded")
-
-
-def storage_failure(e: Exception) -> str | None:
-    """The message of a write that failed for lack of space or permission, on
-    one line (an event file's flush says it on three), or None for any other
-    error (which keeps its traceback)."""
-    if isinstance(e, OSError):
-        message = str(e)
-    elif isinstance(e, tf.errors.OpError) and any(s in e.message for s in _STORAGE_FAILURES):
-        message = verify.op_message(e)
-    else:
-        return None
-    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def main(argv):
@@ -61,10 +43,10 @@ def main(argv):
         print(f"{FLAGS.model_dir}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (OSError, tf.errors.OpError) as e:
-        if (message := storage_failure(e)) is None:
+        if (reason := refused_write(e)) is None:
             raise
-        sys.exit(f"error: cannot write {FLAGS.model_dir}: {message} (the checkpoints "
-                 "written before are intact; free space and rerun the command to resume)")
+        sys.exit(f"error: cannot write {FLAGS.model_dir}: {reason} (the checkpoints "
+                 "written before are intact: make room for it and rerun the command to resume)")
     print(report.summary_text(summary, config.model_dir))
     if run.complete:
         print(f"\n{config.model_dir} was already complete ({summary['steps']} steps): "

@@ -17,6 +17,7 @@ from cg_tf.data import build
 from cg_tf.data.noise import NOISE_MODES, NoiseSpec
 from cg_tf.data.sources import SOURCE_KINDS, Source, SourceError, make_source
 from cg_tf.experiments import runner
+from cg_tf.storage import files
 from cg_tf.training.trainer import Terminated
 
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory (local or gs://).")
@@ -179,6 +180,12 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str,
     except Terminated as e:  # a training stage stopped by a signal, checkpointed
         print(f"{OUTPUT_DIR.value}: a training stage {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except (OSError, tf.errors.OpError) as e:
+        if (reason := files.refused_write(e)) is None:
+            raise
+        sys.exit(f"error: cannot write {OUTPUT_DIR.value}: {reason}. The complete stages are "
+                 "kept and the one it interrupted starts again: make room for it and rerun "
+                 "the same command to go on")
 
 
 
@@ -190,9 +197,10 @@ def write_report(write: Callable[[], object]):
                              "write the report"):
             return write()
     except (OSError, tf.errors.OpError) as e:
-        sys.exit(f"error: cannot write the report in {OUTPUT_DIR.value}: "
-                 f"{getattr(e, 'message', None) or e.strerror or e}. The runs are complete "
-                 "and kept: rerun the same command to write it")
+        if (reason := files.refused_write(e)) is None:
+            raise
+        sys.exit(f"error: cannot write the report in {OUTPUT_DIR.value}: {reason}. The runs "
+                 "are complete and kept: rerun the same command to write it")
 
 
 def task_args(beam_args: list[str]) -> list[str]:

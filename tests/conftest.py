@@ -52,11 +52,14 @@ def parsed_flags(*argv):
         flags.FLAGS.unparse_flags()
 
 
-def run_main(module, *args, timeout=600):
-    """Runs `python -m module args` from the repository; returns the CompletedProcess."""
+def run_main(module, *args, timeout=600, prefix=(), preexec_fn=None):
+    """Runs `python -m module args` from the repository, after the command
+    `prefix` and with `preexec_fn` called in the child; returns the
+    CompletedProcess."""
     import subprocess
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*prefix, sys.executable, "-m", module, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec_fn)
 
 
 def checkpointed(run_dir, step: int) -> bool:

@@ -415,7 +415,7 @@ def test_a_full_disk_during_the_build_is_one_message(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tf.io, "TFRecordWriter", full)
     out = tmp_path / "d"
-    with pytest.raises(build.BuildError, match=rf"cannot write {re.escape(str(out))}: no space "
+    with pytest.raises(build.BuildError, match=rf"cannot write {re.escape(str(out))}: No space "
                                                r"left on device\. The directory is left "
                                                r"incomplete \(no dataset_info.json\)"):
         run_build(out)

@@ -245,7 +245,8 @@ def test_what_the_source_cannot_give_is_said(tmp_path):
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   tf.errors.PermissionDeniedError(None, None, "read-only")])
+                                   tf.errors.PermissionDeniedError(
+                                       None, None, "/out/report.png; Read-only file system")])
 def test_a_report_the_disk_refuses_ends_in_one_line(error, tmp_path):
     from pipelines import shared_flags
 
@@ -254,7 +255,7 @@ def test_a_report_the_disk_refuses_ends_in_one_line(error, tmp_path):
 
     with parsed_flags("sweep", f"--output_dir={tmp_path}"):
         with pytest.raises(SystemExit, match=rf"^error: cannot write the report in {tmp_path}: "
-                                             r"(No space left on device|read-only)\. The runs "
-                                             r"are complete and kept"):
+                                             r"(No space left on device|Read-only file system)\. "
+                                             r"The runs are complete and kept"):
             shared_flags.write_report(write)
         assert shared_flags.write_report(lambda: 7) == 7

@@ -8,6 +8,7 @@ import glob
 import hashlib
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -237,7 +238,7 @@ def test_a_finished_run_rerun_reports_it_and_changes_nothing(digits_dir, tmp_pat
 @contextlib.contextmanager
 def tmpfs(path, *options):
     """A tmpfs mounted at `path` for the block (the test is skipped where the
-    machine does not allow mounting)."""
+    machine does not allow mounting: the variants below need no mount)."""
     path.mkdir()
     mount = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)],
                            capture_output=True, text=True)
@@ -256,26 +257,92 @@ def fill(directory, leave: int):
         f.write(b"\0" * max(free - leave, 0))
 
 
+def file_size_limit(limit: int):
+    """A child's `preexec_fn` that limits each file it writes to `limit` bytes
+    (ulimit -f): a write past it fails as "File too large" (Python ignores the
+    SIGXFSZ the kernel sends first)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def without_dac_override():
+    """The command prefix that runs a child as this user, bound by file modes:
+    root's children drop the capabilities that let root write anywhere."""
+    return () if os.geteuid() else ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                                    "--")
+
+
+@contextlib.contextmanager
+def no_write_permission(path):
+    """A directory at `path` that children run with without_dac_override()
+    cannot write to (mode 0o555)."""
+    path.mkdir()
+    path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
+
+
+def refused(proc, run, reason):
+    """Asserts the run ended in one `error:` line naming its directory and
+    `reason`, and that whatever checkpoint it recorded as its latest reads back
+    whole."""
+    line = error_line(proc)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert line.startswith(f"error: cannot write {run}: ") and reason in line, line
+    if latest := tf.train.latest_checkpoint(str(run / "checkpoints")):
+        tf.train.load_checkpoint(latest).get_variable_to_shape_map()
+
+
 def test_a_full_disk_ends_in_one_error_line(digits_dir, tmp_path):
     with tmpfs(tmp_path / "small", "size=4m") as disk:
         fill(disk, leave=16 * 1024)
         run = disk / "run"
         proc = run_main(*train_args(digits_dir, run, "--steps=4", "--checkpoint_every=1"))
-        line = error_line(proc)
-        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        assert str(run) in line and "No space left on device" in line, line
-        # Whatever checkpoint the run recorded as its latest reads back whole.
-        latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
-        if latest:
-            tf.train.load_checkpoint(latest).get_variable_to_shape_map()
+        refused(proc, run, "No space left on device")
+
+
+def test_a_file_size_limit_ends_in_one_error_line(digits_dir, tmp_path):
+    """A full disk where nothing can be mounted: 16 KB a file, which the event
+    file outgrows."""
+    run = tmp_path / "run"
+    proc = run_main(*train_args(digits_dir, run, "--steps=4", "--checkpoint_every=1"),
+                    preexec_fn=file_size_limit(16 * 1024))
+    refused(proc, run, "File too large")
+
+
+SWEEP = ["pipelines.sweep", "--source=digits", "--num_shards=2", "--fc_widths=16",
+         "--aggregators=mean", "--noise_rates=0.5", "--seeds=0", "--steps=4",
+         "--checkpoint_every=1", "--noreport"]
+
+
+@pytest.mark.parametrize("stage", ["data", "training"])
+def test_a_sweep_stage_whose_writes_are_refused_ends_in_one_error_line(stage, tmp_path):
+    """16 KB a file: the dataset's shards outgrow it (the build, as
+    pipelines.noisy_labels runs it), and so does a run's event file."""
+    out = tmp_path / "out"
+    if stage == "training":
+        built = run_main(*SWEEP, f"--output_dir={out}", "--only=data*")
+        assert built.returncode == 0, built.stderr[-3000:]
+    proc = run_main(*SWEEP, f"--output_dir={out}", preexec_fn=file_size_limit(16 * 1024))
+    line = error_line(proc)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert line.startswith(f"error: cannot write {out}") and "File too large" in line, line
+    if stage == "training":
+        assert "the one it interrupted starts again" in line, line
 
 
 def test_a_read_only_model_dir_ends_in_one_error_line(digits_dir, tmp_path):
     with tmpfs(tmp_path / "ro", "size=1m", "ro") as disk:
         proc = run_main(*train_args(digits_dir, disk / "run", "--steps=2"))
-        line = error_line(proc)
-        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        assert str(disk / "run") in line and "Read-only file system" in line, line
+        refused(proc, disk / "run", "Read-only file system")
+
+
+def test_a_model_dir_without_write_permission_ends_in_one_error_line(digits_dir, tmp_path):
+    with no_write_permission(tmp_path / "ro") as disk:
+        proc = run_main(*train_args(digits_dir, disk / "run", "--steps=2"),
+                        prefix=without_dac_override())
+        refused(proc, disk / "run", "Permission denied")
 
 
 def test_a_checkpoint_without_this_versions_state_is_refused_by_name(digits_dir, tmp_path):

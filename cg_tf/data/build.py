@@ -27,7 +27,7 @@ from cg_tf.data.beam import noisy_dataset
 from cg_tf.data.noise import NoiseSpec
 from cg_tf.data.sources import Source, make_source
 from cg_tf.options import option
-from cg_tf.storage import lock, rundir
+from cg_tf.storage import files, lock, rundir
 
 MANIFEST_FILE = "build_manifest.json"
 
@@ -149,8 +149,6 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
     return opts
 
 
-NO_SPACE = "No space left on device"  # strerror(ENOSPC), as OSError and TensorFlow word it
-
 # The embedded default: scikit-learn's 8x8 digits with 50% uniform label noise.
 DEMO_DATA_DIR = "data/digits_noisy50"
 
@@ -193,11 +191,11 @@ def _build(source: Source, config: BuildConfig,
     try:
         pipeline.run().wait_until_finish()
     except Exception as e:  # a runner wraps its workers' errors in its own types
-        if NO_SPACE not in str(e):
+        if (reason := files.refused_write(e)) is None:
             raise
-        raise BuildError(f"cannot write {out}: no space left on device. The directory is "
-                         f"left incomplete (no {records.INFO_FILE}): free space and rerun the "
-                         "command with --overwrite") from None
+        raise BuildError(f"cannot write {out}: {reason}. The directory is left incomplete (no "
+                         f"{records.INFO_FILE}): make room for it and rerun the command with "
+                         "--overwrite") from None
     with tf.io.gfile.GFile(os.path.join(work, noisy_dataset.STATS_FILE)) as f:
         stats = json.load(f)
     tf.io.gfile.rename(os.path.join(work, noisy_dataset.REJECTED_FILE),

@@ -4,14 +4,39 @@ A file is written under a temporary name and renamed into place, so a reader
 (or a resumed run) sees the old file or the new one, never half of one.
 """
 
+import errno
 import hashlib
 import json
+import os
+import re
 from typing import Callable, TextIO
 
 import tensorflow as tf
 
 
 TMP_SUFFIX = ".tmp"  # of the file write_atomically writes before renaming it
+
+# The ways a filesystem refuses a write: no space, a quota, a file-size limit
+# (ulimit -f, FAT's 4 GB), a read-only filesystem, a directory without write
+# permission.
+REFUSED = tuple(os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS,
+                                         errno.EACCES))
+
+
+def refused_write(e: BaseException) -> str | None:
+    """Why the filesystem refused a write (one of REFUSED), from an OSError,
+    from TensorFlow's error (a checkpoint, an event file), or from a pipeline
+    runner's error that wraps either; None for any other error, which keeps its
+    traceback. The caller names what it was writing."""
+    text = e.message if isinstance(e, tf.errors.OpError) else str(e)
+    if isinstance(e, OSError):
+        text = e.strerror or ""
+    return next((reason for reason in REFUSED if reason in text), None)
+
+
+def op_message(e: tf.errors.OpError) -> str:
+    """TensorFlow's error message without the op and function names around it."""
+    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", e.message, flags=re.S).strip()
 
 
 def write_atomically(path: str, write: Callable[[TextIO], object], mode: str = "w") -> None:

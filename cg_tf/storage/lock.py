@@ -45,6 +45,8 @@ import uuid
 
 import tensorflow as tf
 
+from cg_tf.storage import files
+
 LOCK_FILE = ".lock"
 REFRESH_SECONDS = 30.0
 STALE_SECONDS = 300.0
@@ -254,6 +256,8 @@ class Lock:
                                     other, why)
                     self.storage.remove_if(self.path, other.nonce)
         except (OSError, tf.errors.OpError) as e:
+            if reason := files.refused_write(e):
+                raise LockError(f"cannot write {self.directory}: {reason}") from e
             raise LockError(f"cannot lock {self.directory}: {e}") from e
         raise Busy(f"{self.directory}: other processes kept taking its lock; try again")
 
