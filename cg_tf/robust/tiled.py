@@ -491,7 +491,7 @@ def _compiled_probe(signature) -> tf.types.experimental.PolymorphicFunction:
 
 def _signature(values: PerExample, what) -> tuple:
     """What a compiled computation is made for: the values' type and shapes, and
-    `what` it computes (a statistic, or ranks)."""
+    `what` it computes (the step's statistic, or the probe's statistic and ranks)."""
     return type(values).__name__, tuple(tuple(t.shape) for t in values), what
 
 
