@@ -6,6 +6,7 @@ import glob
 import gzip
 import io
 import os
+import resource
 import sys
 from collections.abc import Iterable, Mapping
 
@@ -60,6 +61,32 @@ def run_main(module, *args, timeout=600, prefix=(), preexec_fn=None):
     return subprocess.run([*prefix, sys.executable, "-m", module, *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout,
                           preexec_fn=preexec_fn)
+
+
+def file_size_limit(limit: int):
+    """A child's `preexec_fn` that limits each file it writes to `limit` bytes
+    (ulimit -f): a write past it fails as "File too large" (Python ignores the
+    SIGXFSZ the kernel sends first)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def without_dac_override():
+    """The command prefix that runs a child as this user, bound by file modes:
+    root's children drop the capabilities that let root write anywhere."""
+    return () if os.geteuid() else ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                                    "--")
+
+
+@contextlib.contextmanager
+def no_write_permission(path):
+    """A directory at `path` that children run with without_dac_override()
+    cannot write to (mode 0o555)."""
+    path.mkdir()
+    path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
 
 
 def checkpointed(run_dir, step: int) -> bool:

@@ -215,7 +215,8 @@ def test_curves_give_each_settings_spread_at_every_shared_step():
     assert rows[0]["runs"] == 2  # a run without the curve is left out of its rows
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_stops_a_sweeps_training_stage_in_one_line(tmp_path, stop):
     """Every signal that asks a run to stop ends a sweep as it ends the trainer:
     a checkpoint, one line that says how to go on, the shell's exit status."""

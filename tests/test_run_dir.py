@@ -8,7 +8,6 @@ import glob
 import hashlib
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -17,7 +16,8 @@ import time
 
 import pytest
 import tensorflow as tf
-from conftest import REPO, parsed_flags, run_main
+from conftest import (REPO, file_size_limit, no_write_permission, parsed_flags, run_main,
+                      without_dac_override)
 
 from cg_tf import train
 from cg_tf.storage import lock
@@ -255,32 +255,6 @@ def fill(directory, leave: int):
     free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
     with open(os.path.join(directory, "filler"), "wb") as f:
         f.write(b"\0" * max(free - leave, 0))
-
-
-def file_size_limit(limit: int):
-    """A child's `preexec_fn` that limits each file it writes to `limit` bytes
-    (ulimit -f): a write past it fails as "File too large" (Python ignores the
-    SIGXFSZ the kernel sends first)."""
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-
-def without_dac_override():
-    """The command prefix that runs a child as this user, bound by file modes:
-    root's children drop the capabilities that let root write anywhere."""
-    return () if os.geteuid() else ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
-                                    "--")
-
-
-@contextlib.contextmanager
-def no_write_permission(path):
-    """A directory at `path` that children run with without_dac_override()
-    cannot write to (mode 0o555)."""
-    path.mkdir()
-    path.chmod(0o555)
-    try:
-        yield path
-    finally:
-        path.chmod(0o755)
 
 
 def refused(proc, run, reason):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -23,7 +24,8 @@ from cg_tf.measure import report
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = os.path.join(REPO, "test-artifacts", "memorization_tab.png")
 EXAMPLES_SCREENSHOT = os.path.join(REPO, "test-artifacts", "memorization_examples.png")
-RUNS = {"mean": ["--aggregator=mean"], "winsorized_c4": ["--aggregator=winsorized:4"]}
+# A run's name may hold a comma: the tab asks for its runs one parameter each.
+RUNS = {"mean": ["--aggregator=mean"], "winsorized, c=4": ["--aggregator=winsorized:4"]}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_plot_draws_the_figure_and_exports_every_metric(logdir, tmp_path):
     pdf = tmp_path / "figs" / "figure.pdf"  # the vector copy, beside it
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000
     assert f"figure: {out}\nfigure_pdf: {pdf}" in done.stdout
-    assert "| mean | plain SGD |" in done.stdout and "| winsorized_c4 | winsorized:4 |" in done.stdout
+    assert "| mean | plain SGD |" in done.stdout and "| winsorized, c=4 | winsorized:4 |" in done.stdout
     with open(table) as f:
         rows = list(csv.DictReader(f))
     configs = {r.name: r.config for r in report.load_runs(str(logdir))}
@@ -101,7 +103,8 @@ def test_the_examples_agree_with_the_runs_learning_events(tensorboard, logdir):
     evaluation counted it learned."""
     url, _ = tensorboard
     for run in RUNS:
-        data = json.load(urllib.request.urlopen(f"{url}/data/plugin/memorization/examples?run={run}"))
+        data = json.load(urllib.request.urlopen(
+            f"{url}/data/plugin/memorization/examples?run={urllib.parse.quote(run)}"))
         steps = json.loads((logdir / run / "summary.json").read_text())["steps"]
         assert data["step"] == steps == data["steps"][-1]
         shown = data["examples"]
@@ -201,7 +204,7 @@ def test_memorization_tab_in_headless_chromium(tensorboard, logdir):
             driver.execute_script("return arguments[0].naturalWidth", i) == 8 for i in images)
         run = view.find_elements(By.TAG_NAME, "select")[0].get_attribute("value")
         data = json.load(urllib.request.urlopen(
-            f"{url}/data/plugin/memorization/examples?run={run}"))
+            f"{url}/data/plugin/memorization/examples?run={urllib.parse.quote(run)}"))
         def show(option, count):  # the filter's cards, once drawn
             Select(driver.find_elements(By.CSS_SELECTOR, "div.examples-view select")[2]
                    ).select_by_visible_text(option)
