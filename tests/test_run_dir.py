@@ -293,7 +293,8 @@ SWEEP = ["pipelines.sweep", "--source=digits", "--num_shards=2", "--fc_widths=16
 @pytest.mark.parametrize("stage", ["data", "training"])
 def test_a_sweep_stage_whose_writes_are_refused_ends_in_one_error_line(stage, tmp_path):
     """16 KB a file: the dataset's shards outgrow it (the build, as
-    pipelines.noisy_labels runs it), and so does a run's event file."""
+    pipelines.noisy_labels runs it), and so does a run's event file. The
+    same command then goes on, as the line says."""
     out = tmp_path / "out"
     if stage == "training":
         built = run_main(*SWEEP, f"--output_dir={out}", "--only=data*")
@@ -304,6 +305,9 @@ def test_a_sweep_stage_whose_writes_are_refused_ends_in_one_error_line(stage, tm
     assert line.startswith(f"error: cannot write {out}") and "File too large" in line, line
     if stage == "training":
         assert "the one it interrupted starts again" in line, line
+    # With room again, the same command goes on from there.
+    again = run_main(*SWEEP, f"--output_dir={out}")
+    assert again.returncode == 0, again.stderr[-3000:]
 
 
 def test_a_read_only_model_dir_ends_in_one_error_line(digits_dir, tmp_path):

@@ -193,9 +193,10 @@ def _build(source: Source, config: BuildConfig,
     except Exception as e:  # a runner wraps its workers' errors in its own types
         if (reason := files.refused_write(e)) is None:
             raise
+        # No rerun advice: pipelines.noisy_labels asks for --overwrite at its
+        # rerun, and a sweep's rerun starts the stage again by itself.
         raise BuildError(f"cannot write {out}: {reason}. The directory is left incomplete (no "
-                         f"{records.INFO_FILE}): make room for it and rerun the command with "
-                         "--overwrite") from None
+                         f"{records.INFO_FILE}): make room for it and build it again") from None
     with tf.io.gfile.GFile(os.path.join(work, noisy_dataset.STATS_FILE)) as f:
         stats = json.load(f)
     tf.io.gfile.rename(os.path.join(work, noisy_dataset.REJECTED_FILE),
