@@ -43,10 +43,11 @@ def main(argv):
         print(f"{FLAGS.model_dir}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (OSError, tf.errors.OpError) as e:
-        if (reason := refused_write(e)) is None:
+        if (refusal := refused_write(e, FLAGS.model_dir)) is None:
             raise
-        sys.exit(f"error: cannot write {FLAGS.model_dir}: {reason} (the checkpoints "
-                 "written before are intact: make room for it and rerun the command to resume)")
+        sys.exit(f"error: cannot write {FLAGS.model_dir}: {refusal.reason} (the checkpoints "
+                 f"written before are intact: {refusal.remedy} and rerun the command to "
+                 "resume)")
     print(report.summary_text(summary, config.model_dir))
     if run.complete:
         print(f"\n{config.model_dir} was already complete ({summary['steps']} steps): "

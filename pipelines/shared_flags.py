@@ -20,6 +20,10 @@ from cg_tf.experiments import runner
 from cg_tf.storage import files
 from cg_tf.training.trainer import Terminated
 
+# What a sweep keeps when a stage is cut short, and how it goes on.
+KEPT = ("the complete stages are kept and the one it interrupted starts again (a run from its "
+        "last checkpoint)")
+
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory (local or gs://).")
 ONLY = flags.DEFINE_string("only", None, "Run only the stages whose names match this glob "
                            "(sweep, easy_hard).")
@@ -171,8 +175,7 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str,
         if KFP_PACKAGE.value:
             write_kfp_package(stages, program, list(beam_args))
             return None
-        with ends_on_signals("the complete stages are kept and the one it interrupted starts "
-                             "again: rerun the same command to go on") as check:
+        with ends_on_signals(f"{KEPT}: rerun the same command to go on") as check:
             return runner.run_stages(OUTPUT_DIR.value, stages, common_flags.OVERWRITE.value,
                                      ONLY.value, before_each=check)
     except (ValueError, SourceError) as e:
@@ -181,11 +184,10 @@ def run_pipeline(make_stages: Callable[[], list[runner.Stage]], program: str,
         print(f"{OUTPUT_DIR.value}: a training stage {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (OSError, tf.errors.OpError) as e:
-        if (reason := files.refused_write(e)) is None:
+        if (refusal := files.refused_write(e, OUTPUT_DIR.value)) is None:
             raise
-        sys.exit(f"error: cannot write {OUTPUT_DIR.value}: {reason}. The complete stages are "
-                 "kept and the one it interrupted starts again: make room for it and rerun "
-                 "the same command to go on")
+        sys.exit(f"error: cannot write {OUTPUT_DIR.value}: {refusal.reason}. {KEPT.capitalize()}: "
+                 f"{refusal.remedy} and rerun the same command to go on")
 
 
 
@@ -197,10 +199,11 @@ def write_report(write: Callable[[], object]):
                              "write the report"):
             return write()
     except (OSError, tf.errors.OpError) as e:
-        if (reason := files.refused_write(e)) is None:
+        if (refusal := files.refused_write(e, OUTPUT_DIR.value)) is None:
             raise
-        sys.exit(f"error: cannot write the report in {OUTPUT_DIR.value}: {reason}. The runs "
-                 "are complete and kept: rerun the same command to write it")
+        sys.exit(f"error: cannot write the report in {OUTPUT_DIR.value}: {refusal.reason}. The "
+                 f"runs are complete and kept: {refusal.remedy} and rerun the same command to "
+                 "write it")
 
 
 def task_args(beam_args: list[str]) -> list[str]:

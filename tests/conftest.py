@@ -6,7 +6,7 @@ import glob
 import gzip
 import io
 import os
-import resource
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 
@@ -53,38 +53,43 @@ def parsed_flags(*argv):
         flags.FLAGS.unparse_flags()
 
 
-def run_main(module, *args, timeout=600, prefix=(), preexec_fn=None):
+def run_main(module, *args, timeout=600, prefix=()):
     """Runs `python -m module args` from the repository, after the command
-    `prefix` and with `preexec_fn` called in the child; returns the
-    CompletedProcess."""
-    import subprocess
+    `prefix` (which runs it); returns the CompletedProcess."""
     return subprocess.run([*prefix, sys.executable, "-m", module, *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=preexec_fn)
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def file_size_limit(limit: int):
-    """A child's `preexec_fn` that limits each file it writes to `limit` bytes
-    (ulimit -f): a write past it fails as "File too large" (Python ignores the
-    SIGXFSZ the kernel sends first)."""
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+def file_size_limit(limit: int) -> tuple[str, ...]:
+    """The command prefix that runs a child whose files may not grow past
+    `limit` bytes (ulimit -f): a write past it fails as "File too large" (Python
+    ignores the SIGXFSZ the kernel sends first). The child writes no bytecode,
+    which the limit would cut short and leave for later imports."""
+    return ("prlimit", f"--fsize={limit}", "--", "env", "PYTHONDONTWRITEBYTECODE=1")
 
 
-def without_dac_override():
-    """The command prefix that runs a child as this user, bound by file modes:
-    root's children drop the capabilities that let root write anywhere."""
-    return () if os.geteuid() else ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
-                                    "--")
+# The capabilities that let root write and read where a file's mode forbids it.
+_DAC = "-dac_override,-dac_read_search"
 
 
 @contextlib.contextmanager
 def no_write_permission(path):
-    """A directory at `path` that children run with without_dac_override()
-    cannot write to (mode 0o555)."""
+    """A directory at `path` (mode 0o555) that a child cannot write to, and the
+    command prefix to run that child with: for root, whom modes do not stop,
+    without the capabilities that override them. Skips the test where this
+    cannot be arranged (no setpriv, or a child still writes there)."""
     path.mkdir()
     path.chmod(0o555)
+    prefix = () if os.geteuid() else ("setpriv", f"--inh-caps={_DAC}", f"--bounding-set={_DAC}",
+                                      "--")
     try:
-        yield path
+        try:
+            probe = subprocess.run([*prefix, "touch", str(path / "probe")], capture_output=True)
+        except FileNotFoundError:
+            pytest.skip("no setpriv to run a child without root's file-mode override")
+        if probe.returncode == 0:
+            pytest.skip(f"a child can still write to a mode-0o555 folder here ({path})")
+        yield path, prefix
     finally:
         path.chmod(0o755)
 

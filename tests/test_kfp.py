@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, no_write_permission, run_main, without_dac_override
+from conftest import REPO, no_write_permission, run_main
 
 from cg_tf.experiments import kfp_package
 
@@ -113,11 +113,11 @@ def test_bad_package_flags_fail_before_writing(tmp_path, args, message):
 
 
 def test_a_package_in_a_folder_it_cannot_write_fails_in_one_line(tmp_path):
-    with no_write_permission(tmp_path / "ro") as folder:
+    with no_write_permission(tmp_path / "ro") as (folder, prefix):
         package = folder / "p.yaml"
         done = run_main("pipelines.sweep", "--flagfile=configs/sweep_demo.flags",
                         "--output_dir=gs://b/s", f"--kfp_package={package}", "--kfp_image=img",
-                        prefix=without_dac_override(), timeout=300)
+                        prefix=prefix, timeout=300)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert done.stderr.strip().splitlines()[-1] == (
             f"error: --kfp_package={package}: cannot write it: Permission denied")

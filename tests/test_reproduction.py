@@ -75,7 +75,8 @@ def test_a_signal_during_a_dataset_build_ends_in_one_line(tmp_path, signum):
     assert proc.returncode == 128 + signum, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == (
         f"{out}: stopped by {signal.Signals(signum).name}; the complete stages are kept and the "
-        "one it interrupted starts again: rerun the same command to go on"), stderr[-3000:]
+        "one it interrupted starts again (a run from its last checkpoint): rerun the same "
+        "command to go on"), stderr[-3000:]
     assert "Traceback" not in stderr
     # Stopped inside the build; or, where Python swallowed the handler's
     # exception (it ran inside a garbage collector's callback), at the next

@@ -4,6 +4,7 @@ one is refused), and a finished run left exactly as it was."""
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import json
@@ -16,8 +17,7 @@ import time
 
 import pytest
 import tensorflow as tf
-from conftest import (REPO, file_size_limit, no_write_permission, parsed_flags, run_main,
-                      without_dac_override)
+from conftest import REPO, file_size_limit, no_write_permission, parsed_flags, run_main
 
 from cg_tf import train
 from cg_tf.storage import lock
@@ -281,7 +281,7 @@ def test_a_file_size_limit_ends_in_one_error_line(digits_dir, tmp_path):
     file outgrows."""
     run = tmp_path / "run"
     proc = run_main(*train_args(digits_dir, run, "--steps=4", "--checkpoint_every=1"),
-                    preexec_fn=file_size_limit(16 * 1024))
+                    prefix=file_size_limit(16 * 1024))
     refused(proc, run, "File too large")
 
 
@@ -292,22 +292,46 @@ SWEEP = ["pipelines.sweep", "--source=digits", "--num_shards=2", "--fc_widths=16
 
 @pytest.mark.parametrize("stage", ["data", "training"])
 def test_a_sweep_stage_whose_writes_are_refused_ends_in_one_error_line(stage, tmp_path):
-    """16 KB a file: the dataset's shards outgrow it (the build, as
-    pipelines.noisy_labels runs it), and so does a run's event file. The
-    same command then goes on, as the line says."""
+    """16 KB a file: the dataset's shards outgrow it (the data stage), and so
+    does a run's event file (the training stage). The line asks for no
+    --overwrite (which would redo stages made with other flags), and the same
+    command goes on."""
     out = tmp_path / "out"
     if stage == "training":
         built = run_main(*SWEEP, f"--output_dir={out}", "--only=data*")
         assert built.returncode == 0, built.stderr[-3000:]
-    proc = run_main(*SWEEP, f"--output_dir={out}", preexec_fn=file_size_limit(16 * 1024))
+    proc = run_main(*SWEEP, f"--output_dir={out}", prefix=file_size_limit(16 * 1024))
     line = error_line(proc)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert line.startswith(f"error: cannot write {out}") and "File too large" in line, line
+    assert "raise the file-size limit" in line and "--overwrite" not in line, line
     if stage == "training":
         assert "the one it interrupted starts again" in line, line
     # With room again, the same command goes on from there.
     again = run_main(*SWEEP, f"--output_dir={out}")
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_what_counts_as_a_refused_write(tmp_path):
+    """Space, quota, size and a read-only filesystem refuse only writes; a
+    permission refused counts where the error names the folder being written,
+    not a read refused elsewhere; and other errors are not refusals."""
+    from cg_tf.storage.files import refused_write
+    out = str(tmp_path / "out")
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/elsewhere/x")
+    assert refused_write(full, out).reason == "No space left on device"
+    wrapped = RuntimeError(f"errors_impl.OutOfRangeError: {out}/_build_tmp/train.tmp-1; File "
+                           "too large [while running 'WriteShards']")  # as Beam wraps it
+    assert refused_write(wrapped, out).remedy == "raise the file-size limit (ulimit -f)"
+    assert refused_write(PermissionError(errno.EACCES, "Permission denied", f"{out}/x"), out)
+    assert refused_write(PermissionError(errno.EACCES, "Permission denied", "/data/in"),
+                         out) is None
+    remote = tf.errors.PermissionDeniedError(None, None, "gs://b/out/ckpt: HTTP 403")
+    assert refused_write(remote, "gs://b/out").reason == "Permission denied"
+    assert refused_write(remote, "gs://b/other") is None
+    oom = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+    assert refused_write(oom, out) is None
+    assert refused_write(FileNotFoundError(errno.ENOENT, "No such file", out), out) is None
 
 
 def test_a_read_only_model_dir_ends_in_one_error_line(digits_dir, tmp_path):
@@ -317,9 +341,8 @@ def test_a_read_only_model_dir_ends_in_one_error_line(digits_dir, tmp_path):
 
 
 def test_a_model_dir_without_write_permission_ends_in_one_error_line(digits_dir, tmp_path):
-    with no_write_permission(tmp_path / "ro") as disk:
-        proc = run_main(*train_args(digits_dir, disk / "run", "--steps=2"),
-                        prefix=without_dac_override())
+    with no_write_permission(tmp_path / "ro") as (disk, prefix):
+        proc = run_main(*train_args(digits_dir, disk / "run", "--steps=2"), prefix=prefix)
         refused(proc, disk / "run", "Permission denied")
 
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from typing import ClassVar
@@ -735,10 +736,13 @@ def test_a_stop_signal_checkpoints_and_says_how_to_resume(digits_dir, tmp_path, 
     again = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     said = []
+    stuck = threading.Timer(300, again.kill)  # no first step in 5 minutes: end it
+    stuck.start()
     for line in again.stderr:
         said.append(line)
         if "after the trainer started" in line:  # its first step is done
             break
+    stuck.cancel()
     again.send_signal(stop)
     said.append(again.communicate(timeout=300)[1])
     said = "".join(said)

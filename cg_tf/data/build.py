@@ -168,8 +168,20 @@ def build_dataset(source: Source, config: BuildConfig,
                   options: PipelineOptions | None = None) -> records.DatasetInfo:
     """Runs the noisy-label pipeline and writes dataset_info.json, holding the
     output directory's lock; returns it."""
-    with lock.hold(config.output_dir, "dataset build"):
-        return _build(source, config, options)
+    out = config.output_dir
+    with lock.hold(out, "dataset build"):
+        try:
+            return _build(source, config, options)
+        except BuildError:
+            raise
+        except Exception as e:  # a runner wraps its workers' errors in its own types
+            if (refusal := files.refused_write(e, out)) is None:
+                raise
+            # No rerun advice: pipelines.noisy_labels asks for --overwrite at its
+            # rerun, and a sweep's rerun starts the stage again by itself.
+            raise BuildError(f"cannot write {out}: {refusal.reason}. The directory is left "
+                             f"incomplete (no {records.INFO_FILE}): {refusal.remedy} and build "
+                             "it again") from None
 
 
 def _build(source: Source, config: BuildConfig,
@@ -188,15 +200,7 @@ def _build(source: Source, config: BuildConfig,
     _ = pipeline | noisy_dataset.BuildNoisyDataset(
         source, out, config.noise, config.num_shards, config.compression,
         config.train_examples)
-    try:
-        pipeline.run().wait_until_finish()
-    except Exception as e:  # a runner wraps its workers' errors in its own types
-        if (reason := files.refused_write(e)) is None:
-            raise
-        # No rerun advice: pipelines.noisy_labels asks for --overwrite at its
-        # rerun, and a sweep's rerun starts the stage again by itself.
-        raise BuildError(f"cannot write {out}: {reason}. The directory is left incomplete (no "
-                         f"{records.INFO_FILE}): make room for it and build it again") from None
+    pipeline.run().wait_until_finish()
     with tf.io.gfile.GFile(os.path.join(work, noisy_dataset.STATS_FILE)) as f:
         stats = json.load(f)
     tf.io.gfile.rename(os.path.join(work, noisy_dataset.REJECTED_FILE),

@@ -29,6 +29,7 @@ still checked.
 
 import logging
 import os
+import re
 import sys
 
 import numpy as np
@@ -36,7 +37,6 @@ import tensorflow as tf
 
 from cg_tf.data import images, records
 from cg_tf.data.records import INFO_FILE, DatasetError
-from cg_tf.storage.files import op_message
 
 _BATCH = 1024
 _FRAMING = 16  # bytes around each record in a TFRecord stream: length, 2 checksums
@@ -161,6 +161,11 @@ def _first_unreadable(path: str, compression: str | None, index: int,
     except tf.errors.OpError:
         pass
     return index, offset
+
+
+def op_message(e: tf.errors.OpError) -> str:
+    """TensorFlow's error message without the op and function names around it."""
+    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", e.message, flags=re.S).strip()
 
 
 def first_label_outside(labels: np.ndarray, true_labels: np.ndarray,

@@ -4,11 +4,11 @@ A file is written under a temporary name and renamed into place, so a reader
 (or a resumed run) sees the old file or the new one, never half of one.
 """
 
+import dataclasses
 import errno
 import hashlib
 import json
 import os
-import re
 from typing import Callable, TextIO
 
 import tensorflow as tf
@@ -16,27 +16,46 @@ import tensorflow as tf
 
 TMP_SUFFIX = ".tmp"  # of the file write_atomically writes before renaming it
 
-# The ways a filesystem refuses a write: no space, a quota, a file-size limit
-# (ulimit -f, FAT's 4 GB), a read-only filesystem, a directory without write
-# permission.
-REFUSED = tuple(os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS,
-                                         errno.EACCES))
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A write the storage refused: why, in its words, and what lets it through."""
+    reason: str
+    remedy: str
 
 
-def refused_write(e: BaseException) -> str | None:
-    """Why the filesystem refused a write (one of REFUSED), from an OSError,
-    from TensorFlow's error (a checkpoint, an event file), or from a pipeline
-    runner's error that wraps either; None for any other error, which keeps its
-    traceback. The caller names what it was writing."""
-    text = e.message if isinstance(e, tf.errors.OpError) else str(e)
+# What only a write can meet, and what lets it through.
+_WRITE_ONLY = {os.strerror(errno.ENOSPC): "free space on its disk",
+               os.strerror(errno.EDQUOT): "free space in your quota",
+               os.strerror(errno.EFBIG): "raise the file-size limit (ulimit -f)",
+               os.strerror(errno.EROFS): "make its filesystem writable"}
+PERMISSION = os.strerror(errno.EACCES)
+
+
+def refused_write(e: BaseException, directory: str) -> Refusal | None:
+    """The refusal behind `e`, raised while writing under `directory`: from an
+    OSError, from TensorFlow's error (a checkpoint, an event file, gs://), or
+    from a pipeline runner's error that wraps either. A full disk, a quota, a
+    file-size limit or a read-only filesystem only refuse writes; a permission
+    refused counts only where the error names a path under `directory` (a read
+    refused elsewhere is not a refused write). None for any other error, which
+    keeps its traceback."""
     if isinstance(e, OSError):
-        text = e.strerror or ""
-    return next((reason for reason in REFUSED if reason in text), None)
+        text, where = e.strerror or str(e), str(e.filename or "")
+    else:
+        text = where = e.message if isinstance(e, tf.errors.OpError) else str(e)
+    for reason, remedy in _WRITE_ONLY.items():
+        if reason in text:
+            return Refusal(reason, remedy)
+    denied = PERMISSION in text or isinstance(e, tf.errors.PermissionDeniedError)
+    if denied and _names(where, str(directory)):
+        return Refusal(PERMISSION, "make it writable for you")
+    return None
 
 
-def op_message(e: tf.errors.OpError) -> str:
-    """TensorFlow's error message without the op and function names around it."""
-    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", e.message, flags=re.S).strip()
+def _names(text: str, directory: str) -> bool:
+    """Whether `text` names `directory` (as given, or made absolute)."""
+    given = directory.rstrip("/")
+    return given in text or ("://" not in given and os.path.abspath(given) in text)
 
 
 def write_atomically(path: str, write: Callable[[TextIO], object], mode: str = "w") -> None:

@@ -256,8 +256,9 @@ class Lock:
                                     other, why)
                     self.storage.remove_if(self.path, other.nonce)
         except (OSError, tf.errors.OpError) as e:
-            if reason := files.refused_write(e):
-                raise LockError(f"cannot write {self.directory}: {reason}") from e
+            if refusal := files.refused_write(e, self.directory):
+                raise LockError(f"cannot write {self.directory}: {refusal.reason} "
+                                f"({refusal.remedy})") from e
             raise LockError(f"cannot lock {self.directory}: {e}") from e
         raise Busy(f"{self.directory}: other processes kept taking its lock; try again")
 
