@@ -6,6 +6,7 @@ import glob
 import gzip
 import io
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -65,6 +66,8 @@ def file_size_limit(limit: int) -> tuple[str, ...]:
     `limit` bytes (ulimit -f): a write past it fails as "File too large" (Python
     ignores the SIGXFSZ the kernel sends first). The child writes no bytecode,
     which the limit would cut short and leave for later imports."""
+    if not shutil.which("prlimit"):
+        pytest.skip("no prlimit (util-linux) to limit a child's file size")
     return ("prlimit", f"--fsize={limit}", "--", "env", "PYTHONDONTWRITEBYTECODE=1")
 
 
