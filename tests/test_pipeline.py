@@ -259,3 +259,9 @@ def test_a_report_the_disk_refuses_ends_in_one_line(error, tmp_path):
                                              r"The runs are complete and kept"):
             shared_flags.write_report(write)
         assert shared_flags.write_report(lambda: 7) == 7
+
+        def missing():  # not a refused write: it keeps its traceback
+            raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "x"))
+
+        with pytest.raises(FileNotFoundError):
+            shared_flags.write_report(missing)

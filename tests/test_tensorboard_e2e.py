@@ -47,7 +47,8 @@ def test_plot_draws_the_figure_and_exports_every_metric(logdir, tmp_path):
     pdf = tmp_path / "figs" / "figure.pdf"  # the vector copy, beside it
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000
     assert f"figure: {out}\nfigure_pdf: {pdf}" in done.stdout
-    assert "| mean | plain SGD |" in done.stdout and "| winsorized, c=4 | winsorized:4 |" in done.stdout
+    assert "| mean | plain SGD |" in done.stdout
+    assert "| winsorized, c=4 | winsorized:4 |" in done.stdout
     with open(table) as f:
         rows = list(csv.DictReader(f))
     configs = {r.name: r.config for r in report.load_runs(str(logdir))}

@@ -1,7 +1,9 @@
 """Whole-file reads and writes for local paths and gs:// alike (tf.io.gfile).
 
 A file is written under a temporary name and renamed into place, so a reader
-(or a resumed run) sees the old file or the new one, never half of one.
+(or a resumed run) sees the old file or the new one, never half of one. A
+write the storage refuses (full, read-only, ...) is told from other errors by
+`refused_write`, so every program can end on it in one line.
 """
 
 import dataclasses
@@ -15,6 +17,7 @@ import tensorflow as tf
 
 
 TMP_SUFFIX = ".tmp"  # of the file write_atomically writes before renaming it
+
 
 @dataclasses.dataclass(frozen=True)
 class Refusal:
