@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import REPO, run_main
+from conftest import REPO, no_write_permission, run_main
 
 from cg_tf.measure import report
 
@@ -67,6 +67,13 @@ def test_plot_draws_the_figure_and_exports_every_metric(logdir, tmp_path):
     bad = run_main("tools.plot", f"--logdir={logdir}", f"--out={table}/x.png")
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
         f"error: --out={table}/x.png: cannot make its folder: File exists"), bad.stderr[-2000:]
+    # A folder it may not write to: one line.
+    with no_write_permission(tmp_path / "ro") as (folder, prefix):
+        bad = run_main("tools.plot", f"--logdir={logdir}", f"--out={folder / 'x.png'}",
+                       prefix=prefix)
+        assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+            "error: cannot write the figure or the table: Permission denied (make it writable "
+            "for you)"), bad.stderr[-2000:]
 
 
 def free_port():

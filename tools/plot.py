@@ -15,6 +15,7 @@ from absl import app, flags, logging
 
 from cg_tf import common_flags
 from cg_tf.measure import report
+from cg_tf.storage import files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("logdir", None, "Directory holding the runs (e.g. runs/).")
@@ -62,7 +63,12 @@ def main(argv):
             report.write_csv(runs, FLAGS.csv)
             print(f"metrics: {FLAGS.csv}")
     except (OSError, tf.errors.OpError) as e:  # a full disk, a read-only folder
-        sys.exit(f"error: cannot write the figure or the table: {getattr(e, 'message', e)}")
+        folders = [os.path.dirname(os.path.abspath(p)) for p in (FLAGS.out, FLAGS.csv) if p]
+        refusal = next(filter(None, (files.refused_write(e, f) for f in folders)), None)
+        if refusal is None:
+            raise
+        sys.exit(f"error: cannot write the figure or the table: {refusal.reason} "
+                 f"({refusal.remedy})")
 
 
 if __name__ == "__main__":
