@@ -37,8 +37,9 @@ setuptools.setup(
     extras_require={
         # The tests build a Dataflow job (dry run), which needs Beam's GCP clients,
         # drive Debian's chromium through selenium (the browser test of the plugin),
-        # run tools.benchmark and run a KFP package locally.
-        "test": ["pytest>=8", "apache-beam[gcp,tfrecord]==2.77.*", "selenium>=4.20",
+        # run tools.benchmark and run a KFP package locally; pytest-xdist runs the
+        # tests on two processes (most of them start subprocesses and wait).
+        "test": ["pytest>=8", "pytest-xdist>=3", "apache-beam[gcp,tfrecord]==2.77.*", "selenium>=4.20",
                  "psutil>=5.9", "kfp==2.17.*"],
         # tools.benchmark samples the process's resident memory.
         "benchmark": ["psutil>=5.9"],
