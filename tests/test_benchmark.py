@@ -61,7 +61,7 @@ def test_collective_bytes_counts_the_rules_factors():
     assert factors == (784 + 2048 + 2048) + (2048 + 10 + 10)
     row = traffic(params=1000, factors=10, batch=64, replicas=8)
     assert row["plain_payload"] == 4000 and row["gather_payload"] == 4 * 64 * 10
-    assert row["robust_over_plain"] == (2560 + 8000) / 4000
+    assert row["robust_over_plain"] == (2560 + 4000) / 4000
     assert ring_sent(800, 8) == 1400 and row["all_to_all_sent"] == 4 * 8 * 1000 * 7 / 8
 
 

@@ -232,11 +232,11 @@ def test_the_output_layer_is_read_from_the_models_structure():
         RobustModel(joined, Winsorized(c=2, layers="hidden"))
 
 
-def run_steps(strategy, aggregator, kind, batches, lr=0.1, chunk=None):
+def run_steps(strategy, aggregator, kind, batches, lr=0.1, chunk=None, weight_decay=0.0):
     """Weights after one train step per batch, starting from seed-0 weights."""
     with strategy.scope():
         net = make_net(kind)
-        model = RobustModel(net, aggregator, per_example_chunk=chunk)
+        model = RobustModel(net, aggregator, per_example_chunk=chunk, weight_decay=weight_decay)
         model.compile(optimizer=keras.optimizers.SGD(lr))
     step = tf.function(lambda b: strategy.run(model.train_step, args=(b,)))
     for data in batches:
@@ -250,18 +250,43 @@ def run_steps(strategy, aggregator, kind, batches, lr=0.1, chunk=None):
 def test_one_two_and_four_replicas_give_the_same_update(name, monkeypatch):
     """Every variable goes by tiles (SMALL = 0), so each replica computes a
     share of its rows (the 6 hidden units' 16 input rows: 8 or 4 per replica;
-    the logits' 6 rows: 3 or 2) and one sum assembles them."""
+    the logits' 6 rows: 3 or 2), and the optimizer's all-reduce adds the
+    shares; weight decay is split among the replicas' parts."""
     monkeypatch.setattr(tiled, "SMALL", 0)
     name, _, layers = name.partition("@")
     config = make_aggregator(name, c=2, k=3, layers=layers or "all")
     batches = [batch(s) for s in range(4 if name in ("rm3", "ra3") else 1)]
-    one = run_steps(tf.distribute.get_strategy(), config, "fc", batches)
+    one = run_steps(tf.distribute.get_strategy(), config, "fc", batches, weight_decay=0.05)
     start = [v.numpy() for v in make_net("fc").trainable_variables]
     assert any(not np.allclose(a, s) for a, s in zip(one, start))  # It did update.
     # (two replicas for one aggregator: each layout compiles its own tiles)
     for n in (2, 4) if name == "winsorized" else (4,):
-        for a, b in zip(one, run_steps(replicas(n), config, "fc", batches)):
+        for a, b in zip(one, run_steps(replicas(n), config, "fc", batches, weight_decay=0.05)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{n} replicas")
+
+
+@pytest.mark.parametrize("name", ["mean", "winsorized", "median_of_means", "rm3"])
+def test_the_update_crosses_replicas_in_one_all_reduce(name, monkeypatch):
+    """What a step all-reduces, per replica, in floats: the tally [loss sum,
+    correct], the optimizer's sum of the replicas' parts of the update (P, once:
+    the parts are disjoint shares, or 1 / replicas of a value every replica
+    holds), and for a per-example aggregator the gathered factors of the global
+    batch (fc 16-6-3: each dense layer's input, output gradient and the bias's
+    copy of it). rm3 needs the whole gradient for its median: one more P."""
+    from tensorflow.python.distribute import distribute_lib
+    payloads = []  # every replica's calls (the replica functions are traced in threads)
+    original = distribute_lib.ReplicaContextBase.all_reduce
+
+    def recording(ctx, op, value, options=None):
+        payloads.append(sum(int(np.prod(v.shape)) for v in tf.nest.flatten(value)))
+        return original(ctx, op, value, options)
+
+    monkeypatch.setattr(distribute_lib.ReplicaContextBase, "all_reduce", recording)
+    run_steps(replicas(2), make_aggregator(name, c=2, k=3), "fc", [batch(0)])
+    params = 16 * 6 + 6 + 6 * 3 + 3
+    factors = (16 + 6 + 6) + (6 + 3 + 3)
+    gathered = {"mean": [], "rm3": [params]}.get(name, [B * factors])
+    assert sorted(payloads) == sorted(2 * [*gathered, 2, params]), payloads
 
 
 @pytest.mark.parametrize("name", ["winsorized", "median"])

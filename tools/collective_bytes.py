@@ -5,13 +5,12 @@
 
 Plain SGD all-reduces the gradient once: P floats (the trainable parameters).
 A per-example aggregator's step (cg_tf.robust.aggregators.global_values and
-tiled.robust_share) all-reduces three things: the factors the layer rules
+tiled.robust_share) all-reduces two things: the factors the layer rules
 record (per example: a dense layer's input and output gradient, a
 convolution's input patches and output gradient, a normalization's per-example
 scale and shift values), gathered from every replica as one buffer of the
-global batch B; the assembled update (P, each replica filling its share of
-the coordinates); and the optimizer's all-reduce of the (identical) update
-(P). The factors per example (F) are counted from the rules themselves, on
+global batch B; and the update (P), in the optimizer's all-reduce, which adds
+the replicas' shares of the coordinates. The factors per example (F) are counted from the rules themselves, on
 one example of each model, so the table is the implementation's.
 
 Printed per model: P, F, B, each collective's payload (the buffer's bytes),
@@ -50,7 +49,7 @@ def traffic(params: int, factors: int, batch: int, replicas: int) -> dict:
     payloads, and what a replica sends of each; the all-to-all alternative."""
     plain = FLOAT * params
     gather = FLOAT * batch * factors
-    robust = gather + 2 * plain
+    robust = gather + plain
     return {"params": params, "factors_per_example": factors, "batch": batch,
             "replicas": replicas, "plain_payload": plain, "gather_payload": gather,
             "robust_payload": robust, "robust_over_plain": robust / plain,

@@ -52,10 +52,11 @@ def global_batch(x: tf.Tensor, sync: Collectives) -> int:
 
 
 def mean_gradient(source: GradientSource, x, y, sync: Collectives):
-    """The global batch's mean gradient and this replica's tally."""
+    """This replica's part of the global batch's mean gradient (its examples'
+    sum over the global batch size) and its tally."""
     g, losses, logits = source.summed(x, y)
     n = global_batch(x, sync)
-    return [s / n for s in sync.sum(g)], tally(y, losses, logits)
+    return [s / n for s in g], tally(y, losses, logits)
 
 
 def global_values(source: GradientSource, x, y, sync: Collectives, chunk: int | None
@@ -136,15 +137,18 @@ class Aggregator:
         return {"name": self.name, **({self.parameter: self.value} if self.parameter else {}),
                 **({"layers": self.layers.name} if self._filtered else {})}
 
-    def by_layer(self, values: list[PerExample], model, aggregate) -> list[tf.Tensor]:
-        """`aggregate(values, variables)` over the per-example values of the
-        layers of `model` that are aggregated robustly, and over the others'
-        the mean of their values, in the order of its trainable variables."""
+    def by_layer(self, values: list[PerExample], model, aggregate, replicas: int
+                 ) -> list[tf.Tensor]:
+        """A replica's part of the aggregate of the global batch's per-example
+        `values` (every replica holds them all): `aggregate(values, variables)`
+        (a replica's share) for the layers of `model` aggregated robustly, and
+        the mean over `replicas` for the others', in the order of its
+        trainable variables."""
         variables = model.trainable_variables
         robust = self.layers.robust(model)
         (robust_values, mean_values), (robust_vars, mean_vars) = (
             layer_filter.split(values, robust), layer_filter.split(variables, robust))
-        means = [tf.reshape(v.groups(1).stacked()[0] / v.count, w.shape)
+        means = [tf.reshape(v.groups(1).stacked()[0] / (v.count * replicas), w.shape)
                  for v, w in zip(mean_values, mean_vars)]
         aggregated = aggregate(robust_values, robust_vars) if robust_values else []
         return layer_filter.merge(aggregated, means, robust)
@@ -175,13 +179,17 @@ class Aggregator:
 
     def gradient(self, source: GradientSource, x, y, sync: Collectives,
                  chunk: int | None = None) -> tuple[list[tf.Tensor], tf.Tensor]:
-        """The global aggregated gradient of the batch (x, y) of which each
-        replica holds its part, and this replica's tally [sum of losses, correct]."""
+        """This replica's part of the aggregated gradient of the global batch
+        (x, y) of which each replica holds its slice (the parts of all replicas
+        sum to it: the optimizer's all-reduce adds them), and this replica's
+        tally [sum of losses, correct]."""
         return mean_gradient(source, x, y, sync)
 
-    def finish(self, grads: list[tf.Tensor], state: tf.Module | None) -> list[tf.Tensor]:
-        """The update direction from this step's gradient (weight decay added)."""
-        return grads
+    def finish(self, parts: list[tf.Tensor], state: tf.Module | None, sync: Collectives
+               ) -> list[tf.Tensor]:
+        """This replica's part of the update direction, from its part of this
+        step's gradient (weight decay added)."""
+        return parts
 
 
 @register
@@ -222,7 +230,8 @@ class OrderStatistic(Aggregator):
     def gradient(self, source, x, y, sync, chunk=None):
         values, counts = global_values(source, x, y, sync, chunk)
         return self.by_layer(values, source.model,
-                             lambda v, w: tiled.aggregate(v, self, w, sync)), counts
+                             lambda v, w: tiled.aggregate(v, self, w, sync),
+                             sync.replicas), counts
 
     # -- the gradient probe --------------------------------------------------------
 
@@ -343,10 +352,12 @@ class MedianOfMeans(Aggregator):
 
     def _median_of_groups(self, groups: list[PerExample], model, size: int,
                           sync: Collectives):
-        """The median of the k group sums over the group size (the mean of the
-        group sums for the layers the filter leaves to the mean)."""
+        """A replica's part of the median of the k group sums over the group
+        size (the mean of the group sums for the layers the filter leaves to
+        the mean); every replica holds all k group sums."""
         medians = self.by_layer(groups, model,
-                                lambda v, w: tiled.aggregate(v, Median(), w, sync))
+                                lambda v, w: tiled.aggregate(v, Median(), w, sync),
+                                sync.replicas)
         return [m / size for m in medians]
 
     def _by_passes(self, source, x, y, sync):
@@ -404,7 +415,10 @@ class Temporal(Aggregator):
     def build(self, model, variables):
         return History(variables)
 
-    def finish(self, grads, state: History):
+    def finish(self, parts, state: History, sync):
+        """The combination needs the whole gradient: the parts are all-reduced
+        first, and each replica returns its 1 / replicas of the result."""
+        grads = sync.sum(parts)
         ready = state.count >= 2
         out = self.combine(grads, [tf.convert_to_tensor(h) for h in state.previous],
                            [tf.convert_to_tensor(h) for h in state.before], ready)
@@ -413,7 +427,7 @@ class Temporal(Aggregator):
             h2.assign(h1)
             h1.assign(g)
         state.count.assign_add(1)
-        return out
+        return [o / sync.replicas for o in out]
 
 
 def median3(a: tf.Tensor, b: tf.Tensor, c: tf.Tensor) -> tf.Tensor:

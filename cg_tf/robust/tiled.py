@@ -536,13 +536,14 @@ def aggregate(values: list[PerExample], stat: Statistic, variables: list,
     """The statistic of each variable's per-example values (every replica's
     `values` those of the whole global batch), shaped like the variables: an
     XLA computation by tiles per variable, and one for all small variables
-    side by side, each replica computing its share of the rows
-    (`robust_share`), which one cross-replica sum assembles."""
+    side by side. Under `sync` each replica computes and returns its share of
+    the rows (`robust_share`, zeros elsewhere): the shares of all replicas sum
+    to the statistic, and the optimizer's all-reduce is what adds them."""
     replicas = sync.replicas if sync else 1
     replica = sync.replica_id if sync else tf.constant(0)
     parts, small = _grouped(values, replicas)
     shares = [_compiled(_signature(p, stat), replicas)(p, replica) for p in parts]
-    return _ungrouped(sync.sum(shares) if sync else shares, small, variables)
+    return _ungrouped(shares, small, variables)
 
 
 def probe(values: list[PerExample], stat: Statistic, ranks: tuple[int, int],

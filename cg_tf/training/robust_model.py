@@ -17,9 +17,9 @@ refuse one with momentum (SGD's or RMSprop's `momentum`, the `beta_1` of Adam
 and its kin). Examples are weighed by the aggregator alone: sample and class
 weights are refused. Under a `tf.distribute` strategy
 scope each replica takes its part of the global batch; every aggregator
-(cg_tf.robust.aggregators) yields the same global value on every replica, which
-is divided by the replica count because Keras' optimizer.apply sums across
-replicas. Weight decay (L2, coupled) is added to the aggregated gradient; for
+(cg_tf.robust.aggregators) yields a replica's part of the global update (its
+share of the order statistics' coordinates, its examples' part of a mean), and
+Keras' optimizer.apply sums the parts across replicas. Weight decay (L2, coupled) is added to the aggregated gradient; for
 rm3/ra3 to each step's gradient before the median, as in the authors' code
 (for the per-example aggregators adding it before or after is the same).
 
@@ -336,16 +336,24 @@ class RobustModel(keras.Model):
                      dataclasses.replace(self.names, momentum=self.names.momentum or name))
         self._checked_layout = key
 
-    def aggregated_gradient(self, x, y, sync: Collectives | None = None):
-        """The global update direction (the same on every replica), and this
-        replica's tally [sum of losses, number correct]."""
-        sync = sync or Collectives.current()
-        grads, counts = self.aggregator.gradient(self.source, x, y, sync,
+    def update_part(self, x, y, sync: Collectives):
+        """This replica's part of the update direction (the parts of all
+        replicas sum to it), and this replica's tally [sum of losses, number
+        correct]."""
+        parts, counts = self.aggregator.gradient(self.source, x, y, sync,
                                                  self.per_example_chunk)
         if self.weight_decay:
-            grads = [g + self.weight_decay * tf.convert_to_tensor(v)
-                     for g, v in zip(grads, self.source.variables)]
-        return self.aggregator.finish(grads, self.aggregator_state), counts
+            decay = self.weight_decay / sync.replicas
+            parts = [g + decay * tf.convert_to_tensor(v)
+                     for g, v in zip(parts, self.source.variables)]
+        return self.aggregator.finish(parts, self.aggregator_state, sync), counts
+
+    def aggregated_gradient(self, x, y, sync: Collectives | None = None):
+        """The global update direction (the same on every replica: the parts
+        all-reduced), and this replica's tally [sum of losses, number correct]."""
+        sync = sync or Collectives.current()
+        parts, counts = self.update_part(x, y, sync)
+        return sync.sum(parts), counts
 
     @property
     def metrics(self):
@@ -382,7 +390,7 @@ class RobustModel(keras.Model):
                 y = checked_labels(y, self.classes)
         sync = Collectives.current()
         with self.source.recording() as forwards:  # the outputs the gradients came from
-            grads, counts = self.aggregated_gradient(x, y, sync)
+            grads, counts = self.update_part(x, y, sync)
         if self._compiled_metrics():
             self.compute_metrics(x, *(tf.concat(part, 0) for part in zip(*forwards)), None)
         totals = tf.unstack(sync.sum([counts if outside is None
@@ -391,8 +399,9 @@ class RobustModel(keras.Model):
         if outside is not None:  # a bad label: zero gradients, and the loss says why
             grads = [tf.where(totals[2] > 0, tf.zeros_like(g), g) for g in grads]
             total_loss = tf.where(totals[2] > 0, LABELS_OUTSIDE_LOSS, total_loss)
-        # optimizer.apply sums over replicas: last in the chain of collectives.
-        grads = sync.after([g / sync.replicas for g in grads])
+        # optimizer.apply sums the replicas' parts into the update: the last
+        # collective of the chain, and the only one of the update's size.
+        grads = sync.after(grads)
         # The updates go in any order, each as soon as it is ready: every
         # gradient above is computed from the tensors that the forward read
         # (layer_rules), and automatic control dependencies make each
