@@ -35,8 +35,19 @@ def bn_net(shape=(6, 6, 2)):
     return keras.Model(inputs, keras.layers.Dense(C, name="logits")(x))
 
 
+def two_conv_net(shape=SHAPE):
+    """A 3 x 3 convolution, whose input is smaller than its patches, then a
+    1 x 1 of stride 2, whose patches are smaller than its input."""
+    x = inputs = keras.Input(shape)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv3x3")(x)
+    x = keras.layers.Conv2D(4, 1, strides=2, activation="relu", name="conv1x1")(x)
+    return keras.Model(inputs, keras.layers.Dense(C, name="logits")(keras.layers.Flatten()(x)))
+
+
 def make_net(kind, seed=0):
     keras.utils.set_random_seed(seed)
+    if kind == "convs":
+        return two_conv_net()
     if kind == "softmax":
         return models.fc(SHAPE, C, widths=())
     if kind == "fc":
@@ -265,6 +276,21 @@ def test_one_two_and_four_replicas_give_the_same_update(name, monkeypatch):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{n} replicas")
 
 
+def all_reduce_payloads(monkeypatch) -> list[int]:
+    """The floats of each all-reduce traced from now on, by every replica (the
+    replica functions are traced in threads)."""
+    from tensorflow.python.distribute import distribute_lib
+    payloads = []
+    original = distribute_lib.ReplicaContextBase.all_reduce
+
+    def recording(ctx, op, value, options=None):
+        payloads.append(sum(int(np.prod(v.shape)) for v in tf.nest.flatten(value)))
+        return original(ctx, op, value, options)
+
+    monkeypatch.setattr(distribute_lib.ReplicaContextBase, "all_reduce", recording)
+    return payloads
+
+
 @pytest.mark.parametrize("name", ["mean", "winsorized", "median_of_means", "rm3"])
 def test_the_update_crosses_replicas_in_one_all_reduce(name, monkeypatch):
     """What a step all-reduces, per replica, in floats: the tally [loss sum,
@@ -273,20 +299,29 @@ def test_the_update_crosses_replicas_in_one_all_reduce(name, monkeypatch):
     holds), and for a per-example aggregator the gathered factors of the global
     batch (fc 16-6-3: each dense layer's input, output gradient and the bias's
     copy of it). rm3 needs the whole gradient for its median: one more P."""
-    from tensorflow.python.distribute import distribute_lib
-    payloads = []  # every replica's calls (the replica functions are traced in threads)
-    original = distribute_lib.ReplicaContextBase.all_reduce
-
-    def recording(ctx, op, value, options=None):
-        payloads.append(sum(int(np.prod(v.shape)) for v in tf.nest.flatten(value)))
-        return original(ctx, op, value, options)
-
-    monkeypatch.setattr(distribute_lib.ReplicaContextBase, "all_reduce", recording)
+    payloads = all_reduce_payloads(monkeypatch)
     run_steps(replicas(2), make_aggregator(name, c=2, k=3), "fc", [batch(0)])
     params = 16 * 6 + 6 + 6 * 3 + 3
     factors = (16 + 6 + 6) + (6 + 3 + 3)
     gathered = {"mean": [], "rm3": [params]}.get(name, [B * factors])
     assert sorted(payloads) == sorted(2 * [*gathered, 2, params]), payloads
+
+
+def test_replicas_gather_a_convolutions_input_where_its_patches_are_larger(monkeypatch):
+    """Per example, in floats: the 3 x 3 convolution's input (4 x 4 x 1, not
+    its 16 patches of 9) and output gradient (4 x 4 x 4); the 1 x 1 of stride
+    2 its patches (2 x 2 x 4, not its input of 4 x 4 x 4) and output gradient
+    (2 x 2 x 4); each bias its output gradient's sum; the logits layer its
+    input and output gradient. The update is that of one replica."""
+    monkeypatch.setattr(tiled, "SMALL", 0)
+    payloads = all_reduce_payloads(monkeypatch)
+    config = make_aggregator("winsorized", c=2)
+    two = run_steps(replicas(2), config, "convs", [batch(0)])
+    params = sum(int(np.prod(v.shape)) for v in two_conv_net().trainable_variables)
+    factors = (16 + 64 + 4) + (16 + 16 + 4) + (16 + C + C)
+    assert sorted(payloads) == sorted(2 * [B * factors, 2, params]), payloads
+    for a, b in zip(run_steps(tf.distribute.get_strategy(), config, "convs", [batch(0)]), two):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["winsorized", "median"])

@@ -7,8 +7,8 @@ Plain SGD all-reduces the gradient once: P floats (the trainable parameters).
 A per-example aggregator's step (cg_tf.robust.aggregators.global_values and
 tiled.robust_share) all-reduces two things: the factors the layer rules
 record (per example: a dense layer's input and output gradient, a
-convolution's input patches and output gradient, a normalization's per-example
-scale and shift values), gathered from every replica as one buffer of the
+convolution's input (or its patches, where those are smaller) and output
+gradient, a normalization's per-example scale and shift values), gathered from every replica as one buffer of the
 global batch B; and the update (P), in the optimizer's all-reduce, which adds
 the replicas' shares of the coordinates. The factors per example (F) are counted from the rules themselves, on
 one example of each model, so the table is the implementation's.
@@ -63,6 +63,7 @@ def factors_per_example(name: str) -> tuple[int, int]:
     import numpy as np
     import tensorflow as tf
 
+    from cg_tf.robust import layer_rules
     from cg_tf.robust.collectives import Collectives
     from cg_tf.robust.gradients import GradientSource
     from cg_tf.training import models
@@ -73,8 +74,8 @@ def factors_per_example(name: str) -> tuple[int, int]:
         raise ValueError(f"{name}: not factored by layer rules")
     x = tf.constant(np.random.default_rng(0).random((1, *shape), np.float32))
     y = tf.constant([0], tf.int32)
-    values, _, _ = source.per_example(x, y, None, Collectives.current())
-    factors = sum(int(np.prod(t.shape[1:])) for t in tf.nest.flatten(values))
+    values, _, _ = source.per_example(x, y, None, Collectives.current(), expand=False)
+    factors = sum(layer_rules.floats_per_example(v) for v in values)
     return sum(int(np.prod(v.shape)) for v in net.trainable_variables), factors
 
 

@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import tensorflow as tf
 
-from cg_tf.robust import layer_filter, names, tiled
+from cg_tf.robust import layer_filter, layer_rules, names, tiled
 from cg_tf.robust.collectives import Collectives, tally
 from cg_tf.robust.gradients import GradientSource
 from cg_tf.robust.layer_rules import PerExample, Stacked
@@ -62,11 +62,10 @@ def mean_gradient(source: GradientSource, x, y, sync: Collectives):
 def global_values(source: GradientSource, x, y, sync: Collectives, chunk: int | None
                   ) -> tuple[list[PerExample], tf.Tensor]:
     """Per-example values of the global batch (replicas gather the factors,
-    not the per-example gradients, in replica order), and this replica's tally."""
-    values, losses, logits = source.per_example(x, y, chunk, sync)
-    if sync.replicas > 1:
-        values = tf.nest.pack_sequence_as(values, sync.gather(tf.nest.flatten(values)))
-    return values, tally(y, losses, logits)
+    not the per-example gradients, in replica order, and a convolution's input
+    rather than its patches where that is smaller), and this replica's tally."""
+    values, losses, logits = source.per_example(x, y, chunk, sync, expand=False)
+    return layer_rules.gathered(values, sync), tally(y, losses, logits)
 
 
 @dataclasses.dataclass(frozen=True)

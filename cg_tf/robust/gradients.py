@@ -247,10 +247,12 @@ class GradientSource:
         return tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), init))[1]
 
     def per_example(self, x: tf.Tensor, y: tf.Tensor, chunk: int | None, sync,
-                    frozen_bn: bool = False) -> tuple[list[PerExample], tf.Tensor, tf.Tensor]:
+                    frozen_bn: bool = False, expand: bool = True
+                    ) -> tuple[list[PerExample], tf.Tensor, tf.Tensor]:
         """Per-example values of every variable for the replica's batch, the
         per-example losses and the logits. Factored by layer where the model
-        allows; otherwise per-example gradients in chunks of `chunk` examples.
+        allows (the values a rule leaves `Unexpanded` stay so unless `expand`);
+        otherwise per-example gradients in chunks of `chunk` examples.
         With `frozen_bn`, BatchNorm uses its moving averages, no state changes
         and the forward is not recorded (for measurements)."""
         by_rules = self.ruled if frozen_bn else self.factored  # frozen BN: any rule fits
@@ -263,7 +265,7 @@ class GradientSource:
                 total = tf.reduce_sum(losses)
             grads = tape.gradient(total, [r.watched for r in recordings])
             record(logits)
-            return (layer_rules.per_example_values(self.variables, recordings, grads),
+            return (layer_rules.per_example_values(self.variables, recordings, grads, expand),
                     losses, logits)
         n = x.shape[0] // chunk_size(chunk, x.shape[0])
 

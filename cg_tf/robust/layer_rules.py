@@ -16,7 +16,10 @@ without forming them for the whole variable:
 
 Per-example gradients are `PerExample` values: `Outer(x [n, T, I], d [n, T, O])`
 (example i's gradient is sum_t x[i, t] (outer) d[i, t], an [I, O] matrix formed
-tile by tile, never for the whole variable) or `Stacked(g [n, *shape])`.
+tile by tile, never for the whole variable) or `Stacked(g [n, *shape])`. A rule
+may leave them `Unexpanded`, as the smaller tensors they are made from (a
+convolution's input rather than its kh x kw patches of it): replicas gather
+those (`gathered`) and expand them after.
 
 Rules live in a registry keyed by layer class (`register`), as tf-privacy's
 fast clipping registry does; a layer with weights and no rule falls back to
@@ -88,6 +91,48 @@ class Stacked(NamedTuple):
 PerExample = Outer | Stacked
 
 
+class Unexpanded(NamedTuple):
+    """Per-example values held as the tensors they are made from, each [n, ...],
+    because those are smaller: `expand(*tensors)` gives the PerExample."""
+
+    tensors: tuple[tf.Tensor, ...]
+    expand: Callable[..., PerExample]
+
+    @property
+    def count(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def expanded(self) -> PerExample:
+        return self.expand(*self.tensors)
+
+
+def expanded(values: PerExample | Unexpanded) -> PerExample:
+    return values.expanded() if isinstance(values, Unexpanded) else values
+
+
+def _tensors(values: PerExample | Unexpanded) -> tuple[tf.Tensor, ...]:
+    """What stands for `values` in a gather (the fields of Outer and Stacked)."""
+    return values.tensors if isinstance(values, Unexpanded) else tuple(values)
+
+
+def floats_per_example(values: PerExample | Unexpanded) -> int:
+    """The floats a gather moves per example for `values`."""
+    return sum(t.shape[1:].num_elements() for t in _tensors(values))
+
+
+def gathered(values: list[PerExample | Unexpanded], sync) -> list[PerExample]:
+    """Every replica's values, for the global batch (concatenated in replica
+    order, in one collective: collectives.Collectives.gather), expanded."""
+    parts = [_tensors(v) for v in values]
+    flat = [t for p in parts for t in p]
+    flat = sync.gather(flat) if sync.replicas > 1 else flat
+    out = []
+    for v, p in zip(values, parts):
+        mine, flat = flat[:len(p)], flat[len(p):]
+        out.append(v.expand(*mine) if isinstance(v, Unexpanded) else type(v)(*mine))
+    return out
+
+
 # -- rules -------------------------------------------------------------------------
 
 
@@ -148,10 +193,18 @@ class Conv2DRule(Rule):
                               dilations=layer.dilation_rate)
         if layer.use_bias:
             z = z + layer.bias
-        patches = lambda: tf.image.extract_patches(x, [1, kh, kw, 1], strides, rates, padding)  # noqa: E731
-        return layer.activation(z), Recording(
-            [z], lambda g: _with_bias(layer, g[0], Outer(_positions(patches()),
-                                                            _positions(g[0]))))
+
+        def kernel_values(x, dz):
+            patches = tf.image.extract_patches(x, [1, kh, kw, 1], strides, rates, padding)
+            return Outer(_positions(patches), _positions(dz))
+
+        # The patches hold about kh x kw / stride^2 copies of the input: kept
+        # unexpanded when the input is the smaller (a 1 x 1 convolution of
+        # stride 2 is the other way round).
+        smaller = x.shape[1:].num_elements() < z.shape[1:3].num_elements() * kh * kw * x.shape[-1]
+        return layer.activation(z), Recording([z], lambda g: _with_bias(
+            layer, g[0], Unexpanded((x, g[0]), kernel_values) if smaller
+            else kernel_values(x, g[0])))
 
 
 def _scale_shift(layer, out_grad, x_hat, axes: list[int]):
@@ -394,14 +447,17 @@ def _raise(op):
 
 
 def per_example_values(variables: list, recordings: list[Recording],
-                       grads: list[list[tf.Tensor]]) -> list[PerExample]:
-    """Each variable's per-example values (a layer called several times adds up)."""
-    by_id: dict[int, PerExample] = {}
+                       grads: list[list[tf.Tensor]], expand: bool = True
+                       ) -> list[PerExample | Unexpanded]:
+    """Each variable's per-example values (a layer called several times adds
+    up), expanded unless `expand` is False."""
+    by_id: dict[int, PerExample | Unexpanded] = {}
     for recording, g in zip(recordings, grads):
         for v, values in recording.per_example(g):
             key = id(v)
-            by_id[key] = by_id[key].concat(values) if key in by_id else values
+            by_id[key] = (expanded(by_id[key]).concat(expanded(values)) if key in by_id
+                          else values)
     missing = [v.path for v in variables if id(v) not in by_id]
     if missing:
         raise NotFactorable(f"no per-example values for {', '.join(missing)}")
-    return [by_id[id(v)] for v in variables]
+    return [by_id[id(v)] if not expand else expanded(by_id[id(v)]) for v in variables]
