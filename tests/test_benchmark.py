@@ -74,3 +74,35 @@ def test_the_tile_benchmark_times_the_tiles_and_checks_them_against_numpy():
     assert [(r[0], r[1]) for r in rows] == [("tiles", "12"), ("tiles", "30"), ("sort", "12"),
                                             ("sort", "30")]
     assert all(r[-1] == "True" for r in rows), done.stdout
+
+
+def test_replica_parts_takes_a_part_out_while_tracing_and_puts_it_back():
+    import numpy as np
+    import tensorflow as tf
+
+    from cg_tf.robust import collectives, tiled
+    from cg_tf.robust.aggregators import Winsorized
+    from cg_tf.robust.layer_rules import Stacked
+    from tools.replica_parts import without
+    before = (tiled.aggregate, collectives.Collectives.gather)
+    values = [Stacked(tf.constant(np.arange(12, dtype=np.float32).reshape(4, 3)))]
+    with without("statistics"):
+        assert np.all(tiled.aggregate(values, Winsorized(c=1), [tf.zeros([3])])[0].numpy() == 0)
+    with without("collective"):
+        assert collectives.Collectives.gather is not before[1]
+    assert (tiled.aggregate, collectives.Collectives.gather) == before
+    np.testing.assert_allclose(tiled.aggregate(values, Winsorized(c=1), [tf.zeros([3])])[0],
+                               [4.5, 5.5, 6.5])
+
+
+def test_replica_parts_times_each_variant(tmp_path):
+    out = tmp_path / "parts.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.replica_parts", "--model=fc3", "--replicas=2",
+         "--rounds=1", f"--json={out}"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["plain SGD", "whole", "no collective",
+                                            "no statistics", "neither"]
+    assert all(r["cpu_ms"] > 0 and r["replicas"] == 2 for r in rows)
+    assert "fc3, winsorized:4, 2 replicas" in done.stdout

@@ -42,6 +42,7 @@ from absl import app, flags
 
 from cg_tf import common_flags
 from cg_tf.robust import names
+from tools.timed_steps import LABELS, SETUPS, one_step, strategy_and_batch, train_step
 
 _MODELS = flags.DEFINE_list("models", ["fc", "fc3", "small_cnn", "cifar_resnet18"],
                             "Models to time.")
@@ -62,16 +63,6 @@ _REPLICAS = flags.DEFINE_list("replicas", ["1"], "Replica counts (logical CPU de
 _BATCHES = flags.DEFINE_list("batches", [], "Global batch sizes to time each model at, one "
                              "process each (default: the model's own).")
 
-# model -> (cg_tf model, widths, input shape, global batch, per-example chunk, timed rounds)
-SETUPS = {
-    "fc": ("fc", (2048,), (28, 28, 1), 100, None, 20),
-    "fc3": ("fc", (256, 256, 256), (28, 28, 1), 100, None, 20),
-    "small_cnn": ("small_cnn", (), (28, 28, 1), 128, None, 10),
-    "cifar_resnet18": ("cifar_resnet18", (), (32, 32, 3), 128, 16, 3),
-    # The ImageNet net at ImageNet's input (10 classes: the head is 0.04% of it).
-    "resnet18": ("resnet18", (), (224, 224, 3), 32, 4, 2),
-}
-LABELS = {"fc": "fc 784-2048-10", "fc3": "fc 784-256-256-256-10"}
 # A 1-minute load average above this while timing means something else ran.
 LOAD_WARNING = 1.0
 
@@ -124,13 +115,6 @@ class PeakMemory:
         return self.peak_rss - self.start
 
 
-def _one_step(step, data) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one step."""
-    start, cpu = time.perf_counter(), time.process_time()
-    float(step(data))
-    return time.perf_counter() - start, time.process_time() - cpu
-
-
 def time_model(name: str, aggregators: list[str], steps: int, jit: bool, replicas: int = 1,
                batch: int | None = None, memory_only: bool = False) -> list[dict]:
     """Builds every (aggregator, XLA or not) step and warms it up (tracing,
@@ -140,24 +124,12 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool, replica
     `replicas` > 1 the step runs under MirroredStrategy over as many logical
     CPUs (which must exist). `memory_only`: the first aggregator's row with
     only the memory of its first three steps (`PeakMemory`)."""
-    import keras
-    import tensorflow as tf
-
     from cg_tf.robust import aggregators as registry
-    from cg_tf.training import models
-    from cg_tf.training.robust_model import RobustModel
 
-    model_name, widths, shape, own_batch, chunk, default_steps = SETUPS[name]
+    own_batch, chunk, default_steps = SETUPS[name][3:]
     batch = batch or own_batch
     steps = steps or default_steps
-    rng = np.random.default_rng(0)
-    data = {"image": tf.constant(rng.random((batch, *shape), np.float32)),
-            "label": tf.constant(rng.integers(0, 10, batch).astype(np.int32))}
-    strategy = tf.distribute.get_strategy()
-    if replicas > 1:
-        strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
-        data = next(iter(strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensors(data))))
+    strategy, data = strategy_and_batch(name, batch, replicas)
     rows, timed = [], []
     for spec in aggregators:
         agg = registry.parse(spec, "--aggregators")
@@ -168,29 +140,22 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool, replica
                "step_seconds": [], "jit_step_seconds": [], "cpu_seconds": [],
                "jit_cpu_seconds": []}
         for compiled in (False, True) if jit and replicas == 1 else (False,):
-            keras.utils.set_random_seed(0)
-            with strategy.scope():
-                net = models.build_model(model_name, shape, 10, widths or (2048,))
-                model = RobustModel(net, agg, per_example_chunk=row["chunk"])
-                model.compile(optimizer=keras.optimizers.SGD(0.01))
-            replica_step = tf.function(model.train_step, jit_compile=compiled)
-            step = tf.function(lambda b, f=replica_step: strategy.experimental_local_results(
-                strategy.run(f, args=(b,))["loss"])[0])
+            step = train_step(name, agg, strategy, row["chunk"], compiled)
             prefix = "jit_" if compiled else ""
             if memory_only:
                 with PeakMemory() as memory:
                     for _ in range(3):
-                        _one_step(step, data)
+                        one_step(step, data)
                 return [{**row, "peak_mb": memory.peak / 2**20}]
-            row[f"{prefix}first_step_seconds"] = _one_step(step, data)[0]
-            _one_step(step, data)
+            row[f"{prefix}first_step_seconds"] = one_step(step, data)[0]
+            one_step(step, data)
             timed.append((row[f"{prefix}step_seconds"], row[f"{prefix}cpu_seconds"], step))
         rows.append(row)
         print(f"  {name} {spec} batch {batch} on {replicas} replica(s): ready", file=sys.stderr,
               flush=True)
     for _ in range(steps):
         for wall, cpu, step in timed:
-            w, c = _one_step(step, data)
+            w, c = one_step(step, data)
             wall.append(w)
             cpu.append(c)
     for row in rows:
