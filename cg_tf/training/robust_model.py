@@ -19,8 +19,9 @@ weights are refused. Under a `tf.distribute` strategy
 scope each replica takes its part of the global batch; every aggregator
 (cg_tf.robust.aggregators) yields a replica's part of the global update (its
 share of the order statistics' coordinates, its examples' part of a mean), and
-Keras' optimizer.apply sums the parts across replicas. Weight decay (L2, coupled) is added to the aggregated gradient; for
-rm3/ra3 to each step's gradient before the median, as in the authors' code
+Keras' optimizer.apply sums the parts across replicas. Weight decay (L2,
+coupled) is added to the aggregated gradient; for rm3/ra3 to each step's
+gradient before the median, as in the authors' code
 (for the per-example aggregators adding it before or after is the same).
 
 `fit` and `evaluate` report the mean loss and accuracy over the epoch or the
