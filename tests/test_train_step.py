@@ -135,9 +135,25 @@ def test_mean_aggregator_is_the_batch_gradient():
         np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
 
 
-def test_per_example_aggregators_against_reference():
-    net = make_net("fc")
-    data = batch()
+def strided_conv_net(shape=(6, 6, 2)):
+    """Convolutions with stride, dilation and both paddings."""
+    x = inputs = keras.Input(shape)
+    x = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu", name="s2")(x)
+    x = keras.layers.Conv2D(4, 2, dilation_rate=2, padding="same", activation="relu",
+                            name="dilated")(x)
+    x = keras.layers.Conv2D(2, (2, 1), padding="valid", name="valid")(x)
+    return keras.Model(inputs, keras.layers.Dense(C, name="logits")(keras.layers.Flatten()(x)))
+
+
+@pytest.mark.parametrize("kind", ["fc", "convs", "strided"])
+def test_per_example_aggregators_against_reference(kind, monkeypatch):
+    """Every variable through the tiles (SMALL = 0): a convolution's patches
+    taken a tile's rows at a time, from the input, with the padding the
+    convolution reads."""
+    monkeypatch.setattr(tiled, "SMALL", 0)
+    keras.utils.set_random_seed(0)
+    net = strided_conv_net() if kind == "strided" else make_net(kind)
+    data = batch(shape=(6, 6, 2)) if kind == "strided" else batch()
     per, _ = per_example(GradientSource(net), data)
     expect = {"winsorized": lambda x: np_winsorized(np.asarray(x), 2),
               "trimmed": lambda x: np_trimmed(np.asarray(x), 2),

@@ -16,10 +16,11 @@ without forming them for the whole variable:
 
 Per-example gradients are `PerExample` values: `Outer(x [n, T, I], d [n, T, O])`
 (example i's gradient is sum_t x[i, t] (outer) d[i, t], an [I, O] matrix formed
-tile by tile, never for the whole variable) or `Stacked(g [n, *shape])`. A rule
-may leave them `Unexpanded`, as the smaller tensors they are made from (a
-convolution's input rather than its kh x kw patches of it): replicas gather
-those (`gathered`) and expand them after.
+tile by tile, never for the whole variable), `Patches` (a convolution's
+`Outer` whose patches are taken a block of rows at a time, where they are
+used) or `Stacked(g [n, *shape])`. A rule may leave them `Unexpanded`, as the
+smaller tensors they are made from (a convolution's input rather than its kh x
+kw patches of it): replicas gather those (`gathered`) and expand them after.
 
 Rules live in a registry keyed by layer class (`register`), as tf-privacy's
 fast clipping registry does; a layer with weights and no rule falls back to
@@ -33,9 +34,11 @@ in any order, even between the forward and the backward (an update does not
 change a tensor read before it).
 """
 
+import functools
 from typing import Callable, NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -88,7 +91,61 @@ class Stacked(NamedTuple):
         return Stacked(self.g + other.g)
 
 
-PerExample = Outer | Stacked
+class Patches(NamedTuple):
+    """A convolution's per-example values, its patches not taken: example i's
+    gradient is that of Outer(patches of example i, d[i]), where the patches'
+    values are x[i, idx] (`idx` [T, I] indexes the flattened input, 0 the
+    zero in front of it that padding reads). A block of rows (of the I patch
+    features) is taken alone (`rows`), so no replica or tile holds all the
+    patches."""
+
+    x: tf.Tensor    # [n, 1 + H * W * C]: a zero, then the input flattened
+    d: tf.Tensor    # [n, T, O]
+    idx: tf.Tensor  # [T, I] int32
+
+    @property
+    def count(self) -> int:
+        return self.x.shape[0]
+
+    def rows(self, start, count: int) -> "Patches":
+        """The patch features [start, start + count) (`start` may be a tensor)."""
+        return self._replace(idx=tf.slice(self.idx, [0, start], [self.idx.shape[0], count]))
+
+    def outer(self) -> Outer:
+        """The values with their patches taken ([n, T, I])."""
+        return Outer(tf.gather(self.x, self.idx, axis=1), self.d)
+
+    def groups(self, k: int) -> Outer:
+        return self.outer().groups(k)
+
+    def stacked(self) -> tf.Tensor:
+        return self.outer().stacked()
+
+    def concat(self, other) -> Outer:
+        return self.outer().concat(other.outer() if isinstance(other, Patches) else other)
+
+
+PerExample = Outer | Stacked | Patches
+
+
+@functools.lru_cache(maxsize=None)
+def patch_index(shape: tuple[int, int, int], sizes: tuple[int, int], strides: tuple[int, int],
+                rates: tuple[int, int], padding: str) -> np.ndarray:
+    """[T, I] (int32): for each output position and patch feature of
+    `tf.image.extract_patches` on an input of `shape` (H, W, C), 1 + the index
+    of the value it reads in the flattened input, or 0 where it reads padding
+    (the patches of the index image itself)."""
+    with tf.init_scope():
+        image = tf.reshape(tf.range(1, int(np.prod(shape)) + 1, dtype=tf.int32), [1, *shape])
+        patches = tf.image.extract_patches(image, [1, *sizes, 1], [1, *strides, 1],
+                                           [1, *rates, 1], padding)
+        return patches.numpy().reshape(-1, patches.shape[-1])
+
+
+def flat_with_zero(x: tf.Tensor) -> tf.Tensor:
+    """[n, 1 + the rest]: a zero, then each example's values flattened."""
+    flat = tf.reshape(x, [x.shape[0], -1])
+    return tf.concat([tf.zeros_like(flat[:, :1]), flat], 1)
 
 
 class Unexpanded(NamedTuple):
@@ -112,6 +169,8 @@ def expanded(values: PerExample | Unexpanded) -> PerExample:
 
 def _tensors(values: PerExample | Unexpanded) -> tuple[tf.Tensor, ...]:
     """What stands for `values` in a gather (the fields of Outer and Stacked)."""
+    if isinstance(values, Patches):
+        raise TypeError("Patches are gathered Unexpanded (their index is no example's)")
     return values.tensors if isinstance(values, Unexpanded) else tuple(values)
 
 
@@ -194,17 +253,19 @@ class Conv2DRule(Rule):
         if layer.use_bias:
             z = z + layer.bias
 
-        def kernel_values(x, dz):
-            patches = tf.image.extract_patches(x, [1, kh, kw, 1], strides, rates, padding)
-            return Outer(_positions(patches), _positions(dz))
+        idx = patch_index(tuple(x.shape[1:]), (kh, kw), tuple(layer.strides),
+                          tuple(layer.dilation_rate), padding)
 
-        # The patches hold about kh x kw / stride^2 copies of the input: kept
-        # unexpanded when the input is the smaller (a 1 x 1 convolution of
-        # stride 2 is the other way round).
-        smaller = x.shape[1:].num_elements() < z.shape[1:3].num_elements() * kh * kw * x.shape[-1]
+        def kernel_values(x, dz):
+            return Patches(flat_with_zero(x), _positions(dz), tf.constant(idx))
+
+        # The patches hold about kh x kw / stride^2 copies of the input: the
+        # input is gathered when it is the smaller (a 1 x 1 convolution of
+        # stride 2 is the other way round), the patches otherwise.
+        smaller = x.shape[1:].num_elements() < idx.size
         return layer.activation(z), Recording([z], lambda g: _with_bias(
             layer, g[0], Unexpanded((x, g[0]), kernel_values) if smaller
-            else kernel_values(x, g[0])))
+            else kernel_values(x, g[0]).outer()))
 
 
 def _scale_shift(layer, out_grad, x_hat, axes: list[int]):
@@ -446,6 +507,12 @@ def _raise(op):
     raise NotFactorable(f"layer {op.name} is called with several inputs")
 
 
+def _joinable(values: PerExample | Unexpanded) -> Outer | Stacked:
+    """`values` in a form whose `concat` joins another call's of the same layer."""
+    values = expanded(values)
+    return values.outer() if isinstance(values, Patches) else values
+
+
 def per_example_values(variables: list, recordings: list[Recording],
                        grads: list[list[tf.Tensor]], expand: bool = True
                        ) -> list[PerExample | Unexpanded]:
@@ -455,8 +522,7 @@ def per_example_values(variables: list, recordings: list[Recording],
     for recording, g in zip(recordings, grads):
         for v, values in recording.per_example(g):
             key = id(v)
-            by_id[key] = (expanded(by_id[key]).concat(expanded(values)) if key in by_id
-                          else values)
+            by_id[key] = _joinable(by_id[key]).concat(_joinable(values)) if key in by_id else values
     missing = [v.path for v in variables if id(v) not in by_id]
     if missing:
         raise NotFactorable(f"no per-example values for {', '.join(missing)}")

@@ -39,7 +39,7 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
 from cg_tf.robust.collectives import Collectives
-from cg_tf.robust.layer_rules import Outer, PerExample, Stacked
+from cg_tf.robust.layer_rules import Outer, Patches, PerExample, Stacked
 
 TILE = 32768           # coordinates per tile
 # The running lists take thresholds up to r = CHAIN_MAX_R from either end when
@@ -89,6 +89,8 @@ def _layout(values: PerExample) -> tuple[int, int]:
     """(rows, columns) of the 2-D view that tiles cut along its rows."""
     if isinstance(values, Outer):
         return values.x.shape[2], values.d.shape[2]
+    if isinstance(values, Patches):
+        return values.idx.shape[1], values.d.shape[2]
     shape = values.g.shape[1:]
     return (shape[0], int(np.prod(shape[1:]))) if len(shape) > 1 else (1, int(np.prod(shape)))
 
@@ -100,6 +102,8 @@ def _padded(values: PerExample, rows: int) -> PerExample:
         return values
     if isinstance(values, Outer):
         return Outer(tf.pad(values.x, [[0, 0], [0, 0], [0, rows - have]]), values.d)
+    if isinstance(values, Patches):  # the added rows read the zero
+        return values._replace(idx=tf.pad(values.idx, [[0, 0], [0, rows - have]]))
     g = tf.reshape(values.g, [values.count, have, -1])
     return Stacked(tf.pad(g, [[0, 0], [0, rows - have], [0, 0]]))
 
@@ -107,7 +111,7 @@ def _padded(values: PerExample, rows: int) -> PerExample:
 def _formed_by_matmul(values: PerExample) -> bool:
     """Whether a tile's values come out of a matmul over positions (a convolution),
     which XLA materializes, rather than from a product it fuses into each use."""
-    return isinstance(values, Outer) and values.x.shape[1] > 1
+    return isinstance(values, Patches) or isinstance(values, Outer) and values.x.shape[1] > 1
 
 
 class Examples:
@@ -120,8 +124,9 @@ class Examples:
     def __init__(self, values: PerExample, start, size: int):
         self.count = values.count
         if _formed_by_matmul(values):
-            x = tf.slice(values.x, [0, 0, start], [self.count, values.x.shape[1], size])
-            values, start = Stacked(tf.einsum("bti,bto->bio", x, values.d)), 0
+            tile = _rows(values, start, size)
+            tile = tile.outer() if isinstance(tile, Patches) else tile
+            values, start = Stacked(tf.einsum("bti,bto->bio", tile.x, tile.d)), 0
         self.values, self.start, self.size = values, start, size
         self.columns = _layout(values)[1]
 
@@ -447,6 +452,8 @@ def _rows(values: PerExample, start, count: int) -> PerExample:
     if isinstance(values, Outer):
         x = values.x
         return Outer(tf.slice(x, [0, 0, start], [values.count, x.shape[1], count]), values.d)
+    if isinstance(values, Patches):
+        return values.rows(start, count)
     rows, cols = _layout(values)
     g = tf.reshape(values.g, [values.count, rows, cols])
     return Stacked(tf.slice(g, [0, start, 0], [values.count, count, cols]))
