@@ -77,8 +77,8 @@ def time_variants(model: str, aggregator: str, replicas: int, rounds: int) -> di
                 stack.enter_context(without(part))
             one_step(step, data)  # traced here, with the parts replaced
         steps[variant] = step
-    # A function run for the first time makes the XLA computations of those
-    # run before it compile again once (seen here: 3 s): a round untimed first.
+    # A step function run for the first time makes those run before it compile
+    # their XLA computations once more (3 s on fc3): one round untimed first.
     for step in steps.values():
         one_step(step, data)
     times = {v: ([], []) for v in steps}
