@@ -109,7 +109,7 @@ class Patches(NamedTuple):
 
     def rows(self, start, count: int) -> "Patches":
         """The patch features [start, start + count) (`start` may be a tensor)."""
-        return self._replace(idx=tf.slice(self.idx, [0, start], [self.idx.shape[0], count]))
+        return Patches(self.x, self.d, tf.slice(self.idx, [0, start], [self.idx.shape[0], count]))
 
     def outer(self) -> Outer:
         """The values with their patches taken ([n, T, I])."""

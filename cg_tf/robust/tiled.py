@@ -103,7 +103,7 @@ def _padded(values: PerExample, rows: int) -> PerExample:
     if isinstance(values, Outer):
         return Outer(tf.pad(values.x, [[0, 0], [0, 0], [0, rows - have]]), values.d)
     if isinstance(values, Patches):  # the added rows read the zero
-        return values._replace(idx=tf.pad(values.idx, [[0, 0], [0, rows - have]]))
+        return Patches(values.x, values.d, tf.pad(values.idx, [[0, 0], [0, rows - have]]))
     g = tf.reshape(values.g, [values.count, have, -1])
     return Stacked(tf.pad(g, [[0, 0], [0, rows - have], [0, 0]]))
 
