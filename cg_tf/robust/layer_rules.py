@@ -121,9 +121,6 @@ class Patches(NamedTuple):
     def stacked(self) -> tf.Tensor:
         return self.outer().stacked()
 
-    def concat(self, other) -> Outer:
-        return self.outer().concat(other.outer() if isinstance(other, Patches) else other)
-
 
 PerExample = Outer | Stacked | Patches
 
