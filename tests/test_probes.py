@@ -85,6 +85,52 @@ def test_probe_matches_closed_form(problem, name, c, chunk):
     assert has_diagnostics == (name in ("winsorized", "trimmed", "median"))
 
 
+@pytest.mark.parametrize("name,c", [("winsorized", 2), ("trimmed", 1)])
+def test_the_probes_sums_over_a_loop_of_blocks_match_closed_form(problem, name, c, monkeypatch,
+                                                                 request):
+    """Blocks of 3 of the 10 examples: three loop trips and a remainder, each
+    example weighed by its own pristine flag."""
+    from cg_tf.robust import tiled
+    tiled._compiled_probe.cache_clear()  # compiled with the block set here, and only here
+    request.addfinalizer(tiled._compiled_probe.cache_clear)
+    monkeypatch.setattr(tiled, "PROBE_BLOCK", 3)
+    net, sample, grads = problem
+    aggregator = make_aggregator(name, c=c)
+    got = Probe(net, aggregator, sample, batch_size=M).measure()
+    want = expected_metrics(grads, sample["is_corrupt"], name, aggregator.probe_ranks(M, M))
+    for tag, value in want.items():
+        assert got[tag] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
+
+
+PAPERS_LAYER = """
+import numpy as np, tensorflow as tf
+from cg_tf.robust import tiled
+from cg_tf.robust.aggregators import Winsorized
+from cg_tf.robust.layer_rules import Outer
+rng = np.random.default_rng(0)
+values = Outer(tf.constant(rng.normal(size=(100, 1, 784)), tf.float32),
+               tf.constant(rng.normal(size=(100, 1, 256)), tf.float32))
+stat = Winsorized(4)
+pristine = tf.constant((rng.random(100) < 0.5).astype(np.float32))
+probe = tiled._compiled_probe(tiled._signature(values, (stat, stat.ranks(100))))
+print(float(probe(values, pristine)[2][0, 0]))
+"""
+
+
+def test_the_probe_of_the_papers_first_layer_compiles_in_seconds():
+    """The probe of the papers' net's 784 x 256 kernel at its batch of 100: a
+    few seconds to compile and run (one unrolled trip over the 100 examples
+    had XLA:CPU compile for more than 20 minutes, and every winsorized run of
+    the study stalled at its first probe). A guard against a hang, with ten
+    times the margin, not a timing."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", PAPERS_LAYER], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert np.isfinite(float(done.stdout.split()[-1]))
+
+
 @pytest.mark.parametrize("name", ["winsorized", "trimmed"])
 def test_probe_follows_the_layer_filter(problem, name):
     """hidden on a net with a hidden layer: the output layer enters the robust
