@@ -26,16 +26,13 @@ import json
 from absl import app, flags
 
 from cg_tf import common_flags
+from tools.timed_steps import SETUPS
 
 FLAGS = flags.FLAGS
 
-# model -> (cg_tf model, widths, input shape, classes, global batch)
-SETUPS = {
-    "fc": ("fc", (2048,), (28, 28, 1), 10, 128),
-    "fc3": ("fc", (256, 256, 256), (28, 28, 1), 10, 128),
-    "small_cnn": ("small_cnn", (), (28, 28, 1), 10, 128),
-    "resnet18": ("resnet18", (), (224, 224, 3), 1000, 256),
-}
+# model (its net as the timing tools build it, `timed_steps.SETUPS`) -> (classes,
+# global batch): ResNet-18 with ImageNet's head and per-replica batch.
+WORKLOADS = {"fc": (10, 128), "fc3": (10, 128), "small_cnn": (10, 128), "resnet18": (1000, 256)}
 FLOAT = 4  # bytes
 
 
@@ -67,7 +64,8 @@ def factors_per_example(name: str) -> tuple[int, int]:
     from cg_tf.robust.collectives import Collectives
     from cg_tf.robust.gradients import GradientSource
     from cg_tf.training import models
-    model_name, widths, shape, classes, _ = SETUPS[name]
+    model_name, widths, shape = SETUPS[name][:3]
+    classes = WORKLOADS[name][0]
     net = models.build_model(model_name, shape, classes, widths or (2048,))
     source = GradientSource(net)
     if not source.factored:
@@ -98,7 +96,7 @@ def main(argv):
     print("| --- " * 9 + "|")
     for name in FLAGS.models:
         params, factors = factors_per_example(name)
-        row = {"model": name, **traffic(params, factors, SETUPS[name][-1], FLAGS.replicas)}
+        row = {"model": name, **traffic(params, factors, WORKLOADS[name][1], FLAGS.replicas)}
         rows.append(row)
         print(f"| {name} | {params:,} | {factors:,} | {row['batch']} | "
               f"{megabytes(row['plain_payload'])} | {megabytes(row['gather_payload'])} | "

@@ -1,5 +1,6 @@
 """The timed models and their train steps, shared by the timing tools
-(tools.benchmark, tools.replica_parts)."""
+(tools.benchmark, tools.replica_parts; tools.collective_bytes builds
+the same nets)."""
 
 import time
 
