@@ -217,6 +217,14 @@ def task_args(beam_args: list[str]) -> list[str]:
     return [f.serialize() for f in dict.fromkeys(given)] + beam_args
 
 
+def package_refused(error: OSError, package: str) -> ValueError | None:
+    """The one-line error for a package its file system refused to write, or
+    None where the error is about another file (not a failure to write it)."""
+    if not error.filename or os.path.abspath(error.filename) != os.path.abspath(package):
+        return None
+    return ValueError(f"--kfp_package={package}: cannot write it: {error.strerror or error}")
+
+
 def write_kfp_package(stages: list[runner.Stage], program: str, beam_args: list[str]) -> None:
     """--kfp_package: the stages as a Kubeflow Pipelines package (kfp_package),
     its flags checked before anything is written."""
@@ -238,7 +246,9 @@ def write_kfp_package(stages: list[runner.Stage], program: str, beam_args: list[
             KFP_PACKAGE.value, f"cg-tf-{program.split('.')[-1]}".replace("_", "-"), program,
             task_args(beam_args), stages, KFP_IMAGE.value, KFP_WORKDIR.value, output, training)
     except OSError as e:
-        raise ValueError(f"--kfp_package={KFP_PACKAGE.value}: cannot write it: "
-                         f"{e.strerror or e}") from None
+        refused = package_refused(e, KFP_PACKAGE.value)
+        if refused is None:
+            raise
+        raise refused from None
     print(f"{KFP_PACKAGE.value}: {len(stages) + 1} tasks (one per stage, then the report) "
           f"writing to {OUTPUT_DIR.value}; run it on Kubeflow Pipelines or Vertex AI Pipelines")

@@ -124,6 +124,20 @@ def test_a_package_in_a_folder_it_cannot_write_fails_in_one_line(tmp_path):
         assert not package.exists()
 
 
+def test_only_the_packages_own_file_is_worded_as_a_failure_to_write_it(tmp_path):
+    """An error about another file (one KFP reads, say) keeps its own traceback."""
+    import errno
+
+    from pipelines.shared_flags import package_refused
+    package = tmp_path / "p.yaml"
+    mine = OSError(errno.EACCES, "Permission denied", str(package))
+    assert str(package_refused(mine, str(package))) == (
+        f"--kfp_package={package}: cannot write it: Permission denied")
+    other = OSError(errno.ENOENT, "No such file or directory", str(tmp_path / "kfp_config.ini"))
+    assert package_refused(other, str(package)) is None
+    assert package_refused(OSError("no file named"), str(package)) is None
+
+
 def test_a_flagfile_of_this_machine_is_not_baked_into_the_tasks(tmp_path):
     """The package's own flags and the flagfile's path stay out of the tasks,
     whether given on the command line or in a (local) flagfile."""
