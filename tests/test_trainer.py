@@ -215,6 +215,11 @@ def test_clamp_norms_rescales_each_kernel_to_its_starting_norm(digits_dir, tmp_p
         assert not np.allclose(f, s)  # it trained
         want = f * np.linalg.norm(s) / np.linalg.norm(f) if f.ndim > 1 else f
         np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-7)
+    # The run's figures say so.
+    from cg_tf.measure import report
+    caption = {w: report.caption(report.load_runs(str(tmp_path / w))) for w in ("free", "clamped")}
+    assert "kernels held at their starting norm" in caption["clamped"], caption
+    assert "kernels held" not in caption["free"], caption
 
 
 def test_run_records_name_the_code_that_made_them(digits_dir, tmp_path):

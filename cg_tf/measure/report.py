@@ -228,7 +228,8 @@ def dataset_name(config: dict) -> str | None:
 
 
 # The phrases of `describe`, in the order titles and captions give them.
-PHRASES = ("aggregator", "data", "model", "noise", "noise_mode", "batch", "learning_rate")
+PHRASES = ("aggregator", "data", "model", "noise", "noise_mode", "batch", "learning_rate",
+           "clamp")
 
 
 def describe(config: dict) -> dict[str, str]:
@@ -246,7 +247,8 @@ def describe(config: dict) -> dict[str, str]:
         "noise": rate is not None and (f"{rate * 100:g}% noise" if rate else "no noise"),
         "noise_mode": rate and noise.get("mode") and f"{noise['mode']} noise",
         "batch": config.get("batch_size") and f"batch {config['batch_size']}",
-        "learning_rate": config.get("learning_rate") and f"lr {config['learning_rate']:g}"}
+        "learning_rate": config.get("learning_rate") and f"lr {config['learning_rate']:g}",
+        "clamp": config.get("clamp_norms") and "kernels held at their starting norm"}
     return {k: v for k, v in phrases.items() if v}
 
 

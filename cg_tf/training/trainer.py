@@ -531,7 +531,8 @@ class Trainer:
                                            "learning_rate": cfg.learning_rate,
                                            "data_dir": cfg.data_dir,
                                            "source": self.reader.info.source,
-                                           "steps_per_epoch": self.reader.steps_per_epoch},
+                                           "steps_per_epoch": self.reader.steps_per_epoch,
+                                           "clamp_norms": cfg.clamp_norms},
                                           cfg.model_dir, seed=cfg.seed, steps=self.total_steps)
         logging.info("training %s with %s for %d steps (%d per epoch) on %d replica(s)",
                      cfg.model, cfg.aggregator.spec, self.total_steps,
