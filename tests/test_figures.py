@@ -34,8 +34,8 @@ def test_a_config_read_as_phrases():
     assert described == {"aggregator": "winsorized c=4", "data": "fashion-mnist",
                          "model": "model fc", "noise": "12.5% noise",
                          "noise_mode": "uniform noise", "batch": "batch 25",
-                         "learning_rate": "lr 0.1", "clamp": "kernels held at their starting norm"}
-    assert "clamp" not in report.describe({**config(), "clamp_norms": False})
+                         "learning_rate": "lr 0.1", "clamp": report.CLAMPED}
+    assert report.describe({**config(), "clamp_norms": False})["clamp"] == report.FREE
     assert tuple(described) == report.PHRASES  # every phrase in titles and captions
     assert report.describe({"noise": {"mode": "uniform", "rate": 0.0}}) == {"noise": "no noise"}
     # The trainer records the layer sizes of an fc net: figures name them.

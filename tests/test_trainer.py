@@ -218,8 +218,11 @@ def test_clamp_norms_rescales_each_kernel_to_its_starting_norm(digits_dir, tmp_p
     # The run's figures say so.
     from cg_tf.measure import report
     caption = {w: report.caption(report.load_runs(str(tmp_path / w))) for w in ("free", "clamped")}
-    assert "kernels held at their starting norm" in caption["clamped"], caption
-    assert "kernels held" not in caption["free"], caption
+    assert report.CLAMPED in caption["clamped"] and "kernels" not in caption["free"], caption
+    both = report.load_runs(str(tmp_path))
+    assert "kernels" not in report.caption(both)
+    titles = report.panel_titles({r.name: [r] for r in both})
+    assert titles == {"clamped": report.CLAMPED, "free": report.FREE}, titles
 
 
 def test_run_records_name_the_code_that_made_them(digits_dir, tmp_path):

@@ -232,6 +232,11 @@ PHRASES = ("aggregator", "data", "model", "noise", "noise_mode", "batch", "learn
            "clamp")
 
 
+# A run's kernels, where it records them: held at their norm (--clamp_norms) or
+# free, which a caption leaves out when every run shares it.
+CLAMPED, FREE = "kernels held at their starting norm", "kernels free"
+
+
 def describe(config: dict) -> dict[str, str]:
     """What a run's configuration says about its setting, as short phrases
     (`PHRASES`; those it does not record left out)."""
@@ -248,7 +253,7 @@ def describe(config: dict) -> dict[str, str]:
         "noise_mode": rate and noise.get("mode") and f"{noise['mode']} noise",
         "batch": config.get("batch_size") and f"batch {config['batch_size']}",
         "learning_rate": config.get("learning_rate") and f"lr {config['learning_rate']:g}",
-        "clamp": config.get("clamp_norms") and "kernels held at their starting norm"}
+        "clamp": {True: CLAMPED, False: FREE}.get(config.get("clamp_norms"))}
     return {k: v for k, v in phrases.items() if v}
 
 
@@ -265,6 +270,8 @@ def caption(runs: list[Run]) -> str:
     shared = _shared([describe(r.config) for r in runs])
     if "noise_mode" in shared and "noise" in shared:  # "50% noise", "uniform noise"
         shared["noise"] = shared["noise"].replace("noise", shared.pop("noise_mode"))
+    if shared.get("clamp") == FREE:  # the default goes without saying
+        del shared["clamp"]
     if "aggregator" in shared:  # named, and last: "digits, ..., aggregator median"
         name = shared.pop("aggregator")
         shared["aggregator"] = name if name == names.PLAIN_SGD else f"aggregator {name}"
