@@ -42,7 +42,8 @@ from absl import app, flags
 
 from cg_tf import common_flags
 from cg_tf.robust import names
-from tools.timed_steps import LABELS, SETUPS, one_step, strategy_and_batch, train_step
+from tools.timed_steps import (LABELS, SETUPS, one_step, strategy_and_batch, train_step,
+                                warm_up)
 
 _MODELS = flags.DEFINE_list("models", ["fc", "fc3", "small_cnn", "cifar_resnet18"],
                             "Models to time.")
@@ -153,10 +154,7 @@ def time_model(name: str, aggregators: list[str], steps: int, jit: bool, replica
         rows.append(row)
         print(f"  {name} {spec} batch {batch} on {replicas} replica(s): ready", file=sys.stderr,
               flush=True)
-    # A step function run for the first time makes those run before it compile
-    # their XLA computations once more (3 s on fc3): one round untimed first.
-    for *_, step in timed:
-        one_step(step, data)
+    warm_up([step for *_, step in timed], data)
     for _ in range(steps):
         for wall, cpu, step in timed:
             w, c = one_step(step, data)

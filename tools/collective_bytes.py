@@ -26,7 +26,7 @@ import json
 from absl import app, flags
 
 from cg_tf import common_flags
-from tools.timed_steps import SETUPS
+from tools.timed_steps import SETUPS, build_net
 
 FLAGS = flags.FLAGS
 
@@ -63,14 +63,11 @@ def factors_per_example(name: str) -> tuple[int, int]:
     from cg_tf.robust import layer_rules
     from cg_tf.robust.collectives import Collectives
     from cg_tf.robust.gradients import GradientSource
-    from cg_tf.training import models
-    model_name, widths, shape = SETUPS[name][:3]
-    classes = WORKLOADS[name][0]
-    net = models.build_model(model_name, shape, classes, widths or (2048,))
+    net = build_net(name, WORKLOADS[name][0])
     source = GradientSource(net)
     if not source.factored:
         raise ValueError(f"{name}: not factored by layer rules")
-    x = tf.constant(np.random.default_rng(0).random((1, *shape), np.float32))
+    x = tf.constant(np.random.default_rng(0).random((1, *SETUPS[name][2]), np.float32))
     y = tf.constant([0], tf.int32)
     values, _, _ = source.per_example(x, y, None, Collectives.current(), expand=False)
     factors = sum(layer_rules.floats_per_example(v) for v in values)

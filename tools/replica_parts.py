@@ -27,7 +27,7 @@ import numpy as np
 from absl import flags
 
 from cg_tf import common_flags
-from tools.timed_steps import SETUPS, one_step, strategy_and_batch, train_step
+from tools.timed_steps import SETUPS, one_step, strategy_and_batch, train_step, warm_up
 
 FLAGS = flags.FLAGS
 VARIANTS = ("whole", "no collective", "no statistics", "neither")
@@ -77,10 +77,7 @@ def time_variants(model: str, aggregator: str, replicas: int, rounds: int) -> di
                 stack.enter_context(without(part))
             one_step(step, data)  # traced here, with the parts replaced
         steps[variant] = step
-    # A step function run for the first time makes those run before it compile
-    # their XLA computations once more (3 s on fc3): one round untimed first.
-    for step in steps.values():
-        one_step(step, data)
+    warm_up(steps.values(), data)
     times = {v: ([], []) for v in steps}
     for _ in range(rounds):
         for variant, step in steps.items():

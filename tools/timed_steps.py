@@ -35,19 +35,24 @@ def strategy_and_batch(name: str, batch: int, replicas: int):
         tf.data.Dataset.from_tensors(data))))
 
 
+def build_net(name: str, classes: int = 10):
+    """`name`'s net (SETUPS) with `classes` outputs."""
+    from cg_tf.training import models
+    model_name, widths, shape = SETUPS[name][:3]
+    return models.build_model(model_name, shape, classes, widths or (2048,))
+
+
 def train_step(name: str, aggregator, strategy, chunk: int | None, compiled: bool = False):
     """A function of a batch running one RobustModel step of `name` (seed-0
     weights) with `aggregator` under `strategy`, returning the loss."""
     import keras
     import tensorflow as tf
 
-    from cg_tf.training import models
     from cg_tf.training.robust_model import RobustModel
 
-    model_name, widths, shape = SETUPS[name][:3]
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        net = models.build_model(model_name, shape, 10, widths or (2048,))
+        net = build_net(name)
         model = RobustModel(net, aggregator, per_example_chunk=chunk)
         model.compile(optimizer=keras.optimizers.SGD(0.01))
     replica_step = tf.function(model.train_step, jit_compile=compiled)
@@ -60,3 +65,11 @@ def one_step(step, data) -> tuple[float, float]:
     start, cpu = time.perf_counter(), time.process_time()
     float(step(data))
     return time.perf_counter() - start, time.process_time() - cpu
+
+
+def warm_up(steps, data) -> None:
+    """Runs each step once, untimed: a step function run for the first time
+    makes those run before it compile their XLA computations once more (3 s
+    on fc3), so a timing tool runs every step once before it times any."""
+    for step in steps:
+        one_step(step, data)
