@@ -52,17 +52,25 @@ def test_the_input_benchmark_reads_each_workers_slice_both_ways(digits_dir):
     assert re.search(r"; [\d,]+ examples a CPU second$", part), part
 
 
-def test_collective_bytes_counts_the_rules_factors():
-    """fc 784-2048-10: a dense layer's rule records its input and its output
-    gradient, and the bias its own copy of the latter, per example."""
-    from tools.collective_bytes import factors_per_example, ring_sent, traffic
-    params, factors = factors_per_example("fc")
+def test_collective_bytes_counts_the_rules_factors_and_routes():
+    """fc 784-2048-10 at 8 replicas: a dense layer's rule records its input and
+    its output gradient, the bias its own copy of the latter, per example.
+    The hidden kernel is gathered (784 x 2048 >= 2 x 8 x (784 + 2048)); the
+    logits' (2048 x 10 < 2 x 8 x 2,058) and the biases (2,058 side by side: 17
+    rows of 128, padded to 24) are exchanged."""
+    from tools.collective_bytes import all_to_all_sent, ring_sent, routes_per_example, traffic
+    params, routes = routes_per_example("fc", 8)
     assert params == 784 * 2048 + 2048 + 2048 * 10 + 10
-    assert factors == (784 + 2048 + 2048) + (2048 + 10 + 10)
-    row = traffic(params=1000, factors=10, batch=64, replicas=8)
-    assert row["plain_payload"] == 4000 and row["gather_payload"] == 4 * 64 * 10
-    assert row["robust_over_plain"] == (2560 + 4000) / 4000
-    assert ring_sent(800, 8) == 1400 and row["all_to_all_sent"] == 4 * 8 * 1000 * 7 / 8
+    assert routes == {"factors": (784 + 2048) + (2048 + 10) + (2048 + 10),
+                      "coordinates": 784 * 2048 + 2048 * 10 + 24 * 128,
+                      "gathered": 784 + 2048, "exchanged": 2048 * 10 + 24 * 128}
+    row = traffic(params=1000, routes={"factors": 10, "coordinates": 1000, "gathered": 6,
+                                       "exchanged": 200}, batch=64, replicas=8)
+    plain = ring_sent(4000, 8)
+    assert row["plain_payload"] == 4000 and plain == 7000
+    assert row["all_gathered_sent"] == plain + ring_sent(4 * 64 * 10, 8)
+    assert row["all_exchanged_sent"] == plain + all_to_all_sent(4 * 8 * 1000, 8) == plain + 28000
+    assert row["chosen_sent"] == plain + ring_sent(4 * 64 * 6, 8) + all_to_all_sent(4 * 8 * 200, 8)
 
 
 def test_the_tile_benchmark_times_the_tiles_and_checks_them_against_numpy():
@@ -84,13 +92,17 @@ def test_replica_parts_takes_a_part_out_while_tracing_and_puts_it_back():
     from cg_tf.robust.aggregators import Winsorized
     from cg_tf.robust.layer_rules import Stacked
     from tools.replica_parts import without
-    before = (tiled.aggregate, collectives.Collectives.gather)
+    parts = (tiled.share_of_whole, tiled.share_of_received, collectives.Collectives.gather,
+             collectives.Collectives.exchange)
     values = [Stacked(tf.constant(np.arange(12, dtype=np.float32).reshape(4, 3)))]
     with without("statistics"):
         assert np.all(tiled.aggregate(values, Winsorized(c=1), [tf.zeros([3])])[0].numpy() == 0)
+        assert tiled.share_of_received is not parts[1]
     with without("collective"):
-        assert collectives.Collectives.gather is not before[1]
-    assert (tiled.aggregate, collectives.Collectives.gather) == before
+        assert collectives.Collectives.gather is not parts[2]
+        assert collectives.Collectives.exchange is not parts[3]
+    assert (tiled.share_of_whole, tiled.share_of_received, collectives.Collectives.gather,
+            collectives.Collectives.exchange) == parts
     np.testing.assert_allclose(tiled.aggregate(values, Winsorized(c=1), [tf.zeros([3])])[0],
                                [4.5, 5.5, 6.5])
 

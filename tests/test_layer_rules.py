@@ -163,7 +163,8 @@ def run_hidden_id(name, monkeypatch, strategy, jit):
     TPUStrategy, which compiles the replica function whole)."""
     from cg_tf.robust.collectives import Collectives
     monkeypatch.setattr(Collectives, "current", classmethod(
-        lambda cls: cls(HiddenReplicaId(tf.distribute.get_replica_context()))))
+        lambda cls, compiled=False: cls(HiddenReplicaId(tf.distribute.get_replica_context()),
+                                        compiled)))
     return run_step(name, jit, strategy)
 
 

@@ -44,10 +44,24 @@ def two_conv_net(shape=SHAPE):
     return keras.Model(inputs, keras.layers.Dense(C, name="logits")(keras.layers.Flatten()(x)))
 
 
+def mixed_net(shape=SHAPE):
+    """Convolutions whose rows 2 replicas exchange (conv_a: its 3 x 3 x 1 x 8
+    kernel is smaller than its output gradient) or gather (conv_b by its
+    input, conv_c, a 1 x 1 of stride 2, by its patches), then logits."""
+    x = inputs = keras.Input(shape)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_a")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv_b")(x)
+    x = keras.layers.Conv2D(16, 1, strides=2, activation="relu", name="conv_c")(x)
+    return keras.Model(inputs, keras.layers.Dense(C, name="logits")(keras.layers.Flatten()(x)))
+
+
 def make_net(kind, seed=0):
     keras.utils.set_random_seed(seed)
     if kind == "convs":
         return two_conv_net()
+    if kind == "mixed":
+        return mixed_net()
     if kind == "softmax":
         return models.fc(SHAPE, C, widths=())
     if kind == "fc":
@@ -323,20 +337,60 @@ def test_the_update_crosses_replicas_in_one_all_reduce(name, monkeypatch):
     assert sorted(payloads) == sorted(2 * [*gathered, 2, params]), payloads
 
 
-def test_replicas_gather_a_convolutions_input_where_its_patches_are_larger(monkeypatch):
-    """Per example, in floats: the 3 x 3 convolution's input (4 x 4 x 1, not
-    its 16 patches of 9) and output gradient (4 x 4 x 4); the 1 x 1 of stride
-    2 its patches (2 x 2 x 4, not its input of 4 x 4 x 4) and output gradient
-    (2 x 2 x 4); each bias its output gradient's sum; the logits layer its
-    input and output gradient. The update is that of one replica."""
+def exchange_payloads(monkeypatch) -> list[int]:
+    """The floats each replica hands to each all-to-all traced from now on."""
+    payloads = []
+    original = Collectives.exchange
+
+    def recording(self, xs):
+        if xs:
+            payloads.append(sum(int(np.prod(x.shape)) for x in xs))
+        return original(self, xs)
+
+    monkeypatch.setattr(Collectives, "exchange", recording)
+    return payloads
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["by bytes", "all gathered"])
+def test_replicas_gather_factors_or_exchange_rows_whichever_sends_less(exchange, monkeypatch):
+    """mixed_net at 2 replicas, each variable in a computation of its own.
+    Gathered (P >= 2 R F), per example: conv_b's input (2 x 2 x 8, not its 4
+    patches of 72) and output gradient (2 x 2 x 16), P = 1,152; conv_c's
+    patch (16, not its input of 64) and output gradient (16), P = 256.
+    Exchanged, the rows of each replica's share for its 6 examples, per
+    example and replica: conv_a's kernel (rows 9 -> 2 x 5, 8 columns), the
+    logits' (rows 16 -> 2 x 8, 3 columns), and the biases (1 row -> 2 x 1).
+    With the exchange taken away (as in a step XLA compiles whole) every
+    factor is gathered. The update is that of one replica either way."""
     monkeypatch.setattr(tiled, "SMALL", 0)
-    payloads = all_reduce_payloads(monkeypatch)
+    if not exchange:
+        monkeypatch.setattr(tiled, "exchanges", lambda *args: False)
+    reduced, exchanged = all_reduce_payloads(monkeypatch), exchange_payloads(monkeypatch)
     config = make_aggregator("winsorized", c=2)
-    two = run_steps(replicas(2), config, "convs", [batch(0)])
-    params = sum(int(np.prod(v.shape)) for v in two_conv_net().trainable_variables)
-    factors = (16 + 64 + 4) + (16 + 16 + 4) + (16 + C + C)
-    assert sorted(payloads) == sorted(2 * [B * factors, 2, params]), payloads
-    for a, b in zip(run_steps(tf.distribute.get_strategy(), config, "convs", [batch(0)]), two):
+    two = run_steps(replicas(2), config, "mixed", [batch(0)])
+    params = sum(int(np.prod(v.shape)) for v in mixed_net().trainable_variables)
+    gathered = (32 + 64) + (16 + 16)
+    if exchange:
+        rows = 2 * (5 * 8 + 8 * 3 + 8 + 16 + 16 + 3)
+        assert exchanged == 2 * [B // 2 * rows], exchanged
+    else:
+        # conv_a's input, output gradient and bias (its sum over positions),
+        # the other biases, the logits' input and output gradient and bias
+        gathered += (16 + 128 + 8) + 16 + 16 + (16 + 3 + 3)
+        assert exchanged == []
+    assert sorted(reduced) == sorted(2 * [B * gathered, 2, params]), reduced
+    for a, b in zip(run_steps(tf.distribute.get_strategy(), config, "mixed", [batch(0)]), two):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_four_replicas_exchange_and_gather_a_conv_nets_rows(monkeypatch):
+    """mixed_net (convolutions exchanged and gathered, by patches and by input)
+    at 4 replicas: the update is that of one replica. (Every order statistic
+    takes the same rows: test_one_two_and_four_replicas_give_the_same_update.)"""
+    monkeypatch.setattr(tiled, "SMALL", 0)
+    config = make_aggregator("median", c=2)
+    one = run_steps(tf.distribute.get_strategy(), config, "mixed", [batch(0)])
+    for a, b in zip(one, run_steps(replicas(4), config, "mixed", [batch(0)])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -8,13 +8,16 @@ The robust part of a step (its CPU ms minus plain SGD's, same model, batch
 and replicas) is timed for each variant, in interleaved rounds (median):
 
   whole          the step as it runs;
-  no collective  the factors' gather without its all-reduce: each replica's
-                 own factors copied in the other replicas' places (the same
-                 tensors, nothing crosses replicas);
-  no statistics  the order statistics (tiled.aggregate) replaced by zeros;
+  no collective  the replicas' collectives of per-example values without
+                 crossing replicas: the factors' gather without its all-reduce
+                 (each replica's own factors copied in the other replicas'
+                 places) and the all-to-all of rows without its exchange (each
+                 replica keeps what it would send);
+  no statistics  the order statistics (each computation's share,
+                 tiled.share_of_whole and share_of_received) replaced by zeros;
   neither        both taken out: what is left is the recording forward and
-                 backward and every replica holding the whole global batch's
-                 per-example values (a convolution's patches taken).
+                 backward and forming the values the replicas exchange or
+                 gather (a convolution's patches taken).
 
 The variants change the update, so they time; they train nothing. Each is
 traced with its part replaced (the replacement acts only while tracing).
@@ -43,19 +46,26 @@ def without(part: str):
         def local(self, xs):
             return ([tf.concat([x] * self.replicas, 0) for x in xs] if self.replicas > 1
                     else list(xs))
-        owner, name, replacement = collectives.Collectives, "gather", local
+        replacements = [(collectives.Collectives, "gather", local),
+                        (collectives.Collectives, "exchange", lambda self, xs: list(xs))]
     else:
-        def zeros(values, stat, variables, sync=None):
-            # zeros that still depend on the values, so that nothing before is pruned
-            return [tf.zeros(v.shape) + 0 * tf.reduce_sum(tf.nest.flatten(p)[0][:1])
-                    for p, v in zip(values, variables)]
-        owner, name, replacement = tiled, "aggregate", zeros
-    original = owner.__dict__[name]
-    setattr(owner, name, replacement)
+        # zeros that still depend on the values, so that nothing before is pruned
+        def zero_whole(values, stat, replicas, replica):
+            return (tf.zeros(tiled.layout(values))
+                    + 0 * tf.reduce_sum(tf.nest.flatten(values)[0][:1]))
+
+        def zero_received(received, rows, stat, sync):
+            return tf.zeros([rows, received.shape[-1]]) + 0 * tf.reduce_sum(received[:1])
+        replacements = [(tiled, "share_of_whole", zero_whole),
+                        (tiled, "share_of_received", zero_received)]
+    originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in replacements]
+    for owner, name, replacement in replacements:
+        setattr(owner, name, replacement)
     try:
         yield
     finally:
-        setattr(owner, name, original)
+        for owner, name, original in originals:
+            setattr(owner, name, original)
 
 
 def parts_of(variant: str) -> list[str]:

@@ -14,8 +14,10 @@ The per-example aggregators take a layer filter (`layer_filter`): which layers
 they aggregate robustly, the others getting the batch's mean gradient
 (`Winsorized(4, layers="hidden")`, read and printed `winsorized:4@hidden`).
 
-The per-example aggregators get their values from the layer rules, gathered
-from all replicas as factors, and reduce them tile by tile (`tiled`);
+The per-example aggregators get their values from the layer rules and reduce
+them tile by tile (`tiled`), each replica a share of every variable's
+coordinates over the global batch, got from the other replicas as factors or
+as rows of values (`tiled.aggregate_batch`);
 Winsorized, Trimmed and Median are order statistics (`OrderStatistic`): they say
 which ranks they threshold at and what they make of the thresholds, which is
 all the tiles need; the gradient probe measures them with the same tiles
@@ -32,7 +34,7 @@ import tensorflow as tf
 from cg_tf.robust import layer_filter, layer_rules, names, tiled
 from cg_tf.robust.collectives import Collectives, tally
 from cg_tf.robust.gradients import GradientSource
-from cg_tf.robust.layer_rules import PerExample, Stacked
+from cg_tf.robust.layer_rules import PerExample, Stacked, Unexpanded, expanded
 
 REGISTRY: dict[str, type["Aggregator"]] = {}
 
@@ -136,18 +138,20 @@ class Aggregator:
         return {"name": self.name, **({self.parameter: self.value} if self.parameter else {}),
                 **({"layers": self.layers.name} if self._filtered else {})}
 
-    def by_layer(self, values: list[PerExample], model, aggregate, replicas: int
+    def by_layer(self, values: list[PerExample | Unexpanded], model, aggregate, replicas: int
                  ) -> list[tf.Tensor]:
-        """A replica's part of the aggregate of the global batch's per-example
-        `values` (every replica holds them all): `aggregate(values, variables)`
-        (a replica's share) for the layers of `model` aggregated robustly, and
-        the mean over `replicas` for the others', in the order of its
-        trainable variables."""
+        """A replica's part of the aggregate of the global batch: `aggregate(values,
+        variables)` (a replica's share) for the layers of `model` aggregated
+        robustly, and its part of the mean for the others', in the order of
+        its trainable variables. `values` are per-example values of the
+        global batch that every replica holds (its part of the mean: their
+        mean over `replicas`), or of the replica's own examples (their sum
+        over the global batch size, the same formula)."""
         variables = model.trainable_variables
         robust = self.layers.robust(model)
         (robust_values, mean_values), (robust_vars, mean_vars) = (
             layer_filter.split(values, robust), layer_filter.split(variables, robust))
-        means = [tf.reshape(v.groups(1).stacked()[0] / (v.count * replicas), w.shape)
+        means = [tf.reshape(expanded(v).groups(1).stacked()[0] / (v.count * replicas), w.shape)
                  for v, w in zip(mean_values, mean_vars)]
         aggregated = aggregate(robust_values, robust_vars) if robust_values else []
         return layer_filter.merge(aggregated, means, robust)
@@ -227,10 +231,10 @@ class OrderStatistic(Aggregator):
         return (total - below * lo - above * hi) / (n - below - above)
 
     def gradient(self, source, x, y, sync, chunk=None):
-        values, counts = global_values(source, x, y, sync, chunk)
+        values, losses, logits = source.per_example(x, y, chunk, sync, expand=False)
         return self.by_layer(values, source.model,
-                             lambda v, w: tiled.aggregate(v, self, w, sync),
-                             sync.replicas), counts
+                             lambda v, w: tiled.aggregate_batch(v, self, w, sync),
+                             sync.replicas), tally(y, losses, logits)
 
     # -- the gradient probe --------------------------------------------------------
 

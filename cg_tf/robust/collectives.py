@@ -1,5 +1,7 @@
 """The train step's cross-replica sums, and the per-replica tally they carry."""
 
+import zlib
+
 import tensorflow as tf
 
 
@@ -19,23 +21,44 @@ def tally(labels: tf.Tensor, losses: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     return tf.stack([tf.reduce_sum(losses), tf.reduce_sum(tf.cast(correct, tf.float32))])
 
 
+# The all-to-all's communicator group keys lie in [EXCHANGE_GROUP_KEY,
+# EXCHANGE_GROUP_KEY + 2^20): far above the keys tf.distribute's strategies count
+# up from 1.
+EXCHANGE_GROUP_KEY = 0x3C6F0000
+
+
+def exchange_group_key(replicas: int, shape: tuple[int, ...]) -> int:
+    """The communicator's group key of an all-to-all of `shape` among `replicas`.
+    A communicator's collective is instance 0 of its group, and TensorFlow keeps
+    an instance's shape for the life of the process: a group key per shape lets
+    another model (another shape) exchange in the same process."""
+    return EXCHANGE_GROUP_KEY + zlib.crc32(repr((replicas, shape)).encode()) % 2 ** 20
+
+
 class Collectives:
-    """The step's cross-replica sums, chained by control dependencies.
+    """The step's cross-replica sums and exchanges, chained by control dependencies.
 
     Collectives that do not depend on each other may start in different orders
     on different replicas, and then pair up wrongly; chaining them makes every
     replica issue them in one order.
+
+    `exchange` is an all-to-all (TensorFlow's collective op, which MirroredStrategy
+    and MultiWorkerMirroredStrategy run on CPUs and GPUs); a step XLA compiles
+    whole (jit_compile, any step under TPUStrategy) cannot hold it: there
+    `can_exchange` is False, and the callers gather instead.
     """
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, compiled: bool = False):
         self.ctx = ctx
         self.replicas = ctx.num_replicas_in_sync
+        self.can_exchange = self.replicas > 1 and not compiled
         self._last = []
 
     @classmethod
-    def current(cls) -> "Collectives":
-        """The collectives of the replica context the caller runs in."""
-        return cls(tf.distribute.get_replica_context())
+    def current(cls, compiled: bool = False) -> "Collectives":
+        """The collectives of the replica context the caller runs in, in a step
+        XLA compiles whole or not (`compiled`)."""
+        return cls(tf.distribute.get_replica_context(), compiled)
 
     @property
     def replica_id(self) -> tf.Tensor:
@@ -49,7 +72,7 @@ class Collectives:
             return [tf.identity(v) for v in values]
 
     def sum(self, values: list[tf.Tensor]) -> list[tf.Tensor]:
-        if self.replicas == 1:
+        if self.replicas == 1 or not values:
             return list(values)
         out = self.ctx.all_reduce("sum", self.after(values))
         self._last = out
@@ -59,10 +82,39 @@ class Collectives:
         """Each x of all replicas, concatenated along axis 0 in replica order (an
         all-reduce of buffers in which each replica fills its own slot)."""
         n = self.replicas
-        if n == 1:
+        if n == 1 or not xs:
             return list(xs)
         mine = tf.equal(tf.range(n), self.replica_id)
         placed = [tf.where(tf.reshape(mine, [n] + [1] * x.shape.rank), x[None],
                            tf.zeros_like(x[None])) for x in xs]
         return [tf.reshape(g, [n * x.shape[0], *x.shape[1:]])
                 for g, x in zip(self.sum(placed), xs)]
+
+    def exchange(self, xs: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Per x ([replicas, ...], float32), what the replicas sent this one:
+        x[j] goes to replica j, and slot j of the result came from replica j.
+        One all-to-all for all of them; a replica sends (replicas - 1) /
+        replicas of its x. Its communicator lives for the call: created (every
+        replica waits for the others there) and destroyed around it, so the
+        next step can create it again."""
+        n = self.replicas
+        if not xs:
+            return []
+        if not self.can_exchange:
+            raise ValueError("an all-to-all needs several replicas and a step that "
+                             "XLA does not compile whole")
+        flat = [tf.reshape(x, [n, -1]) for x in xs]
+        with tf.control_dependencies(self._last):
+            joined = tf.concat(flat, 1)
+            communicator = tf.raw_ops.CollectiveInitializeCommunicator(
+                group_key=exchange_group_key(n, tuple(joined.shape)), rank=self.replica_id, group_size=n,
+                communication_hint="auto", timeout_seconds=0)
+        received = tf.raw_ops.CollectiveAllToAllV3(
+            communicator=communicator, input=joined, group_assignment=[], timeout_seconds=0)
+        with tf.control_dependencies([received]):
+            closed = tf.raw_ops.DestroyResourceOp(resource=communicator)
+        with tf.control_dependencies([closed]):
+            received = tf.identity(received)
+        self._last = [received]
+        parts = tf.split(received, [f.shape[1] for f in flat], 1)
+        return [tf.reshape(p, x.shape) for p, x in zip(parts, xs)]

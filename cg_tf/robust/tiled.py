@@ -29,17 +29,28 @@ whatever the outer step is compiled with. Under a strategy each replica
 computes a block of the rows of every tiled variable (`robust_share`), which
 one cross-replica sum assembles. Small variables (biases, normalization
 scales) go side by side into one more such computation (`side_by_side`).
+
+A replica gets the rows of its share for the whole global batch
+(`aggregate_batch`) by whichever of two collectives sends fewer bytes, per
+variable (`exchanges`): the replicas gather every example's factors (a Dense
+layer's input and output gradient, a convolution's input), each then forming
+its rows' values; or each forms its own examples' values and sends every
+other replica that replica's rows (an all-to-all). The first is smaller where
+the values are outer products of long factors (Dense kernels), the second
+where a value is smaller than what it is made of (a convolution near the
+input, whose output gradient is larger than its kernel; biases).
 """
 
 import functools
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
+from cg_tf.robust import layer_rules
 from cg_tf.robust.collectives import Collectives
-from cg_tf.robust.layer_rules import Outer, Patches, PerExample, Stacked
+from cg_tf.robust.layer_rules import Outer, Patches, PerExample, Stacked, Unexpanded, expanded
 
 TILE = 32768           # coordinates per tile
 # The running lists take thresholds up to r = CHAIN_MAX_R from either end when
@@ -91,7 +102,7 @@ class Statistic(Protocol):
 # -- tiles ------------------------------------------------------------------------
 
 
-def _layout(values: PerExample) -> tuple[int, int]:
+def layout(values: PerExample) -> tuple[int, int]:
     """(rows, columns) of the 2-D view that tiles cut along its rows."""
     if isinstance(values, Outer):
         return values.x.shape[2], values.d.shape[2]
@@ -103,7 +114,7 @@ def _layout(values: PerExample) -> tuple[int, int]:
 
 def _padded(values: PerExample, rows: int) -> PerExample:
     """The values with zero rows added up to `rows`."""
-    have = _layout(values)[0]
+    have = layout(values)[0]
     if have == rows:
         return values
     if isinstance(values, Outer):
@@ -134,7 +145,7 @@ class Examples:
             tile = tile.outer() if isinstance(tile, Patches) else tile
             values, start = Stacked(tf.einsum("bti,bto->bio", tile.x, tile.d)), 0
         self.values, self.start, self.size = values, start, size
-        self.columns = _layout(values)[1]
+        self.columns = layout(values)[1]
 
     def block(self, first, count: int) -> list[tf.Tensor]:
         """The values of examples [first, first + count) (`first` may be a tensor)."""
@@ -388,7 +399,7 @@ def robust_variable(values: PerExample, stat: Statistic) -> tf.Tensor:
     pass over tiles when it needs no clipped sum, or when forming a tile's
     values is a matmul (both steps then use the values formed once); else in a
     pass for the thresholds, then one for the clipped sums."""
-    rows, cols = _layout(values)
+    rows, cols = layout(values)
     tiles, size = _tiling(rows, cols)
     values = _padded(values, tiles * size)
     tile = lambda i: Examples(values, i * size, size)  # noqa: E731
@@ -421,7 +432,7 @@ def probe_variable(values: PerExample, stat: Statistic, ranks: tuple[int, int],
     beyond the thresholds, the L1 mass the cut removed and the L1 mass in all,
     of the pristine examples (`pristine`, [n], 1 or 0 per example) and of the
     others."""
-    rows, cols = _layout(values)
+    rows, cols = layout(values)
     tiles, size = _tiling(rows, cols)
     values = _padded(values, tiles * size)
 
@@ -460,9 +471,18 @@ def _rows(values: PerExample, start, count: int) -> PerExample:
         return Outer(tf.slice(x, [0, 0, start], [values.count, x.shape[1], count]), values.d)
     if isinstance(values, Patches):
         return values.rows(start, count)
-    rows, cols = _layout(values)
+    rows, cols = layout(values)
     g = tf.reshape(values.g, [values.count, rows, cols])
     return Stacked(tf.slice(g, [0, start, 0], [values.count, count, cols]))
+
+
+def _placed(part: tf.Tensor, replica: tf.Tensor, replicas: int, rows: int) -> tf.Tensor:
+    """A replica's block of rows ([ceil(rows / replicas), columns]) in place
+    among zeros: the first `rows` of its replicas blocks."""
+    share, cols = -(-rows // replicas), part.shape[1]
+    placed = xla.dynamic_update_slice(tf.zeros([share * replicas, cols], part.dtype), part,
+                                      [replica * share, 0])
+    return placed[:rows]
 
 
 def robust_share(values: PerExample, stat: Statistic, replica: tf.Tensor, replicas: int
@@ -474,13 +494,40 @@ def robust_share(values: PerExample, stat: Statistic, replica: tf.Tensor, replic
     value, without placing it)."""
     if replicas == 1:
         return robust_variable(values, stat)
-    rows, cols = _layout(values)
+    rows, cols = layout(values)
     share = -(-rows // replicas)
-    first = replica * share
-    part = robust_variable(_rows(_padded(values, share * replicas), first, share), stat)
-    placed = xla.dynamic_update_slice(tf.zeros([share * replicas, cols], part.dtype), part,
-                                      [first, 0])
-    return placed[:rows]
+    part = robust_variable(_rows(_padded(values, share * replicas), replica * share, share), stat)
+    return _placed(part, replica, replicas, rows)
+
+
+def exchanges(coordinates: int, factors: int, replicas: int) -> bool:
+    """Whether a replica sends fewer bytes forming its examples' values of
+    `coordinates` (padded to the replicas' equal shares) and sending each other
+    replica its rows (an all-to-all: (R - 1) / R of b x P floats, b = B / R
+    examples) than gathering the `factors` floats per example the values are
+    made of (an all-reduce of B x F floats, of which each replica sends 2 (R -
+    1) / R in a ring): P < 2 R F."""
+    return coordinates < 2 * replicas * factors
+
+
+def rows_by_replica(values: PerExample, replicas: int) -> tf.Tensor:
+    """[replicas, n, share, columns]: the n examples' values in the 2-D view,
+    zero-padded to share x replicas rows, block j the rows of replica j."""
+    rows, cols = layout(values)
+    share = -(-rows // replicas)
+    g = tf.reshape(values.stacked(), [values.count, rows, cols])
+    g = tf.pad(g, [[0, 0], [0, share * replicas - rows], [0, 0]])
+    return tf.transpose(tf.reshape(g, [values.count, replicas, share, cols]), [1, 0, 2, 3])
+
+
+def exchanged_share(received: tf.Tensor, stat: Statistic, replica: tf.Tensor, replicas: int,
+                    rows: int) -> tf.Tensor:
+    """Like `robust_share`, from what the all-to-all brought this replica
+    (`rows_by_replica`'s block of every replica: [replicas, b, share, columns],
+    its rows of the global batch's values in replica order)."""
+    _, b, share, cols = received.shape
+    part = robust_variable(Stacked(tf.reshape(received, [replicas * b, share, cols])), stat)
+    return _placed(part, replica, replicas, rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -491,6 +538,15 @@ def _compiled(signature, replicas: int) -> tf.types.experimental.PolymorphicFunc
     ResNet's repeated blocks compile once); a function per signature is traced once."""
     stat = signature[-1]
     return tf.function(lambda values, replica: robust_share(values, stat, replica, replicas),
+                       jit_compile=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_exchanged(signature, replicas: int) -> tf.types.experimental.PolymorphicFunction:
+    """The XLA-compiled `exchanged_share` for one signature ((statistic, rows) last)."""
+    stat, rows = signature[-1]
+    return tf.function(lambda received, replica: exchanged_share(received, stat, replica,
+                                                                 replicas, rows),
                        jit_compile=True)
 
 
@@ -508,30 +564,73 @@ def _signature(values: PerExample, what) -> tuple:
     return type(values).__name__, tuple(tuple(t.shape) for t in values), what
 
 
-def _size(values: PerExample) -> int:
-    rows, cols = _layout(values)
+def _size(values: PerExample | Unexpanded) -> int:
+    rows, cols = layout(expanded(values))
     return rows * cols
 
 
-def side_by_side(values: list[PerExample], replicas: int) -> Stacked:
+def _side_by_side_rows(coordinates: int, replicas: int) -> int:
+    """The rows of SMALL_COLUMNS that `side_by_side` makes of `coordinates`."""
+    return max(-(-coordinates // SMALL_COLUMNS), 2 * replicas)
+
+
+def side_by_side(values: list[PerExample | Unexpanded], replicas: int) -> Stacked:
     """Several variables' stacked values side by side, zero-padded to rows of
     SMALL_COLUMNS: one variable's values [n, rows, SMALL_COLUMNS], with at least
     two rows per replica (each replica's share then makes two tiles, `_tiling`)."""
     n = values[0].count
-    flat = tf.concat([tf.reshape(v.stacked(), [n, -1]) for v in values], 1)
-    rows = max(-(-flat.shape[1] // SMALL_COLUMNS), 2 * replicas)
+    flat = tf.concat([tf.reshape(expanded(v).stacked(), [n, -1]) for v in values], 1)
+    rows = _side_by_side_rows(flat.shape[1], replicas)
     flat = tf.pad(flat, [[0, 0], [0, rows * SMALL_COLUMNS - flat.shape[1]]])
     return Stacked(tf.reshape(flat, [n, rows, SMALL_COLUMNS]))
 
 
-def _grouped(values: list[PerExample], replicas: int) -> tuple[list[PerExample], list[int]]:
-    """The values as computations go: each large variable's alone, then (if
-    any) the small ones side by side; and the indices of the small ones."""
+class Computation(NamedTuple):
+    """The variables (indices) one computation aggregates: a large one alone,
+    or the small ones side by side."""
+
+    members: list[int]
+    side_by_side: bool
+
+    def part(self, values: list, replicas: int) -> PerExample | Unexpanded:
+        """Its values, from every variable's `values`."""
+        members = [values[i] for i in self.members]
+        return side_by_side(members, replicas) if self.side_by_side else members[0]
+
+    def layout(self, values: list, replicas: int) -> tuple[int, int]:
+        """The (rows, columns) of its values' 2-D view, without forming them."""
+        if self.side_by_side:
+            total = sum(_size(values[i]) for i in self.members)
+            return _side_by_side_rows(total, replicas), SMALL_COLUMNS
+        return layout(expanded(values[self.members[0]]))
+
+    def coordinates(self, values: list, replicas: int) -> int:
+        """Its coordinates, padded to `replicas` equal shares of rows."""
+        rows, cols = self.layout(values, replicas)
+        return -(-rows // replicas) * replicas * cols
+
+    def factors(self, values: list) -> int:
+        """The floats per example a gather of its values moves."""
+        return sum(layer_rules.floats_per_example(values[i]) for i in self.members)
+
+
+def computations(values: list[PerExample | Unexpanded]) -> list[Computation]:
+    """Each large variable's computation, then (if any) the small ones'."""
     small = [i for i, v in enumerate(values) if _size(v) <= SMALL]
-    parts = [v for i, v in enumerate(values) if i not in small]
-    if small:
-        parts.append(side_by_side([values[i] for i in small], replicas))
-    return parts, small
+    return [Computation([i], False) for i in range(len(values)) if i not in small] + (
+        [Computation(small, True)] if small else [])
+
+
+def _grouped(values: list[PerExample | Unexpanded], replicas: int
+             ) -> tuple[list[PerExample | Unexpanded], list[int]]:
+    """The values as computations go, and the indices of the small ones."""
+    plan = computations(values)
+    return [c.part(values, replicas) for c in plan], _small(plan)
+
+
+def _small(plan: list[Computation]) -> list[int]:
+    """The indices of the variables that go side by side."""
+    return plan[-1].members if plan and plan[-1].side_by_side else []
 
 
 def _ungrouped(results: list[tf.Tensor], small: list[int], variables: list) -> list[tf.Tensor]:
@@ -555,8 +654,41 @@ def aggregate(values: list[PerExample], stat: Statistic, variables: list,
     replicas = sync.replicas if sync else 1
     replica = sync.replica_id if sync else tf.constant(0)
     parts, small = _grouped(values, replicas)
-    shares = [_compiled(_signature(p, stat), replicas)(p, replica) for p in parts]
+    shares = [share_of_whole(p, stat, replicas, replica) for p in parts]
     return _ungrouped(shares, small, variables)
+
+
+def share_of_whole(values: PerExample, stat: Statistic, replicas: int, replica: tf.Tensor
+                   ) -> tf.Tensor:
+    """`robust_share` of one computation's values of the global batch, compiled."""
+    return _compiled(_signature(values, stat), replicas)(values, replica)
+
+
+def share_of_received(received: tf.Tensor, rows: int, stat: Statistic, sync: Collectives
+                      ) -> tf.Tensor:
+    """`exchanged_share` of what one computation's all-to-all brought, compiled."""
+    return _compiled_exchanged((tuple(received.shape), (stat, rows)), sync.replicas)(
+        received, sync.replica_id)
+
+
+def aggregate_batch(values: list[PerExample | Unexpanded], stat: Statistic, variables: list,
+                    sync: Collectives) -> list[tf.Tensor]:
+    """Like `aggregate`, over the global batch of which each replica holds its
+    own examples' `values`: per computation (a large variable, or the small
+    ones side by side), the replicas gather the factors or exchange rows,
+    whichever sends fewer bytes (`exchanges`), and each computes its share."""
+    replicas, replica = sync.replicas, sync.replica_id
+    plan = computations(values)
+    routes = [sync.can_exchange and exchanges(c.coordinates(values, replicas), c.factors(values),
+                                              replicas) for c in plan]
+    ids = [i for c, e in zip(plan, routes) if not e for i in c.members]
+    whole = dict(zip(ids, layer_rules.gathered([values[i] for i in ids], sync)))
+    received = iter(sync.exchange([rows_by_replica(expanded(c.part(values, replicas)), replicas)
+                                   for c, e in zip(plan, routes) if e]))
+    shares = [share_of_received(next(received), c.layout(values, replicas)[0], stat, sync)
+              if e else share_of_whole(c.part(whole, replicas), stat, replicas, replica)
+              for c, e in zip(plan, routes)]
+    return _ungrouped(shares, _small(plan), variables)
 
 
 def probe(values: list[PerExample], stat: Statistic, ranks: tuple[int, int],

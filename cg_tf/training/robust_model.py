@@ -383,13 +383,14 @@ class RobustModel(keras.Model):
         """One robust update; returns the loss and accuracy of the global batch."""
         x, y = features_and_labels(data)
         outside = None
+        compiled = self.jit_compile or isinstance(tf.distribute.get_strategy(), ALWAYS_COMPILED)
         if self.source.loss is example_losses and self.classes is not None:
-            if self.jit_compile or isinstance(tf.distribute.get_strategy(), ALWAYS_COMPILED):
+            if compiled:
                 # XLA drops assertions: counted here, refused after the step
                 outside = tf.reduce_sum(tf.cast((y < 0) | (y >= self.classes), tf.float32))
             else:
                 y = checked_labels(y, self.classes)
-        sync = Collectives.current()
+        sync = Collectives.current(compiled)
         with self.source.recording() as forwards:  # the outputs the gradients came from
             grads, counts = self.update_part(x, y, sync)
         if self._compiled_metrics():
