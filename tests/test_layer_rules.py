@@ -164,7 +164,7 @@ def run_hidden_id(name, monkeypatch, strategy, jit):
     from cg_tf.robust.collectives import Collectives
     monkeypatch.setattr(Collectives, "current", classmethod(
         lambda cls, compiled=False: cls(HiddenReplicaId(tf.distribute.get_replica_context()),
-                                        compiled)))
+                                        not compiled)))
     return run_step(name, jit, strategy)
 
 

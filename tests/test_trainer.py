@@ -589,9 +589,11 @@ def free_ports(n):
 
 def test_two_workers_match_two_replicas_on_one_worker(digits_dir, tmp_path):
     """MultiWorkerMirroredStrategy with two local worker processes (TF_CONFIG)
-    ends with exactly the weights of MirroredStrategy on two logical CPUs."""
+    ends with exactly the weights of MirroredStrategy on two logical CPUs. A
+    conv net: the two logical CPUs exchange its convolutions' rows, the two
+    workers (no all-to-all across workers) gather their factors."""
     import json
-    args = ["-m", "cg_tf.train", f"--data_dir={digits_dir}", "--steps=10", "--fc_widths=32",
+    args = ["-m", "cg_tf.train", f"--data_dir={digits_dir}", "--steps=10", "--model=small_cnn",
             "--aggregator=winsorized:2", "--deterministic",
             "--eval_sample_size=50", "--checkpoint_every=10"]
     ports = free_ports(2)
@@ -613,7 +615,7 @@ def test_two_workers_match_two_replicas_on_one_worker(digits_dir, tmp_path):
     assert "on 2 replica(s)" in one.stderr
     states = [final_state(tmp_path / d) for d in ("w0", "w1", "mirrored")]
     weights = [n for n in states[0] if "trainable_variables" in n]
-    assert len(weights) == 4
+    assert len(weights) == 8
     for n in weights:
         np.testing.assert_allclose(states[0][n], states[1][n], rtol=0, atol=1e-6)
         np.testing.assert_allclose(states[0][n], states[2][n], rtol=1e-5, atol=1e-6)

@@ -4,6 +4,8 @@ import zlib
 
 import tensorflow as tf
 
+from cg_tf import keras_internals
+
 
 def label_classes(labels: tf.Tensor, outputs_rank: int) -> tf.Tensor:
     """The class of each label: itself for integer class labels (shape [B] or
@@ -42,23 +44,28 @@ class Collectives:
     on different replicas, and then pair up wrongly; chaining them makes every
     replica issue them in one order.
 
-    `exchange` is an all-to-all (TensorFlow's collective op, which MirroredStrategy
-    and MultiWorkerMirroredStrategy run on CPUs and GPUs); a step XLA compiles
-    whole (jit_compile, any step under TPUStrategy) cannot hold it: there
-    `can_exchange` is False, and the callers gather instead.
+    `exchange` is an all-to-all: TensorFlow's collective op on a communicator,
+    which runs among the replicas of one process (MirroredStrategy, on CPUs
+    or GPUs). Where it cannot, `can_exchange` is False and the callers gather
+    instead: a step XLA compiles whole (jit_compile, any step under
+    TPUStrategy) cannot hold the op, and across workers (MultiWorkerMirrored)
+    TensorFlow 2.21 loses the other workers' ranks when it forms the
+    communicator's group ("Only part of the group members have user given
+    rank specified. Received ranks: 0,-1").
     """
 
-    def __init__(self, ctx, compiled: bool = False):
+    def __init__(self, ctx, exchange: bool = True):
         self.ctx = ctx
         self.replicas = ctx.num_replicas_in_sync
-        self.can_exchange = self.replicas > 1 and not compiled
+        self.can_exchange = self.replicas > 1 and exchange
         self._last = []
 
     @classmethod
     def current(cls, compiled: bool = False) -> "Collectives":
         """The collectives of the replica context the caller runs in, in a step
         XLA compiles whole or not (`compiled`)."""
-        return cls(tf.distribute.get_replica_context(), compiled)
+        spans_workers = keras_internals.in_multi_worker_mode(tf.distribute.get_strategy())
+        return cls(tf.distribute.get_replica_context(), exchange=not (compiled or spans_workers))
 
     @property
     def replica_id(self) -> tf.Tensor:
