@@ -153,35 +153,40 @@ def share_rows(run: report.Run, null: float) -> list[dict]:
 
 
 def figure(runs: list[report.Run], rows: list[dict], path: str) -> dict[str, str]:
-    """f_p against step (log) and its null (dashed), one panel per run with
-    corrupt examples in its probe, in order of noise rate; PNG and PDF."""
+    """f_p against step (log) and its null (dashed), one panel per noise rate
+    with corrupt examples in its probe, a line per run (seed); PNG and PDF."""
     plt = report.pyplot()
     from matplotlib.lines import Line2D
     drawn = sorted((r for r in runs if any(row["run"] == r.name and row["null_f_p"] < 1
                                            for row in rows)), key=noise_rate)
     if not drawn:
         raise ValueError("no run with corrupt examples in its probe to draw")
+    rates = sorted({noise_rate(r) for r in drawn})
     with plt.rc_context(report.FIGURE_STYLE):
-        fig, axes = plt.subplots(1, len(drawn), figsize=(2.6 * len(drawn) + 0.4, 3.0),
+        fig, axes = plt.subplots(1, len(rates), figsize=(2.6 * len(rates) + 0.4, 3.0),
                                  sharex=True, sharey=True, squeeze=False, layout="constrained")
-        for ax, run in zip(axes.flat, drawn):
-            mine = [row for row in rows if row["run"] == run.name]
-            colour = COLOURS.get(noise_rate(run), "black")
-            ax.plot([r["step"] for r in mine], [r["f_p"] for r in mine], "-", color=colour,
-                    marker="o", markersize=2, linewidth=1.0)
-            ax.axhline(mine[0]["null_f_p"], color=colour, linestyle="--", linewidth=1.3)
+        for ax, rate in zip(axes.flat, rates):
+            colour = COLOURS.get(rate, "black")
+            group = [r for r in drawn if noise_rate(r) == rate]
+            for k, run in enumerate(group):
+                mine = [row for row in rows if row["run"] == run.name]
+                ax.plot([r["step"] for r in mine], [r["f_p"] for r in mine], "-", color=colour,
+                        marker="o", markersize=2, linewidth=1.0, alpha=1.0 if k == 0 else 0.45)
+            null = next(row["null_f_p"] for row in rows if row["run"] == group[0].name)
+            ax.axhline(null, color=colour, linestyle="--", linewidth=1.3)
             ax.set_xscale("log")
             ax.set_ylim(0, 1)
-            ax.set_title(f"{noise_rate(run) * 100:g}% noise (null {mine[0]['null_f_p']:.2f})")
+            seeds = f", {len(group)} seeds" if len(group) > 1 else ""
+            ax.set_title(f"{rate * 100:g}% noise (null {null:.2f}){seeds}")
             ax.grid(alpha=0.3)
             ax.tick_params(labelleft=True)
         fig.supxlabel("step (log scale)", fontsize=9.5)
         fig.supylabel("pristine share $f_p$ (corrupt: $f_c = 1 - f_p$)", fontsize=9.5)
         proxies = [Line2D([], [], color="0.3", marker="o", markersize=2, linewidth=1.0),
                    Line2D([], [], color="0.3", linestyle="--", linewidth=1.3)]
-        labels = ["$f_p$ on the probe sample", "null: its pristine fraction"]
+        labels = ["$f_p$ on the probe sample (a line per seed)", "null: its pristine fraction"]
         fig.legend(proxies, labels, loc="outside upper center", ncols=2, frameon=False,
-                   title=report.caption(drawn) + ", one seed", title_fontsize=9.5)
+                   title=report.caption(drawn), title_fontsize=9.5)
     return report.save_figure(fig, path)
 
 
