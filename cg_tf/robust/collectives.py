@@ -1,4 +1,5 @@
-"""The train step's cross-replica sums, and the per-replica tally they carry."""
+"""The train step's cross-replica sums and exchanges, and the per-replica tally
+they carry."""
 
 import zlib
 
@@ -98,7 +99,7 @@ class Collectives:
                 for g, x in zip(self.sum(placed), xs)]
 
     def exchange(self, xs: list[tf.Tensor]) -> list[tf.Tensor]:
-        """Per x ([replicas, ...], float32), what the replicas sent this one:
+        """Per x ([replicas, ...], all of one dtype), what the replicas sent this one:
         x[j] goes to replica j, and slot j of the result came from replica j.
         One all-to-all for all of them; a replica sends (replicas - 1) /
         replicas of its x. Its communicator lives for the call: created (every
@@ -108,14 +109,14 @@ class Collectives:
         if not xs:
             return []
         if not self.can_exchange:
-            raise ValueError("an all-to-all needs several replicas and a step that "
-                             "XLA does not compile whole")
+            raise ValueError("an all-to-all needs several replicas in one process and a "
+                             "step that XLA does not compile whole")
         flat = [tf.reshape(x, [n, -1]) for x in xs]
         with tf.control_dependencies(self._last):
             joined = tf.concat(flat, 1)
             communicator = tf.raw_ops.CollectiveInitializeCommunicator(
-                group_key=exchange_group_key(n, tuple(joined.shape)), rank=self.replica_id, group_size=n,
-                communication_hint="auto", timeout_seconds=0)
+                group_key=exchange_group_key(n, tuple(joined.shape)), rank=self.replica_id,
+                group_size=n, communication_hint="auto", timeout_seconds=0)
         received = tf.raw_ops.CollectiveAllToAllV3(
             communicator=communicator, input=joined, group_assignment=[], timeout_seconds=0)
         with tf.control_dependencies([received]):
