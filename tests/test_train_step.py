@@ -353,7 +353,8 @@ def exchange_payloads(monkeypatch) -> list[int]:
     return payloads
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["by bytes", "all gathered"])
+@pytest.mark.parametrize("exchange", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["by bytes", "all gathered"])
 def test_replicas_gather_factors_or_exchange_rows_whichever_sends_less(exchange, monkeypatch):
     """mixed_net at 2 replicas, each variable in a computation of its own.
     Gathered (P >= 2 R F), per example: conv_b's input (2 x 2 x 8, not its 4
@@ -363,7 +364,9 @@ def test_replicas_gather_factors_or_exchange_rows_whichever_sends_less(exchange,
     example and replica: conv_a's kernel (rows 9 -> 2 x 5, 8 columns), the
     logits' (rows 16 -> 2 x 8, 3 columns), and the biases (1 row -> 2 x 1).
     With the exchange taken away (as in a step XLA compiles whole) every
-    factor is gathered. The update is that of one replica either way."""
+    factor is gathered (slow; test_two_workers_match_two_replicas_on_one_worker
+    gathers a conv net's factors across workers in the default run). The update
+    is that of one replica either way."""
     monkeypatch.setattr(tiled, "SMALL", 0)
     if not exchange:
         monkeypatch.setattr(tiled, "exchanges", lambda *args: False)
