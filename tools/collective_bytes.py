@@ -98,7 +98,7 @@ def routes_per_example(name: str, replicas: int) -> tuple[int, dict]:
         coordinates, factors = c.coordinates(values, replicas), c.factors(values)
         routes["factors"] += factors
         routes["coordinates"] += coordinates
-        if replicas > 1 and tiled.exchanges(coordinates, factors, replicas):
+        if replicas > 1 and c.exchanged(values, replicas):
             routes["exchanged"] += coordinates
         else:
             routes["gathered"] += factors

@@ -54,7 +54,7 @@ def without(part: str):
             return (tf.zeros(tiled.layout(values))
                     + 0 * tf.reduce_sum(tf.nest.flatten(values)[0][:1]))
 
-        def zero_received(received, rows, stat, sync):
+        def zero_received(received, rows, stat, replicas, replica):
             return tf.zeros([rows, received.shape[-1]]) + 0 * tf.reduce_sum(received[:1])
         replacements = [(tiled, "share_of_whole", zero_whole),
                         (tiled, "share_of_received", zero_received)]

@@ -476,10 +476,16 @@ def _rows(values: PerExample, start, count: int) -> PerExample:
     return Stacked(tf.slice(g, [0, start, 0], [values.count, count, cols]))
 
 
+def share_rows(rows: int, replicas: int) -> int:
+    """The rows of each replica's share of `rows`: ceil(rows / replicas) (the
+    last shares take the zero rows that pad `rows` to replicas equal ones)."""
+    return -(-rows // replicas)
+
+
 def _placed(part: tf.Tensor, replica: tf.Tensor, replicas: int, rows: int) -> tf.Tensor:
     """A replica's block of rows ([ceil(rows / replicas), columns]) in place
     among zeros: the first `rows` of its replicas blocks."""
-    share, cols = -(-rows // replicas), part.shape[1]
+    share, cols = share_rows(rows, replicas), part.shape[1]
     placed = xla.dynamic_update_slice(tf.zeros([share * replicas, cols], part.dtype), part,
                                       [replica * share, 0])
     return placed[:rows]
@@ -495,7 +501,7 @@ def robust_share(values: PerExample, stat: Statistic, replica: tf.Tensor, replic
     if replicas == 1:
         return robust_variable(values, stat)
     rows, cols = layout(values)
-    share = -(-rows // replicas)
+    share = share_rows(rows, replicas)
     part = robust_variable(_rows(_padded(values, share * replicas), replica * share, share), stat)
     return _placed(part, replica, replicas, rows)
 
@@ -514,7 +520,7 @@ def rows_by_replica(values: PerExample, replicas: int) -> tf.Tensor:
     """[replicas, n, share, columns]: the n examples' values in the 2-D view,
     zero-padded to share x replicas rows, block j the rows of replica j."""
     rows, cols = layout(values)
-    share = -(-rows // replicas)
+    share = share_rows(rows, replicas)
     g = tf.reshape(values.stacked(), [values.count, rows, cols])
     g = tf.pad(g, [[0, 0], [0, share * replicas - rows], [0, 0]])
     return tf.transpose(tf.reshape(g, [values.count, replicas, share, cols]), [1, 0, 2, 3])
@@ -607,11 +613,15 @@ class Computation(NamedTuple):
     def coordinates(self, values: list, replicas: int) -> int:
         """Its coordinates, padded to `replicas` equal shares of rows."""
         rows, cols = self.layout(values, replicas)
-        return -(-rows // replicas) * replicas * cols
+        return share_rows(rows, replicas) * replicas * cols
 
     def factors(self, values: list) -> int:
         """The floats per example a gather of its values moves."""
         return sum(layer_rules.floats_per_example(values[i]) for i in self.members)
+
+    def exchanged(self, values: list, replicas: int) -> bool:
+        """Whether its rows go by the all-to-all (`exchanges`) among `replicas`."""
+        return exchanges(self.coordinates(values, replicas), self.factors(values), replicas)
 
 
 def computations(values: list[PerExample | Unexpanded]) -> list[Computation]:
@@ -664,11 +674,10 @@ def share_of_whole(values: PerExample, stat: Statistic, replicas: int, replica: 
     return _compiled(_signature(values, stat), replicas)(values, replica)
 
 
-def share_of_received(received: tf.Tensor, rows: int, stat: Statistic, sync: Collectives
-                      ) -> tf.Tensor:
+def share_of_received(received: tf.Tensor, rows: int, stat: Statistic, replicas: int,
+                      replica: tf.Tensor) -> tf.Tensor:
     """`exchanged_share` of what one computation's all-to-all brought, compiled."""
-    return _compiled_exchanged((tuple(received.shape), (stat, rows)), sync.replicas)(
-        received, sync.replica_id)
+    return _compiled_exchanged((tuple(received.shape), (stat, rows)), replicas)(received, replica)
 
 
 def aggregate_batch(values: list[PerExample | Unexpanded], stat: Statistic, variables: list,
@@ -679,13 +688,13 @@ def aggregate_batch(values: list[PerExample | Unexpanded], stat: Statistic, vari
     whichever sends fewer bytes (`exchanges`), and each computes its share."""
     replicas, replica = sync.replicas, sync.replica_id
     plan = computations(values)
-    routes = [sync.can_exchange and exchanges(c.coordinates(values, replicas), c.factors(values),
-                                              replicas) for c in plan]
+    routes = [sync.can_exchange and c.exchanged(values, replicas) for c in plan]
     ids = [i for c, e in zip(plan, routes) if not e for i in c.members]
     whole = dict(zip(ids, layer_rules.gathered([values[i] for i in ids], sync)))
     received = iter(sync.exchange([rows_by_replica(expanded(c.part(values, replicas)), replicas)
                                    for c, e in zip(plan, routes) if e]))
-    shares = [share_of_received(next(received), c.layout(values, replicas)[0], stat, sync)
+    shares = [share_of_received(next(received), c.layout(values, replicas)[0], stat, replicas,
+                                replica)
               if e else share_of_whole(c.part(whole, replicas), stat, replicas, replica)
               for c, e in zip(plan, routes)]
     return _ungrouped(shares, _small(plan), variables)
