@@ -300,7 +300,9 @@ def bisected(tile: Examples, ranks: tuple[int, int]) -> tuple[tf.Tensor, tf.Tens
     block of examples at a time, for both ranks at once (once for equal
     ranks), comparing the values' keys (as integers: a comparison of floats
     would take denormals for zeros, as XLA:CPU does). A coordinate with a NaN
-    among its values gets NaN, as from the lists and the network."""
+    among its values gets NaN. (The lists and the network need not: XLA:CPU's
+    min and max do not propagate a NaN. A NaN gradient usually comes with a
+    loss that is not finite, which stops a run: StopOnNonFiniteLoss.)"""
     n = tile.count
     wanted = sorted(set(ranks))
 
