@@ -3,8 +3,8 @@
 # (tools.make_image_folder: 100 classes x 20 training images, 500 flat
 # validation images with their label file, 182 MB of JPEGs), its Beam build
 # (50% uniform noise, 16 shards), what opening it and reading it cost
-# (tools.benchmark_input), then the ImageNet configs as they are, at a
-# CPU-sized batch and image size, on two replicas (logical CPUs): ResNet-18
+# (tools.benchmark_input; at 224x224 also with each augmentation), then the
+# ImageNet configs as they are, at a CPU-sized batch and image size, on two replicas (logical CPUs): ResNet-18
 # for 300 steps, stopped by SIGTERM and resumed, then VGG-13-BN (eight times
 # ResNet-18's arithmetic) and the RM3 and M3 sweeps for 100 steps each.
 #
@@ -27,6 +27,11 @@ for size in 224,224 64,64; do
   python -m tools.benchmark_input --data_dir="$work/data" --workers=1 --batch_size=32 \
     --steps=30 --streamed --image_size=$size
 done > "$here/input.log" 2>&1
+# The same at 224x224 with each augmentation (the ImageNet configs take none).
+for augment in none flip flip_crop randaugment; do
+  python -m tools.benchmark_input --data_dir="$work/data" --workers=1 --batch_size=32 \
+    --steps=30 --streamed --image_size=224,224 --augment=$augment
+done > "$here/input_augment.log" 2>&1
 
 train() {  # NAME FLAGFILE [FLAGS...]: one run, its log kept (run under $STOP if set)
   local name=$1 flagfile=$2; shift 2
