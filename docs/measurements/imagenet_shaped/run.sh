@@ -4,9 +4,10 @@
 # validation images with their label file, 182 MB of JPEGs), its Beam build
 # (50% uniform noise, 16 shards), what opening it and reading it cost
 # (tools.benchmark_input; at 224x224 also with each augmentation), then the
-# ImageNet configs as they are, at a CPU-sized batch and image size, on two replicas (logical CPUs): ResNet-18
-# for 300 steps, stopped by SIGTERM and resumed, then VGG-13-BN (eight times
-# ResNet-18's arithmetic) and the RM3 and M3 sweeps for 100 steps each.
+# ImageNet configs as they are, at a CPU-sized batch and image size, on two
+# replicas (logical CPUs): ResNet-18 for 300 steps, stopped by SIGTERM and
+# resumed, then VGG-13-BN (eight times ResNet-18's arithmetic) and the RM3 and
+# M3 sweeps for 100 steps each.
 #
 #   bash docs/measurements/imagenet_shaped/run.sh [WORK_DIR]    (from the checkout)
 #
