@@ -6,8 +6,8 @@
 # (tools.benchmark_input; at 224x224 also with each augmentation), then the
 # ImageNet configs as they are, at a CPU-sized batch and image size, on two
 # replicas (logical CPUs): ResNet-18 for 300 steps, stopped by SIGTERM and
-# resumed, then VGG-13-BN (eight times ResNet-18's arithmetic) and the RM3 and
-# M3 sweeps for 100 steps each.
+# resumed, then VGG-13-BN (eight times ResNet-18's arithmetic) for 100 steps
+# and the RM3 and M3 sweeps for 300.
 #
 #   bash docs/measurements/imagenet_shaped/run.sh [WORK_DIR]    (from the checkout)
 #
@@ -47,7 +47,7 @@ for sweep in rm3 m3; do
   python -m pipelines.sweep --flagfile=configs/sweep_${sweep}_imagenet_resnet18.flags \
     --source=imagefolder:"$work/folder" --num_shards=16 --output_dir="$work/sweep_$sweep" \
     "${small[@]}" \
-    --steps=100 $([ $sweep = m3 ] && echo --batch_size=96) > "$here/sweep_$sweep.log" 2>&1
+    --steps=300 $([ $sweep = m3 ] && echo --batch_size=96) > "$here/sweep_$sweep.log" 2>&1
 done
 for run in "$work"/runs/*; do cp "$run/summary.json" "$here/$(basename "$run").json"; done
 for sweep in rm3 m3; do
