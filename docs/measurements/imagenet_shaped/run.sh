@@ -6,8 +6,9 @@
 # (tools.benchmark_input; at 224x224 also with each augmentation), then the
 # ImageNet configs as they are, at a CPU-sized batch and image size, on two
 # replicas (logical CPUs): ResNet-18 for 300 steps, stopped by SIGTERM and
-# resumed, then VGG-13-BN (eight times ResNet-18's arithmetic) for 300 steps
-# and the RM3 and M3 sweeps for 300.
+# resumed, then VGG-13-BN (eight times ResNet-18's arithmetic) for 300 steps,
+# at the config's lr 0.1 and at 0.0125 (0.1 x 32 / 256, the linear scaling
+# rule for the CPU-sized batch), and the RM3 and M3 sweeps for 300.
 #
 #   bash docs/measurements/imagenet_shaped/run.sh [WORK_DIR]    (from the checkout)
 #
@@ -43,6 +44,7 @@ train() {  # NAME FLAGFILE [FLAGS...]: one run, its log kept (run under $STOP if
 STOP="timeout -s TERM 240" train resnet18 configs/resnet18_imagenet.flags --steps=300 || true
 train resnet18 configs/resnet18_imagenet.flags --steps=300
 train vgg13 configs/vgg13_imagenet.flags --steps=300
+train vgg13_lr0.0125 configs/vgg13_imagenet.flags --steps=300 --learning_rate=0.0125
 for sweep in rm3 m3; do
   python -m pipelines.sweep --flagfile=configs/sweep_${sweep}_imagenet_resnet18.flags \
     --source=imagefolder:"$work/folder" --num_shards=16 --output_dir="$work/sweep_$sweep" \
