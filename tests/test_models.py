@@ -8,6 +8,7 @@ import tensorflow as tf
 from cg_tf.robust.aggregators import Mean
 from cg_tf.training import models
 from cg_tf.training.robust_model import RobustModel
+from tools import batchnorm_statistics
 
 
 @pytest.mark.parametrize("name,shape", [
@@ -40,6 +41,48 @@ def test_the_authors_imagenet_nets_have_torchvisions_size(name, params):
     net = models.build_model(name, (224, 224, 3), 1000)
     assert sum(int(np.prod(w.shape)) for w in net.trainable_weights) == params
     assert net.output_shape == (None, 1000)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet18", "resnet18", "vgg13_bn"])
+def test_the_nets_written_here_normalize_as_pytorch_does(name):
+    bns = [l for l in models.build_model(name, (32, 32, 3), 10).layers
+           if isinstance(l, keras.layers.BatchNormalization)]
+    assert bns and all((l.momentum, l.epsilon) == (0.9, 1e-5) for l in bns)
+
+
+def test_batch_norm_follows_pytorchs_moving_statistics_and_epsilon():
+    """PyTorch's BatchNorm2d (momentum 0.1, eps 1e-5) in NumPy: each training
+    call moves the running mean and variance 10% of the way to the batch's
+    (Keras averages the biased variance); inference normalizes by them with
+    eps 1e-5. Keras's defaults (momentum 0.99, epsilon 1e-3) fail both."""
+    rng = np.random.default_rng(0)
+    layer = models.batch_norm("bn")
+    mean, var = np.zeros(3), np.ones(3)
+    for _ in range(3):
+        x = rng.normal(2.0, 0.05, (8, 4, 4, 3)).astype(np.float32)
+        layer(x, training=True)
+        mean = 0.9 * mean + 0.1 * x.mean(axis=(0, 1, 2))
+        var = 0.9 * var + 0.1 * x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-5)
+    np.testing.assert_allclose(layer(x, training=False).numpy(),
+                               (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_statistics_compares_moving_and_batch_statistics():
+    """tools.batchnorm_statistics on a net whose moving statistics never moved
+    (mean 0, variance 1) while its input has variance 0.01 about 3."""
+    inputs = keras.Input((2,))
+    net = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(inputs))
+    rng = np.random.default_rng(0)
+    images = (3 + 0.1 * rng.standard_normal((64, 2))).astype(np.float32)
+    (batch, moving), = batchnorm_statistics.variances(net, images).values()
+    assert moving == 1.0 and batch == pytest.approx(np.var(images, axis=0).mean(), rel=1e-5)
+    labels = np.argmax(images, axis=1)  # what batch statistics (inputs centred) roughly keep
+    data = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(16)
+    for training in (False, True):
+        guess = np.argmax(np.concatenate([net(b["image"], training=training) for b in data]), 1)
+        assert batchnorm_statistics.accuracy(net, data, training) == np.mean(guess == labels)
 
 
 def test_unknown_model():

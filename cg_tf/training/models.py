@@ -7,6 +7,9 @@
   resnet18, vgg13_bn the ImageNet nets of Weak and Strong Gradient Directions
                      (torchvision's resnet18 and vgg13_bn, the authors' models)
   resnet50, inception_v3, vgg16   keras.applications with weights=None
+
+The BatchNorm of the nets written here is PyTorch's (`batch_norm`), as the
+authors' nets have it; keras.applications keep Keras's.
 """
 
 import math
@@ -50,16 +53,29 @@ def small_cnn(input_shape, num_classes: int) -> keras.Model:
     return keras.Model(inputs, layers.Dense(num_classes, name="logits")(x), name="small_cnn")
 
 
+def batch_norm(name: str) -> layers.BatchNormalization:
+    """BatchNormalization as PyTorch (the authors' torchvision nets) has it:
+    the moving statistics move 10% of the way each update (PyTorch's momentum
+    0.1 is Keras's 0.9) and epsilon is 1e-5. With Keras's own defaults (0.99,
+    1e-3) the moving variance still holds 0.99^300 = 5% of its starting 1 after
+    300 updates, many times a layer's true variance early in training, and a
+    short run's evaluation reads chance while its training batches are fitted.
+    (PyTorch averages the unbiased batch variance, Keras the biased one: a
+    factor m / (m - 1) over m values a channel, which the batch x positions
+    make negligible.)"""
+    return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+
+
 def _basic_block(x, filters: int, stride: int, name: str):
     shortcut = x
     y = layers.Conv2D(filters, 3, stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
-    y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = batch_norm(f"{name}_bn1")(y)
     y = layers.ReLU()(y)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
-    y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+    y = batch_norm(f"{name}_bn2")(y)
     if stride != 1 or shortcut.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, stride, use_bias=False, name=f"{name}_proj")(x)
-        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+        shortcut = batch_norm(f"{name}_proj_bn")(shortcut)
     return layers.ReLU()(layers.Add()([y, shortcut]))
 
 
@@ -77,7 +93,7 @@ def _resnet18_body(x, width: int, num_classes: int):
 def cifar_resnet18(input_shape, num_classes: int, width: int = 64) -> keras.Model:
     x = inputs = keras.Input(input_shape)
     x = layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.ReLU()(layers.BatchNormalization(name="stem_bn")(x))
+    x = layers.ReLU()(batch_norm("stem_bn")(x))
     return keras.Model(inputs, _resnet18_body(x, width, num_classes), name="cifar_resnet18")
 
 
@@ -86,7 +102,7 @@ def resnet18(input_shape, num_classes: int, width: int = 64) -> keras.Model:
     stride-2 max-pool before the stages."""
     x = inputs = keras.Input(input_shape)
     x = layers.Conv2D(width, 7, 2, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.ReLU()(layers.BatchNormalization(name="stem_bn")(x))
+    x = layers.ReLU()(batch_norm("stem_bn")(x))
     x = layers.MaxPooling2D(3, 2, padding="same")(x)
     return keras.Model(inputs, _resnet18_body(x, width, num_classes), name="resnet18")
 
@@ -103,7 +119,7 @@ def vgg13_bn(input_shape, num_classes: int, hidden: int = 4096) -> keras.Model:
     for stage, widths in enumerate(VGG13_STAGES):
         for i, filters in enumerate(widths):
             x = layers.Conv2D(filters, 3, padding="same", name=f"conv{stage}_{i}")(x)
-            x = layers.ReLU()(layers.BatchNormalization(name=f"conv{stage}_{i}_bn")(x))
+            x = layers.ReLU()(batch_norm(f"conv{stage}_{i}_bn")(x))
         x = layers.MaxPooling2D(2, padding="same")(x)
     x = layers.Flatten()(x)
     for i in range(2):

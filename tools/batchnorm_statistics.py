@@ -1,0 +1,68 @@
+"""Whether a BatchNorm net's evaluation is held back by its moving statistics,
+from a run's last checkpoint.
+
+  python -m tools.batchnorm_statistics --flagfile=FLAGS --model_dir=RUN [the run's other flags]
+
+Rebuilds the run from its own flags (as `cg_tf.train` does) and restores its
+last checkpoint; prints the accuracy on the run's pristine and test subsets
+with BatchNorm in inference mode (the moving statistics, what the run's
+evaluation uses) and in training mode (each batch's own statistics; dropout
+on too), and, per BatchNorm layer, the mean variance of its input over the
+first evaluation batch (the net in inference mode up to it) against its
+moving variance. A moving variance many times the input's, with evaluation at
+chance where batch statistics classify, is a moving average that has not
+caught up.
+"""
+
+from cg_tf import common_flags  # isort: skip (first: it quiets TensorFlow before it loads)
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cg_tf.train_flags import config_from_flags, setup_devices
+from cg_tf.training import trainer
+
+
+def accuracy(net: keras.Model, batches: tf.data.Dataset, training: bool) -> float:
+    """The share of `batches` ({"image", "label"}) the net classifies as labelled."""
+    hits = total = 0
+    for batch in batches:
+        guess = np.argmax(net(batch["image"], training=training), axis=-1)
+        hits += int(np.sum(guess == batch["label"].numpy()))
+        total += len(guess)
+    return hits / total
+
+
+def variances(net: keras.Model, images) -> dict[str, tuple[float, float]]:
+    """{BatchNorm layer: (the mean over channels of its input's variance over
+    `images`, of its moving variance)}, the net in inference mode."""
+    bns = {l.name: l for l in net.layers if isinstance(l, keras.layers.BatchNormalization)}
+    inputs = keras.Model(net.inputs, {n: l.input for n, l in bns.items()})(images,
+                                                                          training=False)
+    statistics = {}
+    for name, x in inputs.items():
+        x = np.asarray(x)
+        statistics[name] = (float(np.var(x, axis=tuple(range(x.ndim - 1))).mean()),
+                            float(bns[name].moving_variance.numpy().mean()))
+    return statistics
+
+
+def main(argv):
+    del argv
+    setup_devices()
+    run = trainer.Trainer(config_from_flags())
+    step = run.restore()
+    net = run.model.net
+    subsets = run.reader.eval_subsets()
+    for name in ("pristine", "test"):
+        if name in subsets:
+            print(f"step {step}, {name}: accuracy {accuracy(net, subsets[name], False):.3f} "
+                  f"with the moving statistics, {accuracy(net, subsets[name], True):.3f} "
+                  "with each batch's own")
+    images = next(iter(subsets["pristine"]))["image"]
+    for layer, (batch, moving) in variances(net, images).items():
+        print(f"{layer}: input variance {batch:.4f}, moving variance {moving:.4f}")
+
+
+if __name__ == "__main__":
+    common_flags.run(main)
