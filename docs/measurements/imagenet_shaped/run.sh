@@ -40,8 +40,9 @@ train() {  # NAME FLAGFILE [FLAGS...]: one run, its log kept (run under $STOP if
   ${STOP:-} python -m cg_tf.train --flagfile="$flagfile" --data_dir="$work/data" \
     --model_dir="$work/runs/$name" "${small[@]}" "$@" >> "$here/$name.log" 2>&1
 }
-# Stopped by SIGTERM after 4 minutes (a preempted worker), then resumed.
-STOP="timeout -s TERM 240" train resnet18 configs/resnet18_imagenet.flags --steps=300 || true
+# Stopped by SIGTERM after 45 s (a preempted worker; mid-run whether the machine is quiet,
+# 300 steps taking about 95 s, or loaded), then resumed.
+STOP="timeout -s TERM 45" train resnet18 configs/resnet18_imagenet.flags --steps=300 || true
 train resnet18 configs/resnet18_imagenet.flags --steps=300
 train vgg13 configs/vgg13_imagenet.flags --steps=300
 train vgg13_lr0.0125 configs/vgg13_imagenet.flags --steps=300 --learning_rate=0.0125
