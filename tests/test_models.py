@@ -78,11 +78,13 @@ def test_batchnorm_statistics_compares_moving_and_batch_statistics():
     images = (3 + 0.1 * rng.standard_normal((64, 2))).astype(np.float32)
     (batch, moving), = batchnorm_statistics.variances(net, images).values()
     assert moving == 1.0 and batch == pytest.approx(np.var(images, axis=0).mean(), rel=1e-5)
-    labels = np.argmax(images, axis=1)  # what batch statistics (inputs centred) roughly keep
+    labels = np.argmax(images, axis=1)  # any labels: compared with the net's own guesses
     data = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(16)
     for training in (False, True):
         guess = np.argmax(np.concatenate([net(b["image"], training=training) for b in data]), 1)
         assert batchnorm_statistics.accuracy(net, data, training) == np.mean(guess == labels)
+    with pytest.raises(ValueError, match="has no BatchNormalization layer"):
+        batchnorm_statistics.variances(models.small_cnn((8, 8, 1), 3), images)
 
 
 def test_unknown_model():

@@ -15,6 +15,8 @@ caught up.
 """
 
 from cg_tf import common_flags  # isort: skip (first: it quiets TensorFlow before it loads)
+import sys
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -33,10 +35,18 @@ def accuracy(net: keras.Model, batches: tf.data.Dataset, training: bool) -> floa
     return hits / total
 
 
+def batch_norms(net: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
+    """The net's BatchNormalization layers by name; ValueError if it has none."""
+    bns = {l.name: l for l in net.layers if isinstance(l, keras.layers.BatchNormalization)}
+    if not bns:
+        raise ValueError(f"{net.name} has no BatchNormalization layer")
+    return bns
+
+
 def variances(net: keras.Model, images) -> dict[str, tuple[float, float]]:
     """{BatchNorm layer: (the mean over channels of its input's variance over
     `images`, of its moving variance)}, the net in inference mode."""
-    bns = {l.name: l for l in net.layers if isinstance(l, keras.layers.BatchNormalization)}
+    bns = batch_norms(net)
     inputs = keras.Model(net.inputs, {n: l.input for n, l in bns.items()})(images,
                                                                           training=False)
     statistics = {}
@@ -50,8 +60,13 @@ def variances(net: keras.Model, images) -> dict[str, tuple[float, float]]:
 def main(argv):
     del argv
     setup_devices()
-    run = trainer.Trainer(config_from_flags())
-    step = run.restore()
+    try:
+        run = trainer.Trainer(config_from_flags())
+        batch_norms(run.model.net)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if not (step := run.restore()):
+        sys.exit(f"error: {run.config.model_dir} holds no checkpoint")
     net = run.model.net
     subsets = run.reader.eval_subsets()
     for name in ("pristine", "test"):
