@@ -50,6 +50,26 @@ def test_the_nets_written_here_normalize_as_pytorch_does(name):
     assert bns and all((l.momentum, l.epsilon) == (0.9, 1e-5) for l in bns)
 
 
+def test_the_nets_written_here_start_from_torchvisions_weights():
+    """Convolutions N(0, 2 / fan_out) with zero biases; VGG's classifier N(0,
+    0.01) with zero biases; ResNet's classifier PyTorch's nn.Linear default,
+    weights and biases U(-1 / sqrt(fan_in), 1 / sqrt(fan_in)). Keras's
+    defaults (Glorot uniform, zero biases) fail each."""
+    keras.utils.set_random_seed(0)
+    resnet, vgg = models.resnet18((64, 64, 3), 1000), models.vgg13_bn((32, 32, 3), 10)
+    for conv in (resnet.get_layer("stage3_block0_conv1"), vgg.get_layer("conv4_1")):
+        assert np.std(conv.kernel.numpy()) == pytest.approx(np.sqrt(2 / (9 * 512)), rel=0.02)
+        assert abs(np.mean(conv.kernel.numpy())) < 1e-3
+    assert not np.any(vgg.get_layer("conv4_1").bias.numpy())
+    for name in ("fc1", "logits"):
+        assert np.std(vgg.get_layer(name).kernel.numpy()) == pytest.approx(0.01, rel=0.02)
+        assert not np.any(vgg.get_layer(name).bias.numpy())
+    bound, logits = 1 / np.sqrt(512), resnet.get_layer("logits")
+    assert np.std(logits.kernel.numpy()) == pytest.approx(bound / np.sqrt(3), rel=0.02)
+    for w in (logits.kernel.numpy(), logits.bias.numpy()):
+        assert 0.9 * bound < np.abs(w).max() <= bound
+
+
 def test_batch_norm_follows_pytorchs_moving_statistics_and_epsilon():
     """PyTorch's BatchNorm2d (momentum 0.1, eps 1e-5) in NumPy: each training
     call moves the running mean and variance 10% of the way to the batch's
@@ -70,19 +90,28 @@ def test_batch_norm_follows_pytorchs_moving_statistics_and_epsilon():
 
 
 def test_batchnorm_statistics_compares_moving_and_batch_statistics():
-    """tools.batchnorm_statistics on a net whose moving statistics never moved
-    (mean 0, variance 1) while its input has variance 0.01 about 3."""
-    inputs = keras.Input((2,))
-    net = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(inputs))
+    """tools.batchnorm_statistics on BatchNorm and dropout whose moving
+    statistics never moved (mean 0, variance 1) while the input has variance
+    0.01 about 3, against NumPy: inference divides by sqrt(1 + eps), batch
+    statistics centre and scale each batch, dropout stays off, and the moving
+    statistics are put back."""
+    inputs = keras.Input((3,))
+    bn = keras.layers.BatchNormalization(name="bn")
+    net = keras.Model(inputs, keras.layers.Dropout(0.5)(bn(inputs)))
     rng = np.random.default_rng(0)
-    images = (3 + 0.1 * rng.standard_normal((64, 2))).astype(np.float32)
+    images = (3 + 0.1 * rng.standard_normal((64, 3))).astype(np.float32)
     (batch, moving), = batchnorm_statistics.variances(net, images).values()
     assert moving == 1.0 and batch == pytest.approx(np.var(images, axis=0).mean(), rel=1e-5)
-    labels = np.argmax(images, axis=1)  # any labels: compared with the net's own guesses
+    blocks = images.reshape(4, 16, 3)
+    centred = ((blocks - blocks.mean(1, keepdims=True)) / np.sqrt(blocks.var(1, keepdims=True)
+                                                                  + bn.epsilon)).reshape(64, 3)
+    labels = np.argmax(centred, 1)  # all right with batch statistics, not with the moving ones
     data = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(16)
-    for training in (False, True):
-        guess = np.argmax(np.concatenate([net(b["image"], training=training) for b in data]), 1)
-        assert batchnorm_statistics.accuracy(net, data, training) == np.mean(guess == labels)
+    for training, outputs in ((False, images), (True, centred)):
+        share = batchnorm_statistics.accuracy(net, data, training)
+        assert share == np.mean(np.argmax(outputs, 1) == labels)
+        assert bn.moving_variance.numpy().tolist() == [1.0] * 3  # put back
+    assert net.layers[-1].rate == 0.5
     with pytest.raises(ValueError, match="has no BatchNormalization layer"):
         batchnorm_statistics.variances(models.small_cnn((8, 8, 1), 3), images)
 

@@ -8,10 +8,12 @@
                      (torchvision's resnet18 and vgg13_bn, the authors' models)
   resnet50, inception_v3, vgg16   keras.applications with weights=None
 
-The BatchNorm of the nets written here is PyTorch's (`batch_norm`), as the
-authors' nets have it; keras.applications keep Keras's.
+The BatchNorm nets written here are initialized and normalize as
+torchvision's (`conv`, `linear`, `batch_norm`), as the authors' nets are;
+keras.applications keep Keras's.
 """
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -53,6 +55,24 @@ def small_cnn(input_shape, num_classes: int) -> keras.Model:
     return keras.Model(inputs, layers.Dense(num_classes, name="logits")(x), name="small_cnn")
 
 
+def conv(filters: int, kernel: int, stride: int = 1, use_bias: bool = False,
+         name: str | None = None) -> layers.Conv2D:
+    """A convolution initialized as torchvision's ResNet and VGG are: N(0, 2 /
+    fan_out) (kaiming normal, fan_out = kernel^2 x filters), biases at zero."""
+    return layers.Conv2D(filters, kernel, stride, padding="same", use_bias=use_bias,
+                         kernel_initializer=keras.initializers.VarianceScaling(
+                             2.0, "fan_out", "untruncated_normal"), name=name)
+
+
+def linear(units: int, fan_in: int, name: str) -> layers.Dense:
+    """A dense layer initialized as PyTorch's nn.Linear is (ResNet's classifier):
+    weights and biases U(-1 / sqrt(fan_in), 1 / sqrt(fan_in))."""
+    bound = 1 / math.sqrt(fan_in)
+    return layers.Dense(units, kernel_initializer=keras.initializers.VarianceScaling(
+        1 / 3, "fan_in", "uniform"), bias_initializer=keras.initializers.RandomUniform(
+            -bound, bound), name=name)
+
+
 def batch_norm(name: str) -> layers.BatchNormalization:
     """BatchNormalization as PyTorch (the authors' torchvision nets) has it:
     the moving statistics move 10% of the way each update (PyTorch's momentum
@@ -68,13 +88,13 @@ def batch_norm(name: str) -> layers.BatchNormalization:
 
 def _basic_block(x, filters: int, stride: int, name: str):
     shortcut = x
-    y = layers.Conv2D(filters, 3, stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    y = conv(filters, 3, stride, name=f"{name}_conv1")(x)
     y = batch_norm(f"{name}_bn1")(y)
     y = layers.ReLU()(y)
-    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+    y = conv(filters, 3, name=f"{name}_conv2")(y)
     y = batch_norm(f"{name}_bn2")(y)
     if stride != 1 or shortcut.shape[-1] != filters:
-        shortcut = layers.Conv2D(filters, 1, stride, use_bias=False, name=f"{name}_proj")(x)
+        shortcut = conv(filters, 1, stride, name=f"{name}_proj")(x)
         shortcut = batch_norm(f"{name}_proj_bn")(shortcut)
     return layers.ReLU()(layers.Add()([y, shortcut]))
 
@@ -87,12 +107,12 @@ def _resnet18_body(x, width: int, num_classes: int):
             stride = 2 if stage > 0 and block == 0 else 1
             x = _basic_block(x, width * mult, stride, f"stage{stage}_block{block}")
     x = layers.GlobalAveragePooling2D()(x)
-    return layers.Dense(num_classes, name="logits")(x)
+    return linear(num_classes, x.shape[-1], "logits")(x)
 
 
 def cifar_resnet18(input_shape, num_classes: int, width: int = 64) -> keras.Model:
     x = inputs = keras.Input(input_shape)
-    x = layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(x)
+    x = conv(width, 3, name="stem_conv")(x)
     x = layers.ReLU()(batch_norm("stem_bn")(x))
     return keras.Model(inputs, _resnet18_body(x, width, num_classes), name="cifar_resnet18")
 
@@ -101,7 +121,7 @@ def resnet18(input_shape, num_classes: int, width: int = 64) -> keras.Model:
     """ResNet-18 for ImageNet-sized inputs: a 7x7 stride-2 stem and a 3x3
     stride-2 max-pool before the stages."""
     x = inputs = keras.Input(input_shape)
-    x = layers.Conv2D(width, 7, 2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = conv(width, 7, 2, name="stem_conv")(x)
     x = layers.ReLU()(batch_norm("stem_bn")(x))
     x = layers.MaxPooling2D(3, 2, padding="same")(x)
     return keras.Model(inputs, _resnet18_body(x, width, num_classes), name="resnet18")
@@ -113,19 +133,24 @@ VGG13_STAGES = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
 
 def vgg13_bn(input_shape, num_classes: int, hidden: int = 4096) -> keras.Model:
     """VGG-13 with BatchNorm after every convolution, and VGG's classifier:
-    two dense layers of `hidden` units with dropout 0.5 (on 224x224 inputs the
-    last max-pool leaves 7x7, as torchvision's adaptive pooling does)."""
+    two dense layers of `hidden` units with dropout 0.5, initialized N(0,
+    0.01) as torchvision's are. On 224x224 inputs the last max-pool leaves
+    7x7, as torchvision's adaptive pooling does; on smaller ones the
+    classifier takes what is left (2x2 at 64x64), where torchvision would
+    spread it over 7x7."""
     x = inputs = keras.Input(input_shape)
     for stage, widths in enumerate(VGG13_STAGES):
         for i, filters in enumerate(widths):
-            x = layers.Conv2D(filters, 3, padding="same", name=f"conv{stage}_{i}")(x)
+            x = conv(filters, 3, use_bias=True, name=f"conv{stage}_{i}")(x)
             x = layers.ReLU()(batch_norm(f"conv{stage}_{i}_bn")(x))
         x = layers.MaxPooling2D(2, padding="same")(x)
     x = layers.Flatten()(x)
+    normal = functools.partial(keras.initializers.RandomNormal, 0.0, 0.01)
     for i in range(2):
-        x = layers.Dense(hidden, activation="relu", name=f"fc{i}")(x)
+        x = layers.Dense(hidden, activation="relu", kernel_initializer=normal(), name=f"fc{i}")(x)
         x = layers.Dropout(0.5)(x)
-    return keras.Model(inputs, layers.Dense(num_classes, name="logits")(x), name="vgg13_bn")
+    logits = layers.Dense(num_classes, kernel_initializer=normal(), name="logits")(x)
+    return keras.Model(inputs, logits, name="vgg13_bn")
 
 
 def _application(fn, input_shape, num_classes: int) -> keras.Model:
