@@ -116,6 +116,24 @@ def test_batchnorm_statistics_compares_moving_and_batch_statistics():
         batchnorm_statistics.variances(models.small_cnn((8, 8, 1), 3), images)
 
 
+def test_batchnorm_statistics_reaches_nested_dropout_and_refuses_nested_batchnorm():
+    """Dropout inside a nested model is held off too; BatchNorm inside one is
+    refused by name (its input is not reachable from the outer net's)."""
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.9)], name="inner")
+    inputs = keras.Input((3,))
+    net = keras.Model(inputs, inner(keras.layers.BatchNormalization(name="bn")(inputs)))
+    images = np.eye(3, dtype=np.float32).repeat(8, 0)
+    data = tf.data.Dataset.from_tensor_slices({"image": images, "label": np.argmax(images, 1)})
+    keras.utils.set_random_seed(0)
+    # With dropout at 0.9 on, some rows would be all zero and guessed as class 0.
+    assert batchnorm_statistics.accuracy(net, data.batch(24), training=True) == 1.0
+    assert inner.layers[0].rate == 0.9
+    wrapped = keras.Sequential([keras.Input((3,)), keras.Sequential(
+        [keras.Input((3,)), keras.layers.BatchNormalization(name="deep_bn")], name="block")])
+    with pytest.raises(ValueError, match=r"inside a nested model \(deep_bn\)"):
+        batchnorm_statistics.batch_norms(wrapped)
+
+
 def test_unknown_model():
     with pytest.raises(ValueError, match="--model must be one of"):
         models.build_model("alexnet", (32, 32, 3), 10)

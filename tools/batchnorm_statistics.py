@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app
 
+from cg_tf.keras_internals import flatten_layers
 from cg_tf.train_flags import config_from_flags, setup_devices
 from cg_tf.training import trainer
 
@@ -32,7 +33,7 @@ def accuracy(net: keras.Model, batches: tf.data.Dataset, training: bool) -> floa
     statistics, dropout is held off (so the share does not vary from call to
     call), and the moving statistics, which each call advances, are put back."""
     held = [v.numpy() for v in net.non_trainable_variables]
-    dropouts = [l for l in net.layers if isinstance(l, keras.layers.Dropout)]
+    dropouts = [l for l in flatten_layers(net) if isinstance(l, keras.layers.Dropout)]
     rates = [l.rate for l in dropouts]
     for layer in dropouts:
         layer.rate = 0.0
@@ -49,8 +50,14 @@ def accuracy(net: keras.Model, batches: tf.data.Dataset, training: bool) -> floa
 
 
 def batch_norms(net: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
-    """The net's BatchNormalization layers by name; ValueError if it has none."""
+    """The net's BatchNormalization layers by name; ValueError if it has none,
+    or has one inside a nested model (whose input this tool cannot reach)."""
     bns = {l.name: l for l in net.layers if isinstance(l, keras.layers.BatchNormalization)}
+    nested = [l.name for l in flatten_layers(net)
+              if isinstance(l, keras.layers.BatchNormalization) and l.name not in bns]
+    if nested:
+        raise ValueError(f"{net.name} has BatchNormalization inside a nested model "
+                         f"({', '.join(nested)}); this tool reads top-level layers only")
     if not bns:
         raise ValueError(f"{net.name} has no BatchNormalization layer")
     return bns
