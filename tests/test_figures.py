@@ -273,3 +273,63 @@ def test_plot_draws_a_figure_per_dataset(tmp_path):
         assert f"figure: {tmp_path / f'f_{dataset}.png'}" in done.stdout, done.stdout
         assert (tmp_path / f"f_{dataset}.png").stat().st_size > 5_000
     assert not (tmp_path / "f.png").exists()
+
+
+# -- tools.share_figure: the same clipped share against the batch ---------------
+
+
+def write_study(folder, runs):
+    """A published study as tools.publish_runs writes it: summary.csv and each
+    run's config.json. `runs`: (run, aggregator, c, layers, batch, late, fall)."""
+    import json
+    lines = ["run,aggregator,parameter,layers,seed,late_test_accuracy,corrupt_accuracy,fall_step"]
+    for seed, (name, aggregator, c, layers, batch, late, fall) in enumerate(runs):
+        lines.append(f"{name},{aggregator},{c},{layers},{seed},{late},0.5,{fall}")
+        (folder / "runs" / name).mkdir(parents=True)
+        (folder / "runs" / name / "config.json").write_text(json.dumps({"batch_size": batch}))
+    (folder / "summary.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_share_figure_keeps_plain_sgd_and_the_share_and_draws_each_seed(monkeypatch, tmp_path):
+    from math import comb
+
+    from tools import share_figure
+    # Binomial(100, 0.1) <= 4, summed by hand; no class is starved at c = 0.
+    assert share_figure.starved(100, 4, 10) == pytest.approx(
+        sum(comb(100, k) * 0.1 ** k * 0.9 ** (100 - k) for k in range(5)), rel=1e-12)
+    assert share_figure.starved(100, 4, 10) == pytest.approx(0.0237, abs=1e-4)
+    assert share_figure.starved(10, 10, 10) == pytest.approx(1.0)
+    write_study(tmp_path / "b100", [("mean_0", "mean", "", "all", 100, 0.6, 22000),
+                                    ("w4_0", "winsorized", 4, "all", 100, 0.4, 1200),
+                                    ("w4_1", "winsorized", 4, "all", 100, 0.3, ""),
+                                    ("w2_0", "winsorized", 2, "all", 100, 0.8, 9000),
+                                    ("w4_hidden", "winsorized", 4, "hidden", 100, 0.5, 9000),
+                                    ("m3", "median_of_means", 3, "all", 100, 0.5, 9000)])
+    write_study(tmp_path / "b200", [("w8_0", "winsorized", 8, "all", 200, 0.2, 1500)])
+    drawn = []
+    for folder in ("b100", "b200"):
+        drawn += share_figure.points(*share_figure.read_study(str(tmp_path / folder)), 0.04)
+    assert [(p["run"], p["kind"], p["batch"], p["late_test_accuracy"], p["fall_step"])
+            for p in drawn] == [("mean_0", "plain SGD", 100, 0.6, 22000.0),
+                                ("w4_0", "winsorized", 100, 0.4, 1200.0),
+                                ("w4_1", "winsorized", 100, 0.3, None),
+                                ("w8_0", "winsorized", 200, 0.2, 1500.0)]
+    table = share_figure.table(drawn, 0.04, 10)
+    assert "| winsorized c = 4 | 100 | 2 | 0.300 | 0.500 | none | 1 in 42 |" in table
+    figures = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, p: figures.update(fig=fig) or {})
+    share_figure.figure(drawn, 0.04, 10, str(tmp_path / "f.png"))
+    late, corrupt, fall, starvation = figures["fig"].axes
+    dots, mean = late.get_lines()[2:]  # plain SGD's two lines come first
+    np.testing.assert_array_equal(dots.get_xdata(), [100, 100, 200])
+    np.testing.assert_array_equal(mean.get_ydata(), [0.35, 0.2])  # the seeds' mean a batch
+    dots, mean = fall.get_lines()[2:]
+    np.testing.assert_array_equal(dots.get_ydata(), [1200, 1500])  # no dot: never fell
+    (line,) = starvation.get_lines()
+    np.testing.assert_allclose(line.get_ydata(), [share_figure.starved(100, 4, 10),
+                                                  share_figure.starved(200, 8, 10)])
+    (tmp_path / "b200" / "runs" / "w8_0" / "config.json").unlink()
+    with pytest.raises(ValueError, match="w8_0/config.json is missing"):
+        share_figure.read_study(str(tmp_path / "b200"))
+    with pytest.raises(ValueError, match="has no summary.csv"):
+        share_figure.read_study(str(tmp_path / "nowhere"))
