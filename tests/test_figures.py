@@ -282,9 +282,10 @@ def write_study(folder, runs):
     """A published study as tools.publish_runs writes it: summary.csv and each
     run's config.json. `runs`: (run, aggregator, c, layers, batch, late, fall)."""
     import json
-    lines = ["run,aggregator,parameter,layers,seed,late_test_accuracy,corrupt_accuracy,fall_step"]
+    lines = ["run,aggregator,parameter,layers,seed,train_examples,late_test_accuracy,"
+             "corrupt_accuracy,fall_step"]
     for seed, (name, aggregator, c, layers, batch, late, fall) in enumerate(runs):
-        lines.append(f"{name},{aggregator},{c},{layers},{seed},{late},0.5,{fall}")
+        lines.append(f"{name},{aggregator},{c},{layers},{seed},6000,{late},0.5,{fall}")
         (folder / "runs" / name).mkdir(parents=True)
         (folder / "runs" / name / "config.json").write_text(json.dumps({"batch_size": batch}))
     (folder / "summary.csv").write_text("\n".join(lines) + "\n")
@@ -309,13 +310,16 @@ def test_share_figure_keeps_plain_sgd_and_the_share_and_draws_each_seed(monkeypa
     drawn = []
     for folder in ("b100", "b200"):
         drawn += share_figure.points(*share_figure.read_study(str(tmp_path / folder)), 0.04)
-    assert [(p["run"], p["kind"], p["batch"], p["late_test_accuracy"], p["fall_step"])
-            for p in drawn] == [("mean_0", "plain SGD", 100, 0.6, 22000.0),
-                                ("w4_0", "winsorized", 100, 0.4, 1200.0),
-                                ("w4_1", "winsorized", 100, 0.3, None),
-                                ("w8_0", "winsorized", 200, 0.2, 1500.0)]
+    # The fall in epochs: step x batch / 6,000 training examples.
+    assert [(p["run"], p["kind"], p["batch"], p["late_test_accuracy"], p["fall_step"],
+             p["fall_epoch"]) for p in drawn] == [
+        ("mean_0", "plain SGD", 100, 0.6, 22000.0, 22000 * 100 / 6000),
+        ("w4_0", "winsorized", 100, 0.4, 1200.0, 20.0),
+        ("w4_1", "winsorized", 100, 0.3, None, None),
+        ("w8_0", "winsorized", 200, 0.2, 1500.0, 50.0)]
     table = share_figure.table(drawn, 0.04, 10)
-    assert "| winsorized c = 4 | 100 | 2 | 0.300 | 0.500 | none | 1 in 42 |" in table
+    assert "| winsorized c = 4 | 100 | 2 | 0.300 | 0.500 | none | none | 1 in 42 |" in table
+    assert "| winsorized c = 8 | 200 | 0 | 0.200 | 0.500 | 1,500 | 50.0 | 1 in 720 |" in table
     figures = {}
     monkeypatch.setattr(report, "save_figure", lambda fig, p: figures.update(fig=fig) or {})
     share_figure.figure(drawn, 0.04, 10, str(tmp_path / "f.png"))
@@ -324,7 +328,7 @@ def test_share_figure_keeps_plain_sgd_and_the_share_and_draws_each_seed(monkeypa
     np.testing.assert_array_equal(dots.get_xdata(), [100, 100, 200])
     np.testing.assert_array_equal(mean.get_ydata(), [0.35, 0.2])  # the seeds' mean a batch
     dots, mean = fall.get_lines()[2:]
-    np.testing.assert_array_equal(dots.get_ydata(), [1200, 1500])  # no dot: never fell
+    np.testing.assert_array_equal(dots.get_ydata(), [20, 50])  # no dot: never fell
     (line,) = starvation.get_lines()
     np.testing.assert_allclose(line.get_ydata(), [share_figure.starved(100, 4, 10),
                                                   share_figure.starved(200, 8, 10)])
@@ -333,3 +337,22 @@ def test_share_figure_keeps_plain_sgd_and_the_share_and_draws_each_seed(monkeypa
         share_figure.read_study(str(tmp_path / "b200"))
     with pytest.raises(ValueError, match="has no summary.csv"):
         share_figure.read_study(str(tmp_path / "nowhere"))
+
+
+def test_share_figure_writes_its_points_beside_the_figure_and_refuses_bad_flags(tmp_path):
+    import subprocess
+    import sys
+    write_study(tmp_path / "b100", [("w4_0", "winsorized", 4, "all", 100, 0.4, 1200)])
+    command = [sys.executable, "-m", "tools.share_figure", f"--results={tmp_path / 'b100'}",
+               "--classes=10", f"--out={tmp_path / 'out' / 'share.png'}"]
+    done = subprocess.run(command + ["--share=0.04"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    written = (tmp_path / "out" / "share.md").read_text()
+    assert written in done.stdout and "| winsorized c = 4 | 100 | 0 | 0.400 |" in written
+    assert (tmp_path / "out" / "share.png").stat().st_size > 0
+    assert (tmp_path / "out" / "share.pdf").stat().st_size > 0
+    for share, error in (("0.6", "--share must be between 0 and 0.5 (a side), got 0.6"),
+                         ("0.02", "no run of --results is winsorized on every layer at c = "
+                                  "0.02 x batch")):
+        done = subprocess.run(command + [f"--share={share}"], capture_output=True, text=True)
+        assert (done.returncode, done.stderr) == (1, f"error: {error}\n")

@@ -8,12 +8,12 @@ Each results folder is a study as `tools.publish_runs` writes it: `summary.csv`
 figure keeps plain SGD and the runs winsorized on every layer whose c is
 `--share` of the batch (c = 4 at batch 100 for 0.04), and draws against the
 batch size, a panel each: the late test accuracy, the share of corrupt labels
-fitted at the end and the step of the fall, every seed a dot and the seeds'
-means joined (a run that never fell has no dot); and in a fourth panel how
+fitted at the end and the epoch of the fall (its step x batch / training
+examples), every seed a dot and the seeds' means joined (a run that never fell has no dot); and in a fourth panel how
 often a class holding 1 / --classes of the labels has c or fewer examples in a
 batch (Binomial(batch, 1 / classes) <= c), when winsorizing clips away every
-pull towards it. Writes the figure as PNG and PDF and prints its points as a
-Markdown table.
+pull towards it. Writes the figure as PNG and PDF, and its points as a
+Markdown table beside them (FIGURE.md), which it also prints.
 """
 
 from cg_tf import common_flags  # isort: skip (first: it quiets TensorFlow before it loads)
@@ -26,17 +26,24 @@ import sys
 from absl import app, flags
 
 from cg_tf.measure import report
+from cg_tf.storage import files
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("results", None, "Results folders, each with summary.csv and runs/.")
-flags.DEFINE_float("share", None, "c / batch of the winsorized runs to keep, e.g. 0.04.")
-flags.DEFINE_integer("classes", None, "Number of classes (for the starvation panel).")
-flags.DEFINE_string("out", None, "PNG file of the figure; a PDF is written beside it.")
-flags.mark_flags_as_required(["results", "share", "classes", "out"])
+
+
+def define_flags() -> None:
+    """The command line's flags (defined when it runs, so that importing the
+    module's functions defines none)."""
+    flags.DEFINE_list("results", None, "Results folders, each with summary.csv and runs/.")
+    flags.DEFINE_float("share", None, "c / batch of the winsorized runs to keep, e.g. 0.04.")
+    flags.DEFINE_integer("classes", None, "Number of classes (for the starvation panel).")
+    flags.DEFINE_string("out", None, "PNG file of the figure; a PDF and the points' "
+                        "Markdown table (.md) are written beside it.")
+    flags.mark_flags_as_required(["results", "share", "classes", "out"])
 
 PANELS = (("late_test_accuracy", "late test accuracy\n(mean over the last 10,000 steps)"),
           ("corrupt_accuracy", "corrupt labels fitted at the end"),
-          ("fall_step", "fall: first evaluation 0.1\nbelow the peak (step)"))
+          ("fall_epoch", "fall: first evaluation 0.1\nbelow the peak (epoch)"))
 KINDS = {"plain SGD": ("black", "o"), "winsorized": ("tab:red", "s")}
 
 
@@ -59,17 +66,21 @@ def kind(row: dict, batch: int, share: float) -> str | None:
 
 def points(rows: list[dict], batches: dict[str, int], share: float) -> list[dict]:
     """The runs the figure draws: each row of a study's summary.csv (`rows`,
-    strings as read) that `kind` keeps, with its batch (`batches`, by run) and
-    its values as floats (a fall that never came as None)."""
+    strings as read) that `kind` keeps, with its batch (`batches`, by run), its
+    values as floats and its fall also in epochs (a fall that never came as None)."""
     kept = []
     for row in rows:
         batch = batches[row["run"]]
         which = kind(row, batch, share)
+        fall = float(row["fall_step"]) if row["fall_step"] not in ("", "None") else None
         if which:
             kept.append({"kind": which, "batch": batch, "c": int(row["parameter"] or 0),
                          "seed": int(row["seed"]), "run": row["run"],
-                         **{key: float(row[key]) if row[key] not in ("", "None") else None
-                            for key, _ in PANELS}})
+                         "late_test_accuracy": float(row["late_test_accuracy"]),
+                         "corrupt_accuracy": float(row["corrupt_accuracy"]),
+                         "fall_step": fall,
+                         "fall_epoch": None if fall is None
+                         else fall * batch / float(row["train_examples"])})
     return kept
 
 
@@ -108,7 +119,7 @@ def figure(drawn: list[dict], share: float, classes: int, path: str) -> dict[str
                 ax.plot([b for b, _ in means], [m for _, m in means], "-", color=colour,
                         label=name if key == PANELS[0][0] else None)
             ax.set_title(title)
-            if key == "fall_step":
+            if key == "fall_epoch":
                 ax.set_yscale("log")
                 ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
@@ -137,6 +148,7 @@ def table(drawn: list[dict], share: float, classes: int) -> str:
              "batch": p["batch"], "seed": p["seed"],
              **{key: p[key] for key, _ in PANELS[:2]},
              "fall_step": f"{p['fall_step']:,.0f}" if p["fall_step"] is not None else "none",
+             "fall_epoch": f"{p['fall_epoch']:.1f}" if p["fall_epoch"] is not None else "none",
              "class starved": f"1 in {1 / starved(p['batch'], p['c'], classes):,.0f}"
              if p["c"] else None}
             for p in sorted(drawn, key=lambda p: (p["kind"], p["batch"], p["seed"]))]
@@ -150,6 +162,11 @@ def main(argv):
         sys.exit(f"error: --share must be between 0 and 0.5 (a side), got {FLAGS.share:g}")
     if FLAGS.classes < 2:
         sys.exit(f"error: --classes must be 2 or more, got {FLAGS.classes}")
+    try:
+        if os.path.dirname(FLAGS.out):
+            os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --out={FLAGS.out}: cannot make its folder: {e.strerror}")
     drawn = []
     try:
         for folder in FLAGS.results:
@@ -159,9 +176,14 @@ def main(argv):
     if not any(p["kind"] == "winsorized" for p in drawn):
         sys.exit(f"error: no run of --results is winsorized on every layer at c = "
                  f"{FLAGS.share:g} x batch")
-    print(table(drawn, FLAGS.share, FLAGS.classes))
-    print(json.dumps(figure(drawn, FLAGS.share, FLAGS.classes, FLAGS.out), indent=1))
+    text = table(drawn, FLAGS.share, FLAGS.classes)
+    points_path = os.path.splitext(FLAGS.out)[0] + ".md"
+    files.write_atomically(points_path, lambda f: f.write(text))
+    print(text)
+    paths = figure(drawn, FLAGS.share, FLAGS.classes, FLAGS.out)
+    print(json.dumps({**paths, "points": points_path}, indent=1))
 
 
 if __name__ == "__main__":
+    define_flags()
     common_flags.run(main)
