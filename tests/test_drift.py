@@ -2,6 +2,7 @@
 measured along a short run, and its independent check of the applied update."""
 
 import csv
+import glob
 import json
 import os
 import re
@@ -70,6 +71,11 @@ def test_drift_measures_along_a_run_and_checks_the_update(digits_dir, tmp_path):
                                                                                 "corrupt")]
             assert sum(parts) == pytest.approx(measured[f"radial_{kind}/{layer}"][10],
                                                rel=1e-3, abs=1e-6)
+    with open(robust / "config.json") as f:
+        recorded = json.load(f)
+    from cg_tf import provenance
+    assert recorded["provenance"] == provenance.provenance()  # the code that ran
+    assert recorded["aggregator"] == "winsorized:4@hidden" and recorded["decompose_batches"] == 3
     figure = tmp_path / "drift.png"
     drift.plot([str(robust)], str(figure))
     assert figure.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "drift.pdf").exists()
@@ -150,16 +156,43 @@ def test_the_published_commands_pin_the_recorded_settings():
     """The studies' commands spell out the settings their recorded runs used
     (the tools' defaults are the trainer's, which may change)."""
     results = os.path.join(REPO, "docs", "results")
-    text = open(os.path.join(results, "winsorization_fashion_mnist", "README.md")).read()
-    net = _flags_of(re.search(r'^NET="([^"]+)"$', text, re.M).group(1))
-    with open(os.path.join(results, "winsorization_fashion_mnist", "drift", "fashion_c4_lr0.1",
-                           "config.json")) as f:
-        recorded = json.load(f)
-    assert net == {"fc_widths": ",".join(recorded["fc_widths"]), "init": recorded["init"],
-                   "learning_rate": f"{recorded['learning_rate']:g}",
-                   "batch_size": str(recorded["batch_size"]), "steps": str(recorded["steps"])}
-    commands = re.findall(r"^python -m tools\.drift --data_dir.*$", text, re.M)
-    assert len(commands) == 3 and all("$NET" in c and "--aggregator=" in c for c in commands)
+    study = os.path.join(results, "winsorization_fashion_mnist")
+    text = open(os.path.join(study, "README.md")).read()
+    variables = dict(re.findall(r'^(\w+)="?([^"\n]+)"?$', text, re.M))  # NET, D, F
+    expand = lambda line: re.sub(r"\$(\w+)", lambda m: variables[m.group(1)], line)  # noqa: E731
+    # Each dataset the commands build: its source and noise, by folder.
+    datasets = {}
+    for line in re.findall(r"^python -m pipelines\.noisy_labels .*$", text, re.M):
+        built = _flags_of(expand(line))
+        datasets[built["output_dir"]] = (built["source"], built["noise_mode"],
+                                         float(built["noise_rate"]))
+    # Each published drift run: a command of exactly its recorded flags, on a
+    # dataset of its recorded source and noise (later flags win, as absl's do).
+    commands = {}
+    for line in re.findall(r"^python -m tools\.drift --data_dir.*$", text, re.M):
+        given = _flags_of(expand(line))
+        commands[given["output_dir"]] = given
+    folders = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(study, "drift", "*",
+                                                                         "config.json")))
+    assert len(folders) == 10 and sorted(commands) == [
+        "drift/" + os.path.basename(f) for f in folders]
+    for folder in folders:
+        with open(os.path.join(folder, "config.json")) as f:
+            recorded = json.load(f)
+        given = commands["drift/" + os.path.basename(folder)]
+        aggregator = recorded["aggregator"] + ("@hidden" if recorded.get("mean_layers") else "")
+        assert given["aggregator"] == aggregator, folder
+        assert given["fc_widths"] == ",".join(map(str, recorded["fc_widths"])), folder
+        for name in ("init", "batch_size", "steps"):
+            assert given[name] == str(recorded[name]), (folder, name)
+        assert float(given["learning_rate"]) == recorded["learning_rate"], folder
+        for name, default in (("measure_every", 500), ("check_steps", 0),
+                              ("decompose_batches", 0)):
+            if recorded.get(name) is not None:
+                assert int(given.get(name, default)) == recorded[name], (folder, name)
+        noise = recorded["noise"]
+        assert datasets[given["data_dir"]] == (recorded["source"], noise["mode"],
+                                               noise["rate"]), folder
 
     text = open(os.path.join(results, "small_cnn_fashion_mnist", "README.md")).read()
     command = re.search(r"^python -m tools\.median_weight (.*?)\n```", text, re.M | re.S)

@@ -37,7 +37,8 @@ deviation of the logits. For the first --check_steps steps it also recomputes
 the applied aggregate independently (per-example gradients from
 tf.GradientTape.jacobian, the aggregator's NumPy reference over them) and
 records the largest difference relative to the aggregate's largest value.
-OUT/drift.csv holds one row per (step, name, value); OUT/config.json the flags.
+OUT/drift.csv holds one row per (step, name, value); OUT/config.json the flags
+and the code that ran (package version, git commit and whether the tree was dirty).
 --plot draws several OUT folders side by side.
 """
 
@@ -48,7 +49,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from cg_tf import common_flags
+from cg_tf import common_flags, provenance
 from cg_tf.robust import reference
 
 FLAGS = flags.FLAGS
@@ -261,7 +262,8 @@ def train_and_measure(output_dir: str) -> None:
         | {"steps": steps}
         | {k: FLAGS[k].value for k in ("measure_every", "batches", "check_steps",
                                        "decompose_batches")}
-        | {"source": reader.info.source, "noise": reader.info.noise})
+        | {"source": reader.info.source, "noise": reader.info.noise,
+           "provenance": provenance.provenance()})
     worst = 0.0
     batches = iter(reader.train_dataset(0, steps))
     for step in range(steps + 1):
