@@ -1,6 +1,7 @@
 """Flags shared by several command-line programs (defined once per process)."""
 
 import dataclasses
+import os
 import re
 import sys
 import types
@@ -37,6 +38,16 @@ def run(main, **kwargs) -> None:
         if e.code == 1 and any(a.split("=")[0] in HELP for a in sys.argv[1:]):
             sys.exit(0)
         raise
+
+
+def make_output_folder(flag: str, path: str | None) -> None:
+    """Makes the local folder of the output file `--flag=path` names, before any
+    work is written; exits in one line naming the flag if it cannot."""
+    try:
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --{flag}={path}: cannot make its folder: {e.strerror}")
 
 
 # -- flags derived from a configuration dataclass (cg_tf.options) ------------------

@@ -190,6 +190,10 @@ def test_the_published_commands_pin_the_recorded_settings():
                               ("decompose_batches", 0)):
             if recorded.get(name) is not None:
                 assert int(given.get(name, default)) == recorded[name], (folder, name)
+        # Older runs did not record --decompose_batches: their data shows it.
+        decomposed = any(r["name"].startswith("radial_mean_part/")
+                         for r in csv.DictReader(open(os.path.join(folder, "drift.csv"))))
+        assert decomposed == (int(given.get("decompose_batches", 0)) > 0), folder
         noise = recorded["noise"]
         assert datasets[given["data_dir"]] == (recorded["source"], noise["mode"],
                                                noise["rate"]), folder

@@ -2,6 +2,10 @@
 of what the runs share, epochs when steps mean other things, ticks on every
 panel, and the PNG and PDF files."""
 
+import json
+import os
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -278,65 +282,99 @@ def test_plot_draws_a_figure_per_dataset(tmp_path):
 # -- tools.share_figure: the same clipped share against the batch ---------------
 
 
-def write_study(folder, runs):
+def write_study(folder, runs, noise=0.5, clamp=False):
     """A published study as tools.publish_runs writes it: summary.csv and each
     run's config.json. `runs`: (run, aggregator, c, layers, batch, late, fall)."""
-    import json
-    lines = ["run,aggregator,parameter,layers,seed,train_examples,late_test_accuracy,"
-             "corrupt_accuracy,fall_step"]
+    lines = ["run,aggregator,parameter,layers,noise_rate,seed,train_examples,"
+             "late_test_accuracy,corrupt_accuracy,fall_step"]
     for seed, (name, aggregator, c, layers, batch, late, fall) in enumerate(runs):
-        lines.append(f"{name},{aggregator},{c},{layers},{seed},6000,{late},0.5,{fall}")
+        lines.append(f"{name},{aggregator},{c},{layers},{noise},{seed},6000,{late},0.5,{fall}")
         (folder / "runs" / name).mkdir(parents=True)
-        (folder / "runs" / name / "config.json").write_text(json.dumps({"batch_size": batch}))
+        (folder / "runs" / name / "config.json").write_text(json.dumps(
+            {"batch_size": batch, "seed": seed, "clamp_norms": clamp, "steps": 600,
+             "dataset": {"noise": {"mode": "permute", "rate": noise}}}))
     (folder / "summary.csv").write_text("\n".join(lines) + "\n")
 
 
-def test_share_figure_keeps_plain_sgd_and_the_share_and_draws_each_seed(monkeypatch, tmp_path):
-    from math import comb
+def test_share_figure_binomial_tail():
+    from scipy.stats import binom
 
     from tools import share_figure
-    # Binomial(100, 0.1) <= 4, summed by hand; no class is starved at c = 0.
-    assert share_figure.starved(100, 4, 10) == pytest.approx(
-        sum(comb(100, k) * 0.1 ** k * 0.9 ** (100 - k) for k in range(5)), rel=1e-12)
-    assert share_figure.starved(100, 4, 10) == pytest.approx(0.0237, abs=1e-4)
-    assert share_figure.starved(10, 10, 10) == pytest.approx(1.0)
+    for batch, c in ((100, 4), (200, 8), (400, 16), (50, 2), (10, 10), (8192, 328)):
+        assert share_figure.starved(batch, c, 10) == pytest.approx(binom.cdf(c, batch, 0.1),
+                                                                   rel=1e-9), (batch, c)
+    assert share_figure.one_in(share_figure.starved(100, 4, 10)) == "1 in 42"
+    assert share_figure.one_in(share_figure.starved(10 ** 6, 0, 10)) == "under 1e-300"
+    assert share_figure.whole_c(0.04, 400) == 16
+    with pytest.raises(ValueError, match="--share=0.025 x batch 100 is 2.5, not a whole"):
+        share_figure.whole_c(0.025, 100)
+
+
+def test_share_figure_keeps_plain_sgd_and_the_share_and_draws_each_seed(monkeypatch, tmp_path):
+    from tools import share_figure
     write_study(tmp_path / "b100", [("mean_0", "mean", "", "all", 100, 0.6, 22000),
                                     ("w4_0", "winsorized", 4, "all", 100, 0.4, 1200),
                                     ("w4_1", "winsorized", 4, "all", 100, 0.3, ""),
                                     ("w2_0", "winsorized", 2, "all", 100, 0.8, 9000),
                                     ("w4_hidden", "winsorized", 4, "hidden", 100, 0.5, 9000),
                                     ("m3", "median_of_means", 3, "all", 100, 0.5, 9000)])
-    write_study(tmp_path / "b200", [("w8_0", "winsorized", 8, "all", 200, 0.2, 1500)])
-    drawn = []
-    for folder in ("b100", "b200"):
-        drawn += share_figure.points(*share_figure.read_study(str(tmp_path / folder)), 0.04)
+    write_study(tmp_path / "b200", [("w8_0", "winsorized", 8, "all", 200, 0.2, 1500),
+                                    ("w8_1", "winsorized", 8, "all", 200, 0.1, 3000)])
+    # The runs not drawn need no config.json.
+    (tmp_path / "b100" / "runs" / "m3" / "config.json").unlink()
+    drawn = share_figure.read_study(str(tmp_path / "b100"), 0.04)
+    drawn += share_figure.read_study(str(tmp_path / "b200"), 0.04)
     # The fall in epochs: step x batch / 6,000 training examples.
-    assert [(p["run"], p["kind"], p["batch"], p["late_test_accuracy"], p["fall_step"],
-             p["fall_epoch"]) for p in drawn] == [
+    assert [(os.path.basename(p["run"]), p["kind"], p["batch"], p["late_test_accuracy"],
+             p["fall_step"], p["fall_epoch"]) for p in drawn] == [
         ("mean_0", "plain SGD", 100, 0.6, 22000.0, 22000 * 100 / 6000),
         ("w4_0", "winsorized", 100, 0.4, 1200.0, 20.0),
         ("w4_1", "winsorized", 100, 0.3, None, None),
-        ("w8_0", "winsorized", 200, 0.2, 1500.0, 50.0)]
-    table = share_figure.table(drawn, 0.04, 10)
+        ("w8_0", "winsorized", 200, 0.2, 1500.0, 50.0),
+        ("w8_1", "winsorized", 200, 0.1, 3000.0, 100.0)]
+    share_figure.comparable(drawn)  # one setting: no error
+    table = share_figure.table(drawn, 10)
     assert "| winsorized c = 4 | 100 | 2 | 0.300 | 0.500 | none | none | 1 in 42 |" in table
     assert "| winsorized c = 8 | 200 | 0 | 0.200 | 0.500 | 1,500 | 50.0 | 1 in 720 |" in table
+    assert "| plain SGD | 100 | 0 | 0.600 | 0.500 | 22,000 | 366.7 | - |" in table
     figures = {}
     monkeypatch.setattr(report, "save_figure", lambda fig, p: figures.update(fig=fig) or {})
     share_figure.figure(drawn, 0.04, 10, str(tmp_path / "f.png"))
     late, corrupt, fall, starvation = figures["fig"].axes
     dots, mean = late.get_lines()[2:]  # plain SGD's two lines come first
-    np.testing.assert_array_equal(dots.get_xdata(), [100, 100, 200])
-    np.testing.assert_array_equal(mean.get_ydata(), [0.35, 0.2])  # the seeds' mean a batch
+    np.testing.assert_array_equal(dots.get_xdata(), [100, 100, 200, 200])
+    np.testing.assert_allclose(mean.get_ydata(), [0.35, 0.15])  # the seeds' mean a batch
     dots, mean = fall.get_lines()[2:]
-    np.testing.assert_array_equal(dots.get_ydata(), [20, 50])  # no dot: never fell
+    np.testing.assert_array_equal(dots.get_ydata(), [20, 50, 100])  # no dot: never fell
+    np.testing.assert_array_equal(mean.get_ydata(), [20, 75])  # over the seeds that fell
     (line,) = starvation.get_lines()
     np.testing.assert_allclose(line.get_ydata(), [share_figure.starved(100, 4, 10),
                                                   share_figure.starved(200, 8, 10)])
-    (tmp_path / "b200" / "runs" / "w8_0" / "config.json").unlink()
+
+
+def test_share_figure_refuses_what_it_cannot_compare(tmp_path):
+    from tools import share_figure
+    write_study(tmp_path / "b100", [("w4_0", "winsorized", 4, "all", 100, 0.4, 1200)])
+    write_study(tmp_path / "clamped", [("w8_0", "winsorized", 8, "all", 200, 0.2, 1500)],
+                clamp=True)
+    write_study(tmp_path / "clean", [("w8_0", "winsorized", 8, "all", 200, 0.2, 1500)],
+                noise=0.0)
+    here = share_figure.read_study(str(tmp_path / "b100"), 0.04)
+    for other, error in (("clamped", "differ in clamp_norms (False and True)"),
+                         ("clean", "differ in dataset.noise.rate (0.5 and 0.0)")):
+        drawn = here + share_figure.read_study(str(tmp_path / other), 0.04)
+        with pytest.raises(ValueError, match=re.escape(
+                f"runs {tmp_path}/b100/runs/w4_0 and {tmp_path}/{other}/runs/w8_0 {error}")):
+            share_figure.comparable(drawn)
+    (tmp_path / "clean" / "runs" / "w8_0" / "config.json").unlink()
     with pytest.raises(ValueError, match="w8_0/config.json is missing"):
-        share_figure.read_study(str(tmp_path / "b200"))
+        share_figure.read_study(str(tmp_path / "clean"), 0.04)
     with pytest.raises(ValueError, match="has no summary.csv"):
-        share_figure.read_study(str(tmp_path / "nowhere"))
+        share_figure.read_study(str(tmp_path / "nowhere"), 0.04)
+    summary = tmp_path / "b100" / "summary.csv"
+    summary.write_text(summary.read_text().replace("winsorized,4,", "winsorized,four,"))
+    with pytest.raises(ValueError, match=r"b100/summary.csv, run w4_0: invalid literal"):
+        share_figure.read_study(str(tmp_path / "b100"), 0.04)
 
 
 def test_share_figure_writes_its_points_beside_the_figure_and_refuses_bad_flags(tmp_path):
@@ -354,5 +392,7 @@ def test_share_figure_writes_its_points_beside_the_figure_and_refuses_bad_flags(
     for share, error in (("0.6", "--share must be between 0 and 0.5 (a side), got 0.6"),
                          ("0.02", "no run of --results is winsorized on every layer at c = "
                                   "0.02 x batch")):
-        done = subprocess.run(command + [f"--share={share}"], capture_output=True, text=True)
+        done = subprocess.run(command[:-1] + [f"--out={tmp_path / 'none' / 'f.png'}",
+                                              f"--share={share}"], capture_output=True, text=True)
         assert (done.returncode, done.stderr) == (1, f"error: {error}\n")
+        assert not (tmp_path / "none").exists()  # refused before anything was made

@@ -38,14 +38,16 @@ def accuracy(net: keras.Model, batches: tf.data.Dataset, training: bool) -> floa
     for layer in dropouts:
         layer.rate = 0.0
     hits = total = 0
-    for batch in batches:
-        guess = np.argmax(net(batch["image"], training=training), axis=-1)
-        hits += int(np.sum(guess == batch["label"].numpy()))
-        total += len(guess)
-    for v, value in zip(net.non_trainable_variables, held):
-        v.assign(value)
-    for layer, rate in zip(dropouts, rates):
-        layer.rate = rate
+    try:
+        for batch in batches:
+            guess = np.argmax(net(batch["image"], training=training), axis=-1)
+            hits += int(np.sum(guess == batch["label"].numpy()))
+            total += len(guess)
+    finally:  # the net as it was, whatever happened
+        for v, value in zip(net.non_trainable_variables, held):
+            v.assign(value)
+        for layer, rate in zip(dropouts, rates):
+            layer.rate = rate
     return hits / total if total else float("nan")
 
 
@@ -53,8 +55,9 @@ def batch_norms(net: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
     """The net's BatchNormalization layers by name; ValueError if it has none,
     or has one inside a nested model (whose input this tool cannot reach)."""
     bns = {l.name: l for l in net.layers if isinstance(l, keras.layers.BatchNormalization)}
+    top = {id(l) for l in bns.values()}
     nested = [l.name for l in flatten_layers(net)
-              if isinstance(l, keras.layers.BatchNormalization) and l.name not in bns]
+              if isinstance(l, keras.layers.BatchNormalization) and id(l) not in top]
     if nested:
         raise ValueError(f"{net.name} has BatchNormalization inside a nested model "
                          f"({', '.join(nested)}); this tool reads top-level layers only")

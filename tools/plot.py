@@ -32,12 +32,7 @@ def main(argv):
     if not os.path.isdir(FLAGS.logdir):
         sys.exit(f"error: --logdir={FLAGS.logdir} is not a directory")
     for flag in ("out", "csv"):  # their folders made before any work
-        path = getattr(FLAGS, flag)
-        try:
-            if path and os.path.dirname(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-        except OSError as e:
-            sys.exit(f"error: --{flag}={path}: cannot make its folder: {e.strerror}")
+        common_flags.make_output_folder(flag, getattr(FLAGS, flag))
     runs = report.load_runs(FLAGS.logdir)
     if not runs:
         sys.exit(f"error: no cg_tf runs under --logdir={FLAGS.logdir}")
