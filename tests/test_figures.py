@@ -360,8 +360,8 @@ def test_share_figure_refuses_what_it_cannot_compare(tmp_path):
     write_study(tmp_path / "clean", [("w8_0", "winsorized", 8, "all", 200, 0.2, 1500)],
                 noise=0.0)
     here = share_figure.read_study(str(tmp_path / "b100"), 0.04)
-    for other, error in (("clamped", "differ in clamp_norms (False and True)"),
-                         ("clean", "differ in dataset.noise.rate (0.5 and 0.0)")):
+    for other, error in (("clamped", "differ in clamp_norms: False -> True"),
+                         ("clean", "differ in dataset.noise.rate: 0.5 -> 0.0")):
         drawn = here + share_figure.read_study(str(tmp_path / other), 0.04)
         with pytest.raises(ValueError, match=re.escape(
                 f"runs {tmp_path}/b100/runs/w4_0 and {tmp_path}/{other}/runs/w8_0 {error}")):

@@ -29,7 +29,7 @@ import sys
 from absl import app, flags
 
 from cg_tf.measure import report
-from cg_tf.storage import files
+from cg_tf.storage import files, rundir
 
 FLAGS = flags.FLAGS
 
@@ -89,17 +89,6 @@ def kind(row: dict) -> str | None:
     return None
 
 
-def flat(record: dict, prefix: str = "") -> dict:
-    """A nested record's leaves by dotted key ({"a": {"b": 1}} -> {"a.b": 1})."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out |= flat(value, f"{prefix}{key}.")
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def number(row: dict, key: str) -> float | None:
     """A summary.csv value as a float; None where it is empty (a fall that
     never came, no corrupt examples)."""
@@ -121,7 +110,7 @@ def point(row: dict, config: dict, share: float) -> dict | None:
             "corrupt_accuracy": number(row, "corrupt_accuracy"),
             "fall_step": fall, "fall_epoch": None if fall is None else fall * batch / examples,
             "setting": {"training examples": examples, "noise rate": row["noise_rate"]}
-            | flat({k: v for k, v in config.items() if k not in VARIES})}
+            | {k: v for k, v in config.items() if k not in VARIES}}
 
 
 def read_study(folder: str, share: float) -> list[dict]:
@@ -154,12 +143,10 @@ def comparable(drawn: list[dict]) -> None:
     """ValueError naming the first setting two of the runs differ in."""
     first = drawn[0]
     for other in drawn[1:]:
-        for key in sorted(first["setting"].keys() | other["setting"].keys()):
-            if first["setting"].get(key) != other["setting"].get(key):
-                raise ValueError(f"runs {first['run']} and {other['run']} differ in {key} "
-                                 f"({first['setting'].get(key)} and "
-                                 f"{other['setting'].get(key)}): one figure compares batches "
-                                 "of one setting")
+        changed = rundir.differences(first["setting"], other["setting"])
+        if changed:
+            raise ValueError(f"runs {first['run']} and {other['run']} differ in {changed[0]}: "
+                             "one figure compares batches of one setting")
 
 
 def figure(drawn: list[dict], share: float, classes: int, path: str) -> dict[str, str]:
